@@ -55,12 +55,20 @@ def encode_tensor(
     array = np.asarray(array)
     if array.dtype.kind not in "biuf":
         raise InputError(f"cannot send an array of dtype {array.dtype}; convert it to float32 first")
-    if array.ndim > MAX_NDIM:
-        raise InputError(f"cannot send a {array.ndim}-D array; at most {MAX_NDIM} dimensions are supported")
-    raw = _to_wire_dtype(array, dtype)
-    payload = raw.tobytes(order="C")
+    return encode_tensor_raw(_to_wire_dtype(array, dtype), compress=compress, meta=meta)
+
+
+def encode_tensor_raw(raw: np.ndarray, compress: bool = True, meta: dict[str, Any] | None = None) -> bytes:
+    """Serialise an array already in its wire dtype (uint8 codes k meaning k/255, float16 or float32) as is."""
+    raw = np.asarray(raw)
+    dtype = raw.dtype.name
+    if dtype not in _DTYPES:
+        raise InputError(f"unsupported wire dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    if raw.ndim > MAX_NDIM:
+        raise InputError(f"cannot send a {raw.ndim}-D array; at most {MAX_NDIM} dimensions are supported")
+    payload = np.ascontiguousarray(raw, dtype=_DTYPES[dtype]).tobytes(order="C")
     header: dict[str, Any] = {
-        "shape": [int(n) for n in array.shape],
+        "shape": [int(n) for n in raw.shape],
         "dtype": dtype,
         "compression": "zlib" if compress else "none",
     }

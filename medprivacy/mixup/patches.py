@@ -1,0 +1,75 @@
+"""Patch grid over the brain's bounding box on the model grid, and stitching patches back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def brain_bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[tuple[int, int], ...]:
+    """Inclusive-exclusive (start, stop) per axis of the non-zero region, grown by ``margin`` voxels."""
+    coords = np.argwhere(mask)
+    if coords.size == 0:
+        raise ValueError("empty mask")
+    lo = np.maximum(coords.min(0) - margin, 0)
+    hi = np.minimum(coords.max(0) + 1 + margin, mask.shape)
+    return tuple((int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _axis_starts(start: int, stop: int, size: int, length: int) -> list[int]:
+    """Starts that tile [start, stop) with patches of ``size``; the last one is shifted back inside the volume."""
+    starts = list(range(start, max(stop - size, start) + 1, size))
+    if starts[-1] + size < stop:
+        starts.append(stop - size)
+    return [min(max(s, 0), length - size) for s in starts]
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    volume_shape: tuple[int, int, int]
+    patch_size: tuple[int, int, int]
+    starts: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def over_box(cls, volume_shape, box, patch_size) -> "PatchGrid":
+        if any(p > s for p, s in zip(patch_size, volume_shape)):
+            raise ValueError(f"patch size {tuple(patch_size)} larger than the volume {tuple(volume_shape)}")
+        per_axis = [_axis_starts(a, b, p, n) for (a, b), p, n in zip(box, patch_size, volume_shape)]
+        starts = tuple((z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2])
+        return cls(tuple(volume_shape), tuple(patch_size), starts)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def slices(self, index: int) -> tuple[slice, slice, slice]:
+        return tuple(slice(s, s + p) for s, p in zip(self.starts[index], self.patch_size))  # type: ignore[return-value]
+
+    def extract(self, volume: np.ndarray) -> np.ndarray:
+        """(N, D, H, W) patches of a (Z, Y, X) volume, or (N, C, D, H, W) of a (C, Z, Y, X) one."""
+        lead = volume.shape[:-3]
+        return np.stack([volume[(Ellipsis,) + self.slices(i)] for i in range(len(self))]) if len(self) else np.zeros((0,) + lead + self.patch_size, volume.dtype)
+
+    def stitch(self, patches: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+        """Average (N, C, D, H, W) patches into a (C, Z, Y, X) volume; voxels no patch covers take ``background``.
+
+        Overlapping patches (the last one on each axis) are averaged rather than overwritten so no seam depends
+        on patch order.
+        """
+        channels = patches.shape[1]
+        total = np.zeros((channels,) + self.volume_shape, dtype=np.float32)
+        count = np.zeros(self.volume_shape, dtype=np.float32)
+        for i in range(len(self)):
+            region = self.slices(i)
+            total[(slice(None),) + region] += patches[i]
+            count[region] += 1
+        covered = count > 0
+        total[:, covered] /= count[covered]
+        if background is not None:
+            total[:, ~covered] = np.asarray(background, dtype=np.float32).reshape(channels, 1)
+        return total
+
+    def coverage(self) -> np.ndarray:
+        count = np.zeros(self.volume_shape, dtype=np.int32)
+        for i in range(len(self)):
+            count[self.slices(i)] += 1
+        return count

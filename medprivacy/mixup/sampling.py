@@ -1,0 +1,40 @@
+"""Random patch sampling shared by training and the reference bank, so both see the same distribution."""
+from __future__ import annotations
+
+import numpy as np
+
+#: A reference patch must be almost all brain: where the reference is empty the upload is just λ·x, i.e. the
+#: patient's own image, scaled. 0.85 leaves room for sulci and ventricles.
+MIN_REFERENCE_BRAIN_FRACTION = 0.85
+
+
+def reference_starts(labels: np.ndarray, patch_size, min_fraction: float = MIN_REFERENCE_BRAIN_FRACTION) -> np.ndarray:
+    """All patch start positions whose patch is at least ``min_fraction`` brain (labels > 0)."""
+    from scipy.ndimage import uniform_filter
+
+    fraction = uniform_filter((labels > 0).astype(np.float32), size=patch_size, mode="constant")
+    half = np.array(patch_size) // 2
+    limits = np.array(labels.shape) - np.array(patch_size)
+    centers = np.argwhere(fraction >= min_fraction)
+    starts = centers - half
+    keep = np.all((starts >= 0) & (starts <= limits), axis=1)
+    return starts[keep]
+
+
+def crop(volume: np.ndarray, start, patch_size) -> np.ndarray:
+    return volume[tuple(slice(int(s), int(s) + int(p)) for s, p in zip(start, patch_size))]
+
+
+def sample_reference_patches(images, labels, count: int, patch_size, rng: np.random.Generator):
+    """``count`` (image, label) patch pairs from random subjects at random mostly-brain locations."""
+    candidates = [reference_starts(lab, patch_size) for lab in labels]
+    if any(len(c) == 0 for c in candidates):
+        raise ValueError("a reference subject has no location where a patch is mostly brain")
+    out_images = np.empty((count,) + tuple(patch_size), dtype=np.float32)
+    out_labels = np.empty((count,) + tuple(patch_size), dtype=np.uint8)
+    for i in range(count):
+        subject = int(rng.integers(len(images)))
+        start = candidates[subject][rng.integers(len(candidates[subject]))]
+        out_images[i] = crop(images[subject], start, patch_size)
+        out_labels[i] = crop(labels[subject], start, patch_size)
+    return out_images, out_labels

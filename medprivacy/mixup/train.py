@@ -1,0 +1,387 @@
+"""End-to-end training of the Mixup-Privacy networks and the same-budget baseline (``medprivacy mixup train``).
+
+One run trains three networks, seeded:
+- ``mixup-seg`` (server): segments mixed patches into mixed class probabilities;
+- ``mixup-unmix`` (client): λ-conditioned unmixing of those probabilities given the reference labels;
+- ``plain-seg`` (server, evaluation only): same architecture, same iterations and batch, on unmixed patches.
+The segmentation and unmixing losses (Dice + cross-entropy each) are summed and back-propagated together, so the
+segmentation net learns what the unmixer needs (paper sec. 3.3).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..labels import NUM_CLASSES
+from .intensity import normalize_intensity
+from .mixing import DEFAULT_LAMBDA_RANGE
+from .sampling import reference_starts
+
+log = logging.getLogger("medprivacy.train")
+
+VALIDATION_SEED_BASE = 800_000
+LABEL_NAMES = {"0": "Background", "1": "CSF", "2": "Gray matter", "3": "White matter"}
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "unet"  # "unet" (small, CPU) or "unetplusplus" (the paper's U-Net++)
+    channels: tuple = (16, 32, 64, 128)
+    patch_size: int = 32
+    unmix_features: int = 16
+    iterations: int = 3000
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    lambda_range: tuple = DEFAULT_LAMBDA_RANGE
+    train_subjects: int = 16
+    validation_subjects: int = 1
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: leave torch's default
+    save_every: int = 250
+    validate_every: int = 250
+    dataset: str | None = None  # nnU-Net/MSD folder; None: synthetic subjects from the MNI152 template
+    deformation: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def preset(cls, name: str) -> "TrainConfig":
+        if name == "cpu-small":
+            return cls()
+        if name == "gpu-paper":
+            # Sec. 4: U-Net++ segmenter, Adam, batch 4, 200k iterations; 64³ patches on a GPU.
+            return cls(arch="unetplusplus", patch_size=64, iterations=200_000, batch_size=4, train_subjects=64, save_every=5000, validate_every=5000)
+        if name == "smoke":
+            return cls(channels=(4, 8, 16), patch_size=16, unmix_features=4, iterations=3, batch_size=2, train_subjects=1, save_every=0, validate_every=3, deformation=0.3)
+        raise ValueError(f"unknown preset {name!r}; use cpu-small, gpu-paper or smoke")
+
+    def segmentation_arch(self) -> dict:
+        if self.arch == "unet":
+            return {
+                "name": "unet",
+                "in_channels": 1,
+                "out_channels": NUM_CLASSES,
+                "channels": list(self.channels),
+                "strides": [2] * (len(self.channels) - 1),
+                "num_res_units": 1,
+            }
+        if self.arch == "unetplusplus":
+            return {"name": "unetplusplus", "in_channels": 1, "out_channels": NUM_CLASSES, "features": [32, 32, 64, 128, 256, 32]}
+        raise ValueError(f"unknown architecture {self.arch!r}; use unet or unetplusplus")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDPRIVACY_CACHE", Path.home() / ".cache" / "medprivacy"))
+
+
+def synthetic_subject_normalized(seed: int, deformation: float = 1.0, use_cache: bool = True):
+    """(normalised image float32, labels uint8) on the model grid for one synthetic subject, cached on disk."""
+    from ..data.synth import synthesize_subject
+    from .model_space import analysis_mask
+
+    path = cache_dir() / "subjects" / f"subject-{seed}-d{deformation:g}.npz"
+    if use_cache and path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return data["image"].astype(np.float32), data["labels"]
+    subject = synthesize_subject(seed, deformation=deformation)
+    image = normalize_intensity(subject.image, analysis_mask())
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, image=image.astype(np.float16), labels=subject.labels)
+        os.replace(tmp, path)
+    return image, subject.labels
+
+
+def load_dataset_subjects(folder: str, limit: int | None = None):
+    """nnU-Net / MSD layout: dataset.json + imagesTr/ + labelsTr/; every case is brought to the model grid."""
+    import SimpleITK as sitk
+
+    from ..errors import InputError
+    from .geometry import to_model_grid
+    from .model_space import analysis_mask
+
+    root = Path(folder)
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise InputError(f"{root} has no dataset.json; expected the nnU-Net/MSD layout (dataset.json, imagesTr/, labelsTr/)")
+    meta = json.loads(meta_path.read_text())
+    pairs = []
+    for entry in meta.get("training", []):
+        pairs.append((root / entry["image"], root / entry["label"]))
+    if not pairs:  # nnU-Net v2: no "training" list; cases are imagesTr/<case>_0000.ext with labelsTr/<case>.ext
+        for label_path in sorted((root / "labelsTr").glob("*")):
+            case = label_path.name.split(".")[0]
+            images = sorted((root / "imagesTr").glob(f"{case}_0000.*"))
+            if images:
+                pairs.append((images[0], label_path))
+    if not pairs:
+        raise InputError(f"no training cases found in {root}")
+    subjects = []
+    for image_path, label_path in pairs[:limit]:
+        image = sitk.ReadImage(str(image_path))
+        labels = sitk.ReadImage(str(label_path))
+        resampled, transform = to_model_grid(image)
+        model_labels = to_model_grid(labels, transform=transform, interpolator=sitk.sitkNearestNeighbor)[0]
+        image_arr = normalize_intensity(sitk.GetArrayFromImage(resampled), analysis_mask())
+        subjects.append((image_arr, sitk.GetArrayFromImage(model_labels).astype(np.uint8)))
+    return subjects
+
+
+class PatchSampler:
+    """Random training patches: targets anywhere in the analysis box (as at inference), references mostly brain."""
+
+    def __init__(self, subjects, patch_size: int, rng: np.random.Generator):
+        from .model_space import analysis_mask
+        from .patches import brain_bounding_box
+
+        self.subjects = subjects
+        self.patch = (patch_size,) * 3
+        self.rng = rng
+        box = brain_bounding_box(analysis_mask(), margin=0)
+        shape = subjects[0][0].shape
+        self.low = np.array([b[0] for b in box])
+        self.high = np.array([min(b[1], n) - patch_size for b, n in zip(box, shape)])
+        self.reference_candidates = [reference_starts(lab, self.patch) for _, lab in subjects]
+
+    def _crop(self, subject: int, start):
+        image, labels = self.subjects[subject]
+        region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch))
+        return image[region], labels[region]
+
+    def targets(self, count: int):
+        images, labels = [], []
+        for _ in range(count):
+            start = self.rng.integers(self.low, self.high + 1)
+            image, label = self._crop(int(self.rng.integers(len(self.subjects))), start)
+            if self.rng.random() < 0.5:  # left-right: the only flip that keeps brains looking like brains
+                image, label = image[..., ::-1], label[..., ::-1]
+            images.append(image)
+            labels.append(label)
+        return np.stack(images).astype(np.float32), np.stack(labels)
+
+    def references(self, count: int):
+        from .mixing import flip_patches
+
+        images, labels = [], []
+        for _ in range(count):
+            subject = int(self.rng.integers(len(self.subjects)))
+            candidates = self.reference_candidates[subject]
+            image, label = self._crop(subject, candidates[self.rng.integers(len(candidates))])
+            images.append(image)
+            labels.append(label)
+        flips = self.rng.random((count, 3)) < 0.5
+        return flip_patches(np.stack(images).astype(np.float32), flips), flip_patches(np.stack(labels), flips)
+
+
+def _dice_ce(logits, target_probs):
+    """Soft Dice (foreground classes) + soft cross-entropy; targets may be mixed (non one-hot) label maps."""
+    import torch
+
+    log_probs = torch.log_softmax(logits, dim=1)
+    probs = log_probs.exp()
+    dims = (0, 2, 3, 4)
+    intersection = (probs * target_probs).sum(dims)
+    denominator = probs.sum(dims) + target_probs.sum(dims)
+    dice = (2 * intersection + 1e-5) / (denominator + 1e-5)
+    cross_entropy = -(target_probs * log_probs).sum(1).mean()
+    return (1 - dice[1:].mean()) + cross_entropy
+
+
+def _dice_scores(pred_labels: np.ndarray, true_labels: np.ndarray) -> list[float]:
+    scores = []
+    for c in range(1, NUM_CLASSES):
+        p, t = pred_labels == c, true_labels == c
+        denom = p.sum() + t.sum()
+        scores.append(float(2 * (p & t).sum() / denom) if denom else 1.0)
+    return scores
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    from ..errors import InputError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked but no CUDA device is available; use --device cpu or auto")
+    return name
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, command: str | None = None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from ..nets import ModelSpec, build_network, save_model
+    from .mixing import one_hot
+
+    started = time.time()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+
+    if config.dataset:
+        subjects = load_dataset_subjects(config.dataset, limit=config.train_subjects)
+        data_description = f"user dataset {config.dataset} ({len(subjects)} cases)"
+        validation = subjects[-config.validation_subjects:] if len(subjects) > 1 else subjects
+        subjects = subjects[: -config.validation_subjects] if len(subjects) > 1 else subjects
+    else:
+        from ..data.synth import TRAIN_SEED_BASE
+
+        seeds = [TRAIN_SEED_BASE + i for i in range(config.train_subjects)]
+        loader = tqdm(seeds, desc="synthesising subjects", disable=not progress)
+        subjects = [synthetic_subject_normalized(s, config.deformation) for s in loader]
+        validation = [synthetic_subject_normalized(VALIDATION_SEED_BASE + i, config.deformation) for i in range(config.validation_subjects)]
+        data_description = (
+            f"{len(subjects)} synthetic subjects from the MNI152 2009c template (nilearn), seeds {seeds[0]}..{seeds[-1]}, "
+            f"random affine + smooth elastic deformation, bias field, gamma, noise; validation seeds from {VALIDATION_SEED_BASE}"
+        )
+
+    sampler = PatchSampler(subjects, config.patch_size, rng)
+    val_sampler = PatchSampler(validation, config.patch_size, np.random.default_rng(config.seed + 1))
+    val_batch = _validation_batch(val_sampler, config, count=48)
+
+    seg_arch = config.segmentation_arch()
+    unmix_arch = {"name": "unmix", "num_classes": NUM_CLASSES, "features": config.unmix_features}
+    seg = build_network(seg_arch).to(device)
+    unmix = build_network(unmix_arch).to(device)
+    plain = build_network(seg_arch).to(device)
+    mix_opt = torch.optim.Adam(list(seg.parameters()) + list(unmix.parameters()), lr=config.learning_rate)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=config.learning_rate)
+    schedule = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(config.iterations, 1), eta_min=config.learning_rate * 0.05) for o in (mix_opt, plain_opt)]
+
+    def quantize(t):
+        # The wire sends uint8; straight-through rounding lets gradients pass while the forward sees the real values.
+        return t + (torch.round(t.clamp(0, 1) * 255) / 255 - t).detach()
+
+    history = []
+    metrics: dict = {}
+    bar = tqdm(range(1, config.iterations + 1), desc="training", disable=not progress)
+    for step in bar:
+        target_img, target_lab = sampler.targets(config.batch_size)
+        ref_img, ref_lab = sampler.references(config.batch_size)
+        lam = rng.uniform(*config.lambda_range, size=config.batch_size).astype(np.float32)
+        x = torch.from_numpy(target_img[:, None]).to(device)
+        r = torch.from_numpy(ref_img[:, None]).to(device)
+        y_x = torch.from_numpy(one_hot(target_lab, NUM_CLASSES)).to(device)
+        y_r = torch.from_numpy(one_hot(ref_lab, NUM_CLASSES)).to(device)
+        lam_t = torch.from_numpy(lam).to(device)
+        lam_b = lam_t.view(-1, 1, 1, 1, 1)
+
+        seg.train(), unmix.train(), plain.train()
+        mixed_logits = seg(quantize(lam_b * x + (1 - lam_b) * r))
+        mixed_probs = torch.softmax(mixed_logits, dim=1)
+        unmixed_logits = unmix(quantize(mixed_probs), y_r, lam_t)
+        loss_seg = _dice_ce(mixed_logits, lam_b * y_x + (1 - lam_b) * y_r)
+        loss_unmix = _dice_ce(unmixed_logits, y_x)
+        mix_opt.zero_grad()
+        (loss_seg + loss_unmix).backward()
+        mix_opt.step()
+
+        loss_plain = _dice_ce(plain(quantize(x)), y_x)
+        plain_opt.zero_grad()
+        loss_plain.backward()
+        plain_opt.step()
+        for s in schedule:
+            s.step()
+        bar.set_postfix(seg=f"{loss_seg.item():.3f}", unmix=f"{loss_unmix.item():.3f}", plain=f"{loss_plain.item():.3f}")
+
+        last = step == config.iterations
+        if config.validate_every and (step % config.validate_every == 0 or last):
+            metrics = _validate(seg, unmix, plain, val_batch, device)
+            metrics["iteration"] = step
+            history.append(metrics)
+            log.info("iteration %d validation %s", step, json.dumps(metrics))
+            if progress:
+                tqdm.write(f"[{step}] validation patch Dice: {json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}")
+        if (config.save_every and step % config.save_every == 0) or last:
+            _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command)
+    return {"metrics": metrics, "history": history, "seconds": time.time() - started}
+
+
+def _validation_batch(sampler: PatchSampler, config: TrainConfig, count: int):
+    rng = np.random.default_rng(12345)
+    target_img, target_lab = sampler.targets(count)
+    ref_img, ref_lab = sampler.references(count)
+    lam = rng.uniform(*config.lambda_range, size=count).astype(np.float32)
+    return target_img, target_lab, ref_img, ref_lab, lam
+
+
+def _validate(seg, unmix, plain, batch, device) -> dict:
+    import torch
+
+    from .mixing import naive_unmix, one_hot
+
+    target_img, target_lab, ref_img, ref_lab, lam = batch
+    seg.eval(), unmix.eval(), plain.eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(target_img[:, None]).to(device)
+        r = torch.from_numpy(ref_img[:, None]).to(device)
+        lam_t = torch.from_numpy(lam).to(device)
+        lam_b = lam_t.view(-1, 1, 1, 1, 1)
+        y_r = torch.from_numpy(one_hot(ref_lab, NUM_CLASSES)).to(device)
+        mixed = torch.softmax(seg(torch.round((lam_b * x + (1 - lam_b) * r) * 255) / 255), dim=1)
+        mixed_q = torch.round(mixed * 255) / 255
+        learned = unmix(mixed_q, y_r, lam_t).argmax(1).cpu().numpy()
+        naive = naive_unmix(mixed_q.cpu().numpy(), y_r.cpu().numpy(), lam).argmax(1)
+        baseline = plain(torch.round(x * 255) / 255).argmax(1).cpu().numpy()
+    out = {}
+    for name, pred in (("baseline", baseline), ("naive", naive), ("learned", learned)):
+        scores = _dice_scores(pred, target_lab)
+        out[f"{name}_dice"] = [round(s, 4) for s in scores]
+        out[f"{name}_mean"] = round(float(np.mean(scores)), 4)
+    return out
+
+
+def _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command):
+    from ..nets import ModelSpec, save_model
+
+    patch = [config.patch_size] * 3
+    lambda_range = [float(v) for v in config.lambda_range]
+    seg_spec = save_model(
+        seg,
+        ModelSpec("mixup-seg", "mixup_seg.safetensors", seg_arch, "server", patch, LABEL_NAMES, extra={"input": "mixed", "lambda_range": lambda_range}),
+        out_dir,
+    )
+    save_model(
+        unmix,
+        ModelSpec(
+            "mixup-unmix",
+            "mixup_unmix.safetensors",
+            unmix_arch,
+            "client",
+            patch,
+            LABEL_NAMES,
+            # The unmixer learned this particular segmenter's errors: pair them so a client refuses a mismatched server.
+            extra={"paired_with": {"mixup-seg": seg_spec.sha256}, "lambda_range": lambda_range},
+        ),
+        out_dir,
+    )
+    training = {
+        "command": command or "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "data": data_description,
+        "iterations_done": step,
+        "seconds": round(time.time() - started, 1),
+        "torch": __import__("torch").__version__,
+        "validation_patch_metrics": metrics,
+        "validation_history": history,
+    }
+    save_model(
+        plain,
+        ModelSpec("plain-seg", "plain_seg.safetensors", seg_arch, "server", patch, LABEL_NAMES, extra={"input": "plain", "purpose": "evaluation baseline"}),
+        out_dir,
+        training=training,
+    )

@@ -1,0 +1,356 @@
+"""FastAPI inference server: segments mixed patches it cannot read and keeps nothing it receives.
+
+The server holds the manifest entries with role "server": ``mixup-seg`` (trained on mixed patches; the only model a
+clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, served only with
+``enable_baseline`` because whoever calls it sends readable images).
+"""
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import API_VERSION, __version__
+from ..errors import InputError
+from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw, to_float32
+
+log = logging.getLogger("medprivacy.server")
+
+API_HEADER = "X-MedPrivacy-API"
+RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
+DEFAULT_MAX_REQUEST_BYTES = 256 * 1024 * 1024
+
+BASELINE_DISABLED = (
+    "baseline endpoint is disabled on this server; start it with --enable-baseline "
+    "(evaluation only: it receives unmixed images)"
+)
+
+
+@dataclass(frozen=True)
+class _Route:
+    kind: str  # also the audit file suffix
+    model: str
+    path: str
+
+
+MIXUP = _Route("mixup", "mixup-seg", "/v1/mixup/segment")
+BASELINE = _Route("baseline", "plain-seg", "/v1/baseline/segment")
+
+
+@dataclass
+class ServerConfig:
+    models_dir: Path | None = None
+    device: str = "auto"
+    #: Kept out of repr so the token never lands in a log line or traceback that prints the config.
+    token: str | None = field(default=None, repr=False)
+    audit_dir: Path | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    enable_baseline: bool = False
+    inference_batch: int = 32
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"--device cuda was asked but torch {torch.__version__} sees no CUDA GPU; "
+                "use --device cpu or install a CUDA build of torch"
+            )
+        return "cuda"
+    if requested == "cpu":
+        return "cpu"
+    raise InputError(f"unknown device {requested!r}; use auto, cpu or cuda")
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+class _ServedModel:
+    def __init__(self, spec, route: _Route):
+        self.spec = spec
+        self.route = route
+        self.net = None
+        self.out_channels = int(spec.arch.get("out_channels") or len(spec.labels))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.route.path,
+            "patch_size": list(self.spec.patch_size),
+            "labels": dict(self.spec.labels),
+            "sha256": self.spec.sha256,
+            "arch": self.spec.arch.get("name"),
+            "in_channels": 1,
+            "out_channels": self.out_channels,
+        }
+
+
+class InferenceService:
+    """Everything behind the HTTP layer: models, device, the inference lock and the optional audit copy."""
+
+    def __init__(self, config: ServerConfig):
+        from ..nets.registry import ModelSpec, load_manifest, models_dir
+
+        if config.inference_batch < 1:
+            raise InputError(f"inference batch must be at least 1 (got {config.inference_batch})")
+        if config.max_request_bytes < 1:
+            raise InputError(f"max request size must be positive (got {config.max_request_bytes} bytes)")
+        self.config = config
+        self.models_dir = models_dir(config.models_dir)
+        self.device = resolve_device(config.device)
+        manifest = load_manifest(self.models_dir)
+        entries = manifest.get("models", {})
+        routes = [MIXUP, BASELINE] if config.enable_baseline else [MIXUP]
+        self.models: dict[str, _ServedModel] = {}
+        for route in routes:
+            entry = entries.get(route.model)
+            if entry is None:
+                raise InputError(
+                    f"model manifest {self.models_dir / 'manifest.json'} has no {route.model!r} entry; "
+                    "train it with 'medprivacy mixup train' or point --models-dir at a folder that has it"
+                )
+            spec = ModelSpec.from_json(route.model, entry)
+            if spec.role != "server":
+                raise InputError(f"manifest entry {route.model!r} has role {spec.role!r}, not 'server'; fix the manifest")
+            self.models[route.kind] = _ServedModel(spec, route)
+        # One forward pass at a time: parallel passes would only fight over the same GPU memory or CPU cores.
+        self._inference_lock = threading.Lock()
+        self._audit_counter = itertools.count(1)
+        self._audit_lock = threading.Lock()
+        if config.audit_dir is not None:
+            Path(config.audit_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def load_models(self) -> None:
+        """Load every served network now, so a missing or corrupt weight file stops the server at startup."""
+        with self._inference_lock:
+            for model in self.models.values():
+                self._ensure_loaded(model)
+
+    def _ensure_loaded(self, model: _ServedModel):
+        if model.net is None:
+            from ..nets.registry import load_model
+
+            started = time.perf_counter()
+            model.net, _ = load_model(model.spec.name, self.models_dir, self.device)
+            log.info("loaded %s (%s) on %s in %.1f s", model.spec.name, model.spec.arch.get("name"), self.device, time.perf_counter() - started)
+        return model.net
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "api_version": API_VERSION,
+            "server_version": __version__,
+            "torch_version": torch.__version__,
+            "device": self.device,
+            "baseline_enabled": self.config.enable_baseline,
+            "auth_required": self.config.token is not None,
+            "max_request_bytes": self.config.max_request_bytes,
+            "models": {m.spec.name: m.describe() for m in self.models.values()},
+        }
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def segment(self, kind: str, body: bytes, response_dtype: str) -> bytes:
+        model = self.models[kind]
+        patch = tuple(int(n) for n in model.spec.patch_size)
+        try:
+            raw, header = decode_tensor_raw(body, max_elements=max(self.config.max_request_bytes, math.prod(patch)))
+        except InputError as exc:
+            raise _HTTPError(422, f"request body is not a valid MedPrivacy tensor: {exc}") from None
+        if self.config.audit_dir is not None:
+            self._write_audit(kind, raw)
+        self._check_patches(model, raw, header["dtype"], patch)
+        started = time.perf_counter()
+        probabilities = self._infer(model, raw, response_dtype)
+        answer = encode_tensor_raw(probabilities)
+        log.info(
+            "%s: %d patches %s %s (%d bytes in, %d bytes out) in %.2f s",
+            kind, raw.shape[0], "x".join(map(str, patch)), header["dtype"], len(body), len(answer),
+            time.perf_counter() - started,
+        )
+        return answer
+
+    @staticmethod
+    def _check_patches(model: _ServedModel, raw: np.ndarray, dtype: str, patch: tuple[int, ...]) -> None:
+        expected = "x".join(map(str, patch))
+        if dtype not in ("uint8", "float16"):
+            raise _HTTPError(422, f"patches arrived as {dtype}; send uint8 or float16 (float32 only doubles the upload)")
+        if raw.ndim != 5 or raw.shape[1] != 1:
+            raise _HTTPError(
+                422, f"patches have shape {list(raw.shape)}; expected (N, 1, {', '.join(map(str, patch))}) single-channel 3D patches"
+            )
+        if tuple(raw.shape[2:]) != patch:
+            got = "x".join(map(str, raw.shape[2:]))
+            raise _HTTPError(
+                422, f"patches are {got} voxels but model {model.spec.name} expects {expected}; "
+                "cut patches with the patch_size from /v1/info"
+            )
+        if raw.shape[0] == 0:
+            raise _HTTPError(422, "request holds no patches; send at least one")
+
+    def _infer(self, model: _ServedModel, raw: np.ndarray, response_dtype: str) -> np.ndarray:
+        import torch
+
+        count = raw.shape[0]
+        out = np.empty((count, model.out_channels, *raw.shape[2:]), dtype=np.uint8 if response_dtype == "uint8" else np.float16)
+        batch = self.config.inference_batch
+        with self._inference_lock, torch.inference_mode():
+            net = self._ensure_loaded(model)
+            for start in range(0, count, batch):
+                x = torch.from_numpy(to_float32(raw[start:start + batch])).to(self.device)
+                probs = torch.softmax(net(x).float(), dim=1)
+                if probs.shape[1:] != out.shape[1:]:
+                    raise RuntimeError(f"{model.spec.name} produced {tuple(probs.shape)} for input {tuple(x.shape)}")
+                if response_dtype == "uint8":
+                    probs = torch.round(probs * 255.0).to(torch.uint8)
+                else:
+                    probs = probs.to(torch.float16)
+                out[start:start + batch] = probs.cpu().numpy()
+        return out
+
+    def _write_audit(self, kind: str, raw: np.ndarray) -> None:
+        """Keep exactly what arrived (wire dtype, uint8 codes not rescaled), so an auditor sees what the server saw."""
+        directory = Path(self.config.audit_dir)
+        with self._audit_lock:
+            counter = next(self._audit_counter)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        final = directory / f"{stamp}-{counter:06d}-{kind}.npy"
+        # The temporary name does not end in .npy, so readers globbing *.npy never see half-written files.
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, raw, allow_pickle=False)
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def create_app(config: ServerConfig):
+    """Build the FastAPI application; models are read from the manifest now and loaded on first use.
+
+    Call ``app.state.service.load_models()`` to load the weights before serving (the CLI does).
+    """
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    service = InferenceService(config)
+    # No interactive docs or schema: nothing here is for browsing, and less surface is less to secure.
+    app = FastAPI(title="MedPrivacy inference server", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    token = config.token.encode("utf-8") if config.token is not None else None
+
+    @app.exception_handler(_HTTPError)
+    async def _http_error(request: Request, exc: _HTTPError):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": f"internal server error ({type(exc).__name__}); the operator can find the cause in the server log"},
+            status_code=500,
+        )
+
+    def require_token(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise _HTTPError(
+                401,
+                "this server requires a bearer token; pass --token-file or set MEDPRIVACY_TOKEN on the client",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.strip().encode("utf-8"), token):
+            log.warning("rejected a request with a wrong token from %s", request.client.host if request.client else "?")
+            raise _HTTPError(403, "bearer token rejected; ask the server operator for the current token")
+
+    def check_api_version(request: Request) -> None:
+        given = request.headers.get(API_HEADER)
+        # A missing header is allowed so an operator can probe with curl; a different version is not.
+        if given is not None and given.strip() != str(API_VERSION):
+            raise _HTTPError(
+                409,
+                f"client speaks MedPrivacy API version {given.strip()[:20]} but this server speaks version {API_VERSION}; "
+                "upgrade the older side so both match",
+            )
+
+    async def read_body(request: Request) -> bytes:
+        limit = config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise _HTTPError(400, "Content-Length header is not a number; fix the client") from None
+            if size > limit:
+                raise _HTTPError(413, _too_large(size, limit))
+        chunks, received = [], 0
+        # Content-Length can be absent (chunked upload) or lie, so count while reading too.
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _HTTPError(413, _too_large(received, limit, at_least=True))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def response_dtype(request: Request) -> str:
+        wanted = request.headers.get(RESPONSE_DTYPE_HEADER, "uint8").strip().lower()
+        if wanted not in ("uint8", "float16"):
+            raise _HTTPError(422, f"{RESPONSE_DTYPE_HEADER} must be uint8 or float16, not {wanted[:20]!r}")
+        return wanted
+
+    async def segment(request: Request, kind: str) -> Response:
+        check_api_version(request)
+        dtype = response_dtype(request)
+        body = await read_body(request)
+        answer = await run_in_threadpool(service.segment, kind, body, dtype)
+        return Response(content=answer, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/info", dependencies=[Depends(require_token)])
+    async def info() -> dict[str, Any]:
+        return service.info()
+
+    @app.post(MIXUP.path, dependencies=[Depends(require_token)])
+    async def mixup_segment(request: Request) -> Response:
+        return await segment(request, MIXUP.kind)
+
+    @app.post(BASELINE.path, dependencies=[Depends(require_token)])
+    async def baseline_segment(request: Request) -> Response:
+        if BASELINE.kind not in service.models:
+            raise _HTTPError(404, BASELINE_DISABLED)
+        return await segment(request, BASELINE.kind)
+
+    return app
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> str:
+    what = "request body exceeds" if at_least else f"request body of {size} bytes exceeds"
+    return f"{what} this server's limit of {limit} bytes; send fewer patches per request or ask the operator to raise --max-request-mb"
