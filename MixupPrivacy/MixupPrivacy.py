@@ -527,3 +527,405 @@ class MixupPrivacyTestMixin:
             message = str(raised.exception)
             self.assertIn(reason, message)
             self.assertNotIn("\n", message)
+
+
+#
+# Background work
+#
+
+
+class BackgroundJob:
+    """Runs one core call in a worker thread; it reaches the GUI only through ``messages``.
+
+    ``work(progress, cancel)`` runs in the thread and must not touch Qt or MRML. The GUI drains ``messages``
+    from a timer on the main thread: ``("progress", text, fraction)`` any number of times, then exactly one
+    ``("done", result, None)`` or ``("error", exception, formatted_traceback)``.
+    """
+
+    def __init__(self, title: str, work: Callable[[Callable[[str, float], None], Callable[[], bool]], Any]):
+        self.title = title
+        self.messages: queue.Queue = queue.Queue()
+        self.cancel_event = threading.Event()
+        self._work = work
+        self._thread = threading.Thread(target=self._run, name=f"MixupPrivacy: {title}", daemon=True)
+
+    def start(self) -> "BackgroundJob":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _progress(self, text: str, fraction: float) -> None:
+        self.messages.put(("progress", str(text), float(fraction)))
+
+    def _run(self) -> None:
+        try:
+            result = self._work(self._progress, self.cancel_event.is_set)
+        except BaseException as exc:  # every outcome must reach the GUI, or it waits forever
+            self.messages.put(("error", exc, traceback.format_exc()))
+        else:
+            self.messages.put(("done", result, None))
+
+
+def normalized_server_url(url: str) -> str:
+    """The form under which consent to upload to a server is remembered (case of scheme/host, trailing slash)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url.strip())
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+#
+# Application classes (need Qt)
+#
+
+if _HAVE_APP:
+    try:
+        from slicer.i18n import tr as _
+        from slicer.i18n import translate
+    except ImportError:  # Slicer before translations existed
+        def _(text):
+            return text
+
+        def translate(_context, text):
+            return text
+
+    _SETTINGS = "MixupPrivacy/"
+
+    class MixupPrivacy(ScriptedLoadableModule):
+        def __init__(self, parent):
+            ScriptedLoadableModule.__init__(self, parent)
+            self.parent.title = _("Mixup Privacy")
+            self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+            self.parent.dependencies = []
+            self.parent.contributors = ["MedPrivacy contributors"]
+            self.parent.helpText = _(
+                "Segments CSF, gray matter and white matter of a brain MRI on a remote GPU server without showing "
+                "it the scan: every patch is mixed with a reference patch from this computer's private key before "
+                "upload, and the server's answer is unmixed here. Generate the key once, test the connection, "
+                "then Apply. \"Show what is sent\" adds a volume with exactly the patches the server received."
+            )
+            self.parent.acknowledgementText = _(
+                "Method: Kim, Dolz and Desrosiers, \"Mixup-Privacy: a simple yet effective approach for "
+                "privacy-preserving segmentation\" (IPMI 2023)."
+            )
+
+    class MixupPrivacyWidget(ScriptedLoadableModuleWidget):
+        """GUI -> Logic only. Network and model work run in a ``BackgroundJob``; results are applied here."""
+
+        def __init__(self, parent=None) -> None:
+            ScriptedLoadableModuleWidget.__init__(self, parent)
+            #: Set before ``setup`` to run the widget on another logic (tests, scripting).
+            self.logic = None
+            self._job: BackgroundJob | None = None
+            self._jobDone: Callable[[Any], None] | None = None
+            self._pollTimer = None
+
+        # -- lifecycle -------------------------------------------------------------------------------------
+
+        def setup(self) -> None:
+            ScriptedLoadableModuleWidget.setup(self)
+            uiWidget = slicer.util.loadUI(self.resourcePath("UI/MixupPrivacy.ui"))
+            self.layout.addWidget(uiWidget)
+            self.ui = slicer.util.childWidgetVariables(uiWidget)
+            uiWidget.setMRMLScene(slicer.mrmlScene)
+            if self.logic is None:
+                self.logic = MixupPrivacyLogic(slicer.mrmlScene)
+
+            self._pollTimer = qt.QTimer()
+            self._pollTimer.setInterval(100)
+            self._pollTimer.connect("timeout()", self._pollJob)
+
+            self._restoreSettings()
+            self.ui.applyButton.connect("clicked(bool)", self.onApply)
+            self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+            self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+            self.ui.generateKeyButton.connect("clicked(bool)", self.onGenerateKey)
+            self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
+            self.ui.serverUrlLineEdit.connect("editingFinished()", self._saveSettings)
+            self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", self._saveSettings)
+            self.ui.keyDirectoryPathLineEdit.connect("currentPathChanged(QString)", self._saveSettings)
+            self.ui.ttaSpinBox.connect("valueChanged(int)", self._saveSettings)
+            self.ui.unmixComboBox.connect("currentIndexChanged(int)", self._saveSettings)
+            self._setStatus(_("Ready."))
+            self._updateButtons()
+
+        def cleanup(self) -> None:
+            # The worker owns no Qt object; cancelling lets it stop at its next check, its result is dropped.
+            if self._job is not None:
+                self._job.cancel()
+            self._job = None
+            if self._pollTimer is not None:
+                self._pollTimer.stop()
+            ScriptedLoadableModuleWidget.cleanup(self)
+
+        # -- settings (never the token) --------------------------------------------------------------------
+
+        def _restoreSettings(self) -> None:
+            settingsValue = slicer.util.settingsValue
+            self.ui.serverUrlLineEdit.text = settingsValue(_SETTINGS + "ServerUrl", DEFAULT_SERVER_URL)
+            self.ui.caBundlePathLineEdit.currentPath = settingsValue(_SETTINGS + "CaBundle", "")
+            self.ui.keyDirectoryPathLineEdit.currentPath = settingsValue(_SETTINGS + "KeyDirectory", "") or self._defaultKeyDir()
+            self.ui.ttaSpinBox.value = settingsValue(_SETTINGS + "TtaCount", 8, converter=int)
+            mode = settingsValue(_SETTINGS + "UnmixMode", UNMIX_MODES[0])
+            self.ui.unmixComboBox.currentIndex = UNMIX_MODES.index(mode) if mode in UNMIX_MODES else 0
+
+        def _saveSettings(self, *_args) -> None:
+            settings = qt.QSettings()
+            settings.setValue(_SETTINGS + "ServerUrl", self.ui.serverUrlLineEdit.text.strip())
+            settings.setValue(_SETTINGS + "CaBundle", self.ui.caBundlePathLineEdit.currentPath)
+            settings.setValue(_SETTINGS + "KeyDirectory", self.ui.keyDirectoryPathLineEdit.currentPath)
+            settings.setValue(_SETTINGS + "TtaCount", self.ui.ttaSpinBox.value)
+            settings.setValue(_SETTINGS + "UnmixMode", self._unmixMode())
+
+        @staticmethod
+        def _defaultKeyDir() -> str:
+            try:
+                from medprivacy.mixup.bank import default_key_dir
+            except ImportError:  # dependencies not installed yet: the user picks a folder or installs first
+                return ""
+            return str(default_key_dir())
+
+        def _unmixMode(self) -> str:
+            return UNMIX_MODES[max(0, min(self.ui.unmixComboBox.currentIndex, len(UNMIX_MODES) - 1))]
+
+        def _connection(self) -> tuple[str, str | None, str | None]:
+            url = self.ui.serverUrlLineEdit.text.strip()
+            if not url:
+                raise InputError("enter the server URL, e.g. " + DEFAULT_SERVER_URL)
+            return url, self.ui.tokenLineEdit.text.strip() or None, self.ui.caBundlePathLineEdit.currentPath or None
+
+        # -- actions ---------------------------------------------------------------------------------------
+
+        def onApply(self) -> None:
+            def start():
+                inputNode = self.ui.inputSelector.currentNode()
+                image = self.logic.volume_node_to_sitk(inputNode)  # validates the input before any prompt
+                url, token, caBundle = self._connection()
+                if not self._ensureDependencies() or not self._confirmUpload(url):
+                    return
+                outputNode = self.ui.outputSelector.currentNode()
+                # Node IDs, not nodes, cross the wait: the scene may change before the answer arrives.
+                inputNodeID = inputNode.GetID()
+                outputNodeID = outputNode.GetID() if outputNode is not None else None
+                showUploaded = self.ui.showUploadedCheckBox.checked
+                kwargs = dict(url=url, token=token, ca_bundle=caBundle,
+                              key_dir=self.ui.keyDirectoryPathLineEdit.currentPath or None,
+                              tta=self.ui.ttaSpinBox.value, unmix=self._unmixMode(), keep_uploaded=showUploaded)
+                self._saveSettings()
+                logic = self.logic
+                self._startJob(
+                    _("Private segmentation"),
+                    lambda progress, cancel: logic.compute(image, progress=progress, cancel=cancel, **kwargs),
+                    lambda result: self._applyResult(result, inputNodeID, outputNodeID, showUploaded),
+                )
+
+            self._guarded(_("Could not start the private segmentation."), start)
+
+        def onCancel(self) -> None:
+            if self._job is not None:
+                self._job.cancel()
+                self.ui.cancelButton.enabled = False
+                self._setStatus(_("Cancelling..."))
+
+        def onTestConnection(self) -> None:
+            def start():
+                url, token, caBundle = self._connection()
+                if not self._ensureDependencies():
+                    return
+                self._saveSettings()
+                logic = self.logic
+                self._startJob(
+                    _("Connection test"),
+                    lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
+                    lambda description: self._setStatus(_("Connected: {description}").format(description=description)),
+                )
+
+            self._guarded(_("Could not test the connection."), start)
+
+        def onGenerateKey(self) -> None:
+            def start():
+                keyDir = self.ui.keyDirectoryPathLineEdit.currentPath or self._defaultKeyDir()
+                if not keyDir:
+                    raise InputError("choose a folder for the private key")
+                if not self._ensureDependencies():
+                    return
+                if os.path.isdir(keyDir) and os.listdir(keyDir) and not slicer.util.confirmYesNoDisplay(
+                    _("{folder} is not empty. A new key replaces any key stored there. Continue?").format(folder=keyDir)
+                ):
+                    return
+                self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
+                self._saveSettings()
+                logic = self.logic
+                self._startJob(
+                    _("Key generation"),
+                    lambda progress, cancel: logic.generate_key(keyDir, progress=progress),
+                    lambda _bank: self._setStatus(_("Private key stored in {folder}.").format(folder=keyDir)),
+                )
+
+            self._guarded(_("Could not generate the key."), start)
+
+        def _applyResult(self, result, inputNodeID: str, outputNodeID: str | None, showUploaded: bool) -> None:
+            inputNode = slicer.mrmlScene.GetNodeByID(inputNodeID)
+            if inputNode is None:
+                raise InputError("the input volume was removed from the scene before the result arrived")
+            outputNode = slicer.mrmlScene.GetNodeByID(outputNodeID) if outputNodeID else None
+            segmentationNode = self.logic.apply_result(result, inputNode, outputNode, show_uploaded=showUploaded)
+            self.ui.outputSelector.setCurrentNode(segmentationNode)
+            uploadedNode = self.logic.last_uploaded_node
+            slicer.util.setSliceViewerLayers(background=uploadedNode or inputNode, fit=uploadedNode is not None)
+            if uploadedNode is not None:
+                self._setStatus(_("Done. Showing what the server received ({name}).").format(name=uploadedNode.GetName()))
+            else:
+                self._setStatus(_("Done: tissue segments in {name}.").format(name=segmentationNode.GetName()))
+
+        # -- dependencies and consent ----------------------------------------------------------------------
+
+        def _ensureDependencies(self) -> bool:
+            import importlib.util
+
+            torchMissing = importlib.util.find_spec("torch") is None
+            missing = [name for name in _PIP_IMPORT_NAMES if importlib.util.find_spec(name) is None]
+            if not torchMissing and not missing:
+                return True
+            names = (["torch (PyTorch extension)"] if torchMissing else []) + missing
+            if not slicer.util.confirmYesNoDisplay(
+                _("Mixup Privacy needs Python packages that are not installed yet: {names}.\n\n"
+                  "Download and install them now? This can take several minutes.").format(names=", ".join(names))
+            ):
+                return False
+            if torchMissing:
+                try:
+                    import PyTorchUtils
+                except ImportError:
+                    raise MedPrivacyError(
+                        "the PyTorch extension is missing: install 'PyTorch' from the Extensions Manager and restart Slicer"
+                    ) from None
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    raise MedPrivacyError("PyTorch could not be installed; see the Python console for the pip output")
+            if missing:
+                # torch is in place by now, so MONAI's dependency on it is already satisfied.
+                slicer.util.pip_install(PIP_REQUIREMENTS)
+            return True
+
+        def _consentedServers(self) -> list[str]:
+            # Stored as JSON text: QSettings turns a one-element list into a plain string in INI files.
+            try:
+                servers = json.loads(slicer.util.settingsValue(_SETTINGS + "ConsentedServers", "[]") or "[]")
+            except (TypeError, ValueError):
+                return []
+            return [str(server) for server in servers] if isinstance(servers, list) else []
+
+        def _confirmUpload(self, url: str) -> bool:
+            server = normalized_server_url(url)
+            consented = self._consentedServers()
+            if server in consented:
+                return True
+            if not slicer.util.confirmYesNoDisplay(
+                _("The scan will be cut into patches, each mixed with a random reference patch from your private "
+                  "key, and only these mixed patches are sent to:\n\n{server}\n\nThe key and the unmixed scan never "
+                  "leave this computer. Send mixed patches to this server now and in the future?").format(server=server),
+                windowTitle=_("Send data to a server?"),
+            ):
+                return False
+            qt.QSettings().setValue(_SETTINGS + "ConsentedServers", json.dumps(consented + [server]))
+            return True
+
+        # -- job plumbing ----------------------------------------------------------------------------------
+
+        def _guarded(self, message: str, action: Callable[[], None]) -> None:
+            """User mistakes (MedPrivacyError) get one line; anything else is a bug and keeps its traceback."""
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+                try:
+                    action()
+                except MedPrivacyError as exc:
+                    self._showUserError(exc)
+
+        def _startJob(self, title: str, work, onDone: Callable[[Any], None]) -> None:
+            if self._job is not None:
+                raise InputError(f"{self._job.title} is still running; wait for it or press Cancel")
+            self._job = BackgroundJob(title, work).start()
+            self._jobDone = onDone
+            self.ui.progressBar.value = 0
+            self._setStatus(_("{title}...").format(title=title))
+            self._updateButtons()
+            self._pollTimer.start()
+
+        def _pollJob(self) -> None:
+            job = self._job
+            if job is None:
+                self._pollTimer.stop()
+                return
+            while True:
+                try:
+                    kind, payload, detail = job.messages.get_nowait()
+                except queue.Empty:
+                    return
+                if kind == "progress":
+                    self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, detail))))
+                    self._setStatus(payload)
+                    continue
+                self._pollTimer.stop()
+                self._job, onDone = None, self._jobDone
+                self._jobDone = None
+                self._updateButtons()
+                if kind == "done":
+                    self.ui.progressBar.value = 100
+                    self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
+                                  lambda: onDone(payload))
+                elif isinstance(payload, CancelledError):
+                    self.ui.progressBar.value = 0
+                    self._setStatus(_("{title} cancelled.").format(title=job.title))
+                elif isinstance(payload, MedPrivacyError):
+                    self._showUserError(payload)
+                else:
+                    logging.error("%s failed:\n%s", job.title, detail)
+                    self._setStatus(_("{title} failed: {error}").format(title=job.title, error=payload))
+                    slicer.util.errorDisplay(_("{title} failed: {error}").format(title=job.title, error=payload),
+                                             detailedText=detail)
+                return
+
+        def _showUserError(self, error: Exception) -> None:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self._setStatus(message)
+            slicer.util.errorDisplay(message)
+
+        def _setStatus(self, text: str) -> None:
+            self.ui.statusLabel.text = text
+
+        def _updateButtons(self, *_args) -> None:
+            busy = self._job is not None
+            self.ui.applyButton.enabled = not busy and self.ui.inputSelector.currentNode() is not None
+            self.ui.applyButton.toolTip = (
+                _("Segment the input volume through the private path")
+                if self.ui.inputSelector.currentNode() is not None else _("Select an input volume")
+            )
+            self.ui.cancelButton.enabled = busy
+            self.ui.testConnectionButton.enabled = not busy
+            self.ui.generateKeyButton.enabled = not busy
+
+    class MixupPrivacyTest(ScriptedLoadableModuleTest, MixupPrivacyTestMixin):
+        """Runs the shared test bodies on the application's scene."""
+
+        def setUp(self):
+            slicer.mrmlScene.Clear()
+
+        def runTest(self):
+            for test in (self.test_volume_round_trip, self.test_labelmap_to_segmentation,
+                         self.test_rejects_unusable_volumes):
+                self.setUp()
+                test()
+            self.delayDisplay("MixupPrivacy tests passed")
+
+        def test_volume_round_trip(self):
+            self.check_volume_round_trip(slicer.mrmlScene)
+
+        def test_labelmap_to_segmentation(self):
+            self.check_labelmap_to_segmentation(slicer.mrmlScene)
+
+        def test_rejects_unusable_volumes(self):
+            self.check_rejects_unusable_volumes(slicer.mrmlScene)

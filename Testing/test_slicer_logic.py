@@ -63,3 +63,52 @@ def test_module_file_loads_without_qt_or_heavy_imports():
                                                          os.environ.get("PYTHONPATH", "")]))
     completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def _drain(job, timeout=10.0):
+    """All messages of a finished job, waiting for its final one."""
+    messages = []
+    while True:
+        message = job.messages.get(timeout=timeout)
+        messages.append(message)
+        if message[0] != "progress":
+            return messages
+
+
+def test_background_job_reports_progress_then_exactly_one_outcome():
+    def work(progress, cancel):
+        progress("half way", 0.5)
+        return "result"
+
+    messages = _drain(MixupPrivacy.BackgroundJob("demo", work).start())
+    assert messages == [("progress", "half way", 0.5), ("done", "result", None)]
+
+    def failing(progress, cancel):
+        raise MixupPrivacy.InputError("bad input")
+
+    kind, error, detail = _drain(MixupPrivacy.BackgroundJob("demo", failing).start())[-1]
+    assert kind == "error" and isinstance(error, MixupPrivacy.InputError) and "bad input" in detail
+
+
+def test_background_job_cancel_reaches_the_worker():
+    import threading
+
+    started = threading.Event()
+
+    def work(progress, cancel):
+        started.set()
+        while not cancel():
+            started.wait(0.01)
+        raise MixupPrivacy.CancelledError("cancelled by the user")
+
+    job = MixupPrivacy.BackgroundJob("demo", work).start()
+    assert started.wait(10)
+    job.cancel()
+    kind, error, _detail = _drain(job)[-1]
+    assert kind == "error" and isinstance(error, MixupPrivacy.CancelledError)
+
+
+def test_consent_is_remembered_per_normalised_server_url():
+    normalized = MixupPrivacy.normalized_server_url
+    assert normalized(" HTTPS://Server.Example:8443/ ") == normalized("https://server.example:8443")
+    assert normalized("https://server.example:8443") != normalized("https://server.example:8444")
