@@ -261,11 +261,13 @@ class MixupPrivacyLogic:
 
         return InferenceClient(url, token=token or None, ca_bundle=ca_bundle or None).check_connection()
 
-    def generate_key(self, key_dir, progress: Callable[[str, float], None] | None = None):
-        """Create this installation's private reference bank (the mixing key) in ``key_dir``."""
+    def generate_key(self, key_dir, progress: Callable[[str, float | None], None] | None = None, force: bool = False,
+                     **options):
+        """Create this installation's private reference bank (the mixing key) in ``key_dir``; ``force`` replaces an
+        existing key, ``options`` go to ``generate_bank`` (e.g. a smaller bank for tests)."""
         from medprivacy.mixup.bank import generate_bank
 
-        return generate_bank(key_dir, progress=progress)
+        return generate_bank(key_dir, force=force, progress=progress, **options)
 
     def compute(
         self,
@@ -277,7 +279,7 @@ class MixupPrivacyLogic:
         tta: int = 8,
         unmix: str = "learned",
         keep_uploaded: bool = False,
-        progress: Callable[[str, float], None] | None = None,
+        progress: Callable[[str, float | None], None] | None = None,
         cancel: Callable[[], bool] | None = None,
         seed: int | None = None,
     ):
@@ -324,7 +326,7 @@ class MixupPrivacyLogic:
         unmix: str = "learned",
         output_segmentation_node=None,
         show_uploaded: bool = False,
-        progress: Callable[[str, float], None] | None = None,
+        progress: Callable[[str, float | None], None] | None = None,
         cancel: Callable[[], bool] | None = None,
         seed: int | None = None,
     ):
@@ -538,11 +540,11 @@ class BackgroundJob:
     """Runs one core call in a worker thread; it reaches the GUI only through ``messages``.
 
     ``work(progress, cancel)`` runs in the thread and must not touch Qt or MRML. The GUI drains ``messages``
-    from a timer on the main thread: ``("progress", text, fraction)`` any number of times, then exactly one
+    from a timer on the main thread: ``("progress", text, fraction or None)`` any number of times, then exactly one
     ``("done", result, None)`` or ``("error", exception, formatted_traceback)``.
     """
 
-    def __init__(self, title: str, work: Callable[[Callable[[str, float], None], Callable[[], bool]], Any]):
+    def __init__(self, title: str, work: Callable[[Callable[[str, float | None], None], Callable[[], bool]], Any]):
         self.title = title
         self.messages: queue.Queue = queue.Queue()
         self.cancel_event = threading.Event()
@@ -559,8 +561,9 @@ class BackgroundJob:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _progress(self, text: str, fraction: float) -> None:
-        self.messages.put(("progress", str(text), float(fraction)))
+    def _progress(self, text: str, fraction: float | None = None) -> None:
+        # The core reports a stage without a fraction when it cannot tell how far along it is.
+        self.messages.put(("progress", str(text), None if fraction is None else float(fraction)))
 
     def _run(self) -> None:
         try:
@@ -754,7 +757,8 @@ if _HAVE_APP:
                     raise InputError("choose a folder for the private key")
                 if not self._ensureDependencies():
                     return
-                if os.path.isdir(keyDir) and os.listdir(keyDir) and not slicer.util.confirmYesNoDisplay(
+                replace = os.path.isdir(keyDir) and bool(os.listdir(keyDir))
+                if replace and not slicer.util.confirmYesNoDisplay(
                     _("{folder} is not empty. A new key replaces any key stored there. Continue?").format(folder=keyDir)
                 ):
                     return
@@ -763,7 +767,7 @@ if _HAVE_APP:
                 logic = self.logic
                 self._startJob(
                     _("Key generation"),
-                    lambda progress, cancel: logic.generate_key(keyDir, progress=progress),
+                    lambda progress, cancel: logic.generate_key(keyDir, progress=progress, force=replace),
                     lambda _bank: self._setStatus(_("Private key stored in {folder}.").format(folder=keyDir)),
                 )
 
@@ -866,7 +870,8 @@ if _HAVE_APP:
                 except queue.Empty:
                     return
                 if kind == "progress":
-                    self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, detail))))
+                    if detail is not None:
+                        self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, detail))))
                     self._setStatus(payload)
                     continue
                 self._pollTimer.stop()

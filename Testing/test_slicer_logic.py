@@ -77,11 +77,12 @@ def _drain(job, timeout=10.0):
 
 def test_background_job_reports_progress_then_exactly_one_outcome():
     def work(progress, cancel):
+        progress("loading")  # the core may report a stage without a fraction
         progress("half way", 0.5)
         return "result"
 
     messages = _drain(MixupPrivacy.BackgroundJob("demo", work).start())
-    assert messages == [("progress", "half way", 0.5), ("done", "result", None)]
+    assert messages == [("progress", "loading", None), ("progress", "half way", 0.5), ("done", "result", None)]
 
     def failing(progress, cancel):
         raise MixupPrivacy.InputError("bad input")
