@@ -781,7 +781,8 @@ if _HAVE_APP:
             segmentationNode = self.logic.apply_result(result, inputNode, outputNode, show_uploaded=showUploaded)
             self.ui.outputSelector.setCurrentNode(segmentationNode)
             uploadedNode = self.logic.last_uploaded_node
-            slicer.util.setSliceViewerLayers(background=uploadedNode or inputNode, fit=uploadedNode is not None)
+            background = uploadedNode if uploadedNode is not None else inputNode
+            slicer.util.setSliceViewerLayers(background=background, fit=uploadedNode is not None)
             if uploadedNode is not None:
                 self._setStatus(_("Done. Showing what the server received ({name}).").format(name=uploadedNode.GetName()))
             else:
