@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from .. import API_VERSION, __version__
 from ..errors import InputError
@@ -246,15 +249,11 @@ class InferenceService:
             raise
 
 
-def create_app(config: ServerConfig):
+def create_app(config: ServerConfig) -> FastAPI:
     """Build the FastAPI application; models are read from the manifest now and loaded on first use.
 
     Call ``app.state.service.load_models()`` to load the weights before serving (the CLI does).
     """
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-
     service = InferenceService(config)
     # No interactive docs or schema: nothing here is for browsing, and less surface is less to secure.
     app = FastAPI(title="MedPrivacy inference server", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)

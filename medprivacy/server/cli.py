@@ -135,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
     )
     app = create_app(config)
     service = app.state.service
-    service.load_models()
 
     uv_config = uvicorn.Config(
         app,
@@ -154,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
             "check that --ssl-certfile and --ssl-keyfile are PEM files that belong together"
         ) from None
     sock = _bind(args.host, args.port)
+    try:
+        service.load_models()
+    except BaseException:
+        sock.close()
+        raise
 
     log = logging.getLogger("medprivacy.server")
     if args.enable_baseline:

@@ -66,7 +66,7 @@ def encode_tensor_raw(raw: np.ndarray, compress: bool = True, meta: dict[str, An
         raise InputError(f"unsupported wire dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     if raw.ndim > MAX_NDIM:
         raise InputError(f"cannot send a {raw.ndim}-D array; at most {MAX_NDIM} dimensions are supported")
-    payload = np.ascontiguousarray(raw, dtype=_DTYPES[dtype]).tobytes(order="C")
+    payload = raw.astype(_DTYPES[dtype], copy=False).tobytes(order="C")
     header: dict[str, Any] = {
         "shape": [int(n) for n in raw.shape],
         "dtype": dtype,
@@ -99,10 +99,10 @@ def _to_wire_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
                     "normalise intensities first or send float16/float32"
                 )
         scaled = np.rint(np.clip(array.astype(np.float32, copy=False), 0.0, 1.0) * 255.0)
-        return np.ascontiguousarray(scaled, dtype=np.uint8)
+        return scaled.astype(np.uint8)
     if dtype == "float16" and array.size and float(np.abs(array).max()) > float(np.finfo(np.float16).max):
         raise InputError("values exceed the float16 range (65504); rescale them or send float32")
-    return np.ascontiguousarray(array, dtype=_DTYPES[dtype])
+    return array.astype(_DTYPES[dtype], copy=False)
 
 
 def decode_tensor_raw(data: bytes, max_elements: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:

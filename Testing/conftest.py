@@ -1,0 +1,334 @@
+"""Shared pytest fixtures: tiny server models, a real inference server in a subprocess, a self-signed certificate.
+
+Nothing here mocks our server: ``start_server`` runs ``python -m medprivacy.cli serve`` on 127.0.0.1 and tests talk
+to it over real HTTP(S).
+
+Fixtures and helpers
+--------------------
+``tiny_models_dir`` (session)
+    Folder with ``manifest.json`` holding "mixup-seg" and "plain-seg": seeded random 3-level U-Nets, patch size
+    16³, 4 classes. Good for transport mechanics only; their segmentations mean nothing.
+``start_server(args, env=None, *, models_dir=None, token=None, ca_bundle=None, cwd=None)`` -> ``ServerHandle``
+    Starts a server on a free port and waits until ``/v1/health`` answers (``launch_server`` takes the same
+    arguments and returns at once, so several startups can overlap; then ``handle.wait_ready()``). Use it as a context manager
+    (``with start_server([...]) as server:``) or call ``server.stop()``. ``models_dir`` adds ``--models-dir``
+    (e.g. the shipped ``Resources/Models``), ``token`` writes a 0600 token file and adds ``--token-file``,
+    ``--ssl-certfile`` in ``args`` switches the URL to https, and ``ca_bundle`` is what ``server.client()`` trusts.
+``server_factory`` (function scope)
+    ``server_factory(args, **same keywords)``: like ``start_server`` but stopped when the test ends.
+``live_server`` (session; started together with ``live_server_with_token``)
+    Tiny models, no token, ``--enable-baseline``, ``--audit-dir`` (``server.audit_dir``; the folder is shared by all
+    tests of the session, so compare ``server.audit_files()`` before and after).
+``live_server_with_token`` (session)
+    Tiny models, token ``server.token``, no baseline, no audit dir; runs in an empty working directory
+    (``server.cwd``) with an empty TMPDIR (``server.tmpdir``) so tests can check it writes nothing.
+``tls_cert`` (session)
+    ``TLSFiles(cert, key)``: a self-signed certificate for 127.0.0.1 and localhost that is its own CA, so
+    ``ca_bundle=tls_cert.cert`` verifies it.
+
+``ServerHandle`` has ``url``, ``process``, ``args``, ``log_path``, ``token``, ``ca_bundle``, ``audit_dir``,
+``cwd``, ``tmpdir``; ``client(**kwargs)`` returns an ``InferenceClient`` with the right token and CA bundle,
+``log()`` the server's stdout+stderr so far, ``audit_files()`` the sorted ``*.npy`` audit copies.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import ipaddress
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_PATCH = [16, 16, 16]
+TINY_LABELS = {"0": "Background", "1": "CSF", "2": "Gray matter", "3": "White matter"}
+TINY_ARCH = {"name": "unet", "in_channels": 1, "out_channels": 4, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
+SERVER_START_TIMEOUT = 90.0
+
+
+def _serve_command() -> list[str]:
+    # `medprivacy serve` imports every subcommand's module to build its parser. While a sibling command is still
+    # missing in a work-in-progress tree, `python -m medprivacy.server` runs the same add_arguments/run.
+    from medprivacy import cli
+
+    if all(importlib.util.find_spec(module) is not None for _, _, module in cli._COMMANDS):
+        return [sys.executable, "-m", "medprivacy.cli", "serve"]
+    return [sys.executable, "-m", "medprivacy.server"]
+
+
+SERVE_COMMAND = _serve_command()
+
+
+def build_tiny_models(directory: Path, names: tuple[str, ...] = ("mixup-seg", "plain-seg"), seed: int = 0) -> Path:
+    """Save seeded, untrained server models through the real registry (sha256 and manifest included)."""
+    import torch
+
+    from medprivacy.nets.registry import ModelSpec, build_network, save_model
+
+    for offset, name in enumerate(names):
+        torch.manual_seed(seed + offset)
+        spec = ModelSpec(name=name, file=f"{name}.safetensors", arch=dict(TINY_ARCH), role="server",
+                         patch_size=list(TINY_PATCH), labels=dict(TINY_LABELS))
+        save_model(build_network(spec.arch), spec, directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the server binds it right after; a clash is very unlikely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServerHandle:
+    url: str
+    process: subprocess.Popen
+    args: list[str]
+    log_path: Path
+    token: str | None = field(default=None, repr=False)
+    ca_bundle: Path | None = None
+    audit_dir: Path | None = None
+    cwd: Path | None = None
+    tmpdir: Path | None = None
+    _scratch: Any = field(default=None, repr=False)
+
+    def client(self, **kwargs):
+        from medprivacy.transport.client import InferenceClient
+
+        kwargs.setdefault("token", self.token)
+        kwargs.setdefault("ca_bundle", self.ca_bundle)
+        kwargs.setdefault("retries", 0)
+        return InferenceClient(self.url, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def audit_files(self) -> list[Path]:
+        return sorted(self.audit_dir.glob("*.npy")) if self.audit_dir else []
+
+    def stop(self) -> None:
+        # uvicorn waits for open keep-alive connections (a TLS one until its 30 s shutdown timeout) after the
+        # first SIGTERM; a second one makes it quit at once.
+        for signal_count in range(2):
+            if self.process.poll() is not None:
+                break
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=3 if signal_count == 0 else 10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> "ServerHandle":
+        """Block until /v1/health answers; on failure stop the server and raise RuntimeError with its log."""
+        import requests
+
+        poll = requests.Session()
+        poll.trust_env = False  # no proxy for 127.0.0.1
+        # Readiness only: the certificate is checked by the tests themselves through the real client.
+        verify = str(self.ca_bundle) if self.ca_bundle is not None else False
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with status {self.process.returncode}:\n{self.log()}")
+                try:
+                    if poll.get(f"{self.url}/v1/health", timeout=1.0, verify=verify).status_code == 200:
+                        return self
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not answer /v1/health within {timeout:.0f} s:\n{self.log()}")
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            poll.close()
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def launch_server(
+    args: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    models_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    ca_bundle: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> ServerHandle:
+    """Start ``medprivacy serve <args> --port <free>`` and return at once; call ``wait_ready()`` before use.
+
+    Launching several servers before waiting lets their (import-heavy) startups overlap.
+    ``env`` adds to (not replaces) the environment; MEDPRIVACY_TOKEN is removed unless ``env`` sets it, so a
+    developer's own token never changes what a test means.
+    """
+    scratch = tempfile.TemporaryDirectory(prefix="medprivacy-server-")
+    scratch_dir = Path(scratch.name)
+    args = [str(a) for a in args]
+    if models_dir is not None:
+        args += ["--models-dir", str(models_dir)]
+    if token is not None:
+        token_file = scratch_dir / "token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        args += ["--token-file", str(token_file)]
+    port = free_port()
+    args += ["--port", str(port)]
+    host = _option(args, "--host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"  # a wildcard bind is reachable through loopback
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if _option(args, "--ssl-certfile") else "http"
+    audit = _option(args, "--audit-dir")
+
+    child_env = {k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"}
+    # One thread per server: several servers and the test process share few cores.
+    child_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": child_env.get("OMP_NUM_THREADS", "1")})
+    child_env.update(env or {})
+    log_path = scratch_dir / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [*SERVE_COMMAND, *args], stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
+            cwd=str(cwd) if cwd is not None else None,
+        )
+    return ServerHandle(
+        url=f"{scheme}://{host}:{port}", process=process, args=args, log_path=log_path, token=token,
+        ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
+        audit_dir=Path(audit) if audit else None, cwd=Path(cwd) if cwd is not None else None,
+        tmpdir=Path(env["TMPDIR"]) if env and "TMPDIR" in env else None, _scratch=scratch,
+    )
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None, *, timeout: float = SERVER_START_TIMEOUT, **kwargs) -> ServerHandle:
+    """``launch_server(args, env, **kwargs).wait_ready(timeout)``: a server that answers /v1/health.
+
+    Raises RuntimeError with the server log if it exits or does not answer within ``timeout`` seconds.
+    """
+    return launch_server(args, env, **kwargs).wait_ready(timeout)
+
+
+@pytest.fixture
+def server_factory():
+    """``server_factory(args, **start_server keywords)`` starts a server that stops when the test ends."""
+    started: list[ServerHandle] = []
+
+    def factory(args: list[str], env: dict[str, str] | None = None, **kwargs) -> ServerHandle:
+        handle = start_server(args, env, **kwargs)
+        started.append(handle)
+        return handle
+
+    yield factory
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def _session_servers(tiny_models_dir, tmp_path_factory):
+    # Both session servers start together so their startups overlap; asking for one starts both.
+    audit_dir = tmp_path_factory.mktemp("audit")
+    cwd = tmp_path_factory.mktemp("server-cwd")
+    tmpdir = tmp_path_factory.mktemp("server-tmp")
+    open_server = launch_server(["--enable-baseline", "--audit-dir", audit_dir], models_dir=tiny_models_dir)
+    try:
+        token_server = launch_server([], {"TMPDIR": str(tmpdir)}, models_dir=tiny_models_dir,
+                                     token=secrets.token_urlsafe(24), cwd=cwd)
+    except BaseException:
+        open_server.stop()
+        raise
+    try:
+        yield open_server.wait_ready(), token_server.wait_ready()
+    finally:
+        open_server.stop()
+        token_server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(_session_servers) -> ServerHandle:
+    return _session_servers[0]
+
+
+@pytest.fixture(scope="session")
+def live_server_with_token(_session_servers) -> ServerHandle:
+    return _session_servers[1]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory) -> TLSFiles:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    public = key.public_key()
+    # CA:TRUE plus key identifiers: the certificate doubles as its own CA, and strict X.509 checks
+    # (Python 3.13 turns them on by default) accept it as a trust anchor.
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return TLSFiles(cert=cert_path, key=key_path)
