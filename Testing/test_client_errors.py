@@ -84,11 +84,24 @@ def test_unknown_host_is_reported_as_unreachable():
         InferenceClient("http://medprivacy-test.invalid:8765", retries=0, connect_timeout=2).health()
 
 
-def test_read_timeout_names_the_timeout():
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (via the backlog) and never answers
+def test_read_timeout_names_the_timeout_and_is_not_resent():
+    accepted = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts and never answers: a hung server
+
+        def accept_forever() -> None:
+            try:
+                while True:
+                    accepted.append(silent.accept()[0])
+            except OSError:
+                pass
+
+        threading.Thread(target=accept_forever, daemon=True).start()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(ServerError, match=r"did not answer within 0\.3 s \(read timeout\); raise the read timeout"):
-            InferenceClient(url, read_timeout=0.3, retries=2).info()
+            InferenceClient(url, read_timeout=0.3, retries=2).segment(_patches(1))
+        assert len(accepted) == 1
+        for connection in accepted:
+            connection.close()
 
 
 def test_cancel_before_sending_anything(live_server):

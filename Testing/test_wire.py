@@ -130,3 +130,16 @@ def test_header_size_limit_on_encode():
         wire.encode_tensor(np.zeros(1, np.float32), "float32", meta={"x": "y" * (wire.MAX_HEADER_BYTES + 1)})
     with pytest.raises(InputError, match="JSON"):
         wire.encode_tensor(np.zeros(1, np.float32), "float32", meta={"x": object()})
+
+
+def test_raw_encoding_sends_codes_as_they_are():
+    codes = np.arange(256, dtype=np.uint8).reshape(4, 64)
+    raw, header = wire.decode_tensor_raw(wire.encode_tensor_raw(codes, meta={"k": 1}))
+    np.testing.assert_array_equal(raw, codes)
+    assert header["meta"] == {"k": 1}
+    decoded, _ = wire.decode_tensor(wire.encode_tensor_raw(codes))
+    assert decoded[0, 0] == 0.0 and decoded[-1, -1] == 1.0
+    half = np.array([0.5, 2.0], np.float16)
+    assert wire.decode_tensor_raw(wire.encode_tensor_raw(half))[0].dtype == np.float16
+    with pytest.raises(InputError, match="unsupported wire dtype"):
+        wire.encode_tensor_raw(np.zeros(2, np.int32))

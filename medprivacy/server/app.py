@@ -131,7 +131,10 @@ class InferenceService:
                     f"model manifest {self.models_dir / 'manifest.json'} has no {route.model!r} entry; "
                     "train it with 'medprivacy mixup train' or point --models-dir at a folder that has it"
                 )
-            spec = ModelSpec.from_json(route.model, entry)
+            try:
+                spec = ModelSpec.from_json(route.model, entry)
+            except (KeyError, TypeError) as exc:
+                raise InputError(f"manifest entry {route.model!r} is incomplete ({type(exc).__name__}: {exc}); restore manifest.json") from None
             if spec.role != "server":
                 raise InputError(f"manifest entry {route.model!r} has role {spec.role!r}, not 'server'; fix the manifest")
             self.models[route.kind] = _ServedModel(spec, route)
@@ -272,7 +275,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             status_code=500,
         )
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:
         if token is None:
             return
         header = request.headers.get("authorization", "")

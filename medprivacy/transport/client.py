@@ -16,6 +16,10 @@ from typing import Any, Callable, Union
 from urllib.parse import urlsplit
 
 import numpy as np
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from .. import API_VERSION, __version__
 from ..errors import AuthError, CancelledError, InputError, ServerError, VersionMismatchError
@@ -35,6 +39,13 @@ Cancel = Union[Callable[[], bool], threading.Event, None]
 Progress = Union[Callable[[int, int], Any], None]
 
 
+class _NoReadTimeoutRetry(Retry):
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        if isinstance(error, ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 class InferenceClient:
     """Talks to one server. Thread-compatible, not thread-safe: use one client per worker thread."""
 
@@ -49,10 +60,6 @@ class InferenceClient:
         retries: int = 3,
         request_patches: int = 64,
     ):
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
-
         self.url = _normalise_url(url)
         if request_patches < 1:
             raise InputError(f"request_patches must be at least 1 (got {request_patches})")
@@ -70,17 +77,17 @@ class InferenceClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._server_info: dict[str, Any] | None = None
-        self._requests = requests
         if urlsplit(self.url).scheme == "http" and not _is_loopback(urlsplit(self.url).hostname or ""):
             log.warning("%s uses plain HTTP: patches and token travel unencrypted; ask the operator for an https URL", self.url)
 
-        retry = Retry(
+        retry = _NoReadTimeoutRetry(
             total=retries,
             connect=retries,
             status=retries,
-            # A read error may mean the server is still working on the batch; resending would double its load
-            # and the wait. SSL and other errors will not fix themselves by retrying.
-            read=False,
+            # One resend covers a keep-alive connection the server closed just as we reused it. Read timeouts
+            # are never resent (see _NoReadTimeoutRetry): the server may still be working and a resend doubles the wait.
+            read=min(1, retries),
+            # SSL failures and the like will not fix themselves by retrying.
             other=0,
             redirect=0,
             status_forcelist=(502, 503, 504),
@@ -216,7 +223,7 @@ class InferenceClient:
 
     # -- HTTP plumbing ---------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs):
-        exceptions = self._requests.exceptions
+        exceptions = requests.exceptions
         url = self.url + path
         try:
             response = self._session.request(
@@ -269,8 +276,9 @@ class InferenceClient:
         if status == 409:
             raise VersionMismatchError(detail or f"{self.url} speaks another MedPrivacy API version; upgrade the older side")
         if status == 413:
+            # The server's detail ends with its own hint for a generic caller; ours names the client setting.
             raise ServerError(
-                f"request too large for {self.url} ({detail or 'HTTP 413'}); "
+                f"request too large for {self.url} ({detail.split(';')[0] or 'HTTP 413'}); "
                 "lower request_patches or ask the operator to raise --max-request-mb"
             )
         if 300 <= status < 400:
@@ -301,6 +309,9 @@ def _normalise_url(url: str) -> str:
 
 
 def _resolve_token(token: str | None, token_file: str | os.PathLike | None) -> str | None:
+    # GUI fields hand over "" when left blank; that means "not given", not "an empty token".
+    token = token if token is None or token.strip() else None
+    token_file = token_file if token_file not in ("", None) else None
     if token is None and token_file is not None:
         try:
             token = Path(token_file).read_text(encoding="utf-8")
@@ -346,7 +357,8 @@ def _is_reset_during_upload(exc: BaseException) -> bool:
         seen += 1
         if isinstance(current, (BrokenPipeError, ConnectionResetError)):
             return True
-        pending.extend(e for e in (current.__cause__, current.__context__, *current.args) if isinstance(e, BaseException))
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
+        pending.extend(e for e in linked if isinstance(e, BaseException))
     text = str(exc)
     return "Broken pipe" in text or "Connection reset" in text
 
