@@ -33,7 +33,7 @@ def synthesize_subject(seed: int, deformation: float = 1.0) -> Subject:
     template = load_template()
     brain = (template.t1 > BRAIN_THRESHOLD).astype(np.float32)
     stack = torch.from_numpy(np.stack([template.t1, template.gm, template.wm, brain]))
-    rng = np.random.RandomState(seed)
+    rng = _legacy_state(seed)
 
     affine = RandAffine(
         prob=1.0,
@@ -62,6 +62,14 @@ def synthesize_subject(seed: int, deformation: float = 1.0) -> Subject:
     scanner_gain = rng.uniform(0.6, 1.6) * 1000.0  # arbitrary scanner units: normalisation must cope
     image_arr = np.clip(np.asarray(image[0], dtype=np.float32), 0, None) * (brain_prob > 0.05) * scanner_gain
     return Subject(image=image_arr.astype(np.float32), labels=labels, seed=seed)
+
+
+def _legacy_state(seed: int) -> np.random.RandomState:
+    """MONAI transforms take a RandomState, which seeds from 32 bits; keygen's 128-bit CSPRNG seeds are
+    expanded through SeedSequence so the reference anatomy cannot be enumerated from a 2^32 seed space."""
+    if 0 <= seed < 2**32:
+        return np.random.RandomState(seed)
+    return np.random.RandomState(np.random.SeedSequence(seed).generate_state(8))
 
 
 def to_scanner_space(subject: Subject, seed: int, spacing=(1.0, 1.0, 1.3)):

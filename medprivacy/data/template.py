@@ -61,7 +61,7 @@ def load_template() -> Template:
             raise InputError(f"MNI152 template file {path} is missing; reinstall nilearn (pip install --force-reinstall nilearn)")
         img = sitk.ReadImage(str(path))
         if key == "t1":
-            image = sitk.Cast(img, sitk.sitkFloat32) / 255.0
+            image = sitk.Cast(sitk.Cast(img, sitk.sitkFloat32) / 255.0, sitk.sitkFloat32)
         arrays[key] = sitk.GetArrayFromImage(img).astype(np.float32) / 255.0
     for array in arrays.values():
         array.setflags(write=False)

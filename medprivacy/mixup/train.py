@@ -37,7 +37,7 @@ class TrainConfig:
     arch: str = "unet"  # "unet" (small, CPU) or "unetplusplus" (the paper's U-Net++)
     channels: tuple = (16, 32, 64, 128)
     patch_size: int = 32
-    unmix_features: int = 16
+    unmix_features: int = 8
     iterations: int = 3000
     batch_size: int = 8
     learning_rate: float = 1e-3

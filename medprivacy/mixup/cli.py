@@ -1,0 +1,172 @@
+"""``medprivacy mixup keygen | segment | eval | train``."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="mixup_command", required=True)
+
+    keygen = sub.add_parser("keygen", help="create this site's private reference bank (the key)")
+    keygen.add_argument("--key-dir", type=Path, default=None, help="where to write the key (default: ~/.medprivacy/mixup-key)")
+    keygen.add_argument("--from-image", action="append", default=[], metavar="IMG", help="a labelled scan of your own (repeat; pair with --from-label)")
+    keygen.add_argument("--from-label", action="append", default=[], metavar="LAB", help="its CSF/GM/WM labelmap (1/2/3)")
+    keygen.add_argument("--subjects", type=int, default=None, help="synthetic reference subjects to draw (default 4)")
+    keygen.add_argument("--patches", type=int, default=None, help="reference patches to keep (default 1024)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.set_defaults(_mixup=_keygen)
+
+    segment = sub.add_parser("segment", help="segment a scan through the private (mixed) path")
+    segment.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    segment.add_argument("-o", "--output", required=True, type=Path, help="labelmap .nii.gz/.nrrd or segmentation .seg.nrrd")
+    _add_server_arguments(segment)
+    segment.add_argument("--key-dir", type=Path, default=None, help="private reference bank (default: ~/.medprivacy/mixup-key)")
+    segment.add_argument("--tta", type=int, default=8, help="mixed copies per patch, averaged (default 8)")
+    segment.add_argument("--unmix", choices=("naive", "learned"), default="learned")
+    segment.add_argument("--seed", type=int, default=None, help="fix the random draws (testing only; default: OS randomness)")
+    segment.add_argument("--save-uploaded", type=Path, default=None, help="also write the mixed volume the server received")
+    segment.set_defaults(_mixup=_segment)
+
+    evaluate = sub.add_parser("eval", help="Table-1-shaped Dice report (baseline, naive, learned, ± TTA) and ICC")
+    evaluate.add_argument("--image", action="append", default=[], help="held-out image (repeat)")
+    evaluate.add_argument("--label", action="append", default=[], help="its labelmap (repeat, same order)")
+    evaluate.add_argument("--synthetic", type=int, default=0, help="add N held-out synthetic subjects (never used in training)")
+    _add_server_arguments(evaluate)
+    evaluate.add_argument("--key-dir", type=Path, default=None)
+    evaluate.add_argument("--tta", type=int, default=8)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", type=Path, required=True, help="report.json")
+    evaluate.set_defaults(_mixup=_eval)
+
+    train = sub.add_parser("train", help="train the segmentation, unmixing and baseline networks (seeded)")
+    train.add_argument("--preset", choices=("cpu-small", "gpu-paper", "smoke"), default="cpu-small")
+    train.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
+    train.add_argument("--dataset", default=None, help="nnU-Net/MSD folder (dataset.json, imagesTr/, labelsTr/) instead of synthetic data")
+    train.add_argument("--arch", choices=("unet", "unetplusplus"), default=None, help="segmentation network (paper: unetplusplus)")
+    train.add_argument("--iterations", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--patch-size", type=int, default=None)
+    train.add_argument("--subjects", type=int, default=None, help="training subjects")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(_mixup=_train)
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", required=True, help="inference server URL, e.g. https://gpu.example.org:8765")
+    parser.add_argument("--token-file", default=None, help="file holding the bearer token (or set MEDPRIVACY_TOKEN)")
+    parser.add_argument("--ca-bundle", default=None, help="CA certificate(s) to verify the server's TLS certificate")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each server answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._mixup(args)
+
+
+def _client(args):
+    from ..transport import InferenceClient
+
+    return InferenceClient(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout)
+
+
+def _keygen(args) -> int:
+    from .bank import generate_bank, import_bank
+
+    if len(args.from_image) != len(args.from_label):
+        from ..errors import InputError
+
+        raise InputError("give one --from-label for each --from-image")
+    kwargs = {k: v for k, v in (("subjects", args.subjects), ("patches", args.patches)) if v is not None}
+    if args.from_image:
+        bank = import_bank(args.key_dir, list(zip(args.from_image, args.from_label)), force=args.force, progress=_print_progress, **kwargs)
+    else:
+        bank = generate_bank(args.key_dir, force=args.force, progress=_print_progress, **kwargs)
+    print(f"wrote a private reference bank of {len(bank)} patches to {bank.directory} (keep it secret, never upload it)")
+    return 0
+
+
+def _segment(args) -> int:
+    from .bank import ReferenceBank
+    from .io import read_image, write_labelmap, write_image
+    from .pipeline import segment_private
+
+    image = read_image(args.input)
+    bank = ReferenceBank.load(args.key_dir)
+    client = _client(args)
+    with _ProgressBar() as bar:
+        result = segment_private(image, client, bank, tta=args.tta, unmix=args.unmix, seed=args.seed, keep_uploaded=args.save_uploaded is not None, progress=bar.update)
+    write_labelmap(result.labelmap, args.output)
+    if args.save_uploaded is not None:
+        write_image(result.uploaded, args.save_uploaded)
+    stats = result.stats
+    print(
+        f"wrote {args.output} ({stats['patches_sent']} mixed patches sent, {stats['bytes_sent'] / 1e6:.1f} MB up, "
+        f"{stats['bytes_received'] / 1e6:.1f} MB down, {stats['seconds']:.1f} s)"
+    )
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate, format_report
+
+    report = evaluate(
+        images=args.image, labels=args.label, synthetic=args.synthetic, client=_client(args), key_dir=args.key_dir, tta=args.tta, seed=args.seed, progress=_print_progress
+    )
+    from .io import write_json
+
+    write_json(report, args.out)
+    print(format_report(report))
+    print(f"report written to {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    import logging
+
+    from ..nets import DEFAULT_MODELS_DIR
+    from .train import TrainConfig, train
+
+    config = TrainConfig.preset(args.preset)
+    overrides = {
+        "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
+        "train_subjects": args.subjects, "dataset": args.dataset,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    config.seed, config.device, config.threads = args.seed, args.device, args.threads
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = args.out or DEFAULT_MODELS_DIR
+    command = "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train") + 1:]) if "train" in sys.argv else None
+    result = train(config, out, progress=not args.quiet, command=command)
+    print(f"trained in {result['seconds']:.0f} s; validation patch Dice {result['metrics']}; models in {out}")
+    return 0
+
+
+def _print_progress(message: str, fraction: float | None = None) -> None:
+    suffix = f" {100 * fraction:5.1f}%" if fraction is not None else ""
+    print(f"  {message}{suffix}", file=sys.stderr, flush=True)
+
+
+class _ProgressBar:
+    """tqdm bar driven by the pipeline's (stage, fraction) callbacks."""
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=100, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}", file=sys.stderr)
+        return self
+
+    def update(self, stage: str, fraction: float) -> None:
+        self._bar.set_description_str(stage)
+        self._bar.n = round(100 * fraction)
+        self._bar.refresh()
+
+    def __exit__(self, *exc):
+        self._bar.close()
+        return False

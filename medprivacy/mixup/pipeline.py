@@ -1,0 +1,221 @@
+"""Private segmentation of one scan: prepare → mix → send (shuffled) → unmix → average over TTA → stitch → back.
+
+Memory stays bounded whatever k is: the shuffled N·k rows are mixed, sent and unmixed one request at a time,
+and only per-location running sums (N × C × patch) are kept.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CancelledError, InputError, VersionMismatchError
+from ..labels import NUM_CLASSES
+from .mixing import DEFAULT_LAMBDA_RANGE, flip_patches, mix, naive_unmix, one_hot, plan_mixing
+
+Progress = Callable[[str, float], None]
+
+#: Background one-hot, used wherever no patch was segmented (outside the brain's bounding box).
+_BACKGROUND = np.eye(NUM_CLASSES, dtype=np.float32)[0]
+
+
+@dataclass
+class PreparedScan:
+    """A scan on the model grid, normalised and cut into patches, plus what is needed to go back."""
+
+    image: object  # the user's SimpleITK image (defines the output grid)
+    transform: object  # model grid → scan affine, or None when the scan is already on the model grid
+    volume: np.ndarray  # (Z, Y, X) normalised model-grid volume
+    grid: object  # PatchGrid
+    patches: np.ndarray  # (N, D, H, W)
+
+
+@dataclass
+class PrivateSegmentation:
+    labelmap: object  # SimpleITK uint8 image on the input's exact grid: 0 bg, 1 CSF, 2 GM, 3 WM
+    uploaded: object | None  # SimpleITK float image of the first TTA copy's mixed patches on the model grid
+    stats: dict = field(default_factory=dict)
+
+
+def prepare_scan(image, patch_size: tuple[int, int, int]) -> PreparedScan:
+    import SimpleITK as sitk
+
+    from .geometry import to_model_grid
+    from .intensity import normalize_intensity
+    from .model_space import analysis_mask, patch_grid
+
+    resampled, transform = to_model_grid(image)
+    try:
+        volume = normalize_intensity(sitk.GetArrayFromImage(resampled), analysis_mask())
+    except ValueError as exc:
+        raise InputError(f"after alignment to the brain template, {exc}; check that the scan is a brain T1") from None
+    grid = patch_grid(tuple(patch_size))
+    return PreparedScan(image, transform, volume, grid, grid.extract(volume))
+
+
+def finish_labelmap(prepared: PreparedScan, patch_scores: np.ndarray):
+    """(N, C, D, H, W) per-patch class scores → labelmap on the user's grid."""
+    import SimpleITK as sitk
+
+    from .geometry import probabilities_to_input_grid
+    from .model_space import analysis_mask
+
+    scores = prepared.grid.stitch(patch_scores, background=_BACKGROUND)
+    scores[:, ~analysis_mask()] = _BACKGROUND[:, None]
+    labels = probabilities_to_input_grid(scores, prepared.transform, prepared.image)
+    labelmap = sitk.GetImageFromArray(labels.astype(np.uint8))
+    labelmap.CopyInformation(prepared.image)
+    return labelmap
+
+
+class _Unmixer:
+    """Turns mixed probabilities back into target class scores, naively (eq. 4) or with the learned network."""
+
+    def __init__(self, mode: str, server_info: dict, patch_size):
+        if mode not in ("naive", "learned"):
+            raise InputError(f"unknown unmixing mode {mode!r}; use naive or learned")
+        self.mode = mode
+        self.net = None
+        self.lambda_range = tuple(server_info["models"]["mixup-seg"].get("lambda_range", DEFAULT_LAMBDA_RANGE))
+        if mode == "learned":
+            from ..nets import load_model
+
+            self.net, spec = load_model("mixup-unmix")
+            expected = spec.extra.get("paired_with", {}).get("mixup-seg")
+            actual = server_info["models"]["mixup-seg"].get("sha256")
+            if expected and actual != expected:
+                raise VersionMismatchError(
+                    f"the server's mixup-seg model ({str(actual)[:12]}…) is not the one this client's unmixing network was "
+                    f"trained with ({expected[:12]}…); update the extension or the server, or use --unmix naive"
+                )
+            if tuple(spec.patch_size) != tuple(patch_size):
+                raise VersionMismatchError(f"unmixing network patch size {spec.patch_size} differs from the server's {list(patch_size)}; update the extension")
+            self.lambda_range = tuple(spec.extra.get("lambda_range", self.lambda_range))
+
+    def __call__(self, mixed_probs: np.ndarray, reference_onehot: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        if self.net is None:
+            return naive_unmix(mixed_probs, reference_onehot, lam)
+        import torch
+
+        with torch.inference_mode():
+            logits = self.net(torch.from_numpy(mixed_probs), torch.from_numpy(reference_onehot), torch.from_numpy(lam))
+            return torch.softmax(logits, dim=1).numpy()
+
+
+def _server_model(client, patch_size) -> dict:
+    info = client.info()
+    model = info.get("models", {}).get("mixup-seg")
+    if model is None:
+        raise VersionMismatchError("the server holds no 'mixup-seg' model; ask its operator to install the MedPrivacy models")
+    if tuple(model["patch_size"]) != tuple(patch_size):
+        raise VersionMismatchError(
+            f"the server's model uses {tuple(model['patch_size'])} patches but your key has {tuple(patch_size)}; generate a new key"
+        )
+    return info
+
+
+def private_scores(
+    patches: np.ndarray,
+    client,
+    bank,
+    unmixers: dict,
+    tta: int,
+    rng: np.random.Generator,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    keep_first_copy: bool = False,
+) -> tuple[dict, np.ndarray | None, dict]:
+    """Mix every patch with k independent (λ, reference) draws, send all N·k rows shuffled, unmix each answer.
+
+    Returns ``(scores, first_copy_mixed, stats)`` where ``scores[name] = (all-copies mean, first-copy only)``,
+    each (N, C, D, H, W), for every unmixer in ``unmixers``; the first copy alone is the no-TTA result.
+    """
+    num = len(patches)
+    lambda_range = next(iter(unmixers.values())).lambda_range
+    plan = plan_mixing(num, tta, len(bank), rng, lambda_range)
+    sums = {name: np.zeros((num, NUM_CLASSES) + patches.shape[1:], dtype=np.float32) for name in unmixers}
+    first = {name: np.zeros_like(s) for name, s in sums.items()}
+    first_mixed = np.zeros(patches.shape, dtype=np.float32) if keep_first_copy else None
+    step = max(1, int(getattr(client, "request_patches", 64)))
+    sent_before, received_before = client.bytes_sent, client.bytes_received
+    started = time.perf_counter()
+    for begin in range(0, len(plan), step):
+        if cancel is not None and _is_cancelled(cancel):
+            raise CancelledError("segmentation cancelled; nothing was written")
+        rows = slice(begin, begin + step)
+        location, lam = plan.location[rows], plan.lam[rows]
+        references = flip_patches(bank.images[plan.reference_index[rows]], plan.flips[rows])
+        reference_onehot = one_hot(flip_patches(bank.labels[plan.reference_index[rows]], plan.flips[rows]), NUM_CLASSES)
+        mixed = mix(patches[location], references, lam)
+        answer = client.segment(mixed[:, None], endpoint="mixup", cancel=cancel)
+        is_first = plan.copy[rows] == 0
+        for name, unmix in unmixers.items():
+            estimate = unmix(answer, reference_onehot, lam)
+            np.add.at(sums[name], location, estimate)
+            first[name][location[is_first]] = estimate[is_first]
+        if first_mixed is not None:
+            first_mixed[location[is_first]] = mixed[is_first]
+        if progress is not None:
+            progress("segmenting mixed patches on the server", min(1.0, (begin + step) / len(plan)))
+    stats = {
+        "patches_sent": len(plan),
+        "bytes_sent": client.bytes_sent - sent_before,
+        "bytes_received": client.bytes_received - received_before,
+        "server_seconds": time.perf_counter() - started,
+    }
+    return {name: (sums[name] / tta, first[name]) for name in unmixers}, first_mixed, stats
+
+
+def _is_cancelled(cancel) -> bool:
+    return cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())
+
+
+def segment_private(
+    image,
+    client,
+    bank,
+    *,
+    tta: int = 8,
+    unmix: str = "learned",
+    seed: int | None = None,
+    keep_uploaded: bool = False,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> PrivateSegmentation:
+    """Segment ``image`` (SimpleITK, any grid) on a remote server that only ever receives mixed patches."""
+    import SimpleITK as sitk
+
+    if tta < 1:
+        raise InputError("--tta must be at least 1")
+    started = time.perf_counter()
+    report = progress or (lambda stage, fraction: None)
+    info = _server_model(client, bank.patch_size)
+    unmixer = _Unmixer(unmix, info, bank.patch_size)
+    report("aligning the scan to the brain template", 0.0)
+    prepared = prepare_scan(image, bank.patch_size)
+    scores, first_mixed, stats = private_scores(
+        prepared.patches, client, bank, {unmix: unmixer}, tta, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded
+    )
+    report("resampling the result onto the scan", 1.0)
+    labelmap = finish_labelmap(prepared, scores[unmix][0])
+    uploaded = None
+    if first_mixed is not None:
+        volume = prepared.grid.stitch(first_mixed[:, None], background=np.zeros(1, np.float32))[0]
+        uploaded = sitk.GetImageFromArray(volume)
+        from ..data.template import load_template
+
+        uploaded.CopyInformation(load_template().image)
+    stats.update(seconds=time.perf_counter() - started, tta=tta, unmix=unmix, patches=len(prepared.patches))
+    return PrivateSegmentation(labelmap=labelmap, uploaded=uploaded, stats=stats)
+
+
+def segment_plain(image, client, patch_size, progress: Progress | None = None, cancel=None) -> tuple[object, dict]:
+    """Evaluation baseline: unmixed patches to the server's baseline endpoint (never used for private work)."""
+    started = time.perf_counter()
+    prepared = prepare_scan(image, patch_size)
+    sent_before, received_before = client.bytes_sent, client.bytes_received
+    probs = client.segment(prepared.patches[:, None], endpoint="baseline", progress=(lambda d, t: progress("baseline", d / t)) if progress else None, cancel=cancel)
+    stats = {"bytes_sent": client.bytes_sent - sent_before, "bytes_received": client.bytes_received - received_before, "seconds": time.perf_counter() - started}
+    return finish_labelmap(prepared, probs), stats
