@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -125,7 +126,9 @@ class MixupPrivacyLogic:
             if scene is None:
                 raise ValueError("MixupPrivacyLogic needs an MRML scene outside the Slicer application")
         self.scene = scene
-        #: Volume node of what the server received, created by the last ``apply_result(show_uploaded=True)``.
+        #: The last ``PrivateSegmentation`` put into the scene (its ``stats`` say what was sent), and the volume
+        #: node of what the server received when ``show_uploaded`` was asked for.
+        self.last_result = None
         self.last_uploaded_node = None
 
     # -- volumes -------------------------------------------------------------------------------------------
@@ -308,6 +311,7 @@ class MixupPrivacyLogic:
         """Put a ``PrivateSegmentation`` into the scene (main thread): tissue segments on the input's geometry, and
         optionally a volume with exactly what the server received."""
         segmentation_node = self.labelmap_to_segmentation(result.labelmap, input_node, output_segmentation_node)
+        self.last_result = result
         self.last_uploaded_node = None
         if show_uploaded and getattr(result, "uploaded", None) is not None:
             self.last_uploaded_node = self.sitk_to_volume_node(
@@ -529,6 +533,72 @@ class MixupPrivacyTestMixin:
             message = str(raised.exception)
             self.assertIn(reason, message)
             self.assertNotIn("\n", message)
+
+    def check_private_segmentation_end_to_end(self, scene, url, key_dir, audit_dir=None, token=None, ca_bundle=None,
+                                              unmix="naive", image=None):
+        """Key generation, then ``run`` against a real server, from a volume node to tissue segments.
+
+        ``image`` defaults to the real MNI152 T1 (it lies on the model grid, so no registration slows the test).
+        With ``audit_dir`` (the server's ``--audit-dir``) also checks that the server received exactly the mixed
+        patches and never the target's.
+        """
+        from medprivacy.mixup.intensity import quantize_uint8
+        from medprivacy.mixup.model_space import analysis_mask
+        from medprivacy.mixup.pipeline import prepare_scan
+        from medprivacy.transport import InferenceClient
+
+        sitk = _sitk()
+        logic = MixupPrivacyLogic(scene)
+        server_model = InferenceClient(url, token=token, ca_bundle=ca_bundle).info()["models"]["mixup-seg"]
+        patch_size = tuple(server_model["patch_size"])
+        # A small key: one synthetic reference brain, few patches; same code path as the default key.
+        bank = logic.generate_key(key_dir, subjects=1, patches=64, patch_size=patch_size)
+        self.assertEqual(tuple(bank.patch_size), patch_size)
+        if image is None:
+            from medprivacy.data.template import load_template
+
+            image = load_template().image
+        node = logic.sitk_to_volume_node(image, "brain T1")
+        audited_before = set(Path(audit_dir).glob("*.npy")) if audit_dir is not None else set()
+
+        stages = []
+        segmentation_node = logic.run(node, url, token=token, ca_bundle=ca_bundle, key_dir=key_dir, tta=2, unmix=unmix,
+                                      show_uploaded=True, seed=0, progress=lambda stage, fraction=None: stages.append(stage))
+        result = logic.last_result
+        self.assertTrue(stages, "no progress was reported")
+
+        # Exactly the three tissue segments, on the input's geometry, holding exactly the pipeline's labels.
+        segmentation = segmentation_node.GetSegmentation()
+        self.assertEqual(sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())),
+                         sorted(name for name, _color in TISSUE_SEGMENTS.values()))
+        self.assertIs(segmentation_node.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), node)
+        labels = logic.segmentation_to_labelmap_array(segmentation_node, node)
+        self.assertEqual(labels.shape, sitk.GetArrayViewFromImage(image).shape)
+        np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(result.labelmap))
+        self.assertTrue(set(np.unique(labels).tolist()) <= {0} | set(TISSUE_SEGMENTS))
+        self.assertEqual(result.stats["patches_sent"], 2 * result.stats["patches"])
+
+        # "Show what is sent" shows mixed data, far from the scan itself.
+        self.assertIsNotNone(logic.last_uploaded_node)
+        target = prepare_scan(image, patch_size)
+        uploaded = logic.volume_node_to_sitk(logic.last_uploaded_node)
+        mask = analysis_mask()
+        difference = np.abs(sitk.GetArrayViewFromImage(uploaded)[mask] - target.volume[mask]).mean()
+        self.assertGreater(difference, 0.05, "the uploaded volume is nearly the scan itself")
+
+        if audit_dir is None:
+            return
+        received = sorted(set(Path(audit_dir).glob("*.npy")) - audited_before)
+        self.assertTrue(received, "the server's audit folder got nothing")
+        self.assertTrue(all(path.name.endswith("-mixup.npy") for path in received), [path.name for path in received])
+        rows = np.concatenate([np.load(path).reshape(-1, int(np.prod(patch_size))) for path in received])
+        self.assertEqual(len(rows), result.stats["patches_sent"])
+        # The wire sends uint8 codes; compare in that form so an unmixed patch would match bit for bit.
+        target_codes = np.round(quantize_uint8(target.patches) * 255).astype(np.uint8).reshape(len(target.patches), -1)
+        target_rows = {row.tobytes() for row in target_codes}
+        self.assertFalse(any(row.astype(np.uint8).tobytes() in target_rows for row in rows),
+                         "the server received an unmixed patch of the scan")
 
 
 #
@@ -757,9 +827,12 @@ if _HAVE_APP:
                     raise InputError("choose a folder for the private key")
                 if not self._ensureDependencies():
                     return
-                replace = os.path.isdir(keyDir) and bool(os.listdir(keyDir))
+                from medprivacy.mixup.bank import BANK_FILE
+
+                replace = os.path.isfile(os.path.join(keyDir, BANK_FILE))
                 if replace and not slicer.util.confirmYesNoDisplay(
-                    _("{folder} is not empty. A new key replaces any key stored there. Continue?").format(folder=keyDir)
+                    _("{folder} already holds a private key. Replace it with a new one? Segmentations made with the "
+                      "old key stay valid.").format(folder=keyDir)
                 ):
                     return
                 self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
@@ -922,7 +995,7 @@ if _HAVE_APP:
 
         def runTest(self):
             for test in (self.test_volume_round_trip, self.test_labelmap_to_segmentation,
-                         self.test_rejects_unusable_volumes):
+                         self.test_rejects_unusable_volumes, self.test_private_segmentation_end_to_end):
                 self.setUp()
                 test()
             self.delayDisplay("MixupPrivacy tests passed")
@@ -935,3 +1008,20 @@ if _HAVE_APP:
 
         def test_rejects_unusable_volumes(self):
             self.check_rejects_unusable_volumes(slicer.mrmlScene)
+
+        def test_private_segmentation_end_to_end(self):
+            # Needs a running 'medprivacy serve' (and nilearn for the MNI152 image): opt in through the environment.
+            url = os.environ.get("MIXUPPRIVACY_TEST_SERVER_URL")
+            if not url:
+                self.delayDisplay("End-to-end test skipped: set MIXUPPRIVACY_TEST_SERVER_URL to a running server "
+                                  "(and MIXUPPRIVACY_TEST_AUDIT_DIR to its --audit-dir to check what it received)")
+                return
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                self.check_private_segmentation_end_to_end(
+                    slicer.mrmlScene, url, os.path.join(folder, "key"),
+                    audit_dir=os.environ.get("MIXUPPRIVACY_TEST_AUDIT_DIR") or None,
+                    token=os.environ.get("MEDPRIVACY_TOKEN") or None,
+                    unmix=os.environ.get("MIXUPPRIVACY_TEST_UNMIX", "naive"),
+                )

@@ -113,3 +113,30 @@ def test_consent_is_remembered_per_normalised_server_url():
     normalized = MixupPrivacy.normalized_server_url
     assert normalized(" HTTPS://Server.Example:8443/ ") == normalized("https://server.example:8443")
     assert normalized("https://server.example:8443") != normalized("https://server.example:8444")
+
+
+@pytest.fixture
+def private_server(request, tmp_path):
+    """(server, unmix mode): the shipped models when Resources/Models has them, else conftest's tiny models.
+
+    Untrained tiny models make meaningless segmentations, so only the naive unmixing (no client network) fits them.
+    """
+    import json
+
+    manifest = slicer_support.REPO_ROOT / "Resources" / "Models" / "manifest.json"
+    if manifest.is_file():
+        models = json.loads(manifest.read_text()).get("models", {})
+        if "mixup-seg" in models:
+            server = request.getfixturevalue("server_factory")(
+                ["--audit-dir", str(tmp_path / "audit")], models_dir=manifest.parent
+            )
+            return server, "learned" if "mixup-unmix" in models else "naive"
+    return request.getfixturevalue("live_server"), "naive"
+
+
+def test_private_segmentation_end_to_end_on_a_real_server(case, scene, private_server, tmp_path):
+    server, unmix = private_server
+    case.check_private_segmentation_end_to_end(
+        scene, server.url, tmp_path / "key", audit_dir=server.audit_dir, token=server.token,
+        ca_bundle=server.ca_bundle, unmix=unmix,
+    )
