@@ -332,3 +332,56 @@ def tls_cert(tmp_path_factory) -> TLSFiles:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     key_path.chmod(0o600)
     return TLSFiles(cert=cert_path, key=key_path)
+
+
+# --- Mixup-Privacy fixtures on real data -------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODELS = REPO_ROOT / "Resources" / "Models"
+
+
+class SampleBrain:
+    """A held-out synthetic subject (real MNI152 T1, warped) in an oblique scanner grid, with its true labels."""
+
+    def __init__(self, folder: Path):
+        import SimpleITK as sitk
+
+        from medprivacy.data.synth import HELD_OUT_SEED_BASE, synthesize_subject, to_scanner_space
+
+        seed = HELD_OUT_SEED_BASE + 777
+        self.image, self.labels = to_scanner_space(synthesize_subject(seed), seed)
+        self.image_path = folder / "sample_t1.nii.gz"
+        self.labels_path = folder / "sample_labels.nii.gz"
+        sitk.WriteImage(self.image, str(self.image_path))
+        sitk.WriteImage(self.labels, str(self.labels_path))
+
+
+@pytest.fixture(scope="session")
+def sample_brain(tmp_path_factory) -> SampleBrain:
+    return SampleBrain(tmp_path_factory.mktemp("sample-brain"))
+
+
+@pytest.fixture(scope="session")
+def shipped_models() -> Path:
+    if not (SHIPPED_MODELS / "manifest.json").is_file():
+        pytest.fail(f"no shipped models in {SHIPPED_MODELS}; run 'make train'")
+    return SHIPPED_MODELS
+
+
+@pytest.fixture(scope="session")
+def small_key_dir(tmp_path_factory, shipped_models) -> Path:
+    """A private reference bank made by the real keygen, small enough to build in seconds."""
+    from medprivacy.mixup.bank import generate_bank
+
+    key_dir = tmp_path_factory.mktemp("keys") / "mixup-key"
+    generate_bank(key_dir, subjects=1, patches=96)
+    return key_dir
+
+
+@pytest.fixture(scope="session")
+def shipped_server(shipped_models, tmp_path_factory):
+    """The real shipped models behind a real server, with the baseline endpoint and an audit copy of uploads."""
+    audit = tmp_path_factory.mktemp("shipped-audit")
+    handle = start_server(["--enable-baseline", "--audit-dir", str(audit)], models_dir=shipped_models)
+    yield handle
+    handle.stop()

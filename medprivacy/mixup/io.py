@@ -73,7 +73,7 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder {path.parent} does not exist; create it first")
@@ -89,7 +89,7 @@ def _write_atomically(path: Path, write) -> None:
 def write_image(image, path: str | os.PathLike) -> None:
     import SimpleITK as sitk
 
-    _write_atomically(Path(path), lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    write_atomically(Path(path), lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
 
 
 def write_labelmap(labelmap, path: str | os.PathLike) -> None:
@@ -102,7 +102,7 @@ def write_labelmap(labelmap, path: str | os.PathLike) -> None:
     image = sitk.Cast(labelmap, sitk.sitkUInt8)
     if str(path).endswith(".seg.nrrd"):
         image = _with_segmentation_metadata(image)
-    _write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
 
 
 def _with_segmentation_metadata(image):
@@ -127,4 +127,4 @@ def _with_segmentation_metadata(image):
 
 def write_json(data, path: str | os.PathLike) -> None:
     path = Path(path)
-    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))

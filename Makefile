@@ -1,0 +1,36 @@
+# Everything runs inside .venv/ at the repository root, created on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# A pinned CPU build: an unpinned torch pulls several GB of CUDA wheels. Override on a GPU box if needed.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: env demo test bench train eval clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[server,train,dev]"
+	touch $(STAMP)
+
+demo: env
+	$(BIN)/medprivacy demo --out out/demo
+
+test: env
+	$(BIN)/python -m pytest -q
+
+bench: env
+	$(BIN)/python bench/mixup_bench.py
+
+# Regenerates the shipped weights in Resources/Models (about an hour on 2 CPU cores).
+train: env
+	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --out Resources/Models
+
+eval: env
+	$(BIN)/python bench/mixup_eval.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,251 @@
+"""Core Mixup-Privacy math, patch grid, reference bank, I/O and training on real (small) data."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medprivacy.errors import InputError
+from medprivacy.labels import NUM_CLASSES
+from medprivacy.mixup.mixing import flip_patches, mix, naive_unmix, one_hot, plan_mixing
+from medprivacy.mixup.patches import PatchGrid, brain_bounding_box
+
+
+def test_mixing_then_naive_unmixing_of_exact_maps_is_identity():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, NUM_CLASSES, size=(6, 8, 8, 8))
+    reference = rng.integers(0, NUM_CLASSES, size=(6, 8, 8, 8))
+    lam = rng.uniform(0.35, 0.65, size=6).astype(np.float32)
+    mixed_map = mix(one_hot(target, NUM_CLASSES), one_hot(reference, NUM_CLASSES), lam)
+    recovered = naive_unmix(mixed_map, one_hot(reference, NUM_CLASSES), lam)
+    np.testing.assert_allclose(recovered, one_hot(target, NUM_CLASSES), atol=1e-5)
+    assert np.array_equal(recovered.argmax(1), target)
+
+
+def test_every_copy_has_its_own_lambda_and_reference_and_copies_are_shuffled():
+    rng = np.random.default_rng(1)
+    locations, tta, bank = 200, 8, 1000
+    plan = plan_mixing(locations, tta, bank, rng, (0.35, 0.65))
+    assert len(plan) == locations * tta
+    # each location appears exactly k times, once per copy
+    counts = np.bincount(plan.location, minlength=locations)
+    assert (counts == tta).all()
+    for loc in range(0, locations, 17):
+        rows = plan.location == loc
+        assert sorted(plan.copy[rows]) == list(range(tta))
+        assert len(set(np.round(plan.lam[rows], 6))) == tta  # independent λ per copy
+        assert len(set(plan.reference_index[rows])) >= tta - 2  # independent references (collisions rare)
+    assert plan.lam.min() >= 0.35 and plan.lam.max() <= 0.65
+    # λ and reference are independent of the location and of each other
+    assert abs(np.corrcoef(plan.lam, plan.location)[0, 1]) < 0.1
+    assert abs(np.corrcoef(plan.lam, plan.reference_index)[0, 1]) < 0.1
+    # shuffled: consecutive rows seldom come from the same location (unshuffled would be 7/8 of them)
+    assert np.mean(plan.location[1:] == plan.location[:-1]) < 0.05
+
+
+def test_flips_apply_per_row_and_are_involutions():
+    rng = np.random.default_rng(2)
+    patches = rng.random((5, 4, 5, 6)).astype(np.float32)
+    flips = rng.random((5, 3)) < 0.5
+    flipped = flip_patches(patches, flips)
+    assert np.array_equal(flip_patches(flipped, flips), patches)
+    flips[0] = [True, False, True]
+    assert np.array_equal(flip_patches(patches, flips)[0], patches[0][::-1, :, ::-1])
+
+
+def test_patch_grid_covers_every_voxel_of_the_box_and_stitches_back_exactly():
+    rng = np.random.default_rng(3)
+    volume = rng.random((37, 41, 29)).astype(np.float32)
+    mask = np.zeros(volume.shape, bool)
+    mask[3:35, 5:40, 2:27] = True
+    box = brain_bounding_box(mask, margin=0)
+    grid = PatchGrid.over_box(volume.shape, box, (16, 16, 16))
+    coverage = grid.coverage()
+    assert (coverage[3:35, 5:40, 2:27] >= 1).all()
+    stitched = grid.stitch(grid.extract(volume)[:, None], background=np.zeros(1, np.float32))[0]
+    covered = coverage > 0
+    np.testing.assert_allclose(stitched[covered], volume[covered], rtol=1e-6)
+    assert (stitched[~covered] == 0).all()
+
+
+def test_model_grid_patches_cover_the_whole_brain():
+    from medprivacy.mixup.model_space import analysis_mask, patch_grid
+
+    grid = patch_grid((32, 32, 32))
+    assert (grid.coverage()[analysis_mask()] >= 1).all()
+
+
+def test_patch_larger_than_volume_is_refused():
+    with pytest.raises(ValueError, match="larger than the volume"):
+        PatchGrid.over_box((10, 10, 10), ((0, 10),) * 3, (16, 16, 16))
+
+
+def test_normalisation_is_robust_and_rejects_empty_images():
+    from medprivacy.mixup.intensity import normalize_intensity
+
+    rng = np.random.default_rng(4)
+    volume = rng.uniform(100, 900, size=(20, 20, 20)).astype(np.float32)
+    volume[0, 0, 0] = 1e6  # one hot voxel must not squash the others
+    mask = np.ones_like(volume, bool)
+    out = normalize_intensity(volume, mask)
+    assert out.max() == 1.0 and np.median(out) > 0.4
+    with pytest.raises(ValueError):
+        normalize_intensity(np.zeros_like(volume), mask)
+
+
+def test_keygen_creates_a_private_bank_and_load_refuses_a_shared_folder(tmp_path):
+    from medprivacy.mixup.bank import BANK_FILE, META_FILE, ReferenceBank, generate_bank
+
+    key_dir = tmp_path / "key"
+    bank = generate_bank(key_dir, subjects=1, patches=12, patch_size=(16, 16, 16), deformation=0.3)
+    assert len(bank) == 12 and bank.patch_size == (16, 16, 16)
+    assert stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+    for name in (BANK_FILE, META_FILE):
+        assert stat.S_IMODE((key_dir / name).stat().st_mode) == 0o600
+    # reference patches are mostly brain: an empty reference would upload the patient's own pixels
+    assert ((bank.labels > 0).mean(axis=(1, 2, 3)) >= 0.85).all()
+    loaded = ReferenceBank.load(key_dir)
+    np.testing.assert_array_equal(loaded.labels, bank.labels)
+    import json
+
+    assert not any("seed" in key for key in json.loads((key_dir / META_FILE).read_text()))  # seeds are never stored
+    with pytest.raises(InputError, match="already exists"):
+        generate_bank(key_dir, subjects=1, patches=4, patch_size=(16, 16, 16))
+    os.chmod(key_dir, 0o755)
+    with pytest.raises(InputError, match="chmod 700"):
+        ReferenceBank.load(key_dir)
+    with pytest.raises(InputError, match="keygen"):
+        ReferenceBank.load(tmp_path / "nowhere")
+
+
+def test_two_keygens_differ(tmp_path):
+    from medprivacy.mixup.bank import generate_bank
+
+    a = generate_bank(tmp_path / "a", subjects=1, patches=4, patch_size=(16, 16, 16), deformation=0.3)
+    b = generate_bank(tmp_path / "b", subjects=1, patches=4, patch_size=(16, 16, 16), deformation=0.3)
+    assert not np.array_equal(a.images, b.images)
+
+
+def test_read_image_names_the_problem(tmp_path):
+    from medprivacy.mixup.io import read_image
+
+    with pytest.raises(InputError, match="does not exist"):
+        read_image(tmp_path / "missing.nii.gz")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="cannot read"):
+        read_image(corrupt)
+    flat = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.Image(64, 64, sitk.sitkFloat32) + 1, str(flat))
+    with pytest.raises(InputError, match="2D"):
+        read_image(flat)
+    empty = tmp_path / "empty.nii.gz"
+    sitk.WriteImage(sitk.Image(32, 32, 32, sitk.sitkInt16), str(empty))
+    with pytest.raises(InputError, match="empty"):
+        read_image(empty)
+    rgb = tmp_path / "rgb.nrrd"
+    sitk.WriteImage(sitk.Image([16, 16, 16], sitk.sitkVectorUInt8, 3), str(rgb))
+    with pytest.raises(InputError, match="components"):
+        read_image(rgb)
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_image(tmp_path)
+
+
+def test_dicom_series_folder_is_read_as_a_volume(tmp_path):
+    from medprivacy.mixup.io import read_image
+
+    volume = sitk.GetImageFromArray((np.arange(8 * 20 * 24).reshape(8, 20, 24) % 251).astype(np.int16))
+    volume.SetSpacing((0.9, 0.9, 2.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.GetDepth()):
+        slice_k = volume[:, :, k]
+        slice_k.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")  # series instance UID
+        slice_k.SetMetaData("0020|0032", "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k)))))
+        slice_k.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        slice_k.SetMetaData("0020|0013", str(k))
+        slice_k.SetMetaData("0008|0060", "MR")
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_k)
+    image = read_image(tmp_path)
+    assert image.GetSize() == (24, 20, 8)
+    assert image.GetSpacing()[2] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_labelmap_writers_are_atomic_and_seg_nrrd_names_segments(tmp_path):
+    from medprivacy.mixup.io import write_labelmap
+
+    labels = sitk.GetImageFromArray(np.random.default_rng(5).integers(0, 4, size=(10, 11, 12)).astype(np.uint8))
+    labels.SetSpacing((1.0, 1.2, 1.5))
+    write_labelmap(labels, tmp_path / "a.nii.gz")
+    write_labelmap(labels, tmp_path / "a.seg.nrrd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "a.seg.nrrd"]  # no temp leftovers
+    seg = sitk.ReadImage(str(tmp_path / "a.seg.nrrd"))
+    assert seg.GetMetaData("Segment1_Name") == "Gray matter"
+    assert seg.GetMetaData("Segment1_LabelValue") == "2"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(labels))
+    with pytest.raises(InputError, match="unsupported output"):
+        write_labelmap(labels, tmp_path / "a.png")
+    with pytest.raises(InputError, match="does not exist"):
+        write_labelmap(labels, tmp_path / "missing" / "a.nii.gz")
+
+
+def test_image_already_on_the_model_grid_is_not_registered():
+    from medprivacy.data.template import load_template
+    from medprivacy.mixup.geometry import to_model_grid
+
+    template = load_template().image
+    resampled, transform = to_model_grid(template)
+    assert transform is None
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(template))
+
+
+def test_registration_recovers_a_moved_head_and_the_round_trip_keeps_labels(sample_brain):
+    """The sample is the template moved by up to 10° / 12 mm in an oblique 1×1×1.3 mm grid."""
+    from medprivacy.data.template import load_template, tissue_labels
+    from medprivacy.mixup.evaluate import dice_per_class
+    from medprivacy.mixup.geometry import probabilities_to_input_grid, to_model_grid
+
+    image, labels = sample_brain.image, sample_brain.labels
+    _, transform = to_model_grid(image)
+    model_labels = sitk.GetArrayFromImage(to_model_grid(labels, transform=transform, interpolator=sitk.sitkNearestNeighbor)[0])
+    template = load_template()
+    template_labels = tissue_labels((template.brain_mask).astype(np.float32), template.gm, template.wm)
+    aligned = dice_per_class(model_labels, template_labels)
+    # without registration the subject overlaps the template far less (head motion + its own anatomy)
+    assert aligned["Gray matter"] > 0.65 and aligned["White matter"] > 0.65
+    one_hot_scores = np.stack([(model_labels == c).astype(np.float32) for c in range(NUM_CLASSES)])
+    back = probabilities_to_input_grid(one_hot_scores, transform, image)
+    round_trip = dice_per_class(back, sitk.GetArrayFromImage(labels))
+    assert round_trip["mean"] > 0.93
+
+
+def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
+    """A few steps of the real training command on tiny data; CI never retrains the shipped models."""
+    out = tmp_path / "models"
+    env = dict(os.environ, MEDPRIVACY_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--out", str(out), "--threads", "1", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    from medprivacy.nets import load_manifest, load_model
+
+    manifest = load_manifest(out)
+    assert set(manifest["models"]) == {"mixup-seg", "mixup-unmix", "plain-seg"}
+    assert manifest["training"]["command"].startswith("medprivacy mixup train --preset smoke")
+    assert "baseline_mean" in manifest["training"]["validation_patch_metrics"]
+    unmix, spec = load_model("mixup-unmix", out)
+    assert spec.extra["paired_with"]["mixup-seg"] == manifest["models"]["mixup-seg"]["sha256"]
+    # a tampered weight file is refused, not silently used
+    (out / "plain_seg.safetensors").write_bytes((out / "plain_seg.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    from medprivacy.errors import VersionMismatchError
+
+    with pytest.raises(VersionMismatchError, match="do not match the manifest"):
+        load_model("plain-seg", out)
