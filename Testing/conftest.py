@@ -56,17 +56,7 @@ TINY_ARCH = {"name": "unet", "in_channels": 1, "out_channels": 4, "channels": [4
 SERVER_START_TIMEOUT = 90.0
 
 
-def _serve_command() -> list[str]:
-    # `medprivacy serve` imports every subcommand's module to build its parser. While a sibling command is still
-    # missing in a work-in-progress tree, `python -m medprivacy.server` runs the same add_arguments/run.
-    from medprivacy import cli
-
-    if all(importlib.util.find_spec(module) is not None for _, _, module in cli._COMMANDS):
-        return [sys.executable, "-m", "medprivacy.cli", "serve"]
-    return [sys.executable, "-m", "medprivacy.server"]
-
-
-SERVE_COMMAND = _serve_command()
+SERVE_COMMAND = [sys.executable, "-m", "medprivacy.cli", "serve"]
 
 
 def build_tiny_models(directory: Path, names: tuple[str, ...] = ("mixup-seg", "plain-seg"), seed: int = 0) -> Path:
@@ -337,7 +327,8 @@ def tls_cert(tmp_path_factory) -> TLSFiles:
 # --- Mixup-Privacy fixtures on real data -------------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODELS = REPO_ROOT / "Resources" / "Models"
+# MEDPRIVACY_MODELS_DIR lets a developer test other weights (e.g. a training checkpoint) with the same suite.
+SHIPPED_MODELS = Path(os.environ.get("MEDPRIVACY_MODELS_DIR", REPO_ROOT / "Resources" / "Models"))
 
 
 class SampleBrain:

@@ -11,6 +11,6 @@ NUM_CLASSES = 4
 #: ("cerebrospinal fluid", "gray matter", "white matter") so overlays look as radiologists expect.
 TISSUE_SEGMENTS = {
     CSF: ("CSF", (85 / 255, 188 / 255, 255 / 255)),
-    GRAY_MATTER: ("Gray matter", (145 / 255, 92 / 255, 109 / 255)),
+    GRAY_MATTER: ("Gray matter", (200 / 255, 200 / 255, 235 / 255)),
     WHITE_MATTER: ("White matter", (250 / 255, 250 / 255, 225 / 255)),
 }

@@ -126,7 +126,7 @@ def generate_bank(
     from ..data.synth import synthesize_subject
     from .intensity import normalize_intensity
     from .model_space import analysis_mask
-    from .sampling import sample_reference_patches
+    from .sampling import TEXTURE_OVERSAMPLING, sample_reference_patches
 
     directory = _prepare_key_dir(key_dir, force)
     patch_size = tuple(patch_size or client_patch_size())
@@ -138,7 +138,7 @@ def generate_bank(
         images.append(normalize_intensity(subject.image, analysis_mask()))
         labels.append(subject.labels)
     rng = np.random.default_rng(secrets.randbits(128))
-    patch_images, patch_labels = sample_reference_patches(images, labels, patches, patch_size, rng)
+    patch_images, patch_labels = sample_reference_patches(images, labels, patches, patch_size, rng, TEXTURE_OVERSAMPLING)
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": f"{subjects} synthetic subjects (CSPRNG seeds, not stored)", "patch_size": list(patch_size), "patches": patches}
     bank = _save(directory, patch_images, patch_labels, meta)
     if progress:
@@ -162,7 +162,7 @@ def import_bank(
     from .intensity import normalize_intensity
     from .io import read_image
     from .model_space import analysis_mask
-    from .sampling import sample_reference_patches
+    from .sampling import TEXTURE_OVERSAMPLING, sample_reference_patches
 
     directory = _prepare_key_dir(key_dir, force)
     patch_size = tuple(patch_size or client_patch_size())
@@ -179,7 +179,9 @@ def import_bank(
         images.append(normalize_intensity(sitk.GetArrayFromImage(resampled), analysis_mask()))
         labels.append(model_labels)
     try:
-        patch_images, patch_labels = sample_reference_patches(images, labels, patches, patch_size, np.random.default_rng(secrets.randbits(128)))
+        patch_images, patch_labels = sample_reference_patches(
+            images, labels, patches, patch_size, np.random.default_rng(secrets.randbits(128)), TEXTURE_OVERSAMPLING
+        )
     except ValueError as exc:
         raise InputError(f"cannot build a reference bank from these scans ({exc}); check that the labels cover the brain") from None
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": f"{len(scans)} site scans", "patch_size": list(patch_size), "patches": patches}

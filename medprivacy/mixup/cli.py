@@ -92,9 +92,10 @@ def _keygen(args) -> int:
 
 def _segment(args) -> int:
     from .bank import ReferenceBank
-    from .io import read_image, write_labelmap, write_image
+    from .io import check_labelmap_path, read_image, write_image, write_labelmap
     from .pipeline import segment_private
 
+    check_labelmap_path(args.output)
     image = read_image(args.input)
     bank = ReferenceBank.load(args.key_dir)
     client = _client(args)
@@ -154,19 +155,23 @@ def _print_progress(message: str, fraction: float | None = None) -> None:
 
 
 class _ProgressBar:
-    """tqdm bar driven by the pipeline's (stage, fraction) callbacks."""
+    """tqdm bar driven by the pipeline's (stage, fraction) callbacks; drawn only once work starts, so an early
+    error (unreachable server, wrong token) stays a single line."""
 
     def __enter__(self):
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=100, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}", file=sys.stderr)
+        self._bar = None
         return self
 
     def update(self, stage: str, fraction: float) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}", file=sys.stderr)
         self._bar.set_description_str(stage)
         self._bar.n = round(100 * fraction)
         self._bar.refresh()
 
     def __exit__(self, *exc):
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
         return False

@@ -92,13 +92,21 @@ def write_image(image, path: str | os.PathLike) -> None:
     write_atomically(Path(path), lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
 
 
+def check_labelmap_path(path: str | os.PathLike) -> Path:
+    """Refuse an output name or folder that cannot be written, before any work is done."""
+    path = Path(path)
+    if not str(path).endswith(LABELMAP_SUFFIXES):
+        raise InputError(f"unsupported output {path.name}; use one of {', '.join(LABELMAP_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise InputError(f"output folder {path.parent} does not exist; create it first")
+    return path
+
+
 def write_labelmap(labelmap, path: str | os.PathLike) -> None:
     """Write a tissue labelmap; ``.seg.nrrd`` becomes a Slicer segmentation with named, coloured segments."""
     import SimpleITK as sitk
 
-    path = Path(path)
-    if not str(path).endswith(LABELMAP_SUFFIXES):
-        raise InputError(f"unsupported output {path.name}; use one of {', '.join(LABELMAP_SUFFIXES)}")
+    path = check_labelmap_path(path)
     image = sitk.Cast(labelmap, sitk.sitkUInt8)
     if str(path).endswith(".seg.nrrd"):
         image = _with_segmentation_metadata(image)
