@@ -110,7 +110,7 @@ def write_sample_brain(folder: Path) -> tuple[Path, Path]:
     return image_path, label_path
 
 
-def start_local_server(folder: Path, port: int = 0):
+def start_local_server(folder: Path, port: int = 0, extra_args: list[str] | None = None):
     """A ``medprivacy serve`` child process on 127.0.0.1; returns (process, url) once it answers."""
     from .transport import InferenceClient
 
@@ -122,7 +122,7 @@ def start_local_server(folder: Path, port: int = 0):
             port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(folder / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "medprivacy.cli", "serve", "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "medprivacy.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])], stdout=log, stderr=subprocess.STDOUT)
     client = InferenceClient(url, connect_timeout=1.0, retries=0)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

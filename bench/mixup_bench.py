@@ -1,0 +1,177 @@
+"""Mixup-Privacy speed, traffic, memory and leakage figures on a 256³ 1 mm brain volume with a loopback server.
+
+Prints (and writes to --out as JSON):
+- plain (baseline endpoint) vs private k=1 vs private k=8 wall time, end to end and server part only;
+- overhead ratio private k=1 ÷ plain (target ≤ 1.5) and k=8 ÷ k=1 (target ≤ 8);
+- bytes up/down per uploaded voxel per TTA copy;
+- peak client memory per mode (each mode runs in its own process; target ≤ 3 GB) and server peak;
+- leakage: Pearson r between each upload and its most similar patient patch (median, 90th percentile, max).
+
+Figures, not pass/fail: run with `make bench`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_volume(path: Path) -> None:
+    """The held-out sample brain placed in a 256³ 1 mm oblique grid (a typical isotropic T1 matrix)."""
+    import SimpleITK as sitk
+
+    from medprivacy.data.synth import HELD_OUT_SEED_BASE, synthesize_subject, to_scanner_space
+
+    seed = HELD_OUT_SEED_BASE + 555
+    image, _ = to_scanner_space(synthesize_subject(seed), seed, spacing=(1.0, 1.0, 1.0))
+    grid = sitk.Image([256, 256, 256], sitk.sitkFloat32)
+    grid.SetDirection(image.GetDirection())
+    center = np.array(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    grid.SetOrigin((center - np.array(image.GetDirection()).reshape(3, 3) @ np.full(3, 127.5)).tolist())
+    sitk.WriteImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0), str(path))
+
+
+def child(mode: str, url: str, volume: str, key_dir: str) -> dict:
+    """One measurement in a fresh process, so ru_maxrss is this mode's peak alone."""
+    from medprivacy.mixup.bank import ReferenceBank
+    from medprivacy.mixup.io import read_image
+    from medprivacy.mixup.pipeline import prepare_scan, segment_plain, segment_private
+    from medprivacy.transport import InferenceClient
+
+    bank = ReferenceBank.load(key_dir)
+    client = InferenceClient(url)
+    image = read_image(volume)
+    started = time.perf_counter()
+    if mode == "plain":
+        _, stats = segment_plain(image, client, bank.patch_size)
+        patches = len(prepare_scan(image, bank.patch_size).patches)
+        stats.update(patches_sent=patches, tta=1)
+    else:
+        k = int(mode.split("=")[1])
+        stats = segment_private(image, client, bank, tta=k).stats
+    stats["seconds"] = time.perf_counter() - started
+    stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return stats
+
+
+def server_time(url: str, key_dir: str, volume: str, endpoint: str, tta: int) -> float:
+    """Seconds spent sending N·k patches and getting answers (preprocessing excluded), same process for all."""
+    from medprivacy.mixup.bank import ReferenceBank
+    from medprivacy.mixup.io import read_image
+    from medprivacy.mixup.mixing import mix
+    from medprivacy.mixup.pipeline import prepare_scan
+    from medprivacy.transport import InferenceClient
+
+    bank = ReferenceBank.load(key_dir)
+    patches = prepare_scan(read_image(volume), bank.patch_size).patches
+    rows = np.repeat(patches, tta, axis=0)
+    if endpoint == "mixup":
+        rng = np.random.default_rng(0)
+        rows = mix(rows, bank.images[rng.integers(len(bank), size=len(rows))], rng.uniform(0.35, 0.65, len(rows)))
+    client = InferenceClient(url)
+    started = time.perf_counter()
+    client.segment(rows[:, None], endpoint=endpoint)
+    return time.perf_counter() - started
+
+
+def leakage(audit_dir: Path, key_dir: str, volume: str) -> dict:
+    from medprivacy.mixup.bank import ReferenceBank
+    from medprivacy.mixup.io import read_image
+    from medprivacy.mixup.pipeline import prepare_scan
+    from medprivacy.transport.wire import to_float32
+
+    bank = ReferenceBank.load(key_dir)
+    targets = prepare_scan(read_image(volume), bank.patch_size).patches
+    targets = targets.reshape(len(targets), -1)
+    informative = targets.std(axis=1) > 0.02
+    targets = targets[informative]
+    files = sorted(audit_dir.glob("*mixup*.npy"))
+    uploads = np.concatenate([to_float32(np.load(f, allow_pickle=False)) for f in files])[:, 0].reshape(-1, targets.shape[1])
+
+    def standardise(x):
+        x = x - x.mean(axis=1, keepdims=True)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+    best = (standardise(uploads) @ standardise(targets).T).max(axis=1)
+    return {"uploads": int(len(uploads)), "median_r": float(np.median(best)), "p90_r": float(np.percentile(best, 90)), "max_r": float(best.max()), "share_above_0.95": float((best > 0.95).mean())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mixup_bench.json")
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "URL", "VOLUME", "KEY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return 0
+
+    from medprivacy.demo import start_local_server
+    from medprivacy.mixup.bank import generate_bank
+
+    work = Path(tempfile.mkdtemp(prefix="mixup-bench-"))
+    volume = work / "brain_256.nii.gz"
+    make_volume(volume)
+    key_dir = work / "key"
+    generate_bank(key_dir)
+    audit = work / "audit"
+    audit.mkdir()
+    process, url = start_local_server(work, extra_args=["--enable-baseline"])
+    results: dict = {"volume": "256x256x256, 1 mm, oblique, held-out synthetic brain from the MNI152 T1"}
+    try:
+        for mode in ("plain", "private k=1", "private k=8"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode.split()[-1], url, str(volume), str(key_dir)], capture_output=True, text=True, check=True)
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{mode:<12} {results[mode]['seconds']:7.1f} s   client peak {results[mode]['peak_rss_mb']:7.0f} MB", flush=True)
+        results["server_only_seconds"] = {
+            "plain": server_time(url, str(key_dir), str(volume), "baseline", 1),
+            "mixed k=1": server_time(url, str(key_dir), str(volume), "mixup", 1),
+            "mixed k=8": server_time(url, str(key_dir), str(volume), "mixup", 8),
+        }
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        results["server_peak_rss_mb"] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+    # Leakage is measured on a separate k=1 run whose uploads the server keeps (audit copy), then compared
+    # with every patient patch: the attacker-agnostic "is any upload just the patient's image?" question.
+    process, url = start_local_server(work, extra_args=["--audit-dir", str(audit)])
+    try:
+        subprocess.run([sys.executable, __file__, "--child", "k=1", url, str(volume), str(key_dir)], capture_output=True, text=True, check=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    results["leakage_best_match_pearson_r"] = leakage(audit, str(key_dir), str(volume))
+
+    private1, private8, plain = results["private k=1"], results["private k=8"], results["plain"]
+    voxels_per_patch = 32 ** 3
+    results["overhead_private_k1_over_plain"] = private1["seconds"] / plain["seconds"]
+    results["k8_over_k1"] = private8["seconds"] / private1["seconds"]
+    results["bytes_up_per_voxel_per_copy"] = private8["bytes_sent"] / (private8["patches_sent"] * voxels_per_patch)
+    results["bytes_down_per_voxel_per_copy"] = private8["bytes_received"] / (private8["patches_sent"] * voxels_per_patch)
+    only = results["server_only_seconds"]
+    print(f"overhead private k=1 / plain: {results['overhead_private_k1_over_plain']:.2f} end to end, "
+          f"{only['mixed k=1'] / only['plain']:.2f} server part only (target ≤ 1.5)")
+    print(f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, {only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)")
+    print(f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, {results['bytes_down_per_voxel_per_copy']:.3f} down")
+    print(f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8)):.0f} MB (target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB")
+    leak = results["leakage_best_match_pearson_r"]
+    print(f"leakage, best-match Pearson r upload↔patient patch: median {leak['median_r']:.3f}, p90 {leak['p90_r']:.3f}, max {leak['max_r']:.3f}, share > 0.95 {leak['share_above_0.95']:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
