@@ -243,6 +243,17 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     assert "baseline_mean" in manifest["training"]["validation_patch_metrics"]
     unmix, spec = load_model("mixup-unmix", out)
     assert spec.extra["paired_with"]["mixup-seg"] == manifest["models"]["mixup-seg"]["sha256"]
+
+    # a second stage continues from those weights and keeps the chain of commands in the manifest
+    stage2 = tmp_path / "stage2"
+    result = subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--init-from", str(out), "--out", str(stage2), "--threads", "1", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    chain = load_manifest(stage2)["training"]["continued_from"]
+    assert chain["command"] == manifest["training"]["command"]
+    assert chain["weights_sha256"]["mixup-seg"] == manifest["models"]["mixup-seg"]["sha256"]
     # a tampered weight file is refused, not silently used
     (out / "plain_seg.safetensors").write_bytes((out / "plain_seg.safetensors").read_bytes()[:-8] + b"\0" * 8)
     from medprivacy.errors import VersionMismatchError

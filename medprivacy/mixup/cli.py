@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--preset", choices=("cpu-small", "gpu-paper", "smoke"), default="cpu-small")
     train.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
     train.add_argument("--dataset", default=None, help="nnU-Net/MSD folder (dataset.json, imagesTr/, labelsTr/) instead of synthetic data")
+    train.add_argument("--init-from", default=None, metavar="MODELS_DIR", help="continue from these weights (second stage, fresh schedule)")
     train.add_argument("--arch", choices=("unet", "unetplusplus"), default=None, help="segmentation network (paper: unetplusplus)")
     train.add_argument("--iterations", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
@@ -135,7 +136,7 @@ def _train(args) -> int:
     config = TrainConfig.preset(args.preset)
     overrides = {
         "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
-        "train_subjects": args.subjects, "dataset": args.dataset,
+        "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
     }
     for key, value in overrides.items():
         if value is not None:

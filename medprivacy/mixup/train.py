@@ -50,6 +50,7 @@ class TrainConfig:
     save_every: int = 250
     validate_every: int = 250
     dataset: str | None = None  # nnU-Net/MSD folder; None: synthetic subjects from the MNI152 template
+    init_from: str | None = None  # models folder to continue from (a second stage with a fresh LR schedule)
     deformation: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -258,6 +259,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
     seg = build_network(seg_arch).to(device)
     unmix = build_network(unmix_arch).to(device)
     plain = build_network(seg_arch).to(device)
+    previous_stage = _initialise_from(config.init_from, {"mixup-seg": seg, "mixup-unmix": unmix, "plain-seg": plain}) if config.init_from else None
     mix_opt = torch.optim.Adam(list(seg.parameters()) + list(unmix.parameters()), lr=config.learning_rate)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=config.learning_rate)
     schedule = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(config.iterations, 1), eta_min=config.learning_rate * 0.05) for o in (mix_opt, plain_opt)]
@@ -307,7 +309,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             if progress:
                 tqdm.write(f"[{step}] validation patch Dice: {json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}")
         if (config.save_every and step % config.save_every == 0) or last:
-            _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command)
+            _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command, previous_stage)
     return {"metrics": metrics, "history": history, "seconds": time.time() - started}
 
 
@@ -345,7 +347,25 @@ def _validate(seg, unmix, plain, batch, device) -> dict:
     return out
 
 
-def _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command):
+def _initialise_from(folder: str, nets: dict) -> dict:
+    """Load weights for every network from ``folder`` (same architectures); returns that folder's training record
+    so the new manifest keeps the whole chain of commands needed to reproduce the final weights."""
+    from ..errors import InputError
+    from ..nets import load_manifest, load_model
+
+    manifest = load_manifest(folder)
+    for name, net in nets.items():
+        loaded, _ = load_model(name, folder)
+        try:
+            net.load_state_dict(loaded.state_dict())
+        except RuntimeError:
+            raise InputError(f"--init-from {folder}: {name} has a different architecture; use the same preset and --arch") from None
+    previous = dict(manifest.get("training", {}))
+    previous["weights_sha256"] = {name: manifest["models"][name]["sha256"] for name in nets}
+    return previous
+
+
+def _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command, previous_stage=None):
     from ..nets import ModelSpec, save_model
 
     patch = [config.patch_size] * 3
@@ -374,6 +394,7 @@ def _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_des
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "data": data_description,
         "iterations_done": step,
+        **({"continued_from": previous_stage} if previous_stage else {}),
         "seconds": round(time.time() - started, 1),
         "torch": __import__("torch").__version__,
         "validation_patch_metrics": metrics,
