@@ -207,23 +207,11 @@ def _dice_scores(pred_labels: np.ndarray, true_labels: np.ndarray) -> list[float
     return scores
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    from ..errors import InputError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked but no CUDA device is available; use --device cpu or auto")
-    return name
-
-
 def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, command: str | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from ..nets import ModelSpec, build_network, save_model
+    from ..nets import build_network, resolve_device
     from .mixing import one_hot
 
     started = time.time()

@@ -14,6 +14,7 @@ from .registry import (
     load_manifest,
     load_model,
     models_dir,
+    resolve_device,
     save_model,
 )
 from .unmix import AdaptiveInstanceNorm3d, UnmixNet
@@ -28,5 +29,6 @@ __all__ = [
     "load_manifest",
     "load_model",
     "models_dir",
+    "resolve_device",
     "save_model",
 ]

@@ -61,6 +61,24 @@ class ModelSpec:
         )
 
 
+def resolve_device(requested: str) -> str:
+    """"auto" → cuda when torch sees a GPU, else cpu; "cuda" without a GPU is a user error, not a silent fallback."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"--device cuda was asked but torch {torch.__version__} sees no CUDA GPU; "
+                "use --device cpu or install a CUDA build of torch"
+            )
+        return "cuda"
+    if requested == "cpu":
+        return "cpu"
+    raise InputError(f"unknown device {requested!r}; use auto, cpu or cuda")
+
+
 def build_network(arch: dict[str, Any]):
     """Instantiate an untrained network from a manifest ``arch`` entry."""
     from monai.networks.nets import BasicUNetPlusPlus, UNet

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import API_VERSION, __version__
 from ..errors import InputError
+from ..nets import resolve_device
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw, to_float32
 
 log = logging.getLogger("medprivacy.server")
@@ -63,23 +64,6 @@ class ServerConfig:
     inference_batch: int = 32
 
 
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(
-                f"--device cuda was asked but torch {torch.__version__} sees no CUDA GPU; "
-                "use --device cpu or install a CUDA build of torch"
-            )
-        return "cuda"
-    if requested == "cpu":
-        return "cpu"
-    raise InputError(f"unknown device {requested!r}; use auto, cpu or cuda")
-
-
 class _HTTPError(Exception):
     def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
@@ -104,6 +88,8 @@ class _ServedModel:
             "arch": self.spec.arch.get("name"),
             "in_channels": 1,
             "out_channels": self.out_channels,
+            # The mixing-weight range the model was trained on: clients must draw λ inside it.
+            **({"lambda_range": self.spec.extra["lambda_range"]} if "lambda_range" in self.spec.extra else {}),
         }
 
 
