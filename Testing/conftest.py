@@ -33,7 +33,6 @@ Fixtures and helpers
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import ipaddress
 import os
 import secrets
