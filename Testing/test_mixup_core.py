@@ -259,3 +259,52 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
 
     with pytest.raises(VersionMismatchError, match="do not match the manifest"):
         load_model("plain-seg", out)
+
+
+def test_train_accepts_an_nnunet_msd_dataset_folder(tmp_path):
+    """imagesTr/ + labelsTr/ + dataset.json, as a researcher would point --dataset at their own data."""
+    import json
+
+    from medprivacy.data.synth import synthesize_subject
+    from medprivacy.data.template import load_template
+
+    root = tmp_path / "Dataset001_Brain"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for case in range(2):
+        subject = synthesize_subject(990_000 + case, deformation=0.3)
+        for array, folder, suffix in ((subject.image, "imagesTr", "_0000"), (subject.labels, "labelsTr", "")):
+            image = sitk.GetImageFromArray(array)
+            image.CopyInformation(load_template().image)
+            sitk.WriteImage(image, str(root / folder / f"brain_{case:03d}{suffix}.nii.gz"))
+        training.append({"image": f"./imagesTr/brain_{case:03d}_0000.nii.gz", "label": f"./labelsTr/brain_{case:03d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "CSF", "2": "GM", "3": "WM"}, "training": training}))
+    out = tmp_path / "models"
+    result = subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--dataset", str(root), "--out", str(out), "--threads", "1", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    from medprivacy.nets import load_manifest
+
+    assert "user dataset" in load_manifest(out)["training"]["data"]
+
+    (root / "dataset.json").unlink()
+    result = subprocess.run([sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--dataset", str(root), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "dataset.json" in result.stderr
+
+
+def test_the_papers_unet_plus_plus_is_selectable():
+    import torch
+
+    from medprivacy.mixup.train import TrainConfig
+    from medprivacy.nets import build_network
+
+    config = TrainConfig.preset("gpu-paper")
+    assert config.arch == "unetplusplus"
+    arch = dict(config.segmentation_arch(), features=[4, 4, 8, 8, 16, 4])  # same network family, tiny for CPU
+    net = build_network(arch)
+    assert type(net.inner).__name__ == "BasicUNetPlusPlus"
+    assert net(torch.rand(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
