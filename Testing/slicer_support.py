@@ -11,7 +11,8 @@ How slicer-core exposes Slicer (checked on slicer-core 5.13.31053.0, VTK 9.6):
   own ``util.py``; its array helpers work, everything touching ``slicer.app``/``slicer.mrmlScene``/``slicer.modules``
   does not).
 - Absent: ``slicer.app``, ``slicer.mrmlScene``, ``slicer.modules``, ``slicer.ScriptedLoadableModule``, ``qt``,
-  ``ctk``, ``sitkUtils`` — hence the module file defines its GUI classes only when Qt imports.
+  ``ctk``, ``sitkUtils`` — hence the module file defines its GUI classes only when Qt imports, and everything else
+  lives in ``MixupPrivacyLib``.
 - ``vtk`` is the VTK 9.6 wheel it depends on; ``vtk.util.numpy_support`` works.
 
 Scene recipe (what ``qSlicerCoreApplication`` does at startup, minus Qt):
@@ -34,7 +35,8 @@ from types import ModuleType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODULE_FILE = REPO_ROOT / "MixupPrivacy" / "MixupPrivacy.py"
+MODULE_DIR = REPO_ROOT / "MixupPrivacy"
+MODULE_FILE = MODULE_DIR / "MixupPrivacy.py"
 
 
 @dataclass
@@ -65,7 +67,13 @@ def make_scene() -> SlicerCoreScene:
 
 
 def load_module() -> ModuleType:
-    """Import MixupPrivacy/MixupPrivacy.py under its Slicer name, as Slicer's scripted module loader does."""
+    """Import MixupPrivacy/MixupPrivacy.py under its Slicer name, as Slicer's scripted module loader does.
+
+    Slicer puts each scripted module's folder on ``sys.path``; the module file relies on that to import
+    ``MixupPrivacyLib`` beside it, so the same is done here.
+    """
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
     name = MODULE_FILE.stem
     module = sys.modules.get(name)
     if module is not None and Path(getattr(module, "__file__", "")).resolve() == MODULE_FILE:

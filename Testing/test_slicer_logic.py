@@ -1,6 +1,6 @@
 """MixupPrivacy's Slicer logic on real MRML nodes (slicer-core, no Qt, nothing faked).
 
-The test bodies live in ``MixupPrivacy.MixupPrivacyTestMixin`` so that the in-application self-test runs the same
+The test bodies live in ``MixupPrivacyLib.MixupPrivacyTestMixin`` so that the in-application self-test runs the same
 code on ``slicer.mrmlScene``; here each one gets a fresh slicer-core scene (see ``slicer_support``).
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import unittest
+from pathlib import Path
 
 import pytest
 
@@ -51,18 +52,30 @@ def test_unusable_volumes_give_one_line_input_errors(case, scene):
 
 def test_module_file_loads_without_qt_or_heavy_imports():
     # In a fresh interpreter: Slicer must be able to list the module before torch/MONAI are installed, and the
-    # GUI classes must simply be absent (not stubbed) where there is no Qt.
+    # GUI classes must simply be absent (not stubbed) where there is no Qt. The Lib must import on its own, and the
+    # module file must hand out the Lib's own objects, not copies, since scripts reach them through it.
     code = (
         "import sys, slicer_support\n"
+        "sys.path.insert(0, str(slicer_support.MODULE_DIR))\n"
+        "import MixupPrivacyLib\n"
         "m = slicer_support.load_module()\n"
-        "assert not m._HAVE_APP and not hasattr(m, 'MixupPrivacyWidget') and hasattr(m, 'MixupPrivacyLogic')\n"
-        "heavy = sorted({'qt', 'torch', 'monai', 'requests'} & set(sys.modules))\n"
+        "assert not m._HAVE_APP and not hasattr(m, 'MixupPrivacyWidget')\n"
+        "for name in MixupPrivacyLib.__all__:\n"
+        "    assert getattr(m, name) is getattr(MixupPrivacyLib, name), name\n"
+        "heavy = sorted({'qt', 'torch', 'monai', 'requests', 'SimpleITK'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"),
                                                          os.environ.get("PYTHONPATH", "")]))
     completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_every_lib_file_is_packaged():
+    # A Lib file missing from MODULE_PYTHON_SCRIPTS still works from a source checkout, and only fails once built.
+    cmake = (slicer_support.MODULE_DIR / "CMakeLists.txt").read_text()
+    lib_files = sorted(path.name for path in (slicer_support.MODULE_DIR / "MixupPrivacyLib").glob("*.py"))
+    assert lib_files and all(f"${{MODULE_NAME}}Lib/{name}" in cmake for name in lib_files), lib_files
 
 
 def _drain(job, timeout=10.0):
@@ -123,7 +136,9 @@ def private_server(request, tmp_path):
     """
     import json
 
-    manifest = slicer_support.REPO_ROOT / "Resources" / "Models" / "manifest.json"
+    # The same override as conftest's shipped_models: a copy avoids racing a training run that rewrites the weights.
+    models_dir = os.environ.get("MEDPRIVACY_MODELS_DIR", slicer_support.REPO_ROOT / "Resources" / "Models")
+    manifest = Path(models_dir) / "manifest.json"
     if manifest.is_file():
         models = json.loads(manifest.read_text()).get("models", {})
         if "mixup-seg" in models:
