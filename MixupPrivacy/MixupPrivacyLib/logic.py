@@ -189,7 +189,7 @@ class MixupPrivacyLogic:
         """One-line description of the server at ``url``; raises ServerError/AuthError with a one-line cause."""
         from medprivacy.transport import InferenceClient
 
-        return InferenceClient(url, token=token or None, ca_bundle=ca_bundle or None).check_connection()
+        return InferenceClient(url, token=token, ca_bundle=ca_bundle or None).check_connection()
 
     def generate_key(self, key_dir, progress: Callable[[str, float | None], None] | None = None, force: bool = False,
                      **options):
@@ -214,14 +214,16 @@ class MixupPrivacyLogic:
         seed: int | None = None,
     ):
         """Private segmentation of a SimpleITK image; thread-safe (builds its own client, touches no MRML)."""
-        from medprivacy.mixup.bank import ReferenceBank, default_key_dir
+        from medprivacy.mixup.bank import ReferenceBank
         from medprivacy.mixup.pipeline import segment_private
         from medprivacy.transport import InferenceClient
 
         if unmix not in UNMIX_MODES:
             raise InputError(f"unmixing mode must be one of {', '.join(UNMIX_MODES)}, not {unmix!r}")
-        bank = ReferenceBank.load(key_dir or default_key_dir())
-        client = InferenceClient(url, token=token or None, ca_bundle=ca_bundle or None)
+        bank = ReferenceBank.load(key_dir or None)  # a blank folder field means the core's default key
+        # A blank token field is the client's to read (it then tries MEDPRIVACY_TOKEN); a blank CA bundle field is
+        # not, it would look for a file named "".
+        client = InferenceClient(url, token=token, ca_bundle=ca_bundle or None)
         return segment_private(
             input_sitk,
             client,

@@ -154,10 +154,9 @@ class MixupPrivacyTestMixin:
         """
         import SimpleITK as sitk
 
-        from medprivacy.mixup.intensity import quantize_uint8
         from medprivacy.mixup.model_space import analysis_mask
         from medprivacy.mixup.pipeline import prepare_scan
-        from medprivacy.transport import InferenceClient
+        from medprivacy.transport import InferenceClient, decode_tensor_raw, encode_tensor
 
         logic = MixupPrivacyLogic(scene)
         server_model = InferenceClient(url, token=token, ca_bundle=ca_bundle).info()["models"]["mixup-seg"]
@@ -205,8 +204,9 @@ class MixupPrivacyTestMixin:
         self.assertTrue(all(path.name.endswith("-mixup.npy") for path in received), [path.name for path in received])
         rows = np.concatenate([np.load(path).reshape(-1, int(np.prod(patch_size))) for path in received])
         self.assertEqual(len(rows), result.stats["patches_sent"])
-        # The wire sends uint8 codes; compare in that form so an unmixed patch would match bit for bit.
-        target_codes = np.round(quantize_uint8(target.patches) * 255).astype(np.uint8).reshape(len(target.patches), -1)
+        # Compare in the wire's own uint8 codes, made by its encoder, so an unmixed patch would match bit for bit.
+        target_codes = decode_tensor_raw(encode_tensor(target.patches, "uint8", compress=False))[0]
+        target_codes = target_codes.reshape(len(target.patches), -1)
         target_rows = {row.tobytes() for row in target_codes}
         self.assertFalse(any(row.astype(np.uint8).tobytes() in target_rows for row in rows),
                          "the server received an unmixed patch of the scan")
