@@ -214,7 +214,8 @@ def optimize_watermark(
         stop_reason = "generations"
     except _Stop as stop:
         stop_reason = stop.reason
-        record(done=False)
+        if not history or history[-1].evaluations != evaluate.evaluations:
+            record(done=False)
     return OptimizeResult(
         params=evaluate.best_params, objective=evaluate.best_objective, fooled=evaluate.best_fooled,
         evaluations=evaluate.evaluations, stop_reason=stop_reason, history=history,
