@@ -45,9 +45,7 @@ def check_image(image, name: str = "the image") -> np.ndarray:
     """``image`` as an array if MedLocker can watermark it (2D gray or RGB, 8 or 16 bit), else an InputError."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"{name} is a {type(image).__name__}, not a pixel array")
-    if image.ndim == 3 and image.shape[2] == 3:
-        pass
-    elif image.ndim != 2:
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
         raise InputError(f"{name} has shape {image.shape}; MedLocker needs one 2D image, grayscale (H, W) or RGB (H, W, 3), "
                          "not a volume or a multi-channel array")
     if image.dtype not in SUPPORTED_DTYPES:
@@ -257,7 +255,6 @@ def fit_logo(logo, image_shape, sl: float = DEFAULT_SL) -> FittedLogo:
     premultiplied = rgba[:, :, :3] * opacity[:, :, None]
     opacity = np.clip(_resize(opacity, size), 0.0, 1.0)
     premultiplied = np.stack([np.clip(_resize(premultiplied[:, :, c], size), 0.0, 1.0) for c in range(3)], axis=2)
-    premultiplied = np.minimum(premultiplied, opacity[:, :, None])
     return FittedLogo(opacity, premultiplied)
 
 
@@ -318,4 +315,5 @@ def watermark(image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float =
     """Fit ``logo`` to ``image`` with scale factor ``sl`` and blend it at (x, y); returns (image, region covered)."""
     image = check_image(image)
     fitted = fit_logo(logo, image.shape, sl)
-    return blend(image, fitted, alpha, x, y), fitted.region(*check_position(image.shape, fitted.size, x, y))
+    x, y = check_position(image.shape, fitted.size, x, y)
+    return blend(image, fitted, alpha, x, y), fitted.region(x, y)

@@ -160,6 +160,8 @@ def optimize_watermark(
     (basin hopping only) plus one per child that differs from both its parent and an already scored mutant.
     """
     _check_options(population, generations, crossover_rate, step, local_iterations, alpha_bounds, mutation, max_evaluations)
+    population, generations, step, local_iterations = int(population), int(generations), int(step), int(local_iterations)
+    max_evaluations = None if max_evaluations is None else int(max_evaluations)
     rng = np.random.default_rng(rng)
     low, high = float(alpha_bounds[0]), float(alpha_bounds[1])
     if alpha_step is None:
