@@ -13,7 +13,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[server,train,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[server,dev]"
 	touch $(STAMP)
 
 demo: env
