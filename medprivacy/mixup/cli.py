@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--arch", choices=("unet", "unetplusplus"), default=None, help="segmentation network (paper: unetplusplus)")
     train.add_argument("--iterations", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (cosine-decayed to 5 %%)")
     train.add_argument("--patch-size", type=int, default=None)
     train.add_argument("--subjects", type=int, default=None, help="training subjects")
     train.add_argument("--seed", type=int, default=0)
@@ -137,6 +138,7 @@ def _train(args) -> int:
     overrides = {
         "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
         "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
+        "learning_rate": args.learning_rate,
     }
     for key, value in overrides.items():
         if value is not None:
