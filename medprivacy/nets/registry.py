@@ -96,7 +96,44 @@ def build_network(arch: dict[str, Any]):
         return FinalLogits(BasicUNetPlusPlus(spatial_dims=3, **kwargs))
     if name == "unmix":
         return UnmixNet(**kwargs)
-    raise InputError(f"unknown network architecture {name!r} in the model manifest; expected unet, unetplusplus or unmix")
+    # 2D networks for MedLocker watermarks: classifiers take float32 (N, 3, H, W) in [0, 1] and return logits (N, 2).
+    # Defaults below follow the shared contract; any key in ``arch`` overrides them (e.g. widths for small presets).
+    if name == "resnet18":
+        from monai.networks.nets import resnet18
+
+        return resnet18(**{"spatial_dims": 2, "n_input_channels": 3, "num_classes": 2, **kwargs})
+    if name == "densenet121":
+        from monai.networks.nets import DenseNet121
+
+        return DenseNet121(**{"spatial_dims": 2, "in_channels": 3, "out_channels": 2, **kwargs})
+    if name == "efficientnet-b0":
+        from monai.networks.nets import EfficientNetBN
+
+        params = {"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "pretrained": False, **kwargs}
+        return EfficientNetBN("efficientnet-b0", **params)
+    if name == "vit":
+        from monai.networks.nets import ViT
+
+        from .unetpp import FinalLogits
+
+        params = {
+            "spatial_dims": 2, "in_channels": 3, "img_size": [128, 128], "patch_size": 16, "hidden_size": 192,
+            "mlp_dim": 384, "num_layers": 6, "num_heads": 3, "classification": True, "num_classes": 2,
+            # MONAI's default head ends in Tanh, which would squash logits into [-1, 1]; plain logits for CE.
+            "post_activation": None, **kwargs,
+        }
+        # ViT returns (logits, hidden states); FinalLogits keeps the logits only.
+        return FinalLogits(ViT(**params))
+    if name == "unet2d":
+        params = {
+            "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [16, 32, 64, 128],
+            "strides": [2, 2, 2], "num_res_units": 1, **kwargs,
+        }
+        return UNet(**params)
+    raise InputError(
+        f"unknown network architecture {name!r} in the model manifest; expected unet, unetplusplus, unmix, "
+        "resnet18, densenet121, efficientnet-b0, vit or unet2d"
+    )
 
 
 def file_sha256(path: str | os.PathLike) -> str:
