@@ -1,0 +1,272 @@
+"""Reading and writing the 2D images MedLocker protects, keeping each file's format, size, pixel type and metadata.
+
+Formats: PNG, TIFF (8/16-bit gray or RGB), JPEG (read only, see below), NIfTI (a 2D image or a 3D one with a
+single slice) through SimpleITK, and DICOM through pydicom, which keeps every data element of the file.
+
+MedLocker works on unsigned 8/16-bit pixels. Signed files (int8/int16: most CT and many MR DICOMs and NIfTIs)
+are shifted by 128 / 32768 into the unsigned range on reading and shifted back on writing, a bijection, so the
+pixels written back are exactly the ones read. The watermark therefore spans the type's whole range: its brightest
+value is 32767 in an int16 file.
+
+JPEG is lossy: a protected image saved as JPEG would no longer match its key (``verify`` fails, ``unlock`` cannot
+be exact), so images read from JPEG are written as PNG with the same pixels (``output_name`` says so).
+
+DICOM: only Pixel Data changes, plus Bits Stored / High Bit when the watermark needs values beyond the file's
+Bits Stored (a 12-bit CT). Then the original Bits Stored is kept in a private element (group 0011, creator
+``PRIVATE_CREATOR``) so unlocking restores it. The SOP Instance UID is kept: the protected file is the same instance
+with a visible mark, and unlock gives back the original. A compressed file is written uncompressed (Explicit VR
+Little Endian), since re-encoding could be lossy.
+
+Every write is atomic: a temporary file beside the target, renamed over it when complete.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..mixup.io import write_atomically
+
+FORMATS = ("png", "jpeg", "tiff", "nifti", "dicom")
+_SUFFIXES = {
+    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff",
+    ".nii": "nifti", ".nii.gz": "nifti", ".dcm": "dicom", ".dicom": "dicom",
+}
+#: Signed pixel types and the shift that maps them onto the unsigned type MedLocker works on.
+_SIGNED = {np.dtype(np.int8): (np.dtype(np.uint8), 128), np.dtype(np.int16): (np.dtype(np.uint16), 32768)}
+_UNSIGNED = (np.dtype(np.uint8), np.dtype(np.uint16))
+PRIVATE_GROUP = 0x0011
+PRIVATE_CREATOR = "MedPrivacy MedLocker"
+_PRIVATE_BITS_STORED = 0x01
+
+
+@dataclass
+class MedImage:
+    """One 2D image as MedLocker sees it, and what is needed to write pixels back in the file's own form."""
+
+    path: Path
+    format: str
+    pixels: np.ndarray  # (H, W) or (H, W, 3), uint8 or uint16
+    file_dtype: np.dtype  # the pixel type in the file; signed types are stored shifted in ``pixels``
+    _source: Any = field(default=None, repr=False)  # SimpleITK image (geometry) or pydicom Dataset
+    _slice_axis: bool = False  # a NIfTI stored as 3D with one slice
+
+    @property
+    def describe(self) -> str:
+        kind = "RGB" if self.pixels.ndim == 3 else "gray"
+        return f"{self.format.upper()} {self.pixels.shape[1]}x{self.pixels.shape[0]} {kind} {self.file_dtype.name}"
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The format of ``path`` from its name, or from the DICOM preamble for a file without a known suffix."""
+    path = Path(path)
+    name = path.name.lower()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return _SUFFIXES[suffix]
+    # PACS exports often have no suffix at all; the 'DICM' marker after the 128-byte preamble identifies them.
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(132)[128:] == b"DICM":
+                return "dicom"
+    except OSError:
+        pass
+    raise InputError(f"{path.name}: unsupported image format; MedLocker reads PNG, JPEG, TIFF, NIfTI (.nii/.nii.gz) and DICOM")
+
+
+def output_name(path: str | os.PathLike) -> str:
+    """File name for the protected (or unlocked) version of ``path``: the same, except JPEG becomes PNG."""
+    path = Path(path)
+    if image_format(path) == "jpeg":
+        return path.stem + ".png"
+    return path.name
+
+
+def read_image(path: str | os.PathLike) -> MedImage:
+    """A 2D gray or RGB image with 8- or 16-bit pixels, or an InputError that names the problem and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist or is not a file; give an image file")
+    fmt = image_format(path)
+    image = _read_dicom(path) if fmt == "dicom" else _read_itk(path, fmt)
+    return image
+
+
+def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``pixels`` (same shape and type as ``image.pixels``) atomically to ``path`` in ``image``'s format.
+
+    The format follows ``image``, except that JPEG is written as PNG; ``path`` should come from ``output_name``.
+    """
+    path = Path(path)
+    pixels = np.asarray(pixels)
+    if pixels.shape != image.pixels.shape or pixels.dtype != image.pixels.dtype:
+        raise InputError(f"cannot write {pixels.dtype} {pixels.shape} pixels into a {image.describe} file")
+    if image.path.exists() and path.exists() and path.resolve() == image.path.resolve():
+        raise InputError(f"refusing to overwrite the input {path}; choose another output folder")
+    stored = _to_file_dtype(pixels, image.file_dtype)
+    if image.format == "dicom":
+        dataset = _dicom_with_pixels(image, stored)
+        write_atomically(path, lambda tmp: dataset.save_as(str(tmp)))
+    else:
+        _write_itk(image, stored, path)
+    return path
+
+
+# --- pixel types -----------------------------------------------------------------------------------------------
+
+def _to_medlocker_dtype(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dtype]:
+    dtype = array.dtype
+    if dtype in _UNSIGNED:
+        return array, dtype
+    if dtype.newbyteorder("=") in _SIGNED:
+        unsigned, shift = _SIGNED[dtype.newbyteorder("=")]
+        return (array.astype(np.int32) + shift).astype(unsigned), dtype.newbyteorder("=")
+    raise InputError(f"{name} has pixel type {dtype}; MedLocker protects 8- or 16-bit integer images, convert it first")
+
+
+def _to_file_dtype(pixels: np.ndarray, file_dtype: np.dtype) -> np.ndarray:
+    if file_dtype in _SIGNED:
+        _, shift = _SIGNED[file_dtype]
+        return (pixels.astype(np.int32) - shift).astype(file_dtype)
+    return pixels
+
+
+def _check_2d(array: np.ndarray, name: str, components: int) -> None:
+    if components not in (1, 3):
+        what = "gray + alpha" if components == 2 else "RGBA" if components == 4 else f"{components}-channel"
+        raise InputError(f"{name} has {what} pixels; MedLocker protects gray or RGB images, save it without the alpha or extra channels")
+    if array.ndim != (2 if components == 1 else 3):
+        raise InputError(f"{name} is a {array.ndim if components == 1 else array.ndim - 1}D image {tuple(array.shape)}; "
+                         "MedLocker protects single 2D images, export one slice")
+    if min(array.shape[:2]) < 1:
+        raise InputError(f"{name} is empty (shape {tuple(array.shape)})")
+
+
+# --- PNG, JPEG, TIFF, NIfTI through SimpleITK -----------------------------------------------------------------
+
+_ITK_IO = {"png": "PNGImageIO", "jpeg": "JPEGImageIO", "tiff": "TIFFImageIO", "nifti": "NiftiImageIO"}
+
+
+def _read_itk(path: Path, fmt: str) -> MedImage:
+    import SimpleITK as sitk
+
+    try:
+        source = sitk.ReadImage(str(path), imageIO=_ITK_IO[fmt])
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise InputError(f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); the file is damaged or not a {fmt.upper()} image") from None
+    sliced = False
+    if source.GetDimension() == 3 and fmt == "nifti" and source.GetSize()[2] == 1:
+        sliced = True
+    elif source.GetDimension() != 2:
+        size = "x".join(map(str, source.GetSize()))
+        raise InputError(f"{path.name} is a {source.GetDimension()}D image ({size}); MedLocker protects single 2D images, export one slice")
+    array = sitk.GetArrayFromImage(source)
+    if sliced:
+        array = array[0]
+    components = source.GetNumberOfComponentsPerPixel()
+    _check_2d(array, path.name, components)
+    pixels, file_dtype = _to_medlocker_dtype(array, path.name)
+    return MedImage(path=path, format=fmt, pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=source, _slice_axis=sliced)
+
+
+def _write_itk(image: MedImage, stored: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk
+
+    fmt = "png" if image.format == "jpeg" else image.format
+    array = stored[None] if image._slice_axis else stored
+    out = sitk.GetImageFromArray(array, isVector=stored.ndim == 3)
+    source = image._source
+    if source is not None and image.format != "jpeg":
+        # Origin, spacing and direction: a NIfTI keeps its place in the scanner, a TIFF its resolution.
+        out.CopyInformation(source)
+
+    def write(tmp: Path) -> None:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO(_ITK_IO[fmt])
+        writer.SetFileName(str(tmp))
+        writer.SetUseCompression(True)  # lossless for every format written here (PNG, TIFF, NIfTI .gz)
+        writer.Execute(out)
+
+    write_atomically(path, write)
+
+
+# --- DICOM through pydicom -------------------------------------------------------------------------------------
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError("reading DICOM needs the pydicom package; install it with 'pip install pydicom'") from None
+    return pydicom
+
+
+def _read_dicom(path: Path) -> MedImage:
+    pydicom = _pydicom()
+    try:
+        dataset = pydicom.dcmread(str(path))
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read {path.name} as DICOM ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+    if "PixelData" not in dataset:
+        raise InputError(f"{path.name} is a DICOM file without an image (no Pixel Data); give an image instance")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(f"{path.name} is a 3D DICOM with {frames} frames; MedLocker protects single 2D images, export one frame")
+    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
+    if photometric == "PALETTE COLOR":
+        raise InputError(f"{path.name} is a palette-colour DICOM; watermarking palette indices would be meaningless, convert it to RGB")
+    try:
+        array = dataset.pixel_array
+    except Exception as exc:  # pydicom raises many types for missing decoders and broken pixel data
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "unknown transfer syntax")
+        raise InputError(f"cannot decode the pixels of {path.name} ({name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                         "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    _check_2d(array, path.name, samples)
+    pixels, file_dtype = _to_medlocker_dtype(np.asarray(array), path.name)
+    return MedImage(path=path, format="dicom", pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=dataset)
+
+
+def _bits_needed(stored: np.ndarray) -> int:
+    if stored.size == 0:
+        return 1
+    low, high = int(stored.min()), int(stored.max())
+    if stored.dtype.kind == "i":
+        # Two's complement: n bits hold -2^(n-1) .. 2^(n-1) - 1.
+        return max(max(high, 0).bit_length(), (-low - 1).bit_length() if low < 0 else 0) + 1
+    return max(1, high.bit_length())
+
+
+def _dicom_with_pixels(image: MedImage, stored: np.ndarray):
+    dataset = copy.deepcopy(image._source)
+    allocated = stored.dtype.itemsize * 8
+    block = _private_block(dataset)
+    original_bits = int(block[_PRIVATE_BITS_STORED].value) if block is not None and _PRIVATE_BITS_STORED in block else \
+        int(dataset.get("BitsStored", allocated) or allocated)
+    original_bits = min(max(original_bits, 1), allocated)
+    fits = _bits_needed(stored) <= original_bits
+    bits = original_bits if fits else allocated
+    photometric = "RGB" if stored.ndim == 3 else str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    # The same instance, watermarked or restored: keeping its UID lets unlock give back the original file's identity.
+    dataset.set_pixel_data(stored, photometric, bits, generate_instance_uid=False)
+    if block is not None:
+        if _PRIVATE_BITS_STORED in block:
+            del dataset[block.get_tag(_PRIVATE_BITS_STORED)]
+        del dataset[(PRIVATE_GROUP, block.block_start >> 8)]
+    if not fits:
+        added = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+        added.add_new(_PRIVATE_BITS_STORED, "US", original_bits)
+    return dataset
+
+
+def _private_block(dataset):
+    try:
+        return dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except KeyError:
+        return None
