@@ -2,7 +2,8 @@
 
 The server holds the manifest entries with role "server": ``mixup-seg`` (trained on mixed patches; the only model a
 clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, served only with
-``enable_baseline`` because whoever calls it sends readable images).
+``enable_baseline`` because whoever calls it sends readable images). Entries with task "classify" or
+"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see watermark.py).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     enable_baseline: bool = False
     inference_batch: int = 32
+    #: The operator's own TorchScript classifiers for MedLocker (``watermark.ExtraClassifier``); code, so trusted files only.
+    extra_classifiers: tuple = ()
 
 
 class _HTTPError(Exception):
@@ -108,10 +111,15 @@ class InferenceService:
         self.device = resolve_device(config.device)
         manifest = load_manifest(self.models_dir)
         entries = manifest.get("models", {})
+        from .watermark import WatermarkModels, WatermarkService
+
+        self.watermark = WatermarkService(self, WatermarkModels(entries, self.models_dir, tuple(config.extra_classifiers)))
         routes = [MIXUP, BASELINE] if config.enable_baseline else [MIXUP]
         self.models: dict[str, _ServedModel] = {}
         for route in routes:
             entry = entries.get(route.model)
+            if entry is None and route is MIXUP and self.watermark.models:
+                continue  # a MedLocker-only server
             if entry is None:
                 raise InputError(
                     f"model manifest {self.models_dir / 'manifest.json'} has no {route.model!r} entry; "
@@ -137,6 +145,7 @@ class InferenceService:
         with self._inference_lock:
             for model in self.models.values():
                 self._ensure_loaded(model)
+        self.watermark.load()
 
     def _ensure_loaded(self, model: _ServedModel):
         if model.net is None:
@@ -158,7 +167,7 @@ class InferenceService:
             "baseline_enabled": self.config.enable_baseline,
             "auth_required": self.config.token is not None,
             "max_request_bytes": self.config.max_request_bytes,
-            "models": {m.spec.name: m.describe() for m in self.models.values()},
+            "models": {**{m.spec.name: m.describe() for m in self.models.values()}, **self.watermark.models.describe()},
         }
 
     # -- requests --------------------------------------------------------------------------------------------
@@ -328,6 +337,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post(MIXUP.path, dependencies=[Depends(require_token)])
     async def mixup_segment(request: Request) -> Response:
+        if MIXUP.kind not in service.models:
+            raise _HTTPError(404, "this server holds no mixup-seg model (MedLocker models only)")
         return await segment(request, MIXUP.kind)
 
     @app.post(BASELINE.path, dependencies=[Depends(require_token)])
@@ -336,6 +347,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise _HTTPError(404, BASELINE_DISABLED)
         return await segment(request, BASELINE.kind)
 
+    from .watermark import add_watermark_routes
+
+    add_watermark_routes(app, service, require_token=require_token, check_api_version=check_api_version,
+                         read_body=read_body, response_dtype=response_dtype)
     return app
 
 

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-batch", type=int, default=32, help="patches per forward pass (default 32; lower it if the GPU runs out of memory)")
     parser.add_argument("--enable-baseline", action="store_true",
                         help="also serve the unmixed baseline model (evaluation only: its callers send readable images)")
+    parser.add_argument("--extra-classifier", action="append", default=[], metavar="NAME=MODEL.pt[:HxW]",
+                        help="also serve your own TorchScript classifier for MedLocker watermarks (input float32 (N, 3, H, W) "
+                             "in [0, 1], default 224x224; output logits (N, C)); repeatable. TorchScript is code the server "
+                             "runs: load only files you trust")
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="log verbosity (default info)")
 
 
@@ -119,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-request-mb must be positive (got {args.max_request_mb})")
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535 (got {args.port})")
+    from .watermark import parse_extra_classifier
+
+    extra = tuple(parse_extra_classifier(text) for text in args.extra_classifier)
 
     import uvicorn
 
@@ -132,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=max(1, int(args.max_request_mb * 1024 * 1024)),
         enable_baseline=args.enable_baseline,
         inference_batch=args.inference_batch,
+        extra_classifiers=extra,
     )
     app = create_app(config)
     service = app.state.service
@@ -170,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     # ASCII only: a Windows console with a legacy code page cannot print an em dash.
     print(
         f"medprivacy server {__version__} listening on {'https' if tls else 'http'}://{host}:{args.port}"
-        f" - device {service.device}, models {', '.join(m.spec.name for m in service.models.values())},"
+        f" - device {service.device}, models {', '.join(service.info()['models'])},"
         f" auth {'on' if token else 'off'}, TLS {'on' if tls else 'off'},"
         f" baseline {'on' if args.enable_baseline else 'off'}, audit {'on' if args.audit_dir else 'off'}",
         flush=True,
