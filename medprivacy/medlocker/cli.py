@@ -1,0 +1,355 @@
+"""``medprivacy watermark protect | unlock | verify | new-key-file``: MedLocker on image files.
+
+``protect`` asks the server to search each image's watermark (``/v1/watermark/optimize``: the search runs next
+to the models), blends the logo locally into the exact pixels, writes the result in the input's own format
+(JPEG becomes PNG, see ``medlocker.io``) and records every image in one encrypted key, written at the end.
+``unlock`` restores the originals bit for bit from that key; ``verify`` tells whether an image belongs to it
+(exit 0, printing its entry) or not (exit 1).
+
+The key is encrypted with a passphrase (``--passphrase-file``, else the MEDPRIVACY_KEY_PASSPHRASE environment
+variable, else a prompt on a terminal) or with a 32-byte secret file (``--key-file``; make one with
+``new-key-file``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+PASSPHRASE_ENV = "MEDPRIVACY_KEY_PASSPHRASE"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .boxes import DEFAULT_MODE, MODES
+    from .optimizer import (
+        DEFAULT_ALPHA_BOUNDS, DEFAULT_CROSSOVER_RATE, DEFAULT_GENERATIONS, DEFAULT_LOCAL_ITERATIONS, DEFAULT_POPULATION,
+        DEFAULT_STEP, MUTATIONS,
+    )
+
+    sub = parser.add_subparsers(dest="watermark_command", required=True)
+
+    protect = sub.add_parser("protect", help="watermark images so unauthorised classifiers misread them; write the key",
+                             description="Watermark images so unauthorised classifiers misread them, and write the key that restores them.")
+    protect.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, TIFF, NIfTI or DICOM files (2D, 8/16-bit, gray or RGB)")
+    protect.add_argument("-o", "--out", required=True, type=Path, help="folder for the protected images (created if missing)")
+    protect.add_argument("--key", required=True, type=Path, help="MedLocker key file to create (holds the pixels under each logo, encrypted)")
+    protect.add_argument("--append", action="store_true", help="add the images to an existing --key instead of creating it")
+    _add_server_arguments(protect)
+    protect.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                         help=f"where the logo may go: keep-out of lesion boxes, keep-in them, or wap (anywhere) (default {DEFAULT_MODE})")
+    protect.add_argument("--lesions", choices=("auto", "server", "none"), default="auto",
+                         help="lesion boxes from the server's segmenter, or none (default auto: the segmenter when the server has one)")
+    protect.add_argument("--logo", type=Path, default=None, help="logo picture (PNG, transparency respected; default: a padlock)")
+    protect.add_argument("--models", default=None, help="comma-separated source classifiers (default: every classifier on the server)")
+    protect.add_argument("--weights", default=None, help="comma-separated ensemble weights, one per --models entry (default equal)")
+    protect.add_argument("--label", type=int, default=None,
+                         help="true class of every image (default: the class the models predict on the clean image)")
+    protect.add_argument("--sl", type=float, default=4.0, help="logo scale: the logo spans 1/sl of the image (default 4)")
+    protect.add_argument("--population", type=int, default=DEFAULT_POPULATION, help=f"Np (default {DEFAULT_POPULATION})")
+    protect.add_argument("--generations", type=int, default=DEFAULT_GENERATIONS, help=f"Ng (default {DEFAULT_GENERATIONS})")
+    protect.add_argument("--crossover-rate", type=float, default=DEFAULT_CROSSOVER_RATE, help=f"CR (default {DEFAULT_CROSSOVER_RATE})")
+    protect.add_argument("--step", type=int, default=DEFAULT_STEP, help=f"mutation step s in pixels (default {DEFAULT_STEP})")
+    protect.add_argument("--local-iterations", type=int, default=DEFAULT_LOCAL_ITERATIONS, help=f"Niter (default {DEFAULT_LOCAL_ITERATIONS})")
+    protect.add_argument("--alpha-min", type=float, default=DEFAULT_ALPHA_BOUNDS[0], help=f"lowest transparency (default {DEFAULT_ALPHA_BOUNDS[0]:g})")
+    protect.add_argument("--alpha-max", type=float, default=DEFAULT_ALPHA_BOUNDS[1], help=f"highest transparency (default {DEFAULT_ALPHA_BOUNDS[1]:g})")
+    protect.add_argument("--mutation", choices=MUTATIONS, default="basin-hopping", help="mutation operator (default basin-hopping)")
+    protect.add_argument("--max-evaluations", type=int, default=None, help="stop each search after this many candidates")
+    protect.add_argument("--seed", type=int, default=None, help="seed of the first image's search (the n-th image uses seed + n)")
+    protect.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
+    _add_credential_arguments(protect)
+    protect.set_defaults(_watermark=_protect)
+
+    unlock = sub.add_parser("unlock", help="restore the original images exactly, using the key",
+                            description="Restore the original images bit for bit, using the key.")
+    unlock.add_argument("images", nargs="+", type=Path, help="protected images")
+    unlock.add_argument("--key", required=True, type=Path, help="MedLocker key file")
+    unlock.add_argument("-o", "--out", required=True, type=Path, help="folder for the restored images (created if missing)")
+    unlock.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
+    _add_credential_arguments(unlock)
+    unlock.set_defaults(_watermark=_unlock)
+
+    verify = sub.add_parser("verify", help="exit 0 and print the key entry if the image belongs to the key, else exit 1",
+                            description="Tell whether an image is one protected with this key (exit 0, entry printed) or not (exit 1).")
+    verify.add_argument("image", type=Path)
+    verify.add_argument("--key", required=True, type=Path, help="MedLocker key file")
+    _add_credential_arguments(verify)
+    verify.set_defaults(_watermark=_verify)
+
+    new_key_file = sub.add_parser("new-key-file", help="write a random 32-byte secret to use with --key-file",
+                                  description="Write a random 32-byte secret (mode 0600) to use with --key-file instead of a passphrase.")
+    new_key_file.add_argument("path", type=Path)
+    new_key_file.set_defaults(_watermark=_new_key_file)
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", required=True, help="inference server URL, e.g. https://gpu.example.org:8765")
+    parser.add_argument("--token-file", default=None, help="file holding the bearer token (or set MEDPRIVACY_TOKEN)")
+    parser.add_argument("--ca-bundle", default=None, help="CA certificate(s) to verify the server's TLS certificate")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for each image's search (default 1800)")
+
+
+def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--passphrase-file", type=Path, default=None,
+                       help=f"file whose first line is the key's passphrase (default: environment variable {PASSPHRASE_ENV})")
+    group.add_argument("--key-file", type=Path, default=None, help="32-byte secret file that encrypts the key instead of a passphrase")
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._watermark(args)
+
+
+# --- credentials -----------------------------------------------------------------------------------------------
+
+def _credentials(args, confirm: bool = False) -> dict:
+    """``{"passphrase": ...}`` or ``{"key_file": ...}`` for keyfile.save_key / load_key."""
+    if args.key_file is not None:
+        return {"key_file": args.key_file}
+    if args.passphrase_file is not None:
+        try:
+            text = Path(args.passphrase_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise InputError(f"cannot read passphrase file {args.passphrase_file} ({reason}); check the path and its permissions") from None
+        lines = text.splitlines()
+        # Only the line break an editor adds is dropped: spaces may be part of a passphrase.
+        passphrase = lines[0] if lines else ""
+        if not passphrase:
+            raise InputError(f"passphrase file {args.passphrase_file} is empty; write the passphrase on its first line")
+        return {"passphrase": passphrase}
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase:
+        return {"passphrase": passphrase}
+    if sys.stdin.isatty():
+        import getpass
+
+        passphrase = getpass.getpass("key passphrase: ")
+        if confirm and passphrase and getpass.getpass("repeat passphrase: ") != passphrase:
+            raise InputError("the two passphrases differ; run the command again")
+        if passphrase:
+            return {"passphrase": passphrase}
+    raise InputError(f"the key needs a passphrase or a secret: give --passphrase-file, --key-file, or set {PASSPHRASE_ENV}")
+
+
+def _load_key(path: Path, credentials: dict):
+    from .keyfile import load_key
+
+    return load_key(path, **credentials)
+
+
+# --- protect ---------------------------------------------------------------------------------------------------
+
+def _protect(args) -> int:
+    from . import blending
+    from . import io as mio
+    from .keyfile import MedLockerKey, save_key
+
+    credentials = _credentials(args, confirm=not args.append)
+    key_path = Path(args.key)
+    if key_path.is_dir():
+        raise InputError(f"--key {key_path} is a folder; give a file name for the key")
+    if not key_path.parent.is_dir():
+        raise InputError(f"the folder of --key {key_path} does not exist; create it first")
+    if key_path.exists() and not args.append:
+        raise InputError(f"key {key_path} already exists; pass --append to add these images to it, or choose a new key file")
+    key = _load_key(key_path, credentials) if key_path.exists() else MedLockerKey()
+    logo = blending.load_logo(args.logo) if args.logo is not None else blending.default_logo()
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    weights = _weights(args.weights, models)
+    if args.sl <= 0:
+        raise InputError(f"--sl must be positive (got {args.sl:g})")
+
+    jobs = _protect_jobs(args, key, logo)
+    client = _client(args)
+    info = client.info()
+    available = {n: d for n, d in info.get("models", {}).items() if d.get("task") == "classify"}
+    if not available:
+        raise InputError(f"{client.url} holds no watermark classifier; ask the operator to serve MedLocker models")
+    unknown = [m for m in models or [] if m not in available]
+    if unknown:
+        raise InputError(f"{client.url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(sorted(available))}")
+    lesions = _lesion_source(args, info)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = 0
+    bar = _progress(len(jobs))
+    try:
+        for index, (path, target) in enumerate(jobs):
+            image = mio.read_image(path)
+            answer = client.optimize(
+                image.pixels, logo, mode=args.mode, lesions=lesions, models=models, weights=weights, label=args.label,
+                sl=args.sl, population=args.population, generations=args.generations, crossover_rate=args.crossover_rate,
+                step=args.step, local_iterations=args.local_iterations, alpha_range=[args.alpha_min, args.alpha_max],
+                mutation=args.mutation, max_evaluations=args.max_evaluations,
+                seed=None if args.seed is None else args.seed + index,
+            )
+            found = answer["params"]
+            protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], args.sl)
+            if list(key[path.name].logo_size) != list(answer["logo_size"]):
+                raise InputError(f"the server sized the logo {answer['logo_size']} but this client {list(key[path.name].logo_size)}; "
+                                 "update client and server to the same MedPrivacy version")
+            mio.write_image(image, protected, target)
+            # Reading back catches a format that would not keep the exact pixels the key fingerprints.
+            if mio.read_image(target).pixels.tobytes() != protected.tobytes():
+                raise InputError(f"{target} does not read back with the pixels written; this format cannot hold a protected image")
+            done += 1
+            _report(bar, path, target, image, answer)
+            bar.update(1)
+    except BaseException:
+        bar.close()
+        if done:
+            save_key(key, key_path, **credentials)
+            print(f"medprivacy: key {key_path} saved with the {done} image(s) protected before the error; "
+                  "protect the others with --append", file=sys.stderr)
+        raise
+    bar.close()
+    save_key(key, key_path, **credentials)
+    print(f"protected {done} image(s) into {args.out}; key {key_path} holds {len(key)} image(s)")
+    return 0
+
+
+def _protect_jobs(args, key, logo) -> list[tuple[Path, Path]]:
+    """(input, output) per image after checking every input, so a bad file stops the batch before the server works."""
+    from . import blending
+    from . import io as mio
+
+    jobs, names = [], {}
+    for path in args.images:
+        path = Path(path)
+        image = mio.read_image(path)
+        blending.check_image(image.pixels, path.name)
+        try:
+            blending.fitted_size(image.pixels.shape, logo.shape, args.sl)
+        except InputError as exc:
+            raise InputError(f"{path.name}: {exc}") from None
+        if path.name in names:
+            raise InputError(f"two inputs are named {path.name} ({names[path.name]} and {path}); names identify images in the key, rename one")
+        if path.name in key:
+            raise InputError(f"{path.name} is already in key {args.key}; each image name can be protected once per key")
+        names[path.name] = path
+        target = Path(args.out) / mio.output_name(path)
+        _check_target(path, target, args.overwrite)
+        jobs.append((path, target))
+    return jobs
+
+
+def _check_target(source: Path, target: Path, overwrite: bool) -> None:
+    if target.exists() and target.resolve() == source.resolve():
+        raise InputError(f"the output {target} would overwrite its input; choose another output folder")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; pass --overwrite or choose another output folder")
+
+
+def _weights(text: str | None, models: list[str] | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise InputError(f"--weights {text!r} must be comma-separated numbers") from None
+    if models is None:
+        raise InputError("--weights needs --models, so each weight names its model")
+    if len(weights) != len(models):
+        raise InputError(f"--weights has {len(weights)} numbers for {len(models)} --models")
+    return weights
+
+
+def _lesion_source(args, info: dict) -> str:
+    has_segmenter = any(d.get("task") == "segment-lesion" for d in info.get("models", {}).values())
+    if args.mode == "wap":
+        return "none"
+    if args.lesions == "none":
+        if args.mode == "keep-in":
+            raise InputError("--mode keep-in needs lesion boxes; use --lesions auto or server")
+        return "none"
+    if not has_segmenter:
+        if args.mode == "keep-in" or args.lesions == "server":
+            raise InputError(f"the server holds no lesion segmenter, so it cannot find lesions for --mode {args.mode}; use --mode wap")
+        print("note: the server holds no lesion segmenter; keep-out places the logo anywhere", file=sys.stderr)
+        return "none"
+    return "server"
+
+
+def _client(args):
+    from ..transport.watermark_client import WatermarkClient
+
+    return WatermarkClient(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout)
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (logs, pipes).
+    return tqdm(total=total, desc="protecting", unit="image", file=sys.stderr, disable=None)
+
+
+def _report(bar, path: Path, target: Path, image, answer: dict) -> None:
+    params = answer["params"]
+    verdict = "fooled every model" if answer["fooled"] else "not every model fooled"
+    note = " (JPEG is lossy: written as PNG)" if image.format == "jpeg" else ""
+    lines = [f"{path.name} -> {target}{note}: {verdict}; alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
+             f"logo {answer['logo_size'][1]}x{answer['logo_size'][0]}, {answer['evaluations']} evaluations"]
+    for name in answer["models"]:
+        before, after = answer["before"][name], answer["after"][name]
+        lines.append(f"  {name}: {_top(before)} -> {_top(after)}")
+    bar.write("\n".join(lines), file=sys.stdout)
+
+
+def _top(prediction: dict) -> str:
+    index = prediction["predicted"][0]
+    label = prediction["labels"].get(str(index), f"class {index}")
+    return f"{label} {prediction['probabilities'][0][index]:.2f}"
+
+
+# --- unlock, verify, new-key-file ------------------------------------------------------------------------------
+
+def _unlock(args) -> int:
+    from . import io as mio
+    from .keyfile import unlock
+
+    key = _load_key(args.key, _credentials(args))
+    targets = []
+    for path in args.images:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path} does not exist or is not a file; give a protected image")
+        target = Path(args.out) / mio.output_name(path)
+        _check_target(path, target, args.overwrite)
+        targets.append((path, target))
+    args.out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    for path, target in tqdm(targets, desc="unlocking", unit="image", file=sys.stderr, disable=None):
+        image = mio.read_image(path)
+        entry = key.find(image.pixels)
+        if entry is None:
+            raise InputError(f"{path.name} is not protected by key {args.key}, or it was changed after protection")
+        mio.write_image(image, unlock(image.pixels, key), target)
+    print(f"restored {len(targets)} image(s) into {args.out}")
+    return 0
+
+
+def _verify(args) -> int:
+    from . import io as mio
+
+    key = _load_key(args.key, _credentials(args))
+    image = mio.read_image(args.image)
+    entry = key.find(image.pixels)
+    if entry is None:
+        print(f"{args.image}: not protected by this key (or changed after protection)")
+        return 1
+    print(f"{args.image}: protected by this key as {entry.name!r}: alpha {entry.alpha:.2f} at x={entry.x} y={entry.y}, "
+          f"sl {entry.sl:g}, logo {entry.logo_size[1]}x{entry.logo_size[0]}, {entry.dtype} {'x'.join(map(str, entry.shape))}, "
+          f"{'exact unlock' if entry.original is not None else 'approximate unlock only'}")
+    return 0
+
+
+def _new_key_file(args) -> int:
+    from .keyfile import generate_key_file
+
+    path = generate_key_file(args.path)
+    print(f"wrote a 32-byte secret to {path} (mode 0600); keep it safe: without it the keys it encrypts cannot be opened")
+    return 0
