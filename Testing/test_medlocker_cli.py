@@ -1,0 +1,160 @@
+"""``medprivacy watermark`` on real images through a real server: protect -> unlock is bit-exact in the same format,
+verify tells members from strangers, and bad input (3D image, oversized logo, wrong passphrase, corrupt key,
+unreachable server) ends in one line.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import free_port, start_server
+from medprivacy.cli import main
+from medprivacy.medlocker import io as mio
+from test_medlocker_server import build_watermark_models
+
+PASSPHRASE = "correct horse battery staple"
+SEARCH = ["--population", "4", "--generations", "1", "--local-iterations", "1", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = build_watermark_models(tmp_path_factory.mktemp("cli-models"), classifiers=("wm-cls-resnet18", "wm-cls-vit"), segmenter=False)
+    handle = start_server([], models_dir=models)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Real pictures, small: RGB fundus PNG, 8-bit gray PNG, 16-bit TIFF, fundus JPEG, int16 NIfTI, the MR DICOM."""
+    import SimpleITK as sitk
+    from skimage import data, transform
+
+    folder = tmp_path_factory.mktemp("inputs")
+    retina = (transform.resize(data.retina(), (72, 80), anti_aliasing=True) * 255).round().astype(np.uint8)
+    camera = (transform.resize(data.camera(), (48, 40), anti_aliasing=True) * 255).round().astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(retina, isVector=True), str(folder / "retina.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(camera), str(folder / "camera.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(camera.astype(np.uint16) * 257), str(folder / "camera16.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(retina, isVector=True), str(folder / "fundus.jpg"))
+    ct = sitk.GetImageFromArray((camera.astype(np.int16) * 8 - 1024))
+    ct.SetSpacing((0.7, 0.7))
+    sitk.WriteImage(ct, str(folder / "slice.nii.gz"))
+    paths = sorted(folder.iterdir())
+    try:
+        from pydicom.data import get_testdata_file
+
+        mr = get_testdata_file("MR_small.dcm")
+    except ImportError:
+        mr = None
+    if mr:  # only this case is skipped without pydicom's bundled files
+        shutil.copy(mr, folder / "mr.dcm")
+        paths.append(folder / "mr.dcm")
+    return paths
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["watermark", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medprivacy: error: "), err
+    return lines[0]
+
+
+def test_protect_unlock_round_trip_keeps_format_and_pixels(server, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
+    out, restored, key = tmp_path / "protected", tmp_path / "restored", tmp_path / "dataset.mlkey"
+    code, stdout, err = _run(capsys, "protect", *images, "-o", out, "--key", key, "--server", server.url, "--mode", "wap", *SEARCH)
+    assert code == 0, err
+    assert f"protected {len(images)} image(s)" in stdout and "fundus.jpg -> " in stdout and "(JPEG is lossy: written as PNG)" in stdout
+    assert "wm-cls-resnet18: " in stdout and " -> " in stdout and key.is_file()
+
+    for path in images:
+        original = mio.read_image(path)
+        protected = mio.read_image(out / mio.output_name(path))
+        assert protected.format == ("png" if original.format == "jpeg" else original.format)
+        assert protected.file_dtype == original.file_dtype and protected.pixels.shape == original.pixels.shape
+        assert not np.array_equal(protected.pixels, original.pixels)  # the logo is there
+        code, stdout, _ = _run(capsys, "verify", out / mio.output_name(path), "--key", key)
+        assert code == 0 and f"protected by this key as '{path.name}'" in stdout
+    code, stdout, _ = _run(capsys, "verify", images[0], "--key", key)
+    assert code == 1 and "not protected by this key" in stdout
+
+    protected_files = sorted(out.iterdir())
+    code, stdout, err = _run(capsys, "unlock", *protected_files, "--key", key, "-o", restored)
+    assert code == 0, err
+    for path in images:
+        back = mio.read_image(restored / mio.output_name(path))
+        original = mio.read_image(path)
+        assert back.format == (("png" if original.format == "jpeg" else original.format)) and back.file_dtype == original.file_dtype
+        np.testing.assert_array_equal(back.pixels, original.pixels)
+    if (restored / "mr.dcm").exists():
+        import pydicom
+
+        before, after = pydicom.dcmread(images[-1]), pydicom.dcmread(restored / "mr.dcm")
+        assert [(e.tag, e.value) for e in before] == [(e.tag, e.value) for e in after]  # every element, pixels too
+    nifti_in, nifti_out = mio.read_image(images[[p.name for p in images].index("slice.nii.gz")]), mio.read_image(restored / "slice.nii.gz")
+    assert nifti_out._source.GetSpacing() == nifti_in._source.GetSpacing()
+
+
+def test_key_file_secret_and_append(server, images, tmp_path, capsys):
+    secret, key, out = tmp_path / "secret.bin", tmp_path / "k.mlkey", tmp_path / "out"
+    assert _run(capsys, "new-key-file", secret)[0] == 0 and secret.stat().st_size == 32
+    common = ["--key", key, "--key-file", secret, "--server", server.url, "-o", out, "--mode", "wap", *SEARCH]
+    assert _run(capsys, "protect", images[0], *common)[0] == 0
+    code, _, err = _run(capsys, "protect", images[1], *common)
+    assert code == 2 and "already exists; pass --append" in _one_line_error(err)
+    assert _run(capsys, "protect", images[1], *common, "--append")[0] == 0
+    for path in images[:2]:
+        assert _run(capsys, "verify", out / mio.output_name(path), "--key", key, "--key-file", secret)[0] == 0
+    passphrase = tmp_path / "pass.txt"
+    passphrase.write_text(PASSPHRASE + "\n")
+    code, _, err = _run(capsys, "verify", out / mio.output_name(images[0]), "--key", key, "--passphrase-file", passphrase)
+    assert code == 2 and "is locked with a key file" in _one_line_error(err)
+
+
+def test_wrong_passphrase_and_corrupt_key_are_refused_in_one_line(server, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
+    key, out = tmp_path / "k.mlkey", tmp_path / "out"
+    assert _run(capsys, "protect", images[1], "-o", out, "--key", key, "--server", server.url, "--mode", "wap", *SEARCH)[0] == 0
+    protected = out / images[1].name
+    monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", "not the passphrase")
+    code, _, err = _run(capsys, "unlock", protected, "--key", key, "-o", tmp_path / "restored")
+    assert code == 2 and "wrong passphrase, or the file was modified or damaged" in _one_line_error(err)
+    monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
+    corrupt = tmp_path / "corrupt.mlkey"
+    blob = bytearray(key.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    corrupt.write_bytes(bytes(blob))
+    code, _, err = _run(capsys, "verify", protected, "--key", corrupt)
+    assert code == 2 and "modified or damaged" in _one_line_error(err)
+    (tmp_path / "garbage.mlkey").write_bytes(b"not a key at all")
+    code, _, err = _run(capsys, "unlock", protected, "--key", tmp_path / "garbage.mlkey", "-o", tmp_path / "restored")
+    assert code == 2 and "is not a MedLocker key file" in _one_line_error(err)
+    assert not (tmp_path / "restored").exists()
+
+
+def test_bad_inputs_stop_before_any_work(server, images, tmp_path, capsys, monkeypatch):
+    import SimpleITK as sitk
+
+    monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
+    volume = tmp_path / "stack.tif"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 32, 32), dtype=np.uint8)), str(volume))
+    key, out = tmp_path / "k.mlkey", tmp_path / "out"
+    common = ["-o", out, "--key", key, "--mode", "wap", *SEARCH]
+
+    code, _, err = _run(capsys, "protect", images[0], volume, "--server", server.url, *common)
+    assert code == 2 and "stack.tif is a 3D image (32x32x4)" in _one_line_error(err)
+    code, _, err = _run(capsys, "protect", images[0], "--server", server.url, "--sl", "0.5", *common)
+    assert code == 2 and "is larger than the image" in _one_line_error(err)
+    code, _, err = _run(capsys, "protect", images[0], "--server", server.url, "--models", "wm-cls-nope", *common)
+    assert code == 2 and "has no classifier 'wm-cls-nope'" in _one_line_error(err)
+    code, _, err = _run(capsys, "protect", images[0], "--server", f"http://127.0.0.1:{free_port()}", *common)
+    assert code == 2 and "cannot reach http://127.0.0.1:" in _one_line_error(err)
+    assert not key.exists() and not any(out.glob("*"))
