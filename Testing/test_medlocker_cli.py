@@ -158,3 +158,27 @@ def test_bad_inputs_stop_before_any_work(server, images, tmp_path, capsys, monke
     code, _, err = _run(capsys, "protect", images[0], "--server", f"http://127.0.0.1:{free_port()}", *common)
     assert code == 2 and "cannot reach http://127.0.0.1:" in _one_line_error(err)
     assert not key.exists() and not any(out.glob("*"))
+
+
+def test_dicom_with_fewer_stored_bits_gets_them_back_on_unlock(tmp_path):
+    """A 12-bit DICOM needs all 16 bits for the watermark; the original Bits Stored returns with the original pixels."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("MR_small.dcm")
+    if not source:
+        pytest.skip("pydicom's MR_small.dcm is not available")
+    dataset = pydicom.dcmread(source)
+    dataset.set_pixel_data(np.clip(dataset.pixel_array, -2048, 2047).astype(np.int16), "MONOCHROME2", 12, generate_instance_uid=False)
+    dataset.save_as(tmp_path / "ct12.dcm")
+    original = mio.read_image(tmp_path / "ct12.dcm")
+    marked = original.pixels.copy()
+    marked[:8, :8] = 65535
+    mio.write_image(original, marked, tmp_path / "marked.dcm")
+    written = pydicom.dcmread(tmp_path / "marked.dcm")
+    assert (written.BitsStored, written.HighBit) == (16, 15) and written.pixel_array[0, 0] == 32767
+    reread = mio.read_image(tmp_path / "marked.dcm")
+    np.testing.assert_array_equal(reread.pixels, marked)
+    mio.write_image(reread, original.pixels, tmp_path / "restored.dcm")
+    before, after = pydicom.dcmread(tmp_path / "ct12.dcm"), pydicom.dcmread(tmp_path / "restored.dcm")
+    assert [(e.tag, e.value) for e in before] == [(e.tag, e.value) for e in after]

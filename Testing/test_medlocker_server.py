@@ -35,6 +35,8 @@ SEGMENTER = {"name": "unet2d", "channels": [4, 8], "strides": [2], "num_res_unit
 #: The paper's search shape, shrunk to a few evaluations.
 FAST = {"population": 4, "generations": 1, "local_iterations": 1}
 SCRIPTED_SIZE = (24, 24)
+#: torch deprecates TorchScript in favour of torch.export, but it is the format operators hand over today.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
 
 def build_watermark_models(directory: Path, classifiers=tuple(CLASSIFIERS), segmenter: bool = True, seed: int = 0) -> Path:
