@@ -377,6 +377,9 @@ class WatermarkService:
         params = request["params"]
         image, logo, mask = request["image"], request["logo"], request["mask"]
         models = self._pick_classifiers(params.get("models"))
+        with self.service._inference_lock:
+            for model in models:  # a TorchScript model knows its number of classes only once loaded
+                self.models.ensure_loaded(model, self.device)
         if not params.get("models"):
             models = _same_classes(models)
         classes = {m.classes for m in models}
@@ -555,13 +558,14 @@ class _CandidateScorer:
         self.target, self.weights = 0, None
         height, width = image.shape[:2]
         planar = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
-        base = torch.from_numpy(planar.astype(np.float32) / np.float32(self.vmax)).to(self.device)[None]
-        # Per input size: the resize as matrices and the resized clean image.
+        # The full-size clean image is resized once per input size on the CPU, so a large photograph never
+        # occupies GPU memory; only the small resized copies and the resize matrices live on the device.
+        base = torch.from_numpy(planar.astype(np.float32) / np.float32(self.vmax))[None]
         self.resizers: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         with torch.inference_mode():
             for size in {m.size for m in models}:
                 self.resizers[size] = (_resize_matrix(height, size[0], self.device), _resize_matrix(width, size[1], self.device),
-                                       _resize(base, size))
+                                       _resize(base, size).to(self.device))
 
     def full_probabilities(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Per-model probabilities (1, C) of one whole image, through the same path as /classify."""
@@ -664,12 +668,21 @@ def _resize(x, size):
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _resize_matrix(n_in: int, n_out: int, device: str):
-    """(n_out, n_in) matrix R with R @ v = the 1D resize that ``_resize`` applies along one axis (it is separable)."""
+def _resize_matrix(n_in: int, n_out: int, device: str, block: int = 1024):
+    """(n_out, n_in) matrix R with R @ v = the 1D resize that ``_resize`` applies along one axis (it is separable).
+
+    Column i is the resize of the i-th unit vector; they are resized ``block`` at a time so that a 16k-pixel side
+    needs 64 MiB rather than a 1 GiB identity matrix.
+    """
     import torch
 
-    eye = torch.eye(n_in, dtype=torch.float32, device=device).reshape(n_in, 1, 1, n_in)
-    return _resize(eye, (1, n_out)).reshape(n_in, n_out).T.contiguous()
+    columns = []
+    for start in range(0, n_in, block):
+        count = min(block, n_in - start)
+        units = torch.zeros((count, 1, 1, n_in), dtype=torch.float32, device=device)
+        units[torch.arange(count), 0, 0, start + torch.arange(count)] = 1.0
+        columns.append(_resize(units, (1, n_out)).reshape(count, n_out))
+    return torch.cat(columns).T.contiguous()
 
 
 def _three_channels(x):
