@@ -11,10 +11,20 @@ from scipy.ndimage import binary_dilation
 from medprivacy.errors import InputError
 from medprivacy.medlocker import models as wm_models
 from medprivacy.medlocker.data import (
-    SPLIT_CAPACITY, DataConfig, export_examples, label_of, make_split, render_sample, split_seeds,
+    SPLIT_CAPACITY,
+    DataConfig,
+    export_examples,
+    label_of,
+    make_split,
+    render_sample,
+    split_seeds,
 )
 from medprivacy.medlocker.train import (
-    MANIFEST_KEY, WatermarkTrainConfig, add_train_arguments, run_train, train_watermark_models,
+    MANIFEST_KEY,
+    WatermarkTrainConfig,
+    add_train_arguments,
+    run_train,
+    train_watermark_models,
 )
 from medprivacy.nets import build_network, file_sha256, load_manifest, load_model
 from medprivacy.nets.registry import write_manifest
@@ -217,7 +227,7 @@ def test_smoke_training_writes_loadable_models_and_a_manifest_section(smoke_run)
         assert 0.0 <= entry["held_out_accuracy"] <= 1.0
         assert entry["held_out_accuracy"] == record["models"][name]["held_out_accuracy"]
         assert entry["sha256"] == file_sha256(smoke_run / entry["file"])
-        net, spec = load_model(name, smoke_run)
+        net, _ = load_model(name, smoke_run)
         if family == "unet2d":
             assert 0.0 <= record["models"][name]["held_out_dice"] <= 1.0
             assert wm_models.predict_lesion_mask(net, images.images).shape == (4, 32, 32)
@@ -233,6 +243,16 @@ def test_training_is_reproducible_and_per_model(smoke_run, tmp_path):
     assert list(record["models"]) == ["wm-cls-resnet18"]
     original = load_manifest(smoke_run)["models"]["wm-cls-resnet18"]["sha256"]
     assert load_manifest(tmp_path)["models"]["wm-cls-resnet18"]["sha256"] == original
+
+
+def test_cpu_small_preset_weights_fit_the_budget():
+    config = WatermarkTrainConfig.preset_config("cpu-small")
+    assert config.size == 128 and set(config.plans) == set(wm_models.FAMILIES)
+    total = 0
+    for family in wm_models.FAMILIES:
+        net, _ = wm_models.build_model(family, config.size, config.plans[family].arch)
+        total += sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    assert total <= 40e6
 
 
 def test_unknown_preset_is_a_one_line_error():

@@ -30,7 +30,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -435,7 +434,7 @@ def _retina_pyramid() -> tuple[list, np.ndarray, float]:
         raise InputError("image source 'retina' needs scikit-image (its data.retina() photograph); run 'pip install scikit-image'") from None
     try:
         photo = data.retina()
-    except Exception as exc:  # a scikit-image build without the bundled file would try to download it
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a build without the bundled file would download it
         raise InputError(f"scikit-image could not load its bundled retina image ({exc}); reinstall scikit-image") from None
     level = photo.astype(np.float32) / 255.0
     fov = level.mean(axis=2) > 0.06

@@ -72,10 +72,12 @@ class WatermarkTrainConfig:
     plans: dict = field(default_factory=dict)
 
     @classmethod
-    def preset_config(cls, name: str, **overrides) -> "WatermarkTrainConfig":
+    def preset_config(cls, name: str, **overrides) -> WatermarkTrainConfig:
         if name == "cpu-small":
-            # Sized from measured single-thread CPU step times at 128x128 (see the module's report in the manifest):
-            # ~32 min of optimiser steps, ~4 min of data rendering, validation and testing.
+            # Sized from measured single-thread step times at 128x128 on a 2-core machine with the other core busy
+            # (s/step: ResNet18 0.72, DenseNet121 2.5, EfficientNet-B0 2.6, ViT 0.59 at batch 32; U-Net 0.31 at 16):
+            # ~39 min of optimiser steps + ~5 min of rendering (18 ms/image), validation and testing, i.e. ~43 min;
+            # two free cores with --threads 2 should be faster. Weights: 38.5 MB in all (float32 safetensors).
             widths = WIDTHS["cpu-small"]
             plans = {
                 "resnet18": ModelPlan(350, 32, 1e-3, widths["resnet18"]),
@@ -194,7 +196,7 @@ def _model_seed(config: WatermarkTrainConfig, family: str) -> int:
 def _schedule(optimizer, plan: ModelPlan, warmup_fraction: float):
     import torch
 
-    warmup = max(1, int(round(plan.steps * warmup_fraction)))
+    warmup = max(1, round(plan.steps * warmup_fraction))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -322,7 +324,7 @@ def _classification_metrics(pred: np.ndarray, dataset: LesionDataset) -> dict:
         "sensitivity": round(float(correct[positives].mean()), 4) if positives.any() else None,
         "specificity": round(float(correct[negatives].mean()), 4) if negatives.any() else None,
         "per_source_accuracy": per_source,
-        "images": int(len(labels)),
+        "images": len(labels),
     }
 
 
@@ -427,7 +429,7 @@ def _segmentation_metrics(pred: np.ndarray, dataset: LesionDataset) -> dict:
         "per_source_dice": per_source,
         "detection_accuracy": round(float((detected == dataset.labels).mean()), 4),
         "false_positive_pixel_rate": round(float(pred[~positives].mean()), 6) if (~positives).any() else None,
-        "images": int(len(dataset)),
+        "images": len(dataset),
     }
 
 
@@ -538,6 +540,8 @@ def run_train(args) -> int:
 
     if args.threads < 0:
         raise InputError("--threads must be 0 (torch's default) or a positive number")
+    if args.seed < 0:
+        raise InputError("--seed must be 0 or a positive number")
     config = WatermarkTrainConfig.preset_config(args.preset, seed=args.seed, device=args.device, threads=args.threads)
     out = models_dir(args.out)
     record = train_watermark_models(config, out, progress=not args.quiet, command=command_line(args))
