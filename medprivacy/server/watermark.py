@@ -386,6 +386,7 @@ class WatermarkService:
         if len(classes) != 1:
             raise _HTTPError(422, "the chosen classifiers predict different numbers of classes; pick models with the same labels")
         weights = _weights(params.get("weights"), len(models))
+        options = _search_options(params)
         try:
             fitted = blending.fit_logo(logo, image.shape, params.get("sl", blending.DEFAULT_SL))
             mode = boxes.normalize_mode(params.get("mode", boxes.DEFAULT_MODE))
@@ -395,6 +396,8 @@ class WatermarkService:
                 mask_params = _mask_params(params.get("mask_params"), image.shape)
                 found = boxes.lesion_boxes(lesion_mask, mask_params)
             placement = boxes.Placement(mode, image.shape, fitted.size, found)
+            if mode == "wap":
+                lesion_source = "none"  # positions are unconstrained, whatever was sent
         except InputError as exc:
             raise _HTTPError(422, str(exc)) from None
 
@@ -409,8 +412,6 @@ class WatermarkService:
                 raise _HTTPError(422, f"label {label!r} must be a class index between 0 and {len(ensemble) - 1}")
             target, target_source = int(label), "label"
         scorer.target, scorer.weights = target, weights
-
-        options = _search_options(params)
         try:
             result = optimize_watermark(scorer, placement, rng=params.get("seed"), **options)
         except InputError as exc:
