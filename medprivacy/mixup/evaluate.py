@@ -80,12 +80,13 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = 8,
     rng = np.random.default_rng(seed)
     per_subject = []
     started = time.perf_counter()
+    total = len(images) + synthetic
     for index, (name, image, label) in enumerate(_cases(images, labels, synthetic)):
         if progress:
-            progress(f"evaluating {name}", index)
+            progress(f"evaluating {name} ({index + 1}/{total})", None)
         truth = sitk.GetArrayFromImage(label)
-        baseline, _ = segment_plain(image, client, bank.patch_size)
-        prepared = prepare_scan(image, bank.patch_size)
+        prepared = prepare_scan(image, bank.patch_size)  # registration once, shared by every method
+        baseline, _ = segment_plain(image, client, bank.patch_size, prepared=prepared)
         scores, _, stats = private_scores(prepared.patches, client, bank, unmixers, tta, rng)
         retest, _, _ = private_scores(prepared.patches, client, bank, {"learned": unmixers["learned"]}, 1, rng)
         predictions = {

@@ -153,7 +153,9 @@ def private_scores(
         is_first = plan.copy[rows] == 0
         for name, unmix in unmixers.items():
             estimate = unmix(answer, reference_onehot, lam)
-            np.add.at(sums[name], location, estimate)
+            # A plain loop, not np.add.at: rows rarely repeat a location, and add.at's unbuffered path is slow.
+            for row, where in enumerate(location):
+                sums[name][where] += estimate[row]
             first[name][location[is_first]] = estimate[is_first]
         if first_mixed is not None:
             first_mixed[location[is_first]] = mixed[is_first]
@@ -211,10 +213,10 @@ def segment_private(
     return PrivateSegmentation(labelmap=labelmap, uploaded=uploaded, stats=stats)
 
 
-def segment_plain(image, client, patch_size, progress: Progress | None = None, cancel=None) -> tuple[object, dict]:
+def segment_plain(image, client, patch_size, progress: Progress | None = None, cancel=None, prepared: PreparedScan | None = None) -> tuple[object, dict]:
     """Evaluation baseline: unmixed patches to the server's baseline endpoint (never used for private work)."""
     started = time.perf_counter()
-    prepared = prepare_scan(image, patch_size)
+    prepared = prepared or prepare_scan(image, patch_size)
     sent_before, received_before = client.bytes_sent, client.bytes_received
     probs = client.segment(prepared.patches[:, None], endpoint="baseline", progress=(lambda d, t: progress("baseline", d / t)) if progress else None, cancel=cancel)
     stats = {"bytes_sent": client.bytes_sent - sent_before, "bytes_received": client.bytes_received - received_before, "seconds": time.perf_counter() - started}
