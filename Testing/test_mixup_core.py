@@ -231,7 +231,7 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     env = dict(os.environ, MEDPRIVACY_CACHE=str(tmp_path / "cache"))
     result = subprocess.run(
         [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--out", str(out), "--threads", "1", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     from medprivacy.nets import load_manifest, load_model
@@ -247,7 +247,7 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     stage2 = tmp_path / "stage2"
     result = subprocess.run(
         [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--init-from", str(out), "--out", str(stage2), "--threads", "1", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     chain = load_manifest(stage2)["training"]["continued_from"]
@@ -283,7 +283,7 @@ def test_train_accepts_an_nnunet_msd_dataset_folder(tmp_path):
     out = tmp_path / "models"
     result = subprocess.run(
         [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--dataset", str(root), "--out", str(out), "--threads", "1", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     from medprivacy.nets import load_manifest
@@ -292,7 +292,7 @@ def test_train_accepts_an_nnunet_msd_dataset_folder(tmp_path):
 
     (root / "dataset.json").unlink()
     result = subprocess.run([sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--dataset", str(root), "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 2 and "dataset.json" in result.stderr
 
 

@@ -76,7 +76,7 @@ def test_learned_unmixing_refuses_a_server_with_other_weights(live_server, tmp_p
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "medprivacy.cli", *map(str, args)], capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run([sys.executable, "-m", "medprivacy.cli", *map(str, args)], capture_output=True, encoding="utf-8", errors="replace", timeout=900, env=env)
 
 
 def test_cli_segment_writes_a_segmentation_on_the_input_grid(shipped_server, small_key_dir, sample_brain, tmp_path):

@@ -212,7 +212,7 @@ def test_https_url_for_a_plain_http_server(live_server):
 def test_non_loopback_bind_without_token_is_refused(tiny_models_dir):
     result = subprocess.run(
         [*SERVE_COMMAND, "--host", "0.0.0.0", "--port", str(free_port()), "--models-dir", str(tiny_models_dir)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=120,
         env={k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"},
     )
     assert result.returncode == 2

@@ -67,7 +67,7 @@ def test_module_file_loads_without_qt_or_heavy_imports():
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"),
                                                          os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 

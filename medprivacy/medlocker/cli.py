@@ -83,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new_key_file.add_argument("path", type=Path)
     new_key_file.set_defaults(_watermark=_new_key_file)
 
+    from .train import add_train_arguments, run_train
+
+    train = sub.add_parser("train", help="train the source/target classifiers and the lesion segmenter (seeded)",
+                           description="train the source/target classifiers and the lesion segmenter (seeded)")
+    add_train_arguments(train)
+    train.set_defaults(_watermark=run_train)
+
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, help="inference server URL, e.g. https://gpu.example.org:8765")
