@@ -308,3 +308,14 @@ def test_the_papers_unet_plus_plus_is_selectable():
     net = build_network(arch)
     assert type(net.inner).__name__ == "BasicUNetPlusPlus"
     assert net(torch.rand(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+
+
+def test_outputs_follow_the_umask_not_mkstemps_0600(tmp_path):
+    from medprivacy.mixup.io import write_labelmap
+
+    old = os.umask(0o022)
+    try:
+        write_labelmap(sitk.Image(8, 8, 8, sitk.sitkUInt8), tmp_path / "labels.nii.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "labels.nii.gz").stat().st_mode) == 0o644

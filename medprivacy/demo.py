@@ -171,7 +171,7 @@ def write_overlay_png(image, labelmap, path: Path) -> None:
         rgb = np.repeat(plane[..., None], 3, axis=2)
         for value, (_, color) in TISSUE_SEGMENTS.items():
             where = plane_labels == value
-            rgb[where] = 0.55 * rgb[where] + 0.45 * np.array(color)
+            rgb[where] = 0.4 * rgb[where] + 0.6 * np.array(color)
         padded = np.zeros((height, rgb.shape[1], 3))
         padded[: rgb.shape[0]] = rgb
         panels.append(padded)

@@ -73,6 +73,12 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path: Path, write) -> None:
     path = Path(path)
     if not path.parent.is_dir():
@@ -80,6 +86,7 @@ def write_atomically(path: Path, write) -> None:
     tmp = _atomic_target(path)
     try:
         write(tmp)
+        os.chmod(tmp, _default_file_mode())  # mkstemp creates 0600; a user's result follows their umask
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
