@@ -20,6 +20,21 @@ _COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+def add_server_arguments(parser: argparse.ArgumentParser, timeout: float, timeout_help: str) -> None:
+    """Options every client command shares to reach an inference server (read by ``client_from_args``)."""
+    parser.add_argument("--server", required=True, help="inference server URL, e.g. https://gpu.example.org:8765")
+    parser.add_argument("--token-file", default=None, help="file holding the bearer token (or set MEDPRIVACY_TOKEN)")
+    parser.add_argument("--ca-bundle", default=None, help="CA certificate(s) to verify the server's TLS certificate")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"{timeout_help} (default {timeout:g})")
+
+
+def client_from_args(args: argparse.Namespace, client_class=None):
+    """An InferenceClient (or subclass) configured from ``add_server_arguments`` options."""
+    if client_class is None:
+        from .transport import InferenceClient as client_class
+    return client_class(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 

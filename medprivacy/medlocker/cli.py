@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import add_server_arguments, client_from_args
 from ..errors import InputError
 
 PASSPHRASE_ENV = "MEDPRIVACY_KEY_PASSPHRASE"
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     protect.add_argument("-o", "--out", required=True, type=Path, help="folder for the protected images (created if missing)")
     protect.add_argument("--key", required=True, type=Path, help="MedLocker key file to create (holds the pixels under each logo, encrypted)")
     protect.add_argument("--append", action="store_true", help="add the images to an existing --key instead of creating it")
-    _add_server_arguments(protect)
+    add_server_arguments(protect, 1800.0, "seconds to wait for each image's search")
     protect.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                          help=f"where the logo may go: keep-out of lesion boxes, keep-in them, or wap (anywhere) (default {DEFAULT_MODE})")
     protect.add_argument("--lesions", choices=("auto", "server", "none"), default="auto",
@@ -89,13 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            description="train the source/target classifiers and the lesion segmenter (seeded)")
     add_train_arguments(train)
     train.set_defaults(_watermark=run_train)
-
-
-def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, help="inference server URL, e.g. https://gpu.example.org:8765")
-    parser.add_argument("--token-file", default=None, help="file holding the bearer token (or set MEDPRIVACY_TOKEN)")
-    parser.add_argument("--ca-bundle", default=None, help="CA certificate(s) to verify the server's TLS certificate")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for each image's search (default 1800)")
 
 
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
@@ -283,7 +277,7 @@ def _lesion_source(args, info: dict) -> str:
 def _client(args):
     from ..transport.watermark_client import WatermarkClient
 
-    return WatermarkClient(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout)
+    return client_from_args(args, WatermarkClient)
 
 
 def _progress(total: int):

@@ -6,6 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..cli import add_server_arguments, client_from_args
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="mixup_command", required=True)
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     segment = sub.add_parser("segment", help="segment a scan through the private (mixed) path")
     segment.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
     segment.add_argument("-o", "--output", required=True, type=Path, help="labelmap .nii.gz/.nrrd or segmentation .seg.nrrd")
-    _add_server_arguments(segment)
+    add_server_arguments(segment, 300.0, "seconds to wait for each server answer")
     segment.add_argument("--key-dir", type=Path, default=None, help="private reference bank (default: ~/.medprivacy/mixup-key)")
     segment.add_argument("--tta", type=int, default=8, help="mixed copies per patch, averaged (default 8)")
     segment.add_argument("--unmix", choices=("naive", "learned"), default="learned")
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--image", action="append", default=[], help="held-out image (repeat)")
     evaluate.add_argument("--label", action="append", default=[], help="its labelmap (repeat, same order)")
     evaluate.add_argument("--synthetic", type=int, default=0, help="add N held-out synthetic subjects (never used in training)")
-    _add_server_arguments(evaluate)
+    add_server_arguments(evaluate, 300.0, "seconds to wait for each server answer")
     evaluate.add_argument("--key-dir", type=Path, default=None)
     evaluate.add_argument("--tta", type=int, default=8)
     evaluate.add_argument("--seed", type=int, default=0)
@@ -59,21 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.set_defaults(_mixup=_train)
 
 
-def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, help="inference server URL, e.g. https://gpu.example.org:8765")
-    parser.add_argument("--token-file", default=None, help="file holding the bearer token (or set MEDPRIVACY_TOKEN)")
-    parser.add_argument("--ca-bundle", default=None, help="CA certificate(s) to verify the server's TLS certificate")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each server answer")
-
-
 def run(args: argparse.Namespace) -> int:
     return args._mixup(args)
 
 
 def _client(args):
-    from ..transport import InferenceClient
-
-    return InferenceClient(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout)
+    return client_from_args(args)
 
 
 def _keygen(args) -> int:
