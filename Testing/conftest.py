@@ -32,6 +32,7 @@ Fixtures and helpers
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -248,16 +249,13 @@ def server_factory():
         handle.stop()
 
 
-@pytest.fixture(scope="session")
-def _session_servers(tiny_models_dir, tmp_path_factory):
-    # Both session servers start together so their startups overlap; asking for one starts both.
-    audit_dir = tmp_path_factory.mktemp("audit")
-    cwd = tmp_path_factory.mktemp("server-cwd")
-    tmpdir = tmp_path_factory.mktemp("server-tmp")
-    open_server = launch_server(["--enable-baseline", "--audit-dir", audit_dir], models_dir=tiny_models_dir)
+@contextlib.contextmanager
+def open_and_token_servers(open_kwargs: dict, token_kwargs: dict):
+    """Launch an open server and one requiring a fresh random token, overlapping their slow startups; both stop
+    on exit, also when the second fails to launch. Yields ``(open_server, token_server)`` once both answer."""
+    open_server = launch_server(**open_kwargs)
     try:
-        token_server = launch_server([], {"TMPDIR": str(tmpdir)}, models_dir=tiny_models_dir,
-                                     token=secrets.token_urlsafe(24), cwd=cwd)
+        token_server = launch_server(**token_kwargs, token=secrets.token_urlsafe(24))
     except BaseException:
         open_server.stop()
         raise
@@ -266,6 +264,19 @@ def _session_servers(tiny_models_dir, tmp_path_factory):
     finally:
         open_server.stop()
         token_server.stop()
+
+
+@pytest.fixture(scope="session")
+def _session_servers(tiny_models_dir, tmp_path_factory):
+    # Both session servers start together so their startups overlap; asking for one starts both.
+    audit_dir = tmp_path_factory.mktemp("audit")
+    cwd = tmp_path_factory.mktemp("server-cwd")
+    tmpdir = tmp_path_factory.mktemp("server-tmp")
+    with open_and_token_servers(
+        dict(args=["--enable-baseline", "--audit-dir", audit_dir], models_dir=tiny_models_dir),
+        dict(args=[], env={"TMPDIR": str(tmpdir)}, models_dir=tiny_models_dir, cwd=cwd),
+    ) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 import threading
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import launch_server
+from conftest import open_and_token_servers
 from medprivacy.errors import AuthError, InputError, ServerError
 from medprivacy.medlocker import blending
 from medprivacy.medlocker.boxes import MaskParams, Placement, lesion_boxes
@@ -84,17 +83,11 @@ def wm_files(tmp_path_factory):
 def servers(wm_files):
     """An open MedLocker-only server with a user TorchScript classifier, and one that requires a token."""
     models, script = wm_files
-    open_server = launch_server(["--extra-classifier", f"mine={script}:{SCRIPTED_SIZE[0]}x{SCRIPTED_SIZE[1]}"], models_dir=models)
-    try:
-        token_server = launch_server([], models_dir=models, token=secrets.token_urlsafe(24))
-    except BaseException:
-        open_server.stop()
-        raise
-    try:
-        yield open_server.wait_ready(), token_server.wait_ready()
-    finally:
-        open_server.stop()
-        token_server.stop()
+    with open_and_token_servers(
+        dict(args=["--extra-classifier", f"mine={script}:{SCRIPTED_SIZE[0]}x{SCRIPTED_SIZE[1]}"], models_dir=models),
+        dict(args=[], models_dir=models),
+    ) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
