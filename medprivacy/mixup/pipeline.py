@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
+from ..transport.client import cancel_check
 from .mixing import DEFAULT_LAMBDA_RANGE, flip_patches, mix, naive_unmix, one_hot, plan_mixing
 
 Progress = Callable[[str, float], None]
@@ -141,8 +142,9 @@ def private_scores(
     step = max(1, int(getattr(client, "request_patches", 64)))
     sent_before, received_before = client.bytes_sent, client.bytes_received
     started = time.perf_counter()
+    is_cancelled = cancel_check(cancel)
     for begin in range(0, len(plan), step):
-        if cancel is not None and _is_cancelled(cancel):
+        if is_cancelled():
             raise CancelledError("segmentation cancelled; nothing was written")
         rows = slice(begin, begin + step)
         location, lam = plan.location[rows], plan.lam[rows]
@@ -168,10 +170,6 @@ def private_scores(
         "server_seconds": time.perf_counter() - started,
     }
     return {name: (sums[name] / tta, first[name]) for name in unmixers}, first_mixed, stats
-
-
-def _is_cancelled(cancel) -> bool:
-    return cancel.is_set() if hasattr(cancel, "is_set") else bool(cancel())
 
 
 def segment_private(

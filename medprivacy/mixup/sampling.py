@@ -32,6 +32,26 @@ def crop(volume: np.ndarray, start, patch_size) -> np.ndarray:
 TEXTURE_OVERSAMPLING = 4
 
 
+def reference_candidates(labels, patch_size) -> list:
+    """Per subject, the start positions of mostly-brain patches (computed once, drawn from many times)."""
+    candidates = [reference_starts(lab, patch_size) for lab in labels]
+    if any(len(c) == 0 for c in candidates):
+        raise ValueError("a reference subject has no location where a patch is mostly brain")
+    return candidates
+
+
+def draw_reference_patches(images, labels, candidates, count: int, patch_size, rng: np.random.Generator):
+    """``count`` (image, label) patch pairs: a random subject, then a random one of its candidate positions."""
+    out_images = np.empty((count,) + tuple(patch_size), dtype=np.float32)
+    out_labels = np.empty((count,) + tuple(patch_size), dtype=np.uint8)
+    for i in range(count):
+        subject = int(rng.integers(len(images)))
+        start = candidates[subject][rng.integers(len(candidates[subject]))]
+        out_images[i] = crop(images[subject], start, patch_size)
+        out_labels[i] = crop(labels[subject], start, patch_size)
+    return out_images, out_labels
+
+
 def sample_reference_patches(images, labels, count: int, patch_size, rng: np.random.Generator, oversampling: int = 1):
     """``count`` (image, label) patch pairs from random subjects at random mostly-brain locations.
 
@@ -41,14 +61,4 @@ def sample_reference_patches(images, labels, count: int, patch_size, rng: np.ran
         pool_images, pool_labels = sample_reference_patches(images, labels, count * oversampling, patch_size, rng)
         keep = np.argsort(pool_images.reshape(len(pool_images), -1).std(axis=1))[-count:]
         return pool_images[keep], pool_labels[keep]
-    candidates = [reference_starts(lab, patch_size) for lab in labels]
-    if any(len(c) == 0 for c in candidates):
-        raise ValueError("a reference subject has no location where a patch is mostly brain")
-    out_images = np.empty((count,) + tuple(patch_size), dtype=np.float32)
-    out_labels = np.empty((count,) + tuple(patch_size), dtype=np.uint8)
-    for i in range(count):
-        subject = int(rng.integers(len(images)))
-        start = candidates[subject][rng.integers(len(candidates[subject]))]
-        out_images[i] = crop(images[subject], start, patch_size)
-        out_labels[i] = crop(labels[subject], start, patch_size)
-    return out_images, out_labels
+    return draw_reference_patches(images, labels, reference_candidates(labels, patch_size), count, patch_size, rng)

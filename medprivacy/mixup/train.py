@@ -23,7 +23,7 @@ import numpy as np
 from ..labels import NUM_CLASSES
 from .intensity import normalize_intensity
 from .mixing import DEFAULT_LAMBDA_RANGE
-from .sampling import reference_starts
+from .sampling import crop, draw_reference_patches, reference_candidates
 
 log = logging.getLogger("medprivacy.train")
 
@@ -151,12 +151,12 @@ class PatchSampler:
         shape = subjects[0][0].shape
         self.low = np.array([b[0] for b in box])
         self.high = np.array([min(b[1], n) - patch_size for b, n in zip(box, shape)])
-        self.reference_candidates = [reference_starts(lab, self.patch) for _, lab in subjects]
+        self.images = [image for image, _ in subjects]
+        self.labels = [labels for _, labels in subjects]
+        self.reference_candidates = reference_candidates(self.labels, self.patch)
 
     def _crop(self, subject: int, start):
-        image, labels = self.subjects[subject]
-        region = tuple(slice(int(s), int(s) + p) for s, p in zip(start, self.patch))
-        return image[region], labels[region]
+        return crop(self.images[subject], start, self.patch), crop(self.labels[subject], start, self.patch)
 
     def targets(self, count: int):
         images, labels = [], []
@@ -172,15 +172,9 @@ class PatchSampler:
     def references(self, count: int):
         from .mixing import flip_patches
 
-        images, labels = [], []
-        for _ in range(count):
-            subject = int(self.rng.integers(len(self.subjects)))
-            candidates = self.reference_candidates[subject]
-            image, label = self._crop(subject, candidates[self.rng.integers(len(candidates))])
-            images.append(image)
-            labels.append(label)
+        images, labels = draw_reference_patches(self.images, self.labels, self.reference_candidates, count, self.patch, self.rng)
         flips = self.rng.random((count, 3)) < 0.5
-        return flip_patches(np.stack(images).astype(np.float32), flips), flip_patches(np.stack(labels), flips)
+        return flip_patches(images, flips), flip_patches(labels, flips)
 
 
 def _dice_ce(logits, target_probs):

@@ -168,7 +168,7 @@ class InferenceClient:
         patches = np.asarray(patches)
         if patches.ndim != 5 or patches.shape[1] != 1 or patches.shape[0] == 0:
             raise InputError(f"patches must have shape (N>0, 1, D, H, W), got {patches.shape}")
-        is_cancelled = _cancel_check(cancel)
+        is_cancelled = cancel_check(cancel)
         path = ENDPOINTS[endpoint]
         total = patches.shape[0]
         spatial = patches.shape[2:]
@@ -339,7 +339,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _cancel_check(cancel: Cancel) -> Callable[[], bool]:
+def cancel_check(cancel: Cancel) -> Callable[[], bool]:
+    """A no-argument predicate from a cancel callable, a threading.Event or None."""
     if cancel is None:
         return lambda: False
     if isinstance(cancel, threading.Event):
