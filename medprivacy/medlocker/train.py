@@ -365,17 +365,22 @@ def _train_loop(net, plan, config, family, batches, loss_fn, validate, device, p
     }
 
 
+def _setup_model(config, plan, family, train, validation, device, with_masks: bool):
+    """What every model's training starts with, in this order so each model's seed fixes its weights and batches."""
+    import torch
+
+    seed = _model_seed(config, family)
+    torch.manual_seed(seed)
+    net, arch = build_model(family, (config.size, config.size), plan.arch)
+    batches = _Batches(train, plan.batch_size, seed, config.max_shift, with_masks=with_masks)
+    return seed, net.to(device), arch, batches, _calibration_images(config, train), _eval_tensor(validation)
+
+
 def _train_classifier(config, plan, family, train, validation, test, device, out_dir, progress) -> dict:
     import torch
 
     started = time.time()
-    seed = _model_seed(config, family)
-    torch.manual_seed(seed)
-    net, arch = build_model(family, (config.size, config.size), plan.arch)
-    net = net.to(device)
-    batches = _Batches(train, plan.batch_size, seed, config.max_shift, with_masks=False)
-    calibration = _calibration_images(config, train)
-    val_images = _eval_tensor(validation)
+    seed, net, arch, batches, calibration, val_images = _setup_model(config, plan, family, train, validation, device, with_masks=False)
 
     def loss_fn(logits, labels, _masks):
         return torch.nn.functional.cross_entropy(logits, labels)
@@ -434,18 +439,11 @@ def _segmentation_metrics(pred: np.ndarray, dataset: LesionDataset) -> dict:
 
 
 def _train_segmenter(config, plan, train, validation, test, device, out_dir, progress) -> dict:
-    import torch
     from monai.losses import DiceCELoss
 
     started = time.time()
     family = SEGMENTER_FAMILY
-    seed = _model_seed(config, family)
-    torch.manual_seed(seed)
-    net, arch = build_model(family, (config.size, config.size), plan.arch)
-    net = net.to(device)
-    batches = _Batches(train, plan.batch_size, seed, config.max_shift, with_masks=True)
-    calibration = _calibration_images(config, train)
-    val_images = _eval_tensor(validation)
+    seed, net, arch, batches, calibration, val_images = _setup_model(config, plan, family, train, validation, device, with_masks=True)
     # batch=True: Dice over the whole batch, so lesion-free images do not give 0/0 terms.
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
