@@ -386,3 +386,39 @@ def shipped_server(shipped_models, tmp_path_factory):
     handle = start_server(["--enable-baseline", "--audit-dir", str(audit)], models_dir=shipped_models)
     yield handle
     handle.stop()
+
+
+# --- MedLocker: seeded, untrained, tiny versions of the served architectures (32x32 inputs) ---------------------
+# They test transport, endpoint and GUI-logic mechanics, not watermark strength.
+
+LABELS = {"0": "no lesion", "1": "lesion"}
+SIZE = [32, 32]
+#: Small widths of the served architectures (build_network fills in the rest of each contract).
+CLASSIFIERS = {
+    "wm-cls-resnet18": {"name": "resnet18", "widen_factor": 0.125},
+    "wm-cls-densenet121": {"name": "densenet121", "init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]},
+    "wm-cls-efficientnet-b0": {"name": "efficientnet-b0"},
+    "wm-cls-vit": {"name": "vit", "img_size": SIZE, "patch_size": 16, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2},
+}
+SEGMENTER = {"name": "unet2d", "channels": [4, 8], "strides": [2], "num_res_units": 0}
+def build_watermark_models(directory: Path, classifiers=tuple(CLASSIFIERS), segmenter: bool = True, seed: int = 0) -> Path:
+    """Seeded random classifiers (and a lesion segmenter) saved through the real registry."""
+    import torch
+
+    from medprivacy.nets.registry import ModelSpec, build_network, save_model
+
+    entries = [(name, CLASSIFIERS[name], "classify") for name in classifiers]
+    if segmenter:
+        entries.append(("wm-lesion-seg", SEGMENTER, "segment-lesion"))
+    for offset, (name, arch, task) in enumerate(entries):
+        torch.manual_seed(seed + offset)
+        spec = ModelSpec(name=name, file=f"{name}.safetensors", arch=dict(arch), role="server", patch_size=list(SIZE),
+                         labels=dict(LABELS), extra={"task": task})
+        save_model(build_network(spec.arch), spec, directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_watermark_models_dir(tmp_path_factory) -> Path:
+    """The four tiny classifiers and the tiny lesion segmenter, built once per test session."""
+    return build_watermark_models(tmp_path_factory.mktemp("tiny-wm-models"))

@@ -9,10 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import free_port, start_server
+from conftest import build_watermark_models, free_port, start_server
 from medprivacy.cli import main
 from medprivacy.medlocker import io as mio
-from test_medlocker_server import build_watermark_models
 
 PASSPHRASE = "correct horse battery staple"
 SEARCH = ["--population", "4", "--generations", "1", "--local-iterations", "1", "--seed", "0"]

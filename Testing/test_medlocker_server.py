@@ -14,45 +14,18 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import open_and_token_servers
+from conftest import CLASSIFIERS, LABELS, SIZE, build_watermark_models, open_and_token_servers
 from medprivacy.errors import AuthError, InputError, ServerError
 from medprivacy.medlocker import blending
 from medprivacy.medlocker.boxes import MaskParams, Placement, lesion_boxes
 from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor, unit_image
 from medprivacy.transport.wire import encode_tensor, encode_tensor_raw
 
-LABELS = {"0": "no lesion", "1": "lesion"}
-SIZE = [32, 32]
-#: Small widths of the served architectures (build_network fills in the rest of each contract).
-CLASSIFIERS = {
-    "wm-cls-resnet18": {"name": "resnet18", "widen_factor": 0.125},
-    "wm-cls-densenet121": {"name": "densenet121", "init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]},
-    "wm-cls-efficientnet-b0": {"name": "efficientnet-b0"},
-    "wm-cls-vit": {"name": "vit", "img_size": SIZE, "patch_size": 16, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2},
-}
-SEGMENTER = {"name": "unet2d", "channels": [4, 8], "strides": [2], "num_res_units": 0}
 #: The paper's search shape, shrunk to a few evaluations.
 FAST = {"population": 4, "generations": 1, "local_iterations": 1}
 SCRIPTED_SIZE = (24, 24)
 #: torch deprecates TorchScript in favour of torch.export, but it is the format operators hand over today.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-
-
-def build_watermark_models(directory: Path, classifiers=tuple(CLASSIFIERS), segmenter: bool = True, seed: int = 0) -> Path:
-    """Seeded random classifiers (and a lesion segmenter) saved through the real registry."""
-    import torch
-
-    from medprivacy.nets.registry import ModelSpec, build_network, save_model
-
-    entries = [(name, CLASSIFIERS[name], "classify") for name in classifiers]
-    if segmenter:
-        entries.append(("wm-lesion-seg", SEGMENTER, "segment-lesion"))
-    for offset, (name, arch, task) in enumerate(entries):
-        torch.manual_seed(seed + offset)
-        spec = ModelSpec(name=name, file=f"{name}.safetensors", arch=dict(arch), role="server", patch_size=list(SIZE),
-                         labels=dict(LABELS), extra={"task": task})
-        save_model(build_network(spec.arch), spec, directory)
-    return Path(directory)
 
 
 def build_scripted_classifier(path: Path) -> Path:
