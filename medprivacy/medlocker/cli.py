@@ -145,8 +145,8 @@ def _load_key(path: Path, credentials: dict):
 
 def _protect(args) -> int:
     from . import blending
-    from . import io as mio
-    from .keyfile import MedLockerKey, save_key
+    from .batch import SearchSettings, check_classifiers, choose_lesion_source, plan_protection, protect_files
+    from .keyfile import MedLockerKey
 
     credentials = _credentials(args, confirm=not args.append)
     key_path = Path(args.key)
@@ -163,85 +163,31 @@ def _protect(args) -> int:
     if args.sl <= 0:
         raise InputError(f"--sl must be positive (got {args.sl:g})")
 
-    jobs = _protect_jobs(args, key, logo)
+    jobs = plan_protection(args.images, args.out, key, logo, args.sl, args.overwrite, key_label=f"key {args.key}")
     client = _client(args)
-    info = client.info()
-    available = {n: d for n, d in info.get("models", {}).items() if d.get("task") == "classify"}
-    if not available:
-        raise InputError(f"{client.url} holds no watermark classifier; ask the operator to serve MedLocker models")
-    unknown = [m for m in models or [] if m not in available]
-    if unknown:
-        raise InputError(f"{client.url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(sorted(available))}")
-    lesions = _lesion_source(args, info)
+    info = check_classifiers(client, models)
+    lesions = choose_lesion_source(args.mode, args.lesions, info, note=lambda text: print(text, file=sys.stderr))
+    settings = SearchSettings(
+        mode=args.mode, models=models, weights=weights, label=args.label, sl=args.sl, population=args.population,
+        generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
+        local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max), mutation=args.mutation,
+        max_evaluations=args.max_evaluations, seed=args.seed,
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    done = 0
     bar = _progress(len(jobs))
+
+    def report(path, target, image, answer) -> None:
+        _report(bar, path, target, image, answer)
+        bar.update(1)
+
     try:
-        for index, (path, target) in enumerate(jobs):
-            image = mio.read_image(path)
-            answer = client.optimize(
-                image.pixels, logo, mode=args.mode, lesions=lesions, models=models, weights=weights, label=args.label,
-                sl=args.sl, population=args.population, generations=args.generations, crossover_rate=args.crossover_rate,
-                step=args.step, local_iterations=args.local_iterations, alpha_range=[args.alpha_min, args.alpha_max],
-                mutation=args.mutation, max_evaluations=args.max_evaluations,
-                seed=None if args.seed is None else args.seed + index,
-            )
-            found = answer["params"]
-            protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], args.sl)
-            if list(key[path.name].logo_size) != list(answer["logo_size"]):
-                raise InputError(f"the server sized the logo {answer['logo_size']} but this client {list(key[path.name].logo_size)}; "
-                                 "update client and server to the same MedPrivacy version")
-            mio.write_image(image, protected, target)
-            # Reading back catches a format that would not keep the exact pixels the key fingerprints.
-            if mio.read_image(target).pixels.tobytes() != protected.tobytes():
-                raise InputError(f"{target} does not read back with the pixels written; this format cannot hold a protected image")
-            done += 1
-            _report(bar, path, target, image, answer)
-            bar.update(1)
-    except BaseException:
+        done = protect_files(jobs, client, key, logo, settings, lesions, key_path, credentials, on_image=report,
+                             on_partial_save=lambda text: print(f"medprivacy: {text}", file=sys.stderr))
+    finally:
         bar.close()
-        if done:
-            save_key(key, key_path, **credentials)
-            print(f"medprivacy: key {key_path} saved with the {done} image(s) protected before the error; "
-                  "protect the others with --append", file=sys.stderr)
-        raise
-    bar.close()
-    save_key(key, key_path, **credentials)
     print(f"protected {done} image(s) into {args.out}; key {key_path} holds {len(key)} image(s)")
     return 0
-
-
-def _protect_jobs(args, key, logo) -> list[tuple[Path, Path]]:
-    """(input, output) per image after checking every input, so a bad file stops the batch before the server works."""
-    from . import blending
-    from . import io as mio
-
-    jobs, names = [], {}
-    for path in args.images:
-        path = Path(path)
-        image = mio.read_image(path)
-        blending.check_image(image.pixels, path.name)
-        try:
-            blending.fitted_size(image.pixels.shape, logo.shape, args.sl)
-        except InputError as exc:
-            raise InputError(f"{path.name}: {exc}") from None
-        if path.name in names:
-            raise InputError(f"two inputs are named {path.name} ({names[path.name]} and {path}); names identify images in the key, rename one")
-        if path.name in key:
-            raise InputError(f"{path.name} is already in key {args.key}; each image name can be protected once per key")
-        names[path.name] = path
-        target = Path(args.out) / mio.output_name(path)
-        _check_target(path, target, args.overwrite)
-        jobs.append((path, target))
-    return jobs
-
-
-def _check_target(source: Path, target: Path, overwrite: bool) -> None:
-    if target.exists() and target.resolve() == source.resolve():
-        raise InputError(f"the output {target} would overwrite its input; choose another output folder")
-    if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; pass --overwrite or choose another output folder")
 
 
 def _weights(text: str | None, models: list[str] | None) -> list[float] | None:
@@ -256,22 +202,6 @@ def _weights(text: str | None, models: list[str] | None) -> list[float] | None:
     if len(weights) != len(models):
         raise InputError(f"--weights has {len(weights)} numbers for {len(models)} --models")
     return weights
-
-
-def _lesion_source(args, info: dict) -> str:
-    has_segmenter = any(d.get("task") == "segment-lesion" for d in info.get("models", {}).values())
-    if args.mode == "wap":
-        return "none"
-    if args.lesions == "none":
-        if args.mode == "keep-in":
-            raise InputError("--mode keep-in needs lesion boxes; use --lesions auto or server")
-        return "none"
-    if not has_segmenter:
-        if args.mode == "keep-in" or args.lesions == "server":
-            raise InputError(f"the server holds no lesion segmenter, so it cannot find lesions for --mode {args.mode}; use --mode wap")
-        print("note: the server holds no lesion segmenter; keep-out places the logo anywhere", file=sys.stderr)
-        return "none"
-    return "server"
 
 
 def _client(args):
@@ -309,6 +239,7 @@ def _top(prediction: dict) -> str:
 
 def _unlock(args) -> int:
     from . import io as mio
+    from .batch import check_target
     from .keyfile import unlock
 
     key = _load_key(args.key, _credentials(args))
@@ -318,7 +249,7 @@ def _unlock(args) -> int:
         if not path.is_file():
             raise InputError(f"{path} does not exist or is not a file; give a protected image")
         target = Path(args.out) / mio.output_name(path)
-        _check_target(path, target, args.overwrite)
+        check_target(path, target, args.overwrite)
         targets.append((path, target))
     args.out.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm

@@ -1,0 +1,213 @@
+"""Protecting a batch of image files with one key: the code path shared by ``medprivacy watermark protect`` and the
+Slicer module's Dataset tab.
+
+Order of work: every input is read and checked first (``plan_protection``), so a bad file stops the batch before the
+server spends time on it; then the server's classifiers and lesion segmenter are checked (``check_classifiers``,
+``choose_lesion_source``); then ``protect_files`` searches each image on the server, blends the logo locally into
+the exact pixels, writes the result in the input's own format, and saves the key once at the end. If the batch stops
+early (an error, or the user cancels), the key is still saved with the images finished so far, because their
+protected files are already written and only that key can restore them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import CancelledError, InputError
+from .boxes import DEFAULT_MODE
+from .optimizer import (
+    DEFAULT_ALPHA_BOUNDS, DEFAULT_CROSSOVER_RATE, DEFAULT_GENERATIONS, DEFAULT_LOCAL_ITERATIONS, DEFAULT_POPULATION,
+    DEFAULT_STEP,
+)
+
+LESION_CHOICES = ("auto", "server", "none")
+
+Progress = Callable[[str, "float | None"], None]
+
+
+@dataclass
+class SearchSettings:
+    """What the server's watermark search is asked for (``WatermarkClient.optimize`` parameters).
+
+    ``seed`` seeds the first image's search; the n-th image of a batch uses ``seed + n``, so a batch is reproducible
+    without giving every image the same search.
+    """
+
+    mode: str = DEFAULT_MODE
+    models: list[str] | None = None
+    weights: list[float] | None = None
+    label: int | None = None
+    sl: float = 4.0
+    population: int = DEFAULT_POPULATION
+    generations: int = DEFAULT_GENERATIONS
+    crossover_rate: float = DEFAULT_CROSSOVER_RATE
+    step: int = DEFAULT_STEP
+    local_iterations: int = DEFAULT_LOCAL_ITERATIONS
+    alpha_range: tuple[float, float] = DEFAULT_ALPHA_BOUNDS
+    mutation: str = "basin-hopping"
+    max_evaluations: int | None = None
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def request(self, lesions: str, index: int = 0) -> dict[str, Any]:
+        """Keyword arguments of ``WatermarkClient.optimize`` for the ``index``-th image of a batch."""
+        if self.sl <= 0:
+            raise InputError(f"the logo scale sl must be positive (got {self.sl:g})")
+        if self.weights is not None and (self.models is None or len(self.weights) != len(self.models)):
+            raise InputError("give one weight per chosen source model, or no weights at all")
+        return dict(
+            mode=self.mode, lesions=lesions, models=self.models, weights=self.weights, label=self.label, sl=self.sl,
+            population=self.population, generations=self.generations, crossover_rate=self.crossover_rate,
+            step=self.step, local_iterations=self.local_iterations, alpha_range=[float(v) for v in self.alpha_range],
+            mutation=self.mutation, max_evaluations=self.max_evaluations,
+            seed=None if self.seed is None else int(self.seed) + index, **self.extra,
+        )
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files MedLocker reads in ``folder`` (not its subfolders), sorted by name; hidden files are skipped."""
+    from . import io as mio
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"input folder {folder} does not exist or is not a folder")
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            mio.image_format(path)
+        except InputError:
+            continue  # a README or a spreadsheet next to the images is not an error
+        found.append(path)
+    if not found:
+        raise InputError(f"{folder} holds no PNG, JPEG, TIFF, NIfTI or DICOM image")
+    return found
+
+
+def check_target(source: Path, target: Path, overwrite: bool) -> None:
+    if target.exists() and target.resolve() == source.resolve():
+        raise InputError(f"the output {target} would overwrite its input; choose another output folder")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; pass --overwrite or choose another output folder")
+
+
+def plan_protection(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, key, logo, sl: float,
+                    overwrite: bool = False, key_label: str = "the key") -> list[tuple[Path, Path]]:
+    """(input, output) per image after checking every input: readable, watermarkable, logo fits, name unused."""
+    from . import blending
+    from . import io as mio
+
+    jobs, names = [], {}
+    for path in images:
+        path = Path(path)
+        image = mio.read_image(path)
+        blending.check_image(image.pixels, path.name)
+        try:
+            blending.fitted_size(image.pixels.shape, logo.shape, sl)
+        except InputError as exc:
+            raise InputError(f"{path.name}: {exc}") from None
+        if path.name in names:
+            raise InputError(f"two inputs are named {path.name} ({names[path.name]} and {path}); names identify images in the key, rename one")
+        if path.name in key:
+            raise InputError(f"{path.name} is already in {key_label}; each image name can be protected once per key")
+        names[path.name] = path
+        target = Path(out_dir) / mio.output_name(path)
+        check_target(path, target, overwrite)
+        jobs.append((path, target))
+    return jobs
+
+
+def check_classifiers(client, models: Sequence[str] | None) -> dict[str, Any]:
+    """The server's /v1/info after checking that it serves classifiers, and every one of ``models``."""
+    info = client.info()
+    available = {n: d for n, d in info.get("models", {}).items() if d.get("task") == "classify"}
+    if not available:
+        raise InputError(f"{client.url} holds no watermark classifier; ask the operator to serve MedLocker models")
+    unknown = [m for m in models or [] if m not in available]
+    if unknown:
+        raise InputError(f"{client.url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(sorted(available))}")
+    return info
+
+
+def choose_lesion_source(mode: str, lesions: str, info: dict[str, Any], note: Callable[[str], None] | None = None) -> str:
+    """What the server is told about lesions ("server" or "none") for ``lesions`` in ``LESION_CHOICES``."""
+    if lesions not in LESION_CHOICES:
+        raise InputError(f"lesions must be one of {', '.join(LESION_CHOICES)}, not {lesions!r}")
+    has_segmenter = any(d.get("task") == "segment-lesion" for d in info.get("models", {}).values())
+    if mode == "wap":
+        return "none"
+    if lesions == "none":
+        if mode == "keep-in":
+            raise InputError("--mode keep-in needs lesion boxes; use --lesions auto or server")
+        return "none"
+    if not has_segmenter:
+        if mode == "keep-in" or lesions == "server":
+            raise InputError(f"the server holds no lesion segmenter, so it cannot find lesions for --mode {mode}; use --mode wap")
+        if note is not None:
+            note("note: the server holds no lesion segmenter; keep-out places the logo anywhere")
+        return "none"
+    return "server"
+
+
+def protect_files(
+    jobs: Sequence[tuple[Path, Path]],
+    client,
+    key,
+    logo: np.ndarray,
+    settings: SearchSettings,
+    lesions: str,
+    key_path: str | os.PathLike,
+    credentials: dict[str, Any],
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    on_image: Callable[[Path, Path, Any, dict[str, Any]], None] | None = None,
+    on_partial_save: Callable[[str], None] | None = None,
+) -> int:
+    """Protect every (input, output) of ``jobs`` into ``key`` and save the key; returns the number protected.
+
+    ``progress(text, fraction)`` is called before each image, ``on_image(input, output, image, answer)`` after it.
+    ``cancel()`` is checked between images (the search of the current image is not interrupted); cancelling raises
+    CancelledError. On any early stop the key is saved with the images finished so far and ``on_partial_save``
+    gets a one-line note.
+    """
+    from . import io as mio
+    from .keyfile import save_key
+
+    key_path = Path(key_path)
+    done = 0
+    try:
+        for index, (path, target) in enumerate(jobs):
+            if cancel is not None and cancel():
+                raise CancelledError(f"protection cancelled after {done} of {len(jobs)} image(s)")
+            if progress is not None:
+                progress(f"protecting {path.name} ({index + 1} of {len(jobs)})", index / max(1, len(jobs)))
+            image = mio.read_image(path)
+            answer = client.optimize(image.pixels, logo, **settings.request(lesions, index))
+            found = answer["params"]
+            protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], settings.sl)
+            if list(key[path.name].logo_size) != list(answer["logo_size"]):
+                raise InputError(f"the server sized the logo {answer['logo_size']} but this client {list(key[path.name].logo_size)}; "
+                                 "update client and server to the same MedPrivacy version")
+            mio.write_image(image, protected, target)
+            # Reading back catches a format that would not keep the exact pixels the key fingerprints.
+            if mio.read_image(target).pixels.tobytes() != protected.tobytes():
+                raise InputError(f"{target} does not read back with the pixels written; this format cannot hold a protected image")
+            done += 1
+            if on_image is not None:
+                on_image(path, target, image, answer)
+    except BaseException:
+        if done:
+            save_key(key, key_path, **credentials)
+            if on_partial_save is not None:
+                on_partial_save(f"key {key_path} saved with the {done} image(s) protected before the stop; "
+                                "protect the others with --append")
+        raise
+    save_key(key, key_path, **credentials)
+    if progress is not None:
+        progress(f"protected {done} image(s); key saved", 1.0)
+    return done
