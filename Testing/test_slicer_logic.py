@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
 
 import slicer_support  # noqa: E402  (Testing/ is on sys.path: pytest's rootdir-relative import of this file)
+from medprivacy.jobs import BackgroundJob  # noqa: E402
 
 MixupPrivacy = slicer_support.load_module()
 
@@ -78,6 +79,11 @@ def test_every_lib_file_is_packaged():
     assert lib_files and all(f"${{MODULE_NAME}}Lib/{name}" in cmake for name in lib_files), lib_files
 
 
+def test_worker_helper_is_the_core_one():
+    # Both Slicer modules share the core's qt-free BackgroundJob instead of each keeping a copy.
+    assert MixupPrivacy.BackgroundJob is BackgroundJob
+
+
 def _drain(job, timeout=10.0):
     """All messages of a finished job, waiting for its final one."""
     messages = []
@@ -94,13 +100,13 @@ def test_background_job_reports_progress_then_exactly_one_outcome():
         progress("half way", 0.5)
         return "result"
 
-    messages = _drain(MixupPrivacy.BackgroundJob("demo", work).start())
+    messages = _drain(BackgroundJob("demo", work).start())
     assert messages == [("progress", "loading", None), ("progress", "half way", 0.5), ("done", "result", None)]
 
     def failing(progress, cancel):
         raise MixupPrivacy.InputError("bad input")
 
-    kind, error, detail = _drain(MixupPrivacy.BackgroundJob("demo", failing).start())[-1]
+    kind, error, detail = _drain(BackgroundJob("demo", failing).start())[-1]
     assert kind == "error" and isinstance(error, MixupPrivacy.InputError) and "bad input" in detail
 
 
@@ -115,7 +121,7 @@ def test_background_job_cancel_reaches_the_worker():
             started.wait(0.01)
         raise MixupPrivacy.CancelledError("cancelled by the user")
 
-    job = MixupPrivacy.BackgroundJob("demo", work).start()
+    job = BackgroundJob("demo", work).start()
     assert started.wait(10)
     job.cancel()
     kind, error, _detail = _drain(job)[-1]

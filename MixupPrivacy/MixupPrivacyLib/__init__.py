@@ -1,4 +1,4 @@
-"""MixupPrivacy's logic, test bodies and worker helper: everything of the module that runs without Qt.
+"""MixupPrivacy's logic and test bodies (and the core's worker helper, re-exported): everything of the module that runs without Qt.
 
 Only ``slicer`` (MRML) and ``vtk`` are needed, so this package imports and runs under PyPI's ``slicer-core`` as well
 as in the application. Heavy parts of the core package (torch, MONAI, the HTTP client) are imported inside
@@ -18,8 +18,9 @@ except ImportError:
     if os.path.isfile(os.path.join(_source_root, "medprivacy", "__init__.py")):
         sys.path.insert(0, _source_root)
 
+from medprivacy.jobs import BackgroundJob  # noqa: E402  (shared with MedLockerWatermark; qt-free, so in the core)
+
 from .dependencies import PIP_IMPORT_NAMES, PIP_REQUIREMENTS  # noqa: E402
-from .jobs import BackgroundJob  # noqa: E402
 from .logic import DEFAULT_SERVER_URL, UNMIX_MODES, MixupPrivacyLogic, normalized_server_url  # noqa: E402
 from .testing import MixupPrivacyTestMixin  # noqa: E402
 

@@ -12,6 +12,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import InputError, MedPrivacyError
 from medprivacy.labels import TISSUE_SEGMENTS
 
@@ -22,14 +23,6 @@ UNMIX_MODES = ("learned", "naive")
 
 # Fixed segment IDs let a second run on the same output node replace its own segments and nothing else.
 _SEGMENT_IDS = {label: "MixupPrivacy_" + name.replace(" ", "_") for label, (name, _color) in TISSUE_SEGMENTS.items()}
-
-
-def normalized_server_url(url: str) -> str:
-    """The form under which consent to upload to a server is remembered (case of scheme/host, trailing slash)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url.strip())
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
 def _node_label(node) -> str:

@@ -1,4 +1,8 @@
-"""Worker threads for the widget: network and model work must not freeze Slicer's GUI."""
+"""Worker threads for the Slicer widgets: network and model work must not freeze the GUI.
+
+Plain threading and a queue, no Qt: the core package stays importable without Slicer, and each module's widget
+drains ``messages`` from its own Qt timer on the main thread.
+"""
 from __future__ import annotations
 
 import queue
@@ -20,7 +24,7 @@ class BackgroundJob:
         self.messages: queue.Queue = queue.Queue()
         self.cancel_event = threading.Event()
         self._work = work
-        self._thread = threading.Thread(target=self._run, name=f"MixupPrivacy: {title}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"MedPrivacy: {title}", daemon=True)
 
     def start(self) -> BackgroundJob:
         self._thread.start()
