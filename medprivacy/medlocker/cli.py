@@ -91,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(train)
     train.set_defaults(_watermark=run_train)
 
+    from .evaluate import add_eval_arguments, run_eval
+
+    evaluate = sub.add_parser("eval", help="Tables 1-3 of the paper (white-box, transfer, placement/mutation) on held-out images",
+                              description="Evaluate MedLocker through a server on held-out images: white-box ASR, transfer ASR, "
+                                          "placement and mutation ablation, PSNR/SSIM, bit-exact unlock, example grid.")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(_watermark=run_eval)
+
 
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
