@@ -108,7 +108,7 @@ def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) ->
         raise InputError(f"cannot write {pixels.dtype} {pixels.shape} pixels into a {image.describe} file")
     if image.path.exists() and path.exists() and path.resolve() == image.path.resolve():
         raise InputError(f"refusing to overwrite the input {path}; choose another output folder")
-    stored = _to_file_dtype(pixels, image.file_dtype)
+    stored = to_file_pixels(pixels, image.file_dtype)
     if image.format == "dicom":
         dataset = _dicom_with_pixels(image, stored)
         write_atomically(path, lambda tmp: dataset.save_as(str(tmp)))
@@ -119,7 +119,8 @@ def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) ->
 
 # --- pixel types -----------------------------------------------------------------------------------------------
 
-def _to_medlocker_dtype(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dtype]:
+def to_medlocker_pixels(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dtype]:
+    """(unsigned 8/16-bit pixels MedLocker works on, the array's own dtype); signed types are shifted (a bijection)."""
     dtype = array.dtype
     if dtype in _UNSIGNED:
         return array, dtype
@@ -129,7 +130,8 @@ def _to_medlocker_dtype(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dt
     raise InputError(f"{name} has pixel type {dtype}; MedLocker protects 8- or 16-bit integer images, convert it first")
 
 
-def _to_file_dtype(pixels: np.ndarray, file_dtype: np.dtype) -> np.ndarray:
+def to_file_pixels(pixels: np.ndarray, file_dtype: np.dtype) -> np.ndarray:
+    """The inverse of ``to_medlocker_pixels``: MedLocker's unsigned pixels back in the source's ``file_dtype``."""
     if file_dtype in _SIGNED:
         _, shift = _SIGNED[file_dtype]
         return (pixels.astype(np.int32) - shift).astype(file_dtype)
@@ -171,7 +173,7 @@ def _read_itk(path: Path, fmt: str) -> MedImage:
         array = array[0]
     components = source.GetNumberOfComponentsPerPixel()
     _check_2d(array, path.name, components)
-    pixels, file_dtype = _to_medlocker_dtype(array, path.name)
+    pixels, file_dtype = to_medlocker_pixels(array, path.name)
     return MedImage(path=path, format=fmt, pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=source, _slice_axis=sliced)
 
 
@@ -229,7 +231,7 @@ def _read_dicom(path: Path) -> MedImage:
                          "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     _check_2d(array, path.name, samples)
-    pixels, file_dtype = _to_medlocker_dtype(np.asarray(array), path.name)
+    pixels, file_dtype = to_medlocker_pixels(np.asarray(array), path.name)
     return MedImage(path=path, format="dicom", pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=dataset)
 
 
