@@ -182,7 +182,7 @@ def plan_runs(classifiers: Sequence[str], config: EvalConfig, table3_source: str
 
 # --- the evaluation --------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the fields hold arrays
 class _Image:
     index: int
     seed: int
@@ -568,7 +568,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{'mutation':<26}{'WAP lesion':>12}{'WAP none':>12}{'keep-in':>12}{'keep-out':>12}")
         for mutation, row in t3["rows"].items():
             cells = [row["wap"]["lesion"], row["wap"]["no-lesion"], row["keep-in"]["lesion"], row["keep-out"]["lesion"]]
-            lines.append(f"{mutation:<26}" + "".join(f"{_pct(c['asr'])} ({c['attacked']:>3})" for c in cells))
+            lines.append(f"{mutation:<26}" + "".join(f"{_pct(c['asr']) + ' (' + str(c['attacked']) + ')':>12}" for c in cells))
     unlock = report["unlock"]
     lines.append(f"unlock: {unlock['bit_exact']}/{unlock['checked']} watermarked images restored bit-exactly"
                  + (f"; key {unlock['key_file_bytes_per_image']:.0f} bytes/image" if unlock["key_file_bytes"] else ""))
