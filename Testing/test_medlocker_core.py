@@ -11,7 +11,7 @@ import pytest
 
 from medprivacy.errors import InputError
 from medprivacy.medlocker.blending import (
-    as_rgba, blend, blend_batch, default_logo, fit_logo, fitted_size, load_logo, logo_sha256, watermark,
+    as_rgba, blend, blend_batch, default_logo, fit_logo, fitted_size, load_logo, logo_sha256, unit_view, watermark,
 )
 from medprivacy.medlocker.boxes import Box, MaskParams, Placement, expand_box, lesion_boxes, merge_boxes
 from medprivacy.medlocker.keyfile import (
@@ -85,6 +85,35 @@ def test_watermark_returns_the_exact_region_and_follows_the_blending_formula():
     out_rgb, region = watermark(rgb, half, alpha=255, x=2, y=3)
     assert (out_rgb[region][:, :5] == (255, 0, 0)).all()  # alpha 255 on an opaque pixel: the original is gone
     assert (out_rgb[region][:, 5:] == 50).all()
+
+
+def test_a_narrow_intensity_window_paints_the_logo_on_the_image_scale(tmp_path):
+    """A 12-bit image in uint16: the opaque white logo lands at the window's top, not at 65535; unlock stays exact
+    and the key keeps the window for parameter-only removal."""
+    image = np.random.default_rng(3).integers(0, 4096, (40, 40), dtype=np.uint16)
+    white = np.full((8, 8, 4), 255, np.uint8)
+    window = (0, 4095)
+    out, region = watermark(image, white, alpha=255, x=5, y=6, sl=4, window=window)
+    assert np.all(out[region] == 4095) and out.max() == 4095
+    black = white.copy()
+    black[..., :3] = 0
+    dark, _ = watermark(image, black, alpha=255, x=5, y=6, sl=4, window=(1000, 3000))
+    assert np.all(dark[region] == 1000)
+    unit = unit_view(dark, (1000, 3000))
+    assert unit.shape == (1, 40, 40) and unit.min() == 0.0 and unit.max() == 1.0 and np.all(unit[0][region] == 0.0)
+    key = MedLockerKey()
+    protected = key.protect("ct", image, white, 180, 5, 6, window=window)
+    np.testing.assert_array_equal(unlock(protected, key), image)
+    save_key(key, tmp_path / "k.mlk", passphrase="pw", **FAST_KDF)
+    entry = load_key(tmp_path / "k.mlk", passphrase="pw")["ct"]
+    assert entry.window == window
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        approx, _ = unlock_approximate(protected, load_key(tmp_path / "k.mlk", passphrase="pw"))
+    assert np.abs(approx.astype(int) - image.astype(int)).max() <= 2  # alpha 180: eq. 9 recovers the scale
+    for bad in ((10, 10), (0, 70000), (-1, 5), "wide"):
+        with pytest.raises(InputError, match="window"):
+            watermark(image, white, alpha=200, x=0, y=0, window=bad)
 
 
 def test_logo_size_follows_eq2():
@@ -445,3 +474,34 @@ def test_bad_inputs_give_one_line_errors(logo):
         key.protect("a", image, logo, 150, 0, 0)
     with pytest.raises(InputError, match="does not exist"):
         save_key(key, "/nonexistent-folder/k.mlkey", passphrase="x", **FAST_KDF)
+
+
+def test_intensity_window_of_files(tmp_path):
+    """DICOM: Window Center/Width (through Rescale Slope/Intercept and the signed shift), else Bits Stored;
+    NIfTI: its own range; 8-bit and 16-bit PNG: the full range (None)."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from medprivacy.medlocker import io as mio
+    from medprivacy.medlocker.data import DataConfig, _write_dicom
+
+    gray = np.random.default_rng(0).integers(0, 4096, (32, 32)).astype(np.uint16)
+    _write_dicom(tmp_path / "mr.dcm", gray, 7, DataConfig())
+    assert mio.read_image(tmp_path / "mr.dcm").window == (0, 4095)  # WC 2048 / WW 4096
+    ds = pydicom.dcmread(tmp_path / "mr.dcm")
+    del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(tmp_path / "no-window.dcm")
+    assert mio.read_image(tmp_path / "no-window.dcm").window == (0, 4095)  # Bits Stored 12
+    ct = (gray.astype(np.int16) - 1024).astype(np.int16)
+    ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope = 1, -1024, 1
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.PixelData = ct.tobytes()
+    ds.save_as(tmp_path / "ct.dcm")
+    image = mio.read_image(tmp_path / "ct.dcm")
+    # soft-tissue window: -160..239 HU (DICOM linear window) = stored 864..1263, shifted by 32768 into uint16
+    assert image.pixels.dtype == np.uint16 and image.window == (32768 + 864, 32768 + 1263)
+    sitk.WriteImage(sitk.GetImageFromArray(ct), str(tmp_path / "ct.nii.gz"))
+    assert mio.read_image(tmp_path / "ct.nii.gz").window == (int(ct.min()) + 32768, int(ct.max()) + 32768)
+    sitk.WriteImage(sitk.GetImageFromArray(gray * 16), str(tmp_path / "g16.png"))
+    sitk.WriteImage(sitk.GetImageFromArray((gray // 16).astype(np.uint8)), str(tmp_path / "g8.png"))
+    assert mio.read_image(tmp_path / "g16.png").window is None and mio.read_image(tmp_path / "g8.png").window is None

@@ -235,17 +235,20 @@ def test_incremental_rendering_matches_rendering_whole_images(wm_files):
     wm = app.state.service.watermark
     models = [wm.models.classifiers[n] for n in ("wm-cls-resnet18", "wm-cls-vit")]
     rng = np.random.default_rng(9)
-    for image in (rng.integers(0, 256, (70, 53, 3), dtype=np.uint8), rng.integers(0, 65536, (29, 47), dtype=np.uint16)):
+    # 8-bit RGB with its full range; 16-bit gray with the full range and with a 12-bit CT-like window that clips
+    cases = ((rng.integers(0, 256, (70, 53, 3), dtype=np.uint8), (0, 255)),
+             (rng.integers(0, 65536, (29, 47), dtype=np.uint16), (0, 65535)),
+             (rng.integers(0, 4096, (29, 47), dtype=np.uint16), (1000, 3000)))
+    for image, window in cases:
         fitted = blending.fit_logo(blending.default_logo(64), image.shape, 2.5)
         max_x, max_y = image.shape[1] - fitted.size[1], image.shape[0] - fitted.size[0]
         params = np.column_stack([rng.uniform(0, 255, 7), rng.integers(0, max_x + 1, 7), rng.integers(0, max_y + 1, 7)])
         params[0, 1:], params[1, 1:] = (0, 0), (max_x, max_y)  # both corners
-        scorer = _CandidateScorer(wm, models, image, fitted, threading.Event())
+        scorer = _CandidateScorer(wm, models, image, fitted, window, threading.Event())
         scorer.target, scorer.weights = 1, np.array([0.5, 0.5])
         objective, _ = scorer(params.astype(np.float64))
-        rendered = blending.blend_batch(image, fitted, params)
-        planar = rendered[:, None] if image.ndim == 2 else np.moveaxis(rendered, -1, 1)
-        probs = wm._classify_array(models, planar.astype(np.float32) / np.float32(np.iinfo(image.dtype).max))
+        rendered = blending.blend_batch(image, fitted, params, window)
+        probs = wm._classify_array(models, np.stack([unit_image(r, window) for r in rendered]))
         expected, _ = ensemble_objective(np.stack([probs[m.name] for m in models]), 1, [0.5, 0.5])
         np.testing.assert_allclose(objective, expected, atol=1e-5)
 

@@ -187,9 +187,9 @@ def protect_files(
             if progress is not None:
                 progress(f"protecting {path.name} ({index + 1} of {len(jobs)})", index / max(1, len(jobs)))
             image = mio.read_image(path)
-            answer = client.optimize(image.pixels, logo, **settings.request(lesions, index))
+            answer = client.optimize(image.pixels, logo, window=image.window, **settings.request(lesions, index))
             found = answer["params"]
-            protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], settings.sl)
+            protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], settings.sl, image.window)
             if list(key[path.name].logo_size) != list(answer["logo_size"]):
                 raise InputError(f"the server sized the logo {answer['logo_size']} but this client {list(key[path.name].logo_size)}; "
                                  "update client and server to the same MedPrivacy version")

@@ -10,9 +10,13 @@ searches [100, 255]), logo opacity ``A(p)`` in [0, 1] (its alpha channel, or its
 logo colour ``C(p)`` in [0, 1] (luminance for a grayscale image), every pixel p under the logo becomes
 
     a(p) = alpha/255 * A(p)
-    I(p) = round((1 - a(p)) * I_ori(p) + a(p) * V * C(p)),     V = 255 (uint8) or 65535 (uint16)
+    I(p) = round((1 - a(p)) * I_ori(p) + a(p) * (L + (H - L) * C(p)))
 
-Eq. 1 of the paper is the special case A = 1. Pixels outside the logo are untouched.
+where [L, H] is the image's intensity window: the pixel values shown as black and white. It is [0, 255] for
+8-bit images and [0, 65535] for 16-bit photographs, but medical 16-bit images use a part of the range (a 12-bit
+MR is 0..4095, a CT is windowed around soft tissue), and a logo painted at 65535 would be off their scale. The
+classifiers see the same window: ``unit_view`` maps L..H to 0..1. Eq. 1 of the paper is the special case A = 1,
+[L, H] = [0, 255]. Pixels outside the logo are untouched.
 
 Coordinates: (x, y) is the logo's top-left pixel, x the column and y the row, origin at the image's top-left, and
 the whole logo stays inside the image: 0 <= x <= W - w, 0 <= y <= H - h for a logo of w x h pixels.
@@ -57,6 +61,29 @@ def check_image(image, name: str = "the image") -> np.ndarray:
 
 def dtype_max(dtype) -> int:
     return int(np.iinfo(np.dtype(dtype)).max)
+
+
+def check_window(window, dtype) -> tuple[int, int]:
+    """The intensity window (low, high) as whole pixel values with 0 <= low < high <= the dtype's maximum;
+    ``None`` is the dtype's full range."""
+    top = dtype_max(dtype)
+    if window is None:
+        return 0, top
+    try:
+        low, high = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(f"the intensity window must be two numbers (low, high), got {window!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low == int(low) and high == int(high) and 0 <= low < high <= top):
+        raise InputError(f"the intensity window ({low:g}, {high:g}) must be whole pixel values with 0 <= low < high <= {top}")
+    return int(low), int(high)
+
+
+def unit_view(pixels: np.ndarray, window=None) -> np.ndarray:
+    """Channel-first float32 (C, H, W) in [0, 1]: the image as the classifiers see it, ``window`` mapped to 0..1."""
+    pixels = np.asarray(pixels)
+    low, high = check_window(window, pixels.dtype)
+    planar = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+    return np.clip((planar.astype(np.float32) - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32)
 
 
 # --- logos -----------------------------------------------------------------------------------------------------
@@ -271,11 +298,12 @@ def _resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return ndimage.affine_transform(plane, ratio, offset=0.5 * ratio - 0.5, output_shape=tuple(size), order=1, mode="nearest")
 
 
-def blend_terms(fitted: FittedLogo, alpha: float, image_ndim: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+def blend_terms(fitted: FittedLogo, alpha: float, image_ndim: int, dtype, window=None) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) with ``blended = round((1 - a) * original + b)`` over the logo region, broadcastable to the region."""
     weight = check_alpha(alpha) / 255.0
+    low, high = check_window(window, dtype)
     a = weight * fitted.opacity
-    b = weight * fitted.premultiplied * dtype_max(dtype)
+    b = (weight * low) * fitted.opacity[:, :, None] + weight * fitted.premultiplied * (high - low)
     if image_ndim == 2:
         return a, b @ LUMA
     return a[:, :, None], b
@@ -287,33 +315,34 @@ def composite(original: np.ndarray, a: np.ndarray, b: np.ndarray, dtype) -> np.n
     return np.clip(np.rint(values), 0, dtype_max(dtype)).astype(dtype)
 
 
-def blend(image: np.ndarray, fitted: FittedLogo, alpha: float, x: int, y: int) -> np.ndarray:
+def blend(image: np.ndarray, fitted: FittedLogo, alpha: float, x: int, y: int, window=None) -> np.ndarray:
     """A copy of ``image`` with the logo blended in at top-left (x, y); same dtype and shape as ``image``."""
     image = check_image(image)
     x, y = check_position(image.shape, fitted.size, x, y)
-    a, b = blend_terms(fitted, alpha, image.ndim, image.dtype)
+    a, b = blend_terms(fitted, alpha, image.ndim, image.dtype, window)
     out = image.copy()
     region = fitted.region(x, y)
     out[region] = composite(image[region], a, b, image.dtype)
     return out
 
 
-def blend_batch(image: np.ndarray, fitted: FittedLogo, params) -> np.ndarray:
+def blend_batch(image: np.ndarray, fitted: FittedLogo, params, window=None) -> np.ndarray:
     """Render candidates ``params`` = (M, 3) rows of (alpha, x, y) into an (M, *image.shape) array."""
     image = check_image(image)
     params = np.asarray(params, dtype=np.float64).reshape(-1, 3)
     out = np.repeat(image[None], len(params), axis=0)
     for index, (alpha, x, y) in enumerate(params):
         x, y = check_position(image.shape, fitted.size, x, y)
-        a, b = blend_terms(fitted, alpha, image.ndim, image.dtype)
+        a, b = blend_terms(fitted, alpha, image.ndim, image.dtype, window)
         region = fitted.region(x, y)
         out[index][region] = composite(image[region], a, b, image.dtype)
     return out
 
 
-def watermark(image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL) -> tuple[np.ndarray, Region]:
+def watermark(image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL,
+              window=None) -> tuple[np.ndarray, Region]:
     """Fit ``logo`` to ``image`` with scale factor ``sl`` and blend it at (x, y); returns (image, region covered)."""
     image = check_image(image)
     fitted = fit_logo(logo, image.shape, sl)
     x, y = check_position(image.shape, fitted.size, x, y)
-    return blend(image, fitted, alpha, x, y), fitted.region(x, y)
+    return blend(image, fitted, alpha, x, y, window), fitted.region(x, y)

@@ -57,6 +57,20 @@ class MedImage:
     _slice_axis: bool = False  # a NIfTI stored as 3D with one slice
 
     @property
+    def window(self) -> tuple[int, int] | None:
+        """The intensity window (low, high) in ``pixels`` values that shows this image: the logo's black and white,
+        and what the classifiers map to 0..1. None: the pixel type's full range (8-bit images, 16-bit
+        photographs). DICOM: its Window Center/Width, else the range of its Bits Stored. NIfTI: its cal_min/cal_max,
+        else the image's own minimum..maximum (CT and MR NIfTI files use a small part of the 16-bit range)."""
+        if self.pixels.dtype == np.uint8:
+            return None
+        if self.format == "dicom":
+            return _dicom_window(self._source, self.pixels.dtype)
+        if self.format == "nifti":
+            return _nifti_window(self._source, self.pixels, self.file_dtype)
+        return None
+
+    @property
     def describe(self) -> str:
         kind = "RGB" if self.pixels.ndim == 3 else "gray"
         return f"{self.format.upper()} {self.pixels.shape[1]}x{self.pixels.shape[0]} {kind} {self.file_dtype.name}"
@@ -272,3 +286,61 @@ def _private_block(dataset):
         return dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
     except KeyError:
         return None
+
+
+# --- intensity windows -----------------------------------------------------------------------------------------
+
+def _shift_of(file_dtype) -> int:
+    return _SIGNED[np.dtype(file_dtype)][1] if np.dtype(file_dtype) in _SIGNED else 0
+
+
+def _valid_window(low: float, high: float, dtype) -> tuple[int, int] | None:
+    top = int(np.iinfo(dtype).max)
+    low, high = max(0, int(np.floor(low))), min(top, int(np.ceil(high)))
+    return (low, high) if low < high else None
+
+
+def _first_number(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _dicom_window(dataset, dtype) -> tuple[int, int] | None:
+    signed = int(dataset.get("PixelRepresentation", 0) or 0) == 1
+    shift = _SIGNED[np.dtype(np.int16)][1] if signed and np.dtype(dtype) == np.uint16 else 0
+    center, width = _first_number(dataset.get("WindowCenter")), _first_number(dataset.get("WindowWidth"))
+    if center is not None and width is not None and width >= 1:
+        # The window is in output units (after Rescale Slope/Intercept); pixels are stored values, shifted if signed.
+        slope = _first_number(dataset.get("RescaleSlope")) or 1.0
+        intercept = _first_number(dataset.get("RescaleIntercept")) or 0.0
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2  # DICOM PS3.3 C.11.2.1.2.1
+        low, high = sorted(((low - intercept) / slope + shift, (high - intercept) / slope + shift))
+        window = _valid_window(low, high, dtype)
+        if window is not None:
+            return window
+    block = _private_block(dataset)
+    bits = int(block[_PRIVATE_BITS_STORED].value) if block is not None and _PRIVATE_BITS_STORED in block else \
+        int(dataset.get("BitsStored", 16) or 16)
+    if bits >= np.iinfo(dtype).bits:
+        return None
+    if signed:
+        return _valid_window(shift - 2 ** (bits - 1), shift + 2 ** (bits - 1) - 1, dtype)
+    return _valid_window(0, 2 ** bits - 1, dtype)
+
+
+def _nifti_window(source, pixels: np.ndarray, file_dtype) -> tuple[int, int] | None:
+    shift = _shift_of(file_dtype)
+    try:
+        low, high = float(source.GetMetaData("cal_min")), float(source.GetMetaData("cal_max"))
+    except (RuntimeError, ValueError, AttributeError):
+        low = high = 0.0
+    if high > low:
+        window = _valid_window(low + shift, high + shift, pixels.dtype)
+        if window is not None:
+            return window
+    return _valid_window(float(pixels.min()), float(pixels.max()), pixels.dtype) if pixels.size else None
+

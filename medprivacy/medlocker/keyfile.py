@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError
 from .blending import (
-    DEFAULT_SL, SUPPORTED_DTYPES, as_rgba, blend, blend_terms, check_alpha, check_image, composite, dtype_max, fit_logo,
+    DEFAULT_SL, SUPPORTED_DTYPES, as_rgba, blend, blend_terms, check_alpha, check_image, check_window, composite, dtype_max, fit_logo,
     logo_region, logo_sha256,
 )
 
@@ -77,6 +77,7 @@ class KeyEntry:
     original_sha256: str  # the original image: unlock checks its result against it
     dtype: str
     shape: tuple[int, ...]
+    window: tuple[int, int] | None = None  # intensity window of the blend; None = the dtype's full range
     original: np.ndarray | None = field(default=None, repr=False, compare=False)  # pixels under the logo
 
     @property
@@ -92,6 +93,7 @@ class KeyEntry:
             "name": self.name, "alpha": self.alpha, "x": self.x, "y": self.y, "sl": self.sl,
             "logo_size": list(self.logo_size), "logo_sha256": self.logo_sha256, "image_sha256": self.image_sha256,
             "original_sha256": self.original_sha256, "dtype": self.dtype, "shape": list(self.shape), "original": original_name,
+            "window": None if self.window is None else list(self.window),
         }
 
 
@@ -124,8 +126,10 @@ class MedLockerKey:
     def logo(self, fingerprint: str) -> np.ndarray | None:
         return self._logos.get(fingerprint)
 
-    def protect(self, name: str, image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL) -> np.ndarray:
-        """Blend ``logo`` into ``image`` at (alpha, x, y), record the entry under ``name``; returns the protected image."""
+    def protect(self, name: str, image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL,
+                window=None) -> np.ndarray:
+        """Blend ``logo`` into ``image`` at (alpha, x, y) within the intensity ``window`` (default: the dtype's full
+        range), record the entry under ``name``; returns the protected image."""
         if not isinstance(name, str) or not name.strip():
             raise InputError("every protected image needs a non-empty name (e.g. its file name)")
         if name in self._entries:
@@ -133,11 +137,12 @@ class MedLockerKey:
         image = check_image(image)
         rgba = as_rgba(logo)
         fitted = fit_logo(rgba, image.shape, sl)
-        protected = blend(image, fitted, alpha, x, y)
+        window = None if window is None else check_window(window, image.dtype)
+        protected = blend(image, fitted, alpha, x, y, window)
         entry = KeyEntry(
             name=name, alpha=check_alpha(alpha), x=int(x), y=int(y), sl=float(sl), logo_size=fitted.size,
             logo_sha256=logo_sha256(rgba), image_sha256=image_sha256(protected), original_sha256=image_sha256(image),
-            dtype=image.dtype.name, shape=tuple(image.shape), original=image[fitted.region(x, y)].copy(),
+            dtype=image.dtype.name, shape=tuple(image.shape), window=window, original=image[fitted.region(x, y)].copy(),
         )
         self._add(entry, rgba)
         return protected
@@ -219,7 +224,7 @@ def unlock_approximate(image: np.ndarray, key: MedLockerKey | KeyEntry, logo=Non
     if fitted.size != tuple(entry.logo_size):
         raise InputError(f"the logo resizes to {fitted.size} instead of {tuple(entry.logo_size)} for {entry.name!r}; the key and this version disagree")
     dtype = np.dtype(entry.dtype)
-    a, b = blend_terms(fitted, entry.alpha, len(entry.shape), dtype)
+    a, b = blend_terms(fitted, entry.alpha, len(entry.shape), dtype, entry.window)
     seen = image[entry.region].astype(np.float64)
     keep = np.broadcast_to(1.0 - a, seen.shape)
     estimate = np.divide(seen - b, keep, out=np.zeros_like(seen), where=keep > 0)
@@ -404,6 +409,7 @@ def _checked_entry(item: dict, archive) -> KeyEntry:
         name=str(item["name"]), alpha=check_alpha(item["alpha"]), x=int(item["x"]), y=int(item["y"]), sl=float(item["sl"]),
         logo_size=(int(item["logo_size"][0]), int(item["logo_size"][1])), logo_sha256=str(item["logo_sha256"]),
         image_sha256=str(item["image_sha256"]), original_sha256=str(item["original_sha256"]), dtype=dtype.name, shape=shape,
+        window=None if item.get("window") is None else check_window(item["window"], dtype),
     )
     rows, cols = entry.region
     if not (0 <= entry.x and 0 <= entry.y and cols.stop <= shape[1] and rows.stop <= shape[0]):

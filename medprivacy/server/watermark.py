@@ -44,6 +44,8 @@ Endpoints (same bearer token, size limit, API-version header and one-line JSON e
     label                   none: the ensemble's clean          the class to move away from
                             prediction
     max_evaluations         none (server cap MAX_EVALUATIONS)
+    window                  [0, 255] or [0, 65535]              intensity window [low, high] in pixel values:
+                                                                the logo's black/white and the classifiers' 0/1
     ======================  ==================================  =============================================
 
     * by default the largest group of classifiers with the same number of classes (a user's 3-class model is not
@@ -103,7 +105,7 @@ _OPTIMIZE_KEYS = {"image", "logo", "mask", "params"}
 _PARAM_KEYS = {
     "mode", "lesions", "mask_threshold", "mask_params", "models", "weights", "sl", "population", "generations",
     "crossover_rate", "step", "local_iterations", "alpha_range", "alpha_step", "mutation", "seed", "label",
-    "max_evaluations",
+    "max_evaluations", "window",
 }
 _RANGE_SLACK = 1e-3
 
@@ -388,9 +390,10 @@ class WatermarkService:
         weights = _weights(params.get("weights"), len(models))
         options = _search_options(params)
         try:
+            window = blending.check_window(params.get("window"), image.dtype)
             fitted = blending.fit_logo(logo, image.shape, params.get("sl", blending.DEFAULT_SL))
             mode = boxes.normalize_mode(params.get("mode", boxes.DEFAULT_MODE))
-            lesion_source, lesion_mask = self._lesion_mask(params, mode, image, mask)
+            lesion_source, lesion_mask = self._lesion_mask(params, mode, image, mask, window)
             found = []
             if lesion_mask is not None and mode != "wap":
                 mask_params = _mask_params(params.get("mask_params"), image.shape)
@@ -401,7 +404,7 @@ class WatermarkService:
         except InputError as exc:
             raise _HTTPError(422, str(exc)) from None
 
-        scorer = _CandidateScorer(self, models, image, fitted, cancel)
+        scorer = _CandidateScorer(self, models, image, fitted, window, cancel)
         clean = scorer.full_probabilities(image)
         ensemble = np.einsum("k,kc->c", weights, np.stack([clean[m.name][0] for m in models]))
         label = params.get("label")
@@ -417,7 +420,7 @@ class WatermarkService:
         except InputError as exc:
             raise _HTTPError(422, str(exc)) from None
         alpha, x, y = result.alpha, result.x, result.y
-        protected = blending.blend(image, fitted, alpha, x, y)
+        protected = blending.blend(image, fitted, alpha, x, y, window)
         after = scorer.full_probabilities(protected)
         objective_after, _ = ensemble_objective(np.stack([after[m.name] for m in models]), target, weights)
         if abs(float(objective_after[0]) - result.objective) > 1e-3:
@@ -426,7 +429,8 @@ class WatermarkService:
         log.info("watermark optimize: %s image %dx%d, %s, %d evaluations, %s, fooled=%s in %.1f s", "RGB" if image.ndim == 3 else "gray",
                  image.shape[1], image.shape[0], mode, result.evaluations, result.stop_reason, result.fooled, elapsed)
         return {
-            "params": {"alpha": float(alpha), "x": int(x), "y": int(y), "sl": float(params.get("sl", blending.DEFAULT_SL))},
+            "params": {"alpha": float(alpha), "x": int(x), "y": int(y), "sl": float(params.get("sl", blending.DEFAULT_SL)),
+                       "window": list(window)},
             "logo_size": list(fitted.size),
             "objective": float(result.objective),
             "fooled": bool(result.fooled),
@@ -526,7 +530,7 @@ class WatermarkService:
             raise _HTTPError(422, f"lesion mask has shape {list(raw.shape)}; expected (1, 1, {shape[0]}, {shape[1]}) like the image")
         return raw != 0
 
-    def _lesion_mask(self, params: dict, mode: str, image: np.ndarray, mask):
+    def _lesion_mask(self, params: dict, mode: str, image: np.ndarray, mask, window):
         source = params.get("lesions")
         if source is None:
             source = "mask" if mask is not None else ("server" if mode != "wap" and self.models.segmenters else "none")
@@ -541,37 +545,41 @@ class WatermarkService:
             if not _is_number(threshold) or not 0 < float(threshold) < 1:
                 raise _HTTPError(422, f"mask_threshold {threshold!r} must lie strictly between 0 and 1")
             segmenter = self._pick_segmenter(None)
-            vmax = float(np.iinfo(image.dtype).max)
-            planar = (image[None, None] if image.ndim == 2 else np.moveaxis(image, -1, 0)[None]).astype(np.float32) / vmax
-            return source, self._lesion_probability(segmenter, planar)[0, 0] >= float(threshold)
+            from ..medlocker.blending import unit_view
+
+            return source, self._lesion_probability(segmenter, unit_view(image, window)[None])[0, 0] >= float(threshold)
         return source, None
 
 
 class _CandidateScorer:
     """``score(params) -> (objective, fooled)`` for the optimiser: renders the logo area, classifies in batches."""
 
-    def __init__(self, wm: WatermarkService, models: list[_Model], image: np.ndarray, fitted, cancel: threading.Event):
+    def __init__(self, wm: WatermarkService, models: list[_Model], image: np.ndarray, fitted, window: tuple[int, int],
+                 cancel: threading.Event):
         import torch
 
-        self.wm, self.models, self.image, self.fitted, self.cancel = wm, models, image, fitted, cancel
+        self.wm, self.models, self.image, self.fitted, self.window, self.cancel = wm, models, image, fitted, window, cancel
         self.device = wm.device
-        self.vmax = float(np.iinfo(image.dtype).max)
         self.target, self.weights = 0, None
         height, width = image.shape[:2]
-        planar = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
         # The full-size clean image is resized once per input size on the CPU, so a large photograph never
         # occupies GPU memory; only the small resized copies and the resize matrices live on the device.
-        base = torch.from_numpy(planar.astype(np.float32) / np.float32(self.vmax))[None]
+        # Its window is applied (and clipped) before resizing, like for the rendered candidates below.
+        base = torch.from_numpy(self._view(image))[None]
         self.resizers: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         with torch.inference_mode():
             for size in {m.size for m in models}:
                 self.resizers[size] = (_resize_matrix(height, size[0], self.device), _resize_matrix(width, size[1], self.device),
                                        _resize(base, size).to(self.device))
 
+    def _view(self, image: np.ndarray) -> np.ndarray:
+        from ..medlocker.blending import unit_view
+
+        return unit_view(image, self.window)
+
     def full_probabilities(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Per-model probabilities (1, C) of one whole image, through the same path as /classify."""
-        planar = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
-        return self.wm._classify_array(self.models, (planar.astype(np.float32) / np.float32(self.vmax))[None])
+        return self.wm._classify_array(self.models, self._view(image)[None])
 
     def __call__(self, params: np.ndarray):
         from ..medlocker.optimizer import ensemble_objective
@@ -596,9 +604,9 @@ class _CandidateScorer:
         for i, (alpha, x, y) in enumerate(params):
             region = self.fitted.region(int(x), int(y))
             original = self.image[region]
-            a, b = blend_terms(self.fitted, alpha, self.image.ndim, self.image.dtype)
-            change = composite(original, a, b, self.image.dtype).astype(np.float32) - original.astype(np.float32)
-            deltas[i] = (change[None] if change.ndim == 2 else np.moveaxis(change, -1, 0)) / np.float32(self.vmax)
+            a, b = blend_terms(self.fitted, alpha, self.image.ndim, self.image.dtype, self.window)
+            # The change as the classifiers see it: windowed (and clipped) rendered minus windowed original.
+            deltas[i] = self._view(composite(original, a, b, self.image.dtype)) - self._view(original)
         xs = torch.as_tensor(params[:, 1].astype(np.int64), device=self.device)
         ys = torch.as_tensor(params[:, 2].astype(np.int64), device=self.device)
         out = []

@@ -73,7 +73,7 @@ class WatermarkClient(InferenceClient):
         ``pixels``: the image exactly as protected, (H, W) or (H, W, 3), uint8 or uint16. ``logo``: RGBA uint8
         (h, w, 4). ``mask``: optional lesion mask (H, W), nonzero = lesion. ``params``: the search parameters
         (mode, lesions, models, weights, sl, population, generations, crossover_rate, step, local_iterations,
-        alpha_range, alpha_step, mutation, seed, label, max_evaluations, mask_threshold, mask_params); None
+        alpha_range, alpha_step, mutation, seed, label, max_evaluations, mask_threshold, mask_params, window); None
         values are left out so the server's defaults apply.
         """
         document = {
@@ -131,11 +131,12 @@ def exact_image_tensor(pixels: np.ndarray) -> bytes:
     raise InputError(f"the image has pixel type {pixels.dtype}; MedLocker works on 8- or 16-bit unsigned pixels")
 
 
-def unit_image(pixels: np.ndarray) -> np.ndarray:
-    """Channel-first float32 (C, H, W) in [0, 1] of an 8/16-bit image, as the classifiers see it."""
-    pixels = np.asarray(pixels)
-    planar = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
-    return (planar.astype(np.float32) / np.float32(np.iinfo(pixels.dtype).max)).astype(np.float32)
+def unit_image(pixels: np.ndarray, window=None) -> np.ndarray:
+    """Channel-first float32 (C, H, W) in [0, 1] of an 8/16-bit image, as the classifiers see it: the intensity
+    ``window`` (low, high) mapped to 0..1 (default: the pixel type's full range)."""
+    from ..medlocker.blending import unit_view
+
+    return unit_view(pixels, window)
 
 
 def _rgba(logo: np.ndarray) -> np.ndarray:
