@@ -37,6 +37,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO_ROOT / "MixupPrivacy"
 MODULE_FILE = MODULE_DIR / "MixupPrivacy.py"
+MEDLOCKER_MODULE_DIR = REPO_ROOT / "MedLockerWatermark"
 
 
 @dataclass
@@ -66,19 +67,22 @@ def make_scene() -> SlicerCoreScene:
     return SlicerCoreScene(scene, application_logic, segmentations_logic)
 
 
-def load_module() -> ModuleType:
-    """Import MixupPrivacy/MixupPrivacy.py under its Slicer name, as Slicer's scripted module loader does.
+def load_module(module_dir: Path = MODULE_DIR) -> ModuleType:
+    """Import a scripted module file (default MixupPrivacy/MixupPrivacy.py) under its Slicer name, as Slicer's
+    scripted module loader does.
 
-    Slicer puts each scripted module's folder on ``sys.path``; the module file relies on that to import
-    ``MixupPrivacyLib`` beside it, so the same is done here.
+    Slicer puts each scripted module's folder on ``sys.path``; the module file relies on that to import its
+    ``<Name>Lib`` beside it, so the same is done here.
     """
-    if str(MODULE_DIR) not in sys.path:
-        sys.path.insert(0, str(MODULE_DIR))
-    name = MODULE_FILE.stem
+    module_dir = Path(module_dir)
+    module_file = module_dir / f"{module_dir.name}.py"
+    if str(module_dir) not in sys.path:
+        sys.path.insert(0, str(module_dir))
+    name = module_file.stem
     module = sys.modules.get(name)
-    if module is not None and Path(getattr(module, "__file__", "")).resolve() == MODULE_FILE:
+    if module is not None and Path(getattr(module, "__file__", "")).resolve() == module_file:
         return module
-    spec = importlib.util.spec_from_file_location(name, MODULE_FILE)
+    spec = importlib.util.spec_from_file_location(name, module_file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

@@ -1,0 +1,51 @@
+"""MedLockerWatermark's logic and test bodies: everything of the module that runs without Qt.
+
+Only ``slicer`` (MRML) and ``vtk`` are needed, so this package imports and runs under PyPI's ``slicer-core`` as well
+as in the application. Heavy parts of the core package (the HTTP client, scipy, cryptography) are imported inside
+functions, so that Slicer can list and open the module before those dependencies are installed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# In a source checkout added to Slicer's module paths, the core package sits two folders above this one; built and
+# installed extensions copy it next to the scripted modules (already on sys.path), where this is never needed.
+try:
+    import medprivacy  # noqa: F401
+except ImportError:
+    _source_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isfile(os.path.join(_source_root, "medprivacy", "__init__.py")):
+        sys.path.insert(0, _source_root)
+
+from medprivacy.jobs import BackgroundJob  # noqa: E402  (the core's qt-free worker, shared with MixupPrivacy)
+
+from .dependencies import PIP_IMPORT_NAMES, PIP_REQUIREMENTS  # noqa: E402
+from .logic import (  # noqa: E402
+    DEFAULT_MODE,
+    DEFAULT_SERVER_URL,
+    LESION_SOURCES,
+    MODES,
+    MedLockerWatermarkLogic,
+    ProtectionResult,
+    SliceImage,
+    describe_predictions,
+    normalized_server_url,
+)
+from .testing import MedLockerWatermarkTestMixin  # noqa: E402
+
+__all__ = [
+    "BackgroundJob",
+    "DEFAULT_MODE",
+    "DEFAULT_SERVER_URL",
+    "LESION_SOURCES",
+    "MODES",
+    "MedLockerWatermarkLogic",
+    "MedLockerWatermarkTestMixin",
+    "PIP_IMPORT_NAMES",
+    "PIP_REQUIREMENTS",
+    "ProtectionResult",
+    "SliceImage",
+    "describe_predictions",
+    "normalized_server_url",
+]
