@@ -50,6 +50,9 @@ class SliceImage:
     source_dtype: np.dtype  # the node's scalar type, to write pixels back exactly
     slice_index: int  # along the node's K axis, counted from the first voxel of its image data
     name: str  # node name, the default name of the image in the key
+    #: Intensity window (low, high) in ``pixels`` values that the logo spans and the classifiers see as 0..1;
+    #: None: the pixel type's full range. See ``MedLockerWatermarkLogic.display_window``.
+    window: tuple[int, int] | None = None
 
 
 @dataclass
@@ -188,7 +191,28 @@ class MedLockerWatermarkLogic:
         voxels = voxel_array(volume_node)[int(slice_index)]
         pixels, source_dtype = to_medlocker_pixels(np.array(voxels, copy=True), label)
         return SliceImage(np.ascontiguousarray(pixels), np.dtype(source_dtype), int(slice_index),
-                          volume_node.GetName() or "image")
+                          volume_node.GetName() or "image", self.display_window(volume_node, pixels))
+
+    @staticmethod
+    def display_window(volume_node, pixels: np.ndarray | None = None) -> tuple[int, int] | None:
+        """The intensity window of a 16-bit gray image in MedLocker's unsigned values, or None (full range).
+
+        A CT or MR volume uses a small part of the 16-bit range: with the full range the logo would be painted at
+        65535 and the classifiers would see an almost black image. What the user sees is the window to use: the
+        volume's display window/level, else (no display node yet) the slice's own minimum..maximum, like the
+        files without a window in ``medlocker.io``. 8-bit and RGB images use their full range.
+        """
+        if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 2:
+            return None
+        shift = 32768 if volume_node.GetImageData().GetScalarType() == vtk.VTK_SHORT else 0
+        display = volume_node.GetDisplayNode()
+        if display is not None and display.IsA("vtkMRMLScalarVolumeDisplayNode") and display.GetWindow() > 0:
+            low = int(np.floor(display.GetWindowLevelMin())) + shift
+            high = int(np.ceil(display.GetWindowLevelMax())) + shift
+        else:
+            low, high = int(pixels.min()), int(pixels.max())
+        low, high = max(0, low), min(65535, high)
+        return (low, high) if low < high else None
 
     def slice_index_at(self, volume_node, ras) -> int:
         """The K index of the volume's slice through the RAS point ``ras`` (e.g. the Red view's centre), clamped to
@@ -395,7 +419,7 @@ class MedLockerWatermarkLogic:
                                      "or use wap placement")
                 if progress:
                     progress("finding lesions on the server", 0.1)
-                used_mask = client.lesions(unit_image(image.pixels)) >= LESION_THRESHOLD
+                used_mask = client.lesions(unit_image(image.pixels, image.window)) >= LESION_THRESHOLD
                 lesions = "mask"
             elif settings.mode != "wap" and lesion_source == "segmentation":
                 if mask is None:
@@ -404,7 +428,7 @@ class MedLockerWatermarkLogic:
             check_cancel()
             if progress:
                 progress("searching the watermark on the server", 0.2)
-            answer = client.optimize(image.pixels, logo, mask=used_mask, **settings.request(lesions))
+            answer = client.optimize(image.pixels, logo, mask=used_mask, window=image.window, **settings.request(lesions))
             check_cancel()
         finally:
             client.close()
@@ -416,7 +440,8 @@ class MedLockerWatermarkLogic:
         image, answer = computed.image, computed.answer
         found = answer["params"]
         name = self._unique_key_name(name or image.name)
-        protected = self.key.protect(name, image.pixels, computed.logo, found["alpha"], found["x"], found["y"], found["sl"])
+        protected = self.key.protect(name, image.pixels, computed.logo, found["alpha"], found["x"], found["y"], found["sl"],
+                                     image.window)
         if list(self.key[name].logo_size) != list(answer["logo_size"]):
             raise MedPrivacyError(f"the server sized the logo {answer['logo_size']} but this client {list(self.key[name].logo_size)}; "
                                   "update client and server to the same MedPrivacy version")

@@ -224,15 +224,21 @@ class MedLockerWatermarkTestMixin:
 
     def check_volume_slice(self, scene, url: str):
         logic = MedLockerWatermarkLogic(scene)
-        ct = (np.arange(4 * 40 * 48).reshape(4, 40, 48) * 53 % 3000 - 1000).astype(np.int16)
+        ct = (np.arange(4 * 40 * 48).reshape(4, 40, 48) * 53 % 300 - 100).astype(np.int16)
         volume = self.make_volume(scene, ct, "ct volume")
+        display = volume.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(400, 40)  # shows -160..240 HU
         result = logic.protect(volume, url, slice_index=2, settings=tiny_search(mode="keep-out"), lesion_source="none")
+        # The logo spans the displayed window, not int16's range: its white is 240 HU, not 32767.
+        entry = logic.key[result.name]
+        self.assertEqual(entry.window, (32768 - 160, 32768 + 240))
+        self.assertLessEqual(int(voxel_array(result.output_node)[0][entry.region].max()), 240)
         output = result.output_node
         self.assertEqual(output.GetImageData().GetDimensions(), (48, 40, 1))
         self.assertEqual(voxel_array(output).dtype, np.int16)
         np.testing.assert_allclose(ijk_to_ras(output) @ np.array([0, 0, 0, 1.0]),
                                    ijk_to_ras(volume) @ np.array([0, 0, 2, 1.0]), rtol=0, atol=1e-9)
-        entry = logic.key[result.name]
         outside = np.ones(ct.shape[1:], dtype=bool)
         outside[entry.region] = False
         np.testing.assert_array_equal(voxel_array(output)[0][outside], ct[2][outside])
