@@ -190,8 +190,11 @@ class MedLockerWatermarkLogic:
             raise InputError(f"slice {slice_index} is outside {label}, which has slices 0 to {slices - 1}")
         voxels = voxel_array(volume_node)[int(slice_index)]
         pixels, source_dtype = to_medlocker_pixels(np.array(voxels, copy=True), label)
-        return SliceImage(np.ascontiguousarray(pixels), np.dtype(source_dtype), int(slice_index),
-                          volume_node.GetName() or "image", self.display_window(volume_node, pixels))
+        name = volume_node.GetName() or "image"
+        if slices > 1:  # the key and the output name say which slice of the volume this image is
+            name = f"{name} slice {int(slice_index)}"
+        return SliceImage(np.ascontiguousarray(pixels), np.dtype(source_dtype), int(slice_index), name,
+                          self.display_window(volume_node, pixels))
 
     @staticmethod
     def display_window(volume_node, pixels: np.ndarray | None = None) -> tuple[int, int] | None:
@@ -447,7 +450,7 @@ class MedLockerWatermarkLogic:
                                   "update client and server to the same MedPrivacy version")
         self.unsaved += 1
         output_node = self.image_to_node(protected, image.source_dtype, reference_node, image.slice_index,
-                                         f"{reference_node.GetName()} protected")
+                                         f"{image.name} protected")
         segmentation_node = None
         if computed.lesion_mask is not None:
             segmentation_node = self.mask_to_segmentation(computed.lesion_mask, output_node)

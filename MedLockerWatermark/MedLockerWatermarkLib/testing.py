@@ -235,6 +235,8 @@ class MedLockerWatermarkTestMixin:
         self.assertEqual(entry.window, (32768 - 160, 32768 + 240))
         self.assertLessEqual(int(voxel_array(result.output_node)[0][entry.region].max()), 240)
         output = result.output_node
+        self.assertEqual(result.name, "ct volume slice 2")
+        self.assertEqual(output.GetName(), "ct volume slice 2 protected")
         self.assertEqual(output.GetImageData().GetDimensions(), (48, 40, 1))
         self.assertEqual(voxel_array(output).dtype, np.int16)
         np.testing.assert_allclose(ijk_to_ras(output) @ np.array([0, 0, 0, 1.0]),
