@@ -245,6 +245,31 @@ def test_training_is_reproducible_and_per_model(smoke_run, tmp_path):
     assert load_manifest(tmp_path)["models"]["wm-cls-resnet18"]["sha256"] == original
 
 
+def test_models_option_retrains_a_subset_and_keeps_the_other_entries(smoke_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "models"
+    shutil.copytree(smoke_run, out)
+    before = load_manifest(out)
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--preset", "smoke", "--out", str(out), "--seed", "3", "--device", "cpu", "--threads", "1",
+                              "--models", "vit,resnet18", "--quiet"])
+    assert run_train(args) == 0
+    after = load_manifest(out)
+    record = after[MANIFEST_KEY]
+    assert set(record["models"]) == set(wm_models.MODEL_NAMES.values())  # the untouched networks keep their entries
+    assert record["command"] == f"medprivacy watermark train --preset smoke --out {out} --seed 3 --device cpu --threads 1"
+    assert record["models"]["wm-cls-vit"]["command"].endswith("--models vit,resnet18")
+    assert record["models"]["wm-lesion-seg"] == before[MANIFEST_KEY]["models"]["wm-lesion-seg"]
+    assert record["config"]["families"] == list(wm_models.FAMILIES)
+    for name in wm_models.MODEL_NAMES.values():  # same seed streams: the retrained weights are the same
+        assert after["models"][name]["sha256"] == before["models"][name]["sha256"]
+    args.models = "resnet18,alexnet"
+    with pytest.raises(InputError, match="--models"):
+        run_train(args)
+
+
 def test_cpu_small_preset_weights_fit_the_budget():
     config = WatermarkTrainConfig.preset_config("cpu-small")
     assert config.size == 128 and set(config.plans) == set(wm_models.FAMILIES)

@@ -497,7 +497,10 @@ def _save(net, family: str, arch: dict, config: WatermarkTrainConfig, out_dir, e
 
 
 def _write_record(out_dir, record: dict) -> None:
-    """Read-modify-write of the manifest: only the ``watermark_training`` entry changes."""
+    """Read-modify-write of the manifest: only the ``watermark_training`` entry changes.
+
+    A run of a subset of the networks (``--models``) updates their entries and keeps the others'. Every entry
+    records the command that trained it; the top-level command, without ``--models``, rebuilds all of them."""
     from ..errors import InputError
     from ..nets.registry import load_manifest, write_manifest
 
@@ -505,8 +508,36 @@ def _write_record(out_dir, record: dict) -> None:
         manifest = load_manifest(out_dir)
     except InputError:
         manifest = {"models": {}}
+    for metrics in record["models"].values():
+        metrics.setdefault("command", record["command"])
+    previous = manifest.get(MANIFEST_KEY)
+    subset = list(record["config"]["families"]) != list(FAMILIES)
+    if subset and isinstance(previous, dict) and isinstance(previous.get("models"), dict):
+        merged = dict(record, models={**previous["models"], **record["models"]})
+        merged["command"] = _without_models_option(record["command"])
+        merged["config"] = dict(record["config"], families=list(FAMILIES))
+        merged["seconds"] = round(float(previous.get("seconds", 0)) + float(record.get("seconds", 0)), 1)
+        record = merged
     manifest[MANIFEST_KEY] = record
     write_manifest(manifest, out_dir)
+
+
+def _without_models_option(command: str) -> str:
+    parts = shlex.split(command)
+    if "--models" in parts:
+        at = parts.index("--models")
+        del parts[at:at + 2]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _families(text: str) -> tuple:
+    from ..errors import InputError
+
+    names = tuple(dict.fromkeys(n.strip() for n in str(text).split(",") if n.strip()))
+    unknown = [n for n in names if n not in FAMILIES]
+    if not names or unknown:
+        raise InputError(f"--models takes a comma-separated subset of {', '.join(FAMILIES)} (got {text!r})")
+    return names
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -520,6 +551,9 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (0: torch's default; on a machine busy with other jobs 1 can be much faster)")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated subset of {','.join(FAMILIES)} to (re)train; the others keep their weights and "
+                             "manifest entries (each network has its own seed stream, so a subset gives the same weights as a full run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -529,6 +563,8 @@ def command_line(args) -> str:
     if args.out is not None:
         parts += ["--out", str(args.out)]
     parts += ["--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads)]
+    if getattr(args, "models", None):
+        parts += ["--models", ",".join(_families(args.models))]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -540,7 +576,8 @@ def run_train(args) -> int:
         raise InputError("--threads must be 0 (torch's default) or a positive number")
     if args.seed < 0:
         raise InputError("--seed must be 0 or a positive number")
-    config = WatermarkTrainConfig.preset_config(args.preset, seed=args.seed, device=args.device, threads=args.threads)
+    overrides = {"families": _families(args.models)} if args.models else {}
+    config = WatermarkTrainConfig.preset_config(args.preset, seed=args.seed, device=args.device, threads=args.threads, **overrides)
     out = models_dir(args.out)
     record = train_watermark_models(config, out, progress=not args.quiet, command=command_line(args))
     for name, metrics in record["models"].items():
