@@ -1,9 +1,11 @@
-"""``medprivacy demo``: start a loopback inference server and segment a sample brain through the private path.
+"""``medprivacy demo``: start a loopback inference server, segment a sample brain through the private path, then
+protect sample images with MedLocker watermarks and restore them exactly.
 
 The sample is the real MNI152 T1 (the only 3D brain MRI that ships offline), warped with held-out seeds and
 placed in an oblique 1×1×1.3 mm "scanner" grid with the head moved, so the whole client path runs: registration,
 normalisation, mixing, shuffled upload, unmixing, TTA, resampling back. Reference labels come from the template's
-tissue maps carried through the same warp, so the demo can print Dice.
+tissue maps carried through the same warp, so the demo can print Dice. The MedLocker part is in
+:mod:`medprivacy.medlocker.demo`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port for the local server (default: a free one)")
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--unmix", choices=("naive", "learned"), default="learned")
+    parser.add_argument("--skip-medlocker", action="store_true", help="only run the MixupPrivacy segmentation")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
             server, url = start_local_server(args.out, args.port)
         client = InferenceClient(url)
         print(client.check_connection())
-        return _segment_and_report(client, bank, image_path, label_path, args)
+        status = _segment_and_report(client, bank, image_path, label_path, args)
+        if status == 0 and not args.skip_medlocker:
+            from .medlocker.demo import run_medlocker_demo
+
+            print()
+            status = run_medlocker_demo(url, args.out / "medlocker")
+        return status
     finally:
         if server is not None:
             server.terminate()
