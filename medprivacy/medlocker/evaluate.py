@@ -359,7 +359,8 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
 
 
 def _applies(run: Run, im: _Image) -> bool:
-    return not run.lesion_only or (im.label == 1 and run.mode in im.feasible)
+    # keep-in / keep-out only where lesion boxes constrain the logo (without boxes keep-out would just be WAP).
+    return not run.lesion_only or (im.label == 1 and bool(im.boxes) and run.mode in im.feasible)
 
 
 def _quality(original: np.ndarray, watermarked: np.ndarray) -> dict[str, float | None]:
