@@ -7,8 +7,8 @@ Prints (and writes to --out as JSON):
   own search time) ÷ raw batched throughput of the same ensemble (images per second, every image through every
   model) on pre-rendered batches of the population size, chunked as the server chunks them (--inference-batch,
   default 32). The raw figure is measured two ways: in this process with the same weights and torch thread
-  count (forward passes only: the strict baseline, target ≥ 0.8) and through /v1/watermark/classify (HTTP,
-  encoding and resize included);
+  count (forward passes only: the strict baseline, target ≥ 0.8) and through /v1/watermark/classify (HTTP and
+  encoding included), a few batches right after every search so both share the machine's load at that time;
 - key size per image: bytes of one encrypted key file holding N protected 128x128 8-bit images (RGB and gray,
   default padlock logo, random position and alpha) ÷ N;
 - peak memory of the server (VmHWM) and of this process.
@@ -60,7 +60,56 @@ def key_size(count: int, size: int = 128, seed: int = 0) -> dict:
     return out
 
 
-def searches(client, names: list[str], count: int, size, start: int = 0) -> dict:
+class RawThroughput:
+    """Images/s of the same ensemble on pre-rendered batches of the population size, measured a little after every
+    search so that both figures share the machine's load at the time (other jobs, turbo, thermal state).
+
+    ``in_process``: forward passes and softmax only, in this process, with the same weights, thread count and
+    chunking as the server (the strict baseline). ``endpoint``: through /v1/watermark/classify (HTTP, encoding,
+    decoding included).
+    """
+
+    def __init__(self, client, models_dir: Path, names: list[str], size, batch: int, chunk: int, threads: int = 0):
+        import torch
+
+        from medprivacy.medlocker.models import load_watermark_models
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.client, self.names, self.batch, self.chunk = client, names, batch, chunk
+        self.nets = {name: net for name, (net, _) in load_watermark_models(models_dir, "cpu", names).items()}
+        self.x = torch.rand((batch, 3, *size), generator=torch.Generator().manual_seed(0))
+        self.uint8_images = (self.x.numpy() * 255).round() / 255.0
+        self.totals = {"in_process": [0, 0.0], "endpoint": [0, 0.0]}
+        self.threads = torch.get_num_threads()
+        self._forward()  # warm-up (allocations, lazy initialisation)
+        client.classify(self.uint8_images, models=names)
+
+    def _forward(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for start in range(0, self.batch, self.chunk):
+                part = self.x[start:start + self.chunk]
+                for net in self.nets.values():
+                    out = net(part)
+                    torch.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=1).numpy()
+
+    def measure(self, repeats: int) -> None:
+        for kind, call in (("in_process", self._forward), ("endpoint", lambda: self.client.classify(self.uint8_images, models=self.names))):
+            tic = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            self.totals[kind][0] += self.batch * repeats
+            self.totals[kind][1] += time.perf_counter() - tic
+
+    def summary(self) -> dict:
+        return {kind: {"images_per_second": images / seconds, "images": images, "batch": self.batch,
+                       "chunk": self.chunk if kind == "in_process" else None, "torch_threads": self.threads if kind == "in_process" else None}
+                for kind, (images, seconds) in self.totals.items()}
+
+
+def searches(client, names: list[str], count: int, size, raw: RawThroughput, repeats: int, start: int = 0) -> dict:
     from medprivacy.medlocker import blending
     from medprivacy.medlocker.data import DataConfig, make_split
 
@@ -75,53 +124,13 @@ def searches(client, names: list[str], count: int, size, start: int = 0) -> dict
                      "server_seconds": float(answer["elapsed_s"]), "evaluations": int(answer["evaluations"]),
                      "stop_reason": answer["stop_reason"], "fooled": bool(answer["fooled"])})
         print(f"  image {index + 1}/{count}: {wall:6.2f} s, {answer['evaluations']} evaluations, {answer['stop_reason']}", flush=True)
+        raw.measure(repeats)
     seconds = np.array([r["seconds"] for r in rows])
     evaluations = sum(r["evaluations"] for r in rows)
     server_seconds = sum(r["server_seconds"] for r in rows)
     return {"images": rows, "mean_seconds_per_image": float(seconds.mean()), "median_seconds_per_image": float(np.median(seconds)),
             "mean_evaluations": evaluations / len(rows), "evaluations_per_second": evaluations / server_seconds,
             "fooled": sum(r["fooled"] for r in rows)}
-
-
-def raw_in_process(models_dir: Path, names: list[str], size, batch: int, chunk: int, repeats: int, threads: int = 0) -> dict:
-    """Images/s of the ensemble on pre-rendered float batches, in this process: forward passes and softmax only."""
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-    from medprivacy.medlocker.models import load_watermark_models
-
-    nets = load_watermark_models(models_dir, "cpu", names)
-    x = torch.rand((batch, 3, *size), generator=torch.Generator().manual_seed(0))
-
-    def once():
-        with torch.inference_mode():
-            for start in range(0, batch, chunk):
-                part = x[start:start + chunk]
-                for name in names:
-                    out = nets[name][0](part)
-                    torch.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=1).numpy()
-
-    once()  # warm-up (allocations, lazy initialisation)
-    tic = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    seconds = time.perf_counter() - tic
-    return {"images_per_second": batch * repeats / seconds, "batch": batch, "chunk": chunk, "repeats": repeats,
-            "torch_threads": torch.get_num_threads()}
-
-
-def raw_endpoint(client, names: list[str], size, batch: int, repeats: int) -> dict:
-    """Images/s of the ensemble through /v1/watermark/classify on pre-rendered uint8 batches at the model input size."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, 3, *size)).astype(np.float32) / 255.0
-    client.classify(images, models=names)  # warm-up
-    tic = time.perf_counter()
-    for _ in range(repeats):
-        client.classify(images, models=names)
-    seconds = time.perf_counter() - tic
-    return {"images_per_second": batch * repeats / seconds, "batch": batch, "repeats": repeats}
 
 
 def main() -> int:
@@ -131,15 +140,15 @@ def main() -> int:
     parser.add_argument("--server", default=None, help="use this running server (serving --models-dir's models) instead of starting one")
     parser.add_argument("--images", type=int, default=8, help="held-out images searched with the paper's defaults (default 8)")
     parser.add_argument("--key-images", type=int, default=100, help="images in the key-size measurement (default 100)")
-    parser.add_argument("--repeats", type=int, default=10, help="repetitions of the raw-throughput batches (default 10)")
+    parser.add_argument("--repeats", type=int, default=2, help="raw-throughput batches timed after each search (default 2)")
     parser.add_argument("--inference-batch", type=int, default=32, help="the server's --inference-batch (default 32)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for the server and the in-process baseline alike (default 0: torch's default; "
                              "use 1 when another job keeps a core busy, or threads thrash)")
-    parser.add_argument("--quick", action="store_true", help="fast smoke run: 2 images, 16 key images, 3 repetitions")
+    parser.add_argument("--quick", action="store_true", help="fast smoke run: 2 images, 16 key images, 1 repetition")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.key_images, args.repeats = 2, 16, 3
+        args.images, args.key_images, args.repeats = 2, 16, 1
     if args.threads > 0:
         import os
 
@@ -173,10 +182,10 @@ def main() -> int:
         results["server"] = {"url": url, "device": info.get("device"), "models": names, "input_size": list(size)}
         print(f"server on {url} ({info.get('device')}), ensemble of {', '.join(names)} at {size[0]}x{size[1]}", flush=True)
 
-        print(f"searching {args.images} held-out images with the paper's defaults...", flush=True)
-        results["search"] = searches(client, names, args.images, size)
-        population = PAPER["population"]
-        results["raw_endpoint"] = raw_endpoint(client, names, size, population, args.repeats)
+        raw = RawThroughput(client, args.models_dir, names, size, PAPER["population"], args.inference_batch, args.threads)
+        print(f"searching {args.images} held-out images with the paper's defaults (raw throughput timed after each)...", flush=True)
+        results["search"] = searches(client, names, args.images, size, raw, args.repeats)
+        results.update({f"raw_{kind}": figures for kind, figures in raw.summary().items()})
         if process is not None:
             status = Path(f"/proc/{process.pid}/status")
             if status.is_file():
@@ -189,8 +198,6 @@ def main() -> int:
         if process is not None:
             process.terminate()
             process.wait(timeout=30)
-    # Measured after the server stopped, so both get the machine to themselves.
-    results["raw_in_process"] = raw_in_process(args.models_dir, names, size, population, args.inference_batch, args.repeats, args.threads)
     results["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     search = results["search"]
