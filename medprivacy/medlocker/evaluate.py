@@ -10,7 +10,8 @@ image. ``all``: every drawn image (rates then still only count images the model 
 
 Every search is one ``/v1/watermark/optimize`` request per image and configuration, with the true label as the
 class to move away from and the same search seed for every configuration of an image (``--seed`` + image index),
-so configurations start from the same random population. Every watermarked image is re-rendered here from the
+so configurations start from the same random population. A search stops once every source model misclassifies
+(the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is re-rendered here from the
 returned (alpha, x, y) with the key code (``MedLockerKey.protect``) and classified by every classifier through
 ``/v1/watermark/classify``; all rates below use those predictions.
 
@@ -520,7 +521,9 @@ def _report(config, client, info, classifiers, images, attacked, labels, clean_p
                  "lesion_images": int(labels.sum()), "attack_set": config.attack, "attacked": len(attacked)},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "search": {**config.search(), "mode": "wap (Tables 1-2)", "label": "true label", "seed": config.seed,
-                   "seed_rule": "image i uses seed + i for every configuration"},
+                   "seed_rule": "image i uses seed + i for every configuration",
+                   "stop_rule": "a search stops once every source model misclassifies the candidate, else after Ng generations; "
+                                "an ensemble row counts a success when the ensemble's mean probability is wrong"},
         "definitions": {
             "asr": "successful attacks / images the source classified correctly before (ensemble: argmax of the mean probability)",
             "transfer_asr": "target fooled / images whose watermark fooled the source and that the target classified correctly before; "
