@@ -109,8 +109,15 @@ def build_network(arch: dict[str, Any]):
     if name == "efficientnet-b0":
         from monai.networks.nets import EfficientNetBN
 
+        import torch
+
         params = {"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "pretrained": False, **kwargs}
-        return EfficientNetBN("efficientnet-b0", **params)
+        net = EfficientNetBN("efficientnet-b0", **params)
+        # MONAI draws the head uniformly in +-1/sqrt(num_classes) (TF's rule for 1000 classes): for two classes the
+        # initial logits have a standard deviation near 14 and training from scratch never left chance level.
+        torch.nn.init.normal_(net._fc.weight, std=0.01)
+        torch.nn.init.zeros_(net._fc.bias)
+        return net
     if name == "vit":
         from monai.networks.nets import ViT
 
@@ -124,6 +131,10 @@ def build_network(arch: dict[str, Any]):
         }
         # ViT returns (logits, hidden states); FinalLogits keeps the logits only.
         return FinalLogits(ViT(**params))
+    if name == "vgg":
+        from .vgg import VGGClassifier
+
+        return VGGClassifier(**kwargs)
     if name == "unet2d":
         params = {
             "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [16, 32, 64, 128],
@@ -132,7 +143,7 @@ def build_network(arch: dict[str, Any]):
         return UNet(**params)
     raise InputError(
         f"unknown network architecture {name!r} in the model manifest; expected unet, unetplusplus, unmix, "
-        "resnet18, densenet121, efficientnet-b0, vit or unet2d"
+        "resnet18, densenet121, efficientnet-b0, vit, vgg or unet2d"
     )
 
 
