@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A pinned CPU build: an unpinned torch pulls several GB of CUDA wheels. Override on a GPU box if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test bench train eval clean
+.PHONY: env demo test bench bench-watermark train eval eval-watermark clean
 
 env: $(STAMP)
 
@@ -25,6 +25,9 @@ test: env
 bench: env
 	$(BIN)/python bench/mixup_bench.py
 
+bench-watermark: env
+	$(BIN)/python bench/medlocker_bench.py
+
 # Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks (about 45 min on one core),
 # then the MedLocker classifiers and lesion segmenter (about 75 min on one core).
 train: env
@@ -33,6 +36,9 @@ train: env
 
 eval: env
 	$(BIN)/python bench/mixup_eval.py
+
+eval-watermark: env
+	$(BIN)/python bench/medlocker_eval.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
