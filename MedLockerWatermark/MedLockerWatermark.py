@@ -7,10 +7,7 @@ importable. The logic and the shared test bodies are in ``MedLockerWatermarkLib`
 """
 from __future__ import annotations
 
-import logging
 import os
-import queue
-from typing import Any, Callable
 
 import slicer
 
@@ -63,6 +60,9 @@ if _HAVE_APP:
         def translate(_context, text):
             return text
 
+    # Job plumbing, status line, server box and consent, the same in both MedPrivacy modules (needs Qt).
+    from MedPrivacySlicerCommon.widgets import ServerJobWidgetMixin
+
     _SETTINGS = "MedLockerWatermark/"
     _MODEL_USE, _MODEL_NAME, _MODEL_WEIGHT = range(3)
 
@@ -85,16 +85,18 @@ if _HAVE_APP:
                 "analysis of medical image dataset\"."
             )
 
-    class MedLockerWatermarkWidget(ScriptedLoadableModuleWidget):
-        """GUI -> Logic only. Server work runs in a ``BackgroundJob``; results are put into the scene here."""
+    class MedLockerWatermarkWidget(ServerJobWidgetMixin, ScriptedLoadableModuleWidget):
+        """GUI -> Logic only. Server work runs in a ``BackgroundJob`` (``ServerJobWidgetMixin``); results are put
+        into the scene here."""
+
+        settingsPrefix = _SETTINGS
+        defaultServerUrl = DEFAULT_SERVER_URL
 
         def __init__(self, parent=None) -> None:
             ScriptedLoadableModuleWidget.__init__(self, parent)
             #: Set before ``setup`` to run the widget on another logic (tests, scripting).
             self.logic = None
-            self._job: BackgroundJob | None = None
-            self._jobDone: Callable[[Any], None] | None = None
-            self._pollTimer = None
+            self._initJobState()
 
         # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -107,9 +109,7 @@ if _HAVE_APP:
             if self.logic is None:
                 self.logic = MedLockerWatermarkLogic(slicer.mrmlScene)
 
-            self._pollTimer = qt.QTimer()
-            self._pollTimer.setInterval(100)
-            self._pollTimer.connect("timeout()", self._pollJob)
+            self._setupJobTimer()
 
             self.ui.modeComboBox.clear()
             for mode in MODES:
@@ -141,34 +141,20 @@ if _HAVE_APP:
             self._updateButtons()
 
         def cleanup(self) -> None:
-            # The worker owns no Qt object; cancelling lets it stop at its next check, its result is dropped.
-            if self._job is not None:
-                self._job.cancel()
-            self._job = None
-            if self._pollTimer is not None:
-                self._pollTimer.stop()
+            self._stopJob()
             ScriptedLoadableModuleWidget.cleanup(self)
 
         # -- settings (never the token or the passphrase) ----------------------------------------------------
 
         def _restoreSettings(self) -> None:
-            settingsValue = slicer.util.settingsValue
-            self.ui.serverUrlLineEdit.text = settingsValue(_SETTINGS + "ServerUrl", DEFAULT_SERVER_URL)
-            self.ui.caBundlePathLineEdit.currentPath = settingsValue(_SETTINGS + "CaBundle", "")
-            mode = settingsValue(_SETTINGS + "Mode", DEFAULT_MODE)
+            self._restoreServerSettings()
+            mode = slicer.util.settingsValue(_SETTINGS + "Mode", DEFAULT_MODE)
             self.ui.modeComboBox.currentIndex = MODES.index(mode) if mode in MODES else MODES.index(DEFAULT_MODE)
 
         def _saveSettings(self, *_args) -> None:
             settings = qt.QSettings()
-            settings.setValue(_SETTINGS + "ServerUrl", self.ui.serverUrlLineEdit.text.strip())
-            settings.setValue(_SETTINGS + "CaBundle", self.ui.caBundlePathLineEdit.currentPath)
+            self._saveServerSettings(settings)
             settings.setValue(_SETTINGS + "Mode", self.ui.modeComboBox.currentText)
-
-        def _connection(self) -> tuple[str, str | None, str | None]:
-            url = self.ui.serverUrlLineEdit.text.strip()
-            if not url:
-                raise InputError("enter the server URL, e.g. " + DEFAULT_SERVER_URL)
-            return url, self.ui.tokenLineEdit.text.strip() or None, self.ui.caBundlePathLineEdit.currentPath or None
 
         def _searchSettings(self):
             from medprivacy.medlocker.batch import SearchSettings
@@ -437,91 +423,23 @@ if _HAVE_APP:
             slicer.util.pip_install(PIP_REQUIREMENTS)
             return True
 
-        def _confirmUpload(self, url: str) -> bool:
-            from medprivacy.consent import consented_servers, with_consent
-
-            stored = slicer.util.settingsValue(_SETTINGS + "ConsentedServers", "[]")
-            server = normalized_server_url(url)
-            if server in consented_servers(stored):
-                return True
-            if not slicer.util.confirmYesNoDisplay(
+        def _uploadConsentPrompt(self, server: str) -> tuple[str, str]:
+            return (
                 _("To search the watermark, the image itself (and the logo and any lesion mask) is sent to:\n\n"
                   "{server}\n\nThe key that restores the original stays on this computer. Send images to this server "
                   "now and in the future?").format(server=server),
-                windowTitle=_("Send images to a server?"),
-            ):
-                return False
-            qt.QSettings().setValue(_SETTINGS + "ConsentedServers", with_consent(stored, url))
-            return True
+                _("Send images to a server?"),
+            )
 
-        # -- job plumbing ----------------------------------------------------------------------------------
+        # -- job messages (the plumbing itself: ServerJobWidgetMixin) ----------------------------------------
 
-        def onCancel(self) -> None:
-            if self._job is not None:
-                self._job.cancel()
-                self.ui.cancelButton.enabled = False
-                self._setStatus(_("Cancelling (the current image's search finishes first)..."))
+        def _cancellingText(self) -> str:
+            return _("Cancelling (the current image's search finishes first)...")
 
-        def _guarded(self, message: str, action: Callable[[], None]) -> None:
-            """User mistakes (MedPrivacyError) get one line; anything else is a bug and keeps its traceback."""
-            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
-                try:
-                    action()
-                except MedPrivacyError as exc:
-                    self._showUserError(exc)
+        def _cancelledText(self, title: str, reason) -> str:
+            return _("{title} cancelled: {reason}").format(title=title, reason=reason)
 
-        def _startJob(self, title: str, work, onDone: Callable[[Any], None]) -> None:
-            if self._job is not None:
-                raise InputError(f"{self._job.title} is still running; wait for it or press Cancel")
-            self._job = BackgroundJob(title, work).start()
-            self._jobDone = onDone
-            self.ui.progressBar.value = 0
-            self._setStatus(_("{title}...").format(title=title))
-            self._updateButtons()
-            self._pollTimer.start()
-
-        def _pollJob(self) -> None:
-            job = self._job
-            if job is None:
-                self._pollTimer.stop()
-                return
-            while True:
-                try:
-                    kind, payload, detail = job.messages.get_nowait()
-                except queue.Empty:
-                    return
-                if kind == "progress":
-                    if detail is not None:
-                        self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, detail))))
-                    self._setStatus(payload)
-                    continue
-                self._pollTimer.stop()
-                self._job, onDone = None, self._jobDone
-                self._jobDone = None
-                self._updateButtons()
-                if kind == "done":
-                    self.ui.progressBar.value = 100
-                    self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
-                                  lambda: onDone(payload))
-                elif isinstance(payload, CancelledError):
-                    self.ui.progressBar.value = 0
-                    self._setStatus(_("{title} cancelled: {reason}").format(title=job.title, reason=payload))
-                elif isinstance(payload, MedPrivacyError):
-                    self._showUserError(payload)
-                else:
-                    logging.error("%s failed:\n%s", job.title, detail)
-                    self._setStatus(_("{title} failed: {error}").format(title=job.title, error=payload))
-                    slicer.util.errorDisplay(_("{title} failed: {error}").format(title=job.title, error=payload),
-                                             detailedText=detail)
-                return
-
-        def _showUserError(self, error: Exception) -> None:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            self._setStatus(message)
-            slicer.util.errorDisplay(message)
-
-        def _setStatus(self, text: str) -> None:
-            self.ui.statusLabel.text = text
+        # -- buttons ---------------------------------------------------------------------------------------
 
         def _updateButtons(self, *_args) -> None:
             busy = self._job is not None

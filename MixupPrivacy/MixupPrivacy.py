@@ -7,17 +7,13 @@ module (``MixupPrivacy.MixupPrivacyLogic``).
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
-import queue
-from typing import Any, Callable
 
 import slicer
 
 # MixupPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable. Its names are also
-# re-exported from here, where scripts, Slicer's generic tests and Testing/ look them up.
-from MixupPrivacyLib import (
+# re-exported from here, where scripts, Slicer's generic tests and Testing/ look them up (hence F401).
+from MixupPrivacyLib import (  # noqa: F401
     DEFAULT_SERVER_URL,
     PIP_IMPORT_NAMES,
     PIP_REQUIREMENTS,
@@ -27,7 +23,7 @@ from MixupPrivacyLib import (
     MixupPrivacyTestMixin,
     normalized_server_url,
 )
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401  (CancelledError: re-exported)
 
 try:
     import ctk  # noqa: F401
@@ -54,6 +50,9 @@ if _HAVE_APP:
         def translate(_context, text):
             return text
 
+    # Job plumbing, status line, server box and consent, the same in both MedPrivacy modules (needs Qt).
+    from MedPrivacySlicerCommon.widgets import ServerJobWidgetMixin
+
     _SETTINGS = "MixupPrivacy/"
 
     class MixupPrivacy(ScriptedLoadableModule):
@@ -74,16 +73,18 @@ if _HAVE_APP:
                 "privacy-preserving segmentation\" (IPMI 2023)."
             )
 
-    class MixupPrivacyWidget(ScriptedLoadableModuleWidget):
-        """GUI -> Logic only. Network and model work run in a ``BackgroundJob``; results are applied here."""
+    class MixupPrivacyWidget(ServerJobWidgetMixin, ScriptedLoadableModuleWidget):
+        """GUI -> Logic only. Network and model work run in a ``BackgroundJob`` (``ServerJobWidgetMixin``);
+        results are applied here."""
+
+        settingsPrefix = _SETTINGS
+        defaultServerUrl = DEFAULT_SERVER_URL
 
         def __init__(self, parent=None) -> None:
             ScriptedLoadableModuleWidget.__init__(self, parent)
             #: Set before ``setup`` to run the widget on another logic (tests, scripting).
             self.logic = None
-            self._job: BackgroundJob | None = None
-            self._jobDone: Callable[[Any], None] | None = None
-            self._pollTimer = None
+            self._initJobState()
 
         # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -96,9 +97,7 @@ if _HAVE_APP:
             if self.logic is None:
                 self.logic = MixupPrivacyLogic(slicer.mrmlScene)
 
-            self._pollTimer = qt.QTimer()
-            self._pollTimer.setInterval(100)
-            self._pollTimer.connect("timeout()", self._pollJob)
+            self._setupJobTimer()
 
             self._restoreSettings()
             self.ui.applyButton.connect("clicked(bool)", self.onApply)
@@ -115,20 +114,14 @@ if _HAVE_APP:
             self._updateButtons()
 
         def cleanup(self) -> None:
-            # The worker owns no Qt object; cancelling lets it stop at its next check, its result is dropped.
-            if self._job is not None:
-                self._job.cancel()
-            self._job = None
-            if self._pollTimer is not None:
-                self._pollTimer.stop()
+            self._stopJob()
             ScriptedLoadableModuleWidget.cleanup(self)
 
         # -- settings (never the token) --------------------------------------------------------------------
 
         def _restoreSettings(self) -> None:
+            self._restoreServerSettings()
             settingsValue = slicer.util.settingsValue
-            self.ui.serverUrlLineEdit.text = settingsValue(_SETTINGS + "ServerUrl", DEFAULT_SERVER_URL)
-            self.ui.caBundlePathLineEdit.currentPath = settingsValue(_SETTINGS + "CaBundle", "")
             self.ui.keyDirectoryPathLineEdit.currentPath = settingsValue(_SETTINGS + "KeyDirectory", "") or self._defaultKeyDir()
             self.ui.ttaSpinBox.value = settingsValue(_SETTINGS + "TtaCount", 8, converter=int)
             mode = settingsValue(_SETTINGS + "UnmixMode", UNMIX_MODES[0])
@@ -136,8 +129,7 @@ if _HAVE_APP:
 
         def _saveSettings(self, *_args) -> None:
             settings = qt.QSettings()
-            settings.setValue(_SETTINGS + "ServerUrl", self.ui.serverUrlLineEdit.text.strip())
-            settings.setValue(_SETTINGS + "CaBundle", self.ui.caBundlePathLineEdit.currentPath)
+            self._saveServerSettings(settings)
             settings.setValue(_SETTINGS + "KeyDirectory", self.ui.keyDirectoryPathLineEdit.currentPath)
             settings.setValue(_SETTINGS + "TtaCount", self.ui.ttaSpinBox.value)
             settings.setValue(_SETTINGS + "UnmixMode", self._unmixMode())
@@ -152,12 +144,6 @@ if _HAVE_APP:
 
         def _unmixMode(self) -> str:
             return UNMIX_MODES[max(0, min(self.ui.unmixComboBox.currentIndex, len(UNMIX_MODES) - 1))]
-
-        def _connection(self) -> tuple[str, str | None, str | None]:
-            url = self.ui.serverUrlLineEdit.text.strip()
-            if not url:
-                raise InputError("enter the server URL, e.g. " + DEFAULT_SERVER_URL)
-            return url, self.ui.tokenLineEdit.text.strip() or None, self.ui.caBundlePathLineEdit.currentPath or None
 
         # -- actions ---------------------------------------------------------------------------------------
 
@@ -185,12 +171,6 @@ if _HAVE_APP:
                 )
 
             self._guarded(_("Could not start the private segmentation."), start)
-
-        def onCancel(self) -> None:
-            if self._job is not None:
-                self._job.cancel()
-                self.ui.cancelButton.enabled = False
-                self._setStatus(_("Cancelling..."))
 
         def onTestConnection(self) -> None:
             def start():
@@ -277,91 +257,15 @@ if _HAVE_APP:
                 slicer.util.pip_install(PIP_REQUIREMENTS)
             return True
 
-        def _consentedServers(self) -> list[str]:
-            # Stored as JSON text: QSettings turns a one-element list into a plain string in INI files.
-            try:
-                servers = json.loads(slicer.util.settingsValue(_SETTINGS + "ConsentedServers", "[]") or "[]")
-            except (TypeError, ValueError):
-                return []
-            return [str(server) for server in servers] if isinstance(servers, list) else []
-
-        def _confirmUpload(self, url: str) -> bool:
-            server = normalized_server_url(url)
-            consented = self._consentedServers()
-            if server in consented:
-                return True
-            if not slicer.util.confirmYesNoDisplay(
+        def _uploadConsentPrompt(self, server: str) -> tuple[str, str]:
+            return (
                 _("The scan will be cut into patches, each mixed with a random reference patch from your private "
                   "key, and only these mixed patches are sent to:\n\n{server}\n\nThe key and the unmixed scan never "
                   "leave this computer. Send mixed patches to this server now and in the future?").format(server=server),
-                windowTitle=_("Send data to a server?"),
-            ):
-                return False
-            qt.QSettings().setValue(_SETTINGS + "ConsentedServers", json.dumps(consented + [server]))
-            return True
+                _("Send data to a server?"),
+            )
 
-        # -- job plumbing ----------------------------------------------------------------------------------
-
-        def _guarded(self, message: str, action: Callable[[], None]) -> None:
-            """User mistakes (MedPrivacyError) get one line; anything else is a bug and keeps its traceback."""
-            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
-                try:
-                    action()
-                except MedPrivacyError as exc:
-                    self._showUserError(exc)
-
-        def _startJob(self, title: str, work, onDone: Callable[[Any], None]) -> None:
-            if self._job is not None:
-                raise InputError(f"{self._job.title} is still running; wait for it or press Cancel")
-            self._job = BackgroundJob(title, work).start()
-            self._jobDone = onDone
-            self.ui.progressBar.value = 0
-            self._setStatus(_("{title}...").format(title=title))
-            self._updateButtons()
-            self._pollTimer.start()
-
-        def _pollJob(self) -> None:
-            job = self._job
-            if job is None:
-                self._pollTimer.stop()
-                return
-            while True:
-                try:
-                    kind, payload, detail = job.messages.get_nowait()
-                except queue.Empty:
-                    return
-                if kind == "progress":
-                    if detail is not None:
-                        self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, detail))))
-                    self._setStatus(payload)
-                    continue
-                self._pollTimer.stop()
-                self._job, onDone = None, self._jobDone
-                self._jobDone = None
-                self._updateButtons()
-                if kind == "done":
-                    self.ui.progressBar.value = 100
-                    self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
-                                  lambda: onDone(payload))
-                elif isinstance(payload, CancelledError):
-                    self.ui.progressBar.value = 0
-                    self._setStatus(_("{title} cancelled.").format(title=job.title))
-                elif isinstance(payload, MedPrivacyError):
-                    self._showUserError(payload)
-                else:
-                    logging.error("%s failed:\n%s", job.title, detail)
-                    self._setStatus(_("{title} failed: {error}").format(title=job.title, error=payload))
-                    slicer.util.errorDisplay(_("{title} failed: {error}").format(title=job.title, error=payload),
-                                             detailedText=detail)
-                return
-
-        def _showUserError(self, error: Exception) -> None:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            self._setStatus(message)
-            slicer.util.errorDisplay(message)
-
-        def _setStatus(self, text: str) -> None:
-            self.ui.statusLabel.text = text
+        # -- buttons (job plumbing and status: ServerJobWidgetMixin) -----------------------------------------
 
         def _updateButtons(self, *_args) -> None:
             busy = self._job is not None

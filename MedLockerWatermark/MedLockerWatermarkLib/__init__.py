@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
-# In a source checkout added to Slicer's module paths, the core package sits two folders above this one; built and
-# installed extensions copy it next to the scripted modules (already on sys.path), where this is never needed.
+# In a source checkout added to Slicer's module paths, the core package (and MedPrivacySlicerCommon, the widgets'
+# shared code) sits two folders above this one; built and installed extensions copy both next to the scripted
+# modules (already on sys.path), where this is never needed.
 try:
     import medprivacy  # noqa: F401
+    import MedPrivacySlicerCommon  # noqa: F401  (its package file imports nothing; widgets.py, the Qt part, is not)
 except ImportError:
     _source_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.isfile(os.path.join(_source_root, "medprivacy", "__init__.py")):
