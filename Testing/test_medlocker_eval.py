@@ -58,7 +58,7 @@ def evaluated(servers, tmp_path_factory):
     code = main(["watermark", "eval", "--server", servers[0].url, "--out", str(out), "--images", "4", "--seed", "3",
                  "--grid", str(grid), *TINY_SEARCH])
     assert code == 0
-    return json.loads(out.read_text()), grid
+    return json.loads(out.read_text(encoding="utf-8")), grid
 
 
 def test_report_has_the_three_tables_keyed_by_source_target_and_method(evaluated):
@@ -145,7 +145,7 @@ def test_same_seed_gives_the_same_watermarks(evaluated, servers, tmp_path, capsy
     code, stdout, _ = _run(capsys, "--server", servers[0].url, "--out", out, "--images", "2", "--seed", "3", "--no-held-out",
                            "--no-table3", "--models", "wm-cls-resnet18,wm-cls-vit", *TINY_SEARCH)
     assert code == 0 and "Table 1" in stdout and "Table 3" not in stdout
-    again = json.loads(out.read_text())
+    again = json.loads(out.read_text(encoding="utf-8"))
     assert list(again["table1"]) == ["wm-cls-resnet18", "wm-cls-vit", ENSEMBLE] and again["table3"] is None
     for first, second in zip(report["images"][:2], again["images"]):
         for name in ("wm-cls-resnet18", "wm-cls-vit"):

@@ -127,7 +127,7 @@ def test_export_examples_writes_readable_files(tmp_path):
     import SimpleITK as sitk
 
     index = export_examples(tmp_path, DataConfig(size=(64, 64)), per_source=2)
-    assert json.loads((tmp_path / "index.json").read_text()) == index
+    assert json.loads((tmp_path / "index.json").read_text(encoding="utf-8")) == index
     entries = index["images"]
     assert sorted(e["source"] for e in entries) == ["mni152", "mni152", "retina", "retina"]
     assert sorted(e["label"] for e in entries) == [0, 0, 1, 1]

@@ -113,7 +113,7 @@ def test_keygen_creates_a_private_bank_and_load_refuses_a_shared_folder(tmp_path
     np.testing.assert_array_equal(loaded.labels, bank.labels)
     import json
 
-    assert not any("seed" in key for key in json.loads((key_dir / META_FILE).read_text()))  # seeds are never stored
+    assert not any("seed" in key for key in json.loads((key_dir / META_FILE).read_text(encoding="utf-8")))  # seeds are never stored
     with pytest.raises(InputError, match="already exists"):
         generate_bank(key_dir, subjects=1, patches=4, patch_size=(16, 16, 16))
     os.chmod(key_dir, 0o755)

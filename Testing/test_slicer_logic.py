@@ -74,7 +74,7 @@ def test_module_file_loads_without_qt_or_heavy_imports():
 
 def test_every_lib_file_is_packaged():
     # A Lib file missing from MODULE_PYTHON_SCRIPTS still works from a source checkout, and only fails once built.
-    cmake = (slicer_support.MODULE_DIR / "CMakeLists.txt").read_text()
+    cmake = (slicer_support.MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     lib_files = sorted(path.name for path in (slicer_support.MODULE_DIR / "MixupPrivacyLib").glob("*.py"))
     assert lib_files and all(f"${{MODULE_NAME}}Lib/{name}" in cmake for name in lib_files), lib_files
 
@@ -146,7 +146,7 @@ def private_server(request, tmp_path):
     models_dir = os.environ.get("MEDPRIVACY_MODELS_DIR", slicer_support.REPO_ROOT / "Resources" / "Models")
     manifest = Path(models_dir) / "manifest.json"
     if manifest.is_file():
-        models = json.loads(manifest.read_text()).get("models", {})
+        models = json.loads(manifest.read_text(encoding="utf-8")).get("models", {})
         if "mixup-seg" in models:
             server = request.getfixturevalue("server_factory")(
                 ["--audit-dir", str(tmp_path / "audit")], models_dir=manifest.parent

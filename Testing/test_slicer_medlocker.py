@@ -108,14 +108,14 @@ def test_module_file_loads_without_qt_or_heavy_imports():
 
 def test_every_lib_file_and_resource_is_packaged():
     module_dir = slicer_support.MEDLOCKER_MODULE_DIR
-    cmake = (module_dir / "CMakeLists.txt").read_text()
+    cmake = (module_dir / "CMakeLists.txt").read_text(encoding="utf-8")
     lib_files = sorted(path.name for path in (module_dir / "MedLockerWatermarkLib").glob("*.py"))
     assert lib_files and all(f"${{MODULE_NAME}}Lib/{name}" in cmake for name in lib_files), lib_files
     for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert resource in cmake
     assert (module_dir / "Resources" / "Icons" / "MedLockerWatermark.png").is_file()
     assert (module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").is_file()
-    assert "add_subdirectory(MedLockerWatermark)" in (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(MedLockerWatermark)" in (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_ui_file_names_every_widget_the_module_uses():
@@ -125,5 +125,5 @@ def test_ui_file_names_every_widget_the_module_uses():
 
     module_dir = slicer_support.MEDLOCKER_MODULE_DIR
     names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", (module_dir / "MedLockerWatermark.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (module_dir / "MedLockerWatermark.py").read_text(encoding="utf-8")))
     assert used and not used - names, sorted(used - names)

@@ -189,7 +189,7 @@ def main() -> int:
         if process is not None:
             status = Path(f"/proc/{process.pid}/status")
             if status.is_file():
-                line = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM")), None)
+                line = next((line for line in status.read_text(encoding="utf-8").splitlines() if line.startswith("VmHWM")), None)
                 results["server_peak_rss_mb"] = int(line.split()[1]) / 1024 if line else None
     except MedPrivacyError as exc:
         print(f"medlocker_bench: error: {exc}", file=sys.stderr)

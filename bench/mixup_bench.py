@@ -140,7 +140,7 @@ def main() -> int:
             "mixed k=1": server_time(url, str(key_dir), str(volume), "mixup", 1),
             "mixed k=8": server_time(url, str(key_dir), str(volume), "mixup", 8),
         }
-        status = Path(f"/proc/{process.pid}/status").read_text()
+        status = Path(f"/proc/{process.pid}/status").read_text(encoding="utf-8")
         results["server_peak_rss_mb"] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
     finally:
         process.terminate()

@@ -59,7 +59,7 @@ class ReferenceBank:
         try:
             with np.load(path, allow_pickle=False) as data:
                 images, labels = data["images"].astype(np.float32), data["labels"].astype(np.uint8)
-            meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8")) if (directory / META_FILE).is_file() else {}
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"the reference bank in {directory} is damaged ({exc}); generate a new key with 'medprivacy mixup keygen --force'") from None
         if images.ndim != 4 or images.shape != labels.shape or len(images) == 0:

@@ -114,7 +114,7 @@ def load_dataset_subjects(folder: str, limit: int | None = None):
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise InputError(f"{root} has no dataset.json; expected the nnU-Net/MSD layout (dataset.json, imagesTr/, labelsTr/)")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     pairs = []
     for entry in meta.get("training", []):
         pairs.append((root / entry["image"], root / entry["label"]))

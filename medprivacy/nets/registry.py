@@ -160,7 +160,7 @@ def load_manifest(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"no model manifest at {path}; run 'medprivacy mixup train' or set MEDPRIVACY_MODELS_DIR")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"model manifest {path} is not valid JSON ({exc.msg}); restore it from the repository") from None
 
