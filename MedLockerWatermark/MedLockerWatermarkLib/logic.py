@@ -29,6 +29,7 @@ from vtk.util import numpy_support
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 from medprivacy.medlocker.boxes import DEFAULT_MODE, MODES  # noqa: F401  (re-exported for the widget)
+from MedPrivacySlicerCommon.mrml_geometry import ijk_to_ras, vtk_matrix
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
 #: Where lesion boxes come from in the Protect tab: the server's segmenter, a segmentation node, or nowhere.
@@ -115,24 +116,6 @@ def _top(prediction: dict[str, Any]) -> str:
 
 def _node_label(node) -> str:
     return repr(node.GetName()) if node is not None and node.GetName() else "the selected image"
-
-
-def _matrix_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
-
-
-def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for row in range(4):
-        for col in range(4):
-            matrix.SetElement(row, col, float(array[row, col]))
-    return matrix
-
-
-def ijk_to_ras(volume_node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return _matrix_array(matrix)
 
 
 def voxel_array(volume_node) -> np.ndarray:
@@ -243,7 +226,7 @@ class MedLockerWatermarkLogic:
         extent = reference_node.GetImageData().GetExtent()
         matrix = ijk_to_ras(reference_node)
         matrix[:3, 3] = (matrix @ np.array([extent[0], extent[2], extent[4] + slice_index, 1.0]))[:3]
-        node.SetIJKToRASMatrix(_vtk_matrix(matrix))
+        node.SetIJKToRASMatrix(vtk_matrix(matrix))
         node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
         node.CreateDefaultDisplayNodes()
         return node
@@ -270,7 +253,7 @@ class MedLockerWatermarkLogic:
         extent = volume_node.GetImageData().GetExtent()
         geometry = slicer.vtkOrientedImageData()
         geometry.SetExtent(extent)
-        geometry.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras(volume_node)))
+        geometry.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras(volume_node)))
         merged = slicer.vtkOrientedImageData()
         if not segmentation_node.GenerateMergedLabelmapForAllSegments(
             merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, geometry, ids
@@ -295,7 +278,7 @@ class MedLockerWatermarkLogic:
         oriented.SetExtent(reference_node.GetImageData().GetExtent())
         oriented.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())[:] = (mask != 0).astype(np.uint8).ravel()
-        oriented.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras(reference_node)))
+        oriented.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras(reference_node)))
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(oriented, segmentation_node, ids):
@@ -323,7 +306,7 @@ class MedLockerWatermarkLogic:
             object_to_node[:3, :3] = axes
             object_to_node[:3, 3] = (matrix @ center_ijk)[:3]
             roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{reference_node.GetName()} {name} {number}")
-            roi.SetAndObserveObjectToNodeMatrix(_vtk_matrix(object_to_node))
+            roi.SetAndObserveObjectToNodeMatrix(vtk_matrix(object_to_node))
             roi.SetSize(w * spacing[0], h * spacing[1], spacing[2])
             roi.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
             roi.CreateDefaultDisplayNodes()

@@ -2,24 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-import vtk
+from MedPrivacySlicerCommon.mrml_geometry import ijk_to_ras, vtk_matrix  # noqa: F401  (shared with MedLockerWatermark)
 
 #: SimpleITK works in LPS, MRML in RAS: the two frames differ by a sign flip of the first two axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for row in range(4):
-        for col in range(4):
-            matrix.SetElement(row, col, float(array[row, col]))
-    return matrix
-
-
-def ijk_to_ras(volume_node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
 
 
 def copy_volume_geometry(volume_node, image):
