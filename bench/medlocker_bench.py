@@ -155,7 +155,7 @@ def main() -> int:
         # The server child inherits these; torch reads them when it starts. This process sets torch directly.
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
-    from medprivacy.demo import start_local_server
+    from medprivacy.demo import start_local_server, stop_local_server
     from medprivacy.errors import MedPrivacyError
     from medprivacy.transport.watermark_client import WatermarkClient
 
@@ -196,8 +196,7 @@ def main() -> int:
         return 2
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+            stop_local_server(process)
     results["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     search = results["search"]

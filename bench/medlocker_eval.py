@@ -28,7 +28,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.demo import start_local_server
+    from medprivacy.demo import start_local_server, stop_local_server
 
     if args.threads > 0:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -42,8 +42,7 @@ def main() -> int:
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_local_server(process)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def main() -> int:
         print(json.dumps(child(*args.child)))
         return 0
 
-    from medprivacy.demo import start_local_server
+    from medprivacy.demo import start_local_server, stop_local_server
     from medprivacy.mixup.bank import generate_bank
 
     work = Path(tempfile.mkdtemp(prefix="mixup-bench-"))
@@ -143,8 +143,7 @@ def main() -> int:
         status = Path(f"/proc/{process.pid}/status").read_text(encoding="utf-8")
         results["server_peak_rss_mb"] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_local_server(process)
 
     # Leakage is measured on a separate k=1 run whose uploads the server keeps (audit copy), then compared
     # with every patient patch: the attacker-agnostic "is any upload just the patient's image?" question.
@@ -152,8 +151,7 @@ def main() -> int:
     try:
         subprocess.run([sys.executable, __file__, "--child", "k=1", url, str(volume), str(key_dir)], capture_output=True, text=True, check=True)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_local_server(process)
     results["leakage_best_match_pearson_r"] = leakage(audit, str(key_dir), str(volume))
 
     private1, private8, plain = results["private k=1"], results["private k=8"], results["plain"]

@@ -22,7 +22,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.demo import start_local_server
+    from medprivacy.demo import start_local_server, stop_local_server
     from medprivacy.mixup.bank import generate_bank
 
     work = Path(tempfile.mkdtemp(prefix="mixup-eval-"))
@@ -35,8 +35,7 @@ def main() -> int:
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_local_server(process)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
         return status
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_local_server(server, timeout=15)
 
 
 def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) -> int:
@@ -145,6 +141,16 @@ def start_local_server(folder: Path, port: int = 0, extra_args: list[str] | None
             time.sleep(0.5)
     process.kill()
     raise ServerError(f"the local server did not start within 120 s; see {folder / 'server.log'}")
+
+
+def stop_local_server(process, timeout: float = 30.0) -> None:
+    """Stop a ``start_local_server`` child: terminate, and kill it if it has not exited within ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def write_overlay_png(image, labelmap, path: Path) -> None:
