@@ -154,6 +154,18 @@ def test_same_seed_gives_the_same_watermarks(evaluated, servers, tmp_path, capsy
                    {k: second["runs"][key][k] for k in ("alpha", "x", "y", "evaluations")}
 
 
+def test_validation_split_draws_other_images_than_the_test_split(evaluated, servers, tmp_path, capsys):
+    report, _ = evaluated
+    out = tmp_path / "validation.json"
+    code, _, err = _run(capsys, "--server", servers[0].url, "--out", out, "--images", "2", "--split", "validation", "--no-held-out",
+                        "--no-table3", "--models", "wm-cls-resnet18", *TINY_SEARCH)
+    assert code == 0 and "validation split from seed 500000" in err
+    validation = json.loads(out.read_text(encoding="utf-8"))
+    assert validation["data"]["split"] == "validation" and validation["config"]["split"] == "validation"
+    assert [im["seed"] for im in validation["images"]] == [500_000, 500_001]
+    assert not {im["seed"] for im in validation["images"]} & {im["seed"] for im in report["images"]}
+
+
 def test_asr_counts_successes_among_images_right_before():
     labels = np.array([0, 1, 1, 0, 1])
     clean = np.array([0, 1, 0, 0, 1])  # image 2 wrong before: not counted

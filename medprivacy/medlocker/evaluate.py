@@ -1,7 +1,8 @@
 """``medprivacy watermark eval``: the MedLocker paper's Tables 1-3 on held-out images, through a real server.
 
 Images. The held-out ``test`` split of :mod:`medprivacy.medlocker.data` (sample seeds 900000+, which training
-never optimises on), rendered as 8-bit RGB at the classifiers' input size from the server's ``/v1/info``, with
+never optimises on; ``--split validation`` draws the validation seeds instead, for choosing settings such as the
+logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's ``/v1/info``, with
 their true labels (odd seed: lesion) and ground-truth lesion masks.
 
 Which images are attacked (``--attack``). ``all-correct`` (default, the paper's protocol: "we only attack samples
@@ -49,6 +50,8 @@ import numpy as np
 from ..errors import InputError
 
 ATTACK_SETS = ("all-correct", "all")
+#: Never "train": rates on images the classifiers were fitted to would overstate nothing useful.
+EVAL_SPLITS = ("test", "validation")
 LESION_SOURCES = ("auto", "server", "truth")
 ENSEMBLE = "ensemble"
 HELD_OUT_PREFIX = "ensemble-without-"
@@ -103,7 +106,8 @@ def ensemble_prediction(probabilities: dict[str, np.ndarray], members: Sequence[
 @dataclass
 class EvalConfig:
     images: int = 20
-    start: int = 0  # offset into the held-out test split
+    start: int = 0  # offset into the split
+    split: str = "test"  # "validation" to choose settings (e.g. the logo) without looking at the test images
     seed: int = 0  # search seed of the first image; image i uses seed + i
     data_seed: int = 0
     size: tuple[int, int] | None = None  # default: the classifiers' input size
@@ -129,6 +133,8 @@ class EvalConfig:
             raise InputError(f"--images must be at least 1 (got {self.images})")
         if self.start < 0 or self.seed < 0 or self.data_seed < 0:
             raise InputError("--start, --seed and --data-seed must not be negative")
+        if self.split not in EVAL_SPLITS:
+            raise InputError(f"--split must be one of {', '.join(EVAL_SPLITS)}")
         if self.attack not in ATTACK_SETS:
             raise InputError(f"--attack must be one of {', '.join(ATTACK_SETS)}")
         if self.lesions not in LESION_SOURCES:
@@ -244,7 +250,7 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
     from tqdm import tqdm
 
     from . import blending, boxes
-    from .data import DataConfig, make_split
+    from .data import SPLIT_SEED_BASES, DataConfig, make_split
     from .keyfile import MedLockerKey
 
     config.check()
@@ -272,9 +278,9 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
     logo_size = blending.fitted_size(size, logo.shape, config.sl)  # a logo that does not fit stops here, before any search
 
     data_config = DataConfig(size=size, seed=config.data_seed)
-    log(f"rendering {config.images} held-out test images ({size[0]}x{size[1]}, test split from seed "
-        f"{900_000 + config.start})")
-    split = make_split("test", config.images, data_config, start=config.start, dtype=np.uint8, progress=bool(progress))
+    log(f"rendering {config.images} {config.split} images ({size[0]}x{size[1]}, {config.split} split from seed "
+        f"{SPLIT_SEED_BASES[config.split] + config.start})")
+    split = make_split(config.split, config.images, data_config, start=config.start, dtype=np.uint8, progress=bool(progress))
     images = [_Image(i, int(split.seeds[i]), int(split.labels[i]), split.sources[i], split.images[i], split.masks[i])
               for i in range(len(split))]
     labels = np.array([im.label for im in images])
@@ -517,7 +523,7 @@ def _report(config, client, info, classifiers, images, attacked, labels, clean_p
         "server": {"url": client.url, "server_version": info.get("server_version"), "device": info.get("device"),
                    "classifiers": {n: {"sha256": d.get("sha256"), "arch": d.get("arch"), "patch_size": d.get("patch_size")}
                                    for n, d in classifiers.items()}},
-        "data": {"description": data_config.describe(), "split": "test", "start": config.start, "images": len(images),
+        "data": {"description": data_config.describe(), "split": config.split, "start": config.start, "images": len(images),
                  "lesion_images": int(labels.sum()), "attack_set": config.attack, "attacked": len(attacked)},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "search": {**config.search(), "mode": "wap (Tables 1-2)", "label": "true label", "seed": config.seed,
@@ -651,7 +657,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, 1800.0, "seconds to wait for each search")
     parser.add_argument("--out", required=True, type=Path, help="report.json to write (atomically)")
     parser.add_argument("--images", type=int, default=20, help="held-out test images to draw (default 20)")
-    parser.add_argument("--start", type=int, default=0, help="first image of the held-out test split (default 0)")
+    parser.add_argument("--start", type=int, default=0, help="first image of the split (default 0)")
+    parser.add_argument("--split", choices=EVAL_SPLITS, default="test",
+                        help="images to draw: the held-out test split (default) or the validation split, to choose settings such as the logo")
     parser.add_argument("--seed", type=int, default=0, help="search seed of the first image; image i uses seed + i (default 0)")
     parser.add_argument("--data-seed", type=int, default=0, help="data seed the models were trained with (default 0)")
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default: the classifiers' input size)")
@@ -665,7 +673,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a random-mutation row with as many evaluations as basin hopping (Ng*(Niter+1) generations)")
     parser.add_argument("--lesions", choices=LESION_SOURCES, default="auto",
                         help="Table 3 lesion boxes from the server's segmenter or the images' true masks (default auto: segmenter if served)")
-    parser.add_argument("--logo", type=Path, default=None, help="logo picture (default: the padlock)")
+    parser.add_argument("--logo", type=Path, default=None, help="logo picture (default: the grey padlock on a dark plate)")
     parser.add_argument("--sl", type=float, default=4.0, help="logo scale (default 4)")
     parser.add_argument("--population", type=int, default=50, help="Np (default 50)")
     parser.add_argument("--generations", type=int, default=3, help="Ng (default 3)")
@@ -691,7 +699,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if target is not None and Path(target).is_dir():
             raise InputError(f"{what} {target} is a folder; give a file name")
     config = EvalConfig(
-        images=args.images, start=args.start, seed=args.seed, data_seed=args.data_seed, size=args.size, attack=args.attack,
+        images=args.images, start=args.start, split=args.split, seed=args.seed, data_seed=args.data_seed, size=args.size, attack=args.attack,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
         held_out=not args.no_held_out, table3=not args.no_table3, table3_source=args.table3_source,
         equal_budget_random=args.equal_budget_random, lesions=args.lesions, sl=args.sl, population=args.population,
