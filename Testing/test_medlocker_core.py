@@ -134,16 +134,22 @@ def test_blend_batch_renders_each_candidate(logo):
         assert np.array_equal(rendered, blend(image, fitted, alpha, int(x), int(y)))
 
 
-def test_default_logo_is_a_visible_lock_and_png_logos_load(tmp_path):
+def test_default_logo_is_a_grey_lock_on_an_opaque_dark_plate_and_png_logos_load(tmp_path):
     import SimpleITK as sitk
 
     lock = default_logo(128)
     assert lock.shape == (128, 128, 4) and lock.dtype == np.uint8
     opacity = lock[..., 3]
-    assert 0.3 < (opacity == 255).mean() < 0.8 and (opacity == 0).any()
-    assert opacity[20, 64] == 255 and opacity[45, 64] == 0 and opacity[100, 64] == 255  # shackle, the space inside it, body
-    assert (lock[opacity == 255][:, :3].min(axis=1) > 200).any() and (lock[opacity == 255][:, :3].max(axis=1) < 120).any()
+    assert (opacity == 255).mean() > 0.95 and opacity[0, 0] < 128  # opaque but for the rounded corners
+    plate, shackle, inside_shackle, body, keyhole = lock[64, 6, :3], lock[20, 64, :3], lock[45, 64, :3], lock[105, 50, :3], lock[81, 64, :3]
+    assert plate.max() < 30 and inside_shackle.max() < 30 and keyhole.max() < 30
+    assert 90 < shackle.min() and 90 < body.min() and max(shackle.max(), body.max()) < 130  # mid-grey glyph: readable on the plate, no bright mark
     assert logo_sha256(lock) == logo_sha256(default_logo(128))
+
+    outline = default_logo(128, "outline")  # the white padlock the badge replaced, kept for the logo ablation
+    assert 0.3 < (outline[..., 3] == 255).mean() < 0.8 and outline[45, 64, 3] == 0 and outline[105, 50, :3].min() > 200
+    with pytest.raises(InputError, match="unknown logo style"):
+        default_logo(128, "neon")
 
     path = tmp_path / "logo.png"
     sitk.WriteImage(sitk.GetImageFromArray(lock, isVector=True), str(path))

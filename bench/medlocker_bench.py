@@ -10,7 +10,7 @@ Prints (and writes to --out as JSON):
   count (forward passes only: the strict baseline, target ≥ 0.8) and through /v1/watermark/classify (HTTP and
   encoding included), a few batches right after every search so both share the machine's load at that time;
 - key size per image: bytes of one encrypted key file holding N protected 128x128 8-bit images (RGB and gray,
-  default padlock logo, random position and alpha) ÷ N;
+  default logo, random position and alpha) ÷ N;
 - peak memory of the server (VmHWM) and of this process.
 
 Figures, not pass/fail. ``--quick`` for a fast smoke run (2 images, fewer repetitions).

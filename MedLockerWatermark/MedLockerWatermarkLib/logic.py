@@ -346,7 +346,7 @@ class MedLockerWatermarkLogic:
 
     @staticmethod
     def load_logo(path: str | os.PathLike | None = None) -> np.ndarray:
-        """The logo picture at ``path`` as RGBA, or MedLocker's padlock when no path is given."""
+        """The logo picture at ``path`` as RGBA, or MedLocker's badge (grey padlock on a dark plate) when no path is given."""
         from medprivacy.medlocker import blending
 
         if path is None or not str(path).strip():

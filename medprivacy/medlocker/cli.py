@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help=f"where the logo may go: keep-out of lesion boxes, keep-in them, or wap (anywhere) (default {DEFAULT_MODE})")
     protect.add_argument("--lesions", choices=("auto", "server", "none"), default="auto",
                          help="lesion boxes from the server's segmenter, or none (default auto: the segmenter when the server has one)")
-    protect.add_argument("--logo", type=Path, default=None, help="logo picture (PNG, transparency respected; default: a padlock)")
+    protect.add_argument("--logo", type=Path, default=None, help="logo picture (PNG, transparency respected; default: a grey padlock on a dark plate)")
     protect.add_argument("--models", default=None, help="comma-separated source classifiers (default: every classifier on the server)")
     protect.add_argument("--weights", default=None, help="comma-separated ensemble weights, one per --models entry (default equal)")
     protect.add_argument("--label", type=int, default=None,
