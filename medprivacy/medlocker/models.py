@@ -1,7 +1,8 @@
 """The networks MedLocker attacks and the lesion segmenter that keeps watermarks off lesions.
 
-Four 2D "lesion / no lesion" classifiers (ResNet18, DenseNet121, EfficientNet-B0, a small ViT: the paper's source
-and target backbones) and a 2D U-Net lesion segmenter, all from MONAI through
+Four 2D "lesion / no lesion" classifiers of different families (ResNet18, DenseNet121 and EfficientNet-B0 from
+MONAI, and a VGG-style CNN built from MONAI convolution blocks, which replaced a small ViT that never left chance
+on CPU: the paper's source and target backbones) and a 2D U-Net lesion segmenter from MONAI, all through
 :func:`medprivacy.nets.build_network`. Classifiers take float32 (N, 3, H, W) in [0, 1] and return logits (N, 2);
 the segmenter returns (N, 2, H, W) logits (channel 1: lesion). Manifest names are in :data:`MODEL_NAMES`.
 """
@@ -29,9 +30,9 @@ SEGMENTER_NAME = MODEL_NAMES[SEGMENTER_FAMILY]
 LABELS = {"0": "no lesion", "1": "lesion"}
 
 #: Width settings per preset; anything here overrides the contract defaults in ``build_network``.
-#: cpu-small keeps the five weight files at ~38 MB together (float32) and the training within a CPU budget:
+#: cpu-small keeps the five weight files at ~31 MB together (float32) and the training within a CPU budget:
 #: ResNet18 at 3/8 width with the usual stride-2 stem (MONAI's default stem keeps full resolution: 4x the cost),
-#: DenseNet121 with 32 initial features and growth 16 (121 layers kept), EfficientNet-B0 and the ViT as specified.
+#: DenseNet121 with 32 initial features and growth 16 (121 layers kept), EfficientNet-B0 as specified.
 WIDTHS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu-small": {
         "resnet18": {"widen_factor": 0.375, "conv1_t_stride": 2},

@@ -1,7 +1,7 @@
 """Training of the MedLocker classifiers and lesion segmenter (``medprivacy watermark train``).
 
 One run, seeded, trains on the 2D lesion dataset of :mod:`medprivacy.medlocker.data`:
-- four "lesion / no lesion" classifiers (ResNet18, DenseNet121, EfficientNet-B0, ViT), cross-entropy, Adam;
+- four "lesion / no lesion" classifiers (ResNet18, DenseNet121, EfficientNet-B0, VGG-style CNN), cross-entropy, Adam;
 - a 2D U-Net lesion segmenter, Dice + cross-entropy, Adam.
 Every model gets its own seed stream (weights init, batch order, augmentation), so training a subset of them gives
 the same weights as a full run. Batch-norm statistics are re-estimated on training images before each validation
@@ -552,7 +552,7 @@ def _families(text: str) -> tuple:
 def add_train_arguments(parser) -> None:
     """Options of ``medprivacy watermark train``."""
     parser.add_argument("--preset", choices=PRESETS, default="cpu-small",
-                        help="cpu-small: 128x128, ~30-45 min on 2 CPU cores; smoke: a few steps at 32x32 (tests)")
+                        help="cpu-small: 128x128, about two hours on one CPU core; smoke: a few steps at 32x32 (tests)")
     parser.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models or $MEDPRIVACY_MODELS_DIR)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (weights, batch order, augmentation)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
