@@ -33,7 +33,7 @@ def write_logos(folder: Path) -> dict[str, Path]:
 
     outline = blending.default_logo(256, "outline").astype(np.float64)
     opacity = outline[..., 3:4] / 255.0
-    navy = np.array([18.0, 42.0, 96.0])
+    navy = np.array(blending.OUTLINE_RGB, dtype=np.float64)
     plate_white = np.concatenate([opacity * outline[..., :3] + (1 - opacity) * navy, np.full((256, 256, 1), 255.0)], axis=2)
     pictures = {
         "badge": blending.default_logo(256),
@@ -48,16 +48,22 @@ def write_logos(folder: Path) -> dict[str, Path]:
 
 
 def summarize(report: dict, source: str) -> dict:
+    """Table 1's row for ``source`` plus the same ASR on lesion and on no-lesion images apart."""
+    from medprivacy.medlocker.evaluate import attack_success_rate
+
     row = report["table1"][source]
+    attacked = [im for im in report["images"] if im["attacked"]]
     by_label = {}
     for label, name in ((1, "lesion"), (0, "no_lesion")):
-        runs = [im for im in report["images"] if im["attacked"] and im["label"] == label
-                and im["clean_predicted"][source] == label]
-        fooled = sum(im["runs"][f"wap/basin-hopping/{source}"]["predicted"][source] != label for im in runs)
-        by_label[name] = {"asr": fooled / len(runs) if runs else None, "successes": fooled, "correct_before": len(runs)}
-    return {"asr": row["asr"], "successes": row["successes"], "correct_before": row["correct_before"],
-            **{f"{k}_asr": v["asr"] for k, v in by_label.items()}, "by_label": by_label,
+        images = [im for im in attacked if im["label"] == label]
+        by_label[name] = attack_success_rate([label] * len(images), [im["clean_predicted"][source] for im in images],
+                                             [im["runs"][f"wap/basin-hopping/{source}"]["predicted"][source] for im in images])
+    return {"asr": row["asr"], "successes": row["successes"], "correct_before": row["correct_before"], "by_label": by_label,
             "psnr": row["psnr"], "ssim": row["ssim"], "mean_alpha": row["mean_alpha"]}
+
+
+def rate_text(rate) -> str:
+    return "  n/a" if rate is None else f"{100 * rate:5.1f}"
 
 
 def main() -> int:
@@ -96,8 +102,8 @@ def main() -> int:
                 return done.returncode
             results[name] = summarize(json.loads(report_path.read_text(encoding="utf-8")), args.source)
             r = results[name]
-            print(f"{name:12s} ASR {100 * r['asr']:5.1f} % ({r['successes']}/{r['correct_before']}), lesion "
-                  f"{100 * (r['lesion_asr'] or 0):5.1f} %, no lesion {100 * (r['no_lesion_asr'] or 0):5.1f} %, "
+            print(f"{name:12s} ASR {rate_text(r['asr'])} % ({r['successes']}/{r['correct_before']}), lesion "
+                  f"{rate_text(r['by_label']['lesion']['asr'])} %, no lesion {rate_text(r['by_label']['no_lesion']['asr'])} %, "
                   f"PSNR {r['psnr']:.1f} dB, mean alpha {r['mean_alpha']:.0f}", flush=True)
     finally:
         stop_local_server(process)

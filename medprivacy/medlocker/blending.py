@@ -161,6 +161,8 @@ def load_logo(path: str | os.PathLike) -> np.ndarray:
 #: Colours of the default mark: a mid-grey padlock on a near-black plate.
 BADGE_PLATE_RGB = (12, 12, 16)
 BADGE_GLYPH_RGB = (105, 105, 110)
+#: Outline of the "outline" style's white padlock (dark blue).
+OUTLINE_RGB = (18, 42, 96)
 LOGO_STYLES = ("badge", "outline")
 
 
@@ -191,7 +193,7 @@ def default_logo(size: int = 256, style: str = "badge") -> np.ndarray:
         rgba = np.concatenate([color, 255.0 * plate[..., None]], axis=2)
     else:
         covered = np.clip(0.5 - (mark - 0.035 * s), 0.0, 1.0)  # the mark grown by the outline width
-        white, navy = np.array([255.0, 255.0, 255.0]), np.array([18.0, 42.0, 96.0])
+        white, navy = np.array([255.0, 255.0, 255.0]), np.array(OUTLINE_RGB, dtype=np.float64)
         premultiplied = fill[..., None] * white + (covered - fill)[..., None] * navy
         color = np.divide(premultiplied, covered[..., None], out=np.zeros_like(premultiplied), where=covered[..., None] > 0)
         rgba = np.concatenate([color, 255.0 * covered[..., None]], axis=2)
