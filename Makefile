@@ -29,7 +29,7 @@ bench-watermark: env
 	$(BIN)/python bench/medlocker_bench.py
 
 # Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks (about 45 min on one core),
-# then the MedLocker classifiers and lesion segmenter (about 75 min on one core).
+# then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0).
 train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --out Resources/Models
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models

@@ -50,7 +50,7 @@ import numpy as np
 from ..errors import InputError
 
 ATTACK_SETS = ("all-correct", "all")
-#: Never "train": rates on images the classifiers were fitted to would overstate nothing useful.
+#: Never "train": the classifiers were fitted to those images, so rates there say nothing about new data.
 EVAL_SPLITS = ("test", "validation")
 LESION_SOURCES = ("auto", "server", "truth")
 ENSEMBLE = "ensemble"
