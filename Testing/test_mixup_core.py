@@ -225,6 +225,28 @@ def test_registration_recovers_a_moved_head_and_the_round_trip_keeps_labels(samp
     assert round_trip["mean"] > 0.93
 
 
+def test_training_can_draw_references_the_way_keygen_does():
+    """With oversampling, training mixes with the most textured of N draws, the patches a keygen bank holds."""
+    from medprivacy.mixup.sampling import keep_most_textured
+    from medprivacy.mixup.train import PatchSampler
+
+    rng = np.random.default_rng(3)
+    images = np.stack([rng.normal(0, s, (4, 4, 4)) for s in (0.1, 3.0, 0.5, 2.0)]).astype(np.float32)
+    labels = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 4), np.uint8)
+    kept_images, kept_labels = keep_most_textured(images, labels, 2)
+    assert sorted(kept_labels[:, 0, 0, 0].tolist()) == [1, 3]  # the two widest spreads, each with its own labels
+    assert np.array_equal(kept_images[kept_labels[:, 0, 0, 0] == 1][0], images[1])
+
+    volume = np.zeros((48, 48, 48), np.float32)
+    volume[8:40, 8:40, 8:40] = rng.random((32, 32, 32)) * np.linspace(0, 1, 32)[:, None, None]
+    brain = np.zeros(volume.shape, np.uint8)
+    brain[8:40, 8:40, 8:40] = 2
+    uniform = PatchSampler([(volume, brain)], 8, np.random.default_rng(0)).references(200)[0]
+    textured = PatchSampler([(volume, brain)], 8, np.random.default_rng(0), reference_oversampling=4).references(200)[0]
+    spread = lambda patches: np.median(patches.reshape(len(patches), -1).std(axis=1))  # noqa: E731
+    assert spread(textured) > 1.2 * spread(uniform)
+
+
 def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     """A few steps of the real training command on tiny data; CI never retrains the shipped models."""
     out = tmp_path / "models"
@@ -246,10 +268,14 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     # a second stage continues from those weights and keeps the chain of commands in the manifest
     stage2 = tmp_path / "stage2"
     result = subprocess.run(
-        [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--init-from", str(out), "--out", str(stage2), "--threads", "1", "--quiet"],
+        [
+            sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--init-from", str(out), "--out", str(stage2),
+            "--threads", "1", "--reference-oversampling", "4", "--quiet",
+        ],
         capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert load_manifest(stage2)["training"]["config"]["reference_oversampling"] == 4
     chain = load_manifest(stage2)["training"]["continued_from"]
     assert chain["command"] == manifest["training"]["command"]
     assert chain["weights_sha256"]["mixup-seg"] == manifest["models"]["mixup-seg"]["sha256"]

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (cosine-decayed to 5 %%)")
     train.add_argument("--patch-size", type=int, default=None)
     train.add_argument("--subjects", type=int, default=None, help="training subjects")
+    train.add_argument(
+        "--reference-oversampling", type=int, default=None, metavar="N",
+        help="train with the most textured of N reference draws, as keygen builds banks (N=4); default 1: uniform",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
@@ -131,7 +135,7 @@ def _train(args) -> int:
     overrides = {
         "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
         "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
-        "learning_rate": args.learning_rate,
+        "learning_rate": args.learning_rate, "reference_oversampling": args.reference_oversampling,
     }
     for key, value in overrides.items():
         if value is not None:

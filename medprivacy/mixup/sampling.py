@@ -52,13 +52,17 @@ def draw_reference_patches(images, labels, candidates, count: int, patch_size, r
     return out_images, out_labels
 
 
+def keep_most_textured(images: np.ndarray, labels: np.ndarray, count: int):
+    """The ``count`` patches with the highest intensity standard deviation, with their labels."""
+    keep = np.argsort(images.reshape(len(images), -1).std(axis=1))[-count:]
+    return images[keep], labels[keep]
+
+
 def sample_reference_patches(images, labels, count: int, patch_size, rng: np.random.Generator, oversampling: int = 1):
     """``count`` (image, label) patch pairs from random subjects at random mostly-brain locations.
 
     With ``oversampling`` > 1, draws that many times more and keeps the ``count`` most textured patches.
     """
     if oversampling > 1:
-        pool_images, pool_labels = sample_reference_patches(images, labels, count * oversampling, patch_size, rng)
-        keep = np.argsort(pool_images.reshape(len(pool_images), -1).std(axis=1))[-count:]
-        return pool_images[keep], pool_labels[keep]
+        return keep_most_textured(*sample_reference_patches(images, labels, count * oversampling, patch_size, rng), count)
     return draw_reference_patches(images, labels, reference_candidates(labels, patch_size), count, patch_size, rng)

@@ -23,7 +23,7 @@ import numpy as np
 from ..labels import NUM_CLASSES
 from .intensity import normalize_intensity
 from .mixing import DEFAULT_LAMBDA_RANGE
-from .sampling import crop, draw_reference_patches, reference_candidates
+from .sampling import crop, draw_reference_patches, keep_most_textured, reference_candidates
 
 log = logging.getLogger("medprivacy.train")
 
@@ -51,6 +51,9 @@ class TrainConfig:
     dataset: str | None = None  # nnU-Net/MSD folder; None: synthetic subjects from the MNI152 template
     init_from: str | None = None  # models folder to continue from (a second stage with a fresh LR schedule)
     deformation: float = 1.0
+    #: 1: references uniform over mostly-brain positions (how the first stage was trained). keygen keeps the most
+    #: textured of TEXTURE_OVERSAMPLING draws, so a later stage passes that number to train on what clients send.
+    reference_oversampling: int = 1
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -140,7 +143,7 @@ def load_dataset_subjects(folder: str, limit: int | None = None):
 class PatchSampler:
     """Random training patches: targets anywhere in the analysis box (as at inference), references mostly brain."""
 
-    def __init__(self, subjects, patch_size: int, rng: np.random.Generator):
+    def __init__(self, subjects, patch_size: int, rng: np.random.Generator, reference_oversampling: int = 1):
         from .model_space import analysis_mask
         from .patches import brain_bounding_box
 
@@ -154,6 +157,7 @@ class PatchSampler:
         self.images = [image for image, _ in subjects]
         self.labels = [labels for _, labels in subjects]
         self.reference_candidates = reference_candidates(self.labels, self.patch)
+        self.reference_oversampling = max(1, int(reference_oversampling))
 
     def _crop(self, subject: int, start):
         return crop(self.images[subject], start, self.patch), crop(self.labels[subject], start, self.patch)
@@ -172,7 +176,9 @@ class PatchSampler:
     def references(self, count: int):
         from .mixing import flip_patches
 
-        images, labels = draw_reference_patches(self.images, self.labels, self.reference_candidates, count, self.patch, self.rng)
+        images, labels = draw_reference_patches(self.images, self.labels, self.reference_candidates, count * self.reference_oversampling, self.patch, self.rng)
+        if self.reference_oversampling > 1:
+            images, labels = keep_most_textured(images, labels, count)
         flips = self.rng.random((count, 3)) < 0.5
         return flip_patches(images, flips), flip_patches(labels, flips)
 
@@ -231,8 +237,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             f"random affine + smooth elastic deformation, bias field, gamma, noise; validation seeds from {VALIDATION_SEED_BASE}"
         )
 
-    sampler = PatchSampler(subjects, config.patch_size, rng)
-    val_sampler = PatchSampler(validation, config.patch_size, np.random.default_rng(config.seed + 1))
+    sampler = PatchSampler(subjects, config.patch_size, rng, config.reference_oversampling)
+    val_sampler = PatchSampler(validation, config.patch_size, np.random.default_rng(config.seed + 1), config.reference_oversampling)
     val_batch = _validation_batch(val_sampler, config, count=48)
 
     seg_arch = config.segmentation_arch()
