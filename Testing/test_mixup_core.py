@@ -30,7 +30,7 @@ def test_mixing_then_naive_unmixing_of_exact_maps_is_identity():
 def test_every_copy_has_its_own_lambda_and_reference_and_copies_are_shuffled():
     rng = np.random.default_rng(1)
     locations, tta, bank = 200, 8, 1000
-    plan = plan_mixing(locations, tta, bank, rng, (0.35, 0.65))
+    plan = plan_mixing([locations] * tta, bank, rng, (0.35, 0.65))
     assert len(plan) == locations * tta
     # each location appears exactly k times, once per copy
     counts = np.bincount(plan.location, minlength=locations)
@@ -46,6 +46,13 @@ def test_every_copy_has_its_own_lambda_and_reference_and_copies_are_shuffled():
     assert abs(np.corrcoef(plan.lam, plan.reference_index)[0, 1]) < 0.1
     # shuffled: consecutive rows seldom come from the same location (unshuffled would be 7/8 of them)
     assert np.mean(plan.location[1:] == plan.location[:-1]) < 0.05
+
+
+def test_copies_on_shifted_grids_keep_their_own_patch_counts():
+    plan = plan_mixing([3, 5, 4], 100, np.random.default_rng(5))
+    assert len(plan) == 12
+    for copy, count in enumerate((3, 5, 4)):
+        assert sorted(plan.location[plan.copy == copy]) == list(range(count))
 
 
 def test_flips_apply_per_row_and_are_involutions():
@@ -73,11 +80,57 @@ def test_patch_grid_covers_every_voxel_of_the_box_and_stitches_back_exactly():
     assert (stitched[~covered] == 0).all()
 
 
-def test_model_grid_patches_cover_the_whole_brain():
-    from medprivacy.mixup.model_space import analysis_mask, patch_grid
+def test_every_tta_copy_grid_covers_the_whole_brain_and_shifts_the_patch_borders():
+    from medprivacy.mixup.model_space import TTA_GRID_SHIFTS, analysis_mask, copy_grid, patch_grid
 
-    grid = patch_grid((32, 32, 32))
-    assert (grid.coverage()[analysis_mask()] >= 1).all()
+    mask = analysis_mask()
+    patch = (48, 48, 48)
+    assert copy_grid(patch, 0) == patch_grid(patch)
+    grids = [copy_grid(patch, c) for c in range(len(TTA_GRID_SHIFTS))]
+    for grid in grids:
+        assert (grid.coverage()[mask] >= 1).all()
+        # no patch is wasted on voxels that are never kept
+        assert all(mask[grid.slices(i)].any() for i in range(len(grid)))
+    starts = [set(grid.starts) for grid in grids]
+    assert all(a != b for i, a in enumerate(starts) for b in starts[i + 1:])
+    # Context: with the first eight copies, every brain voxel away from the volume's edge lies at least a quarter
+    # patch inside some patch (along all three axes at once); copy 0 alone leaves voxels on its patch borders.
+    def depth(grids_used):
+        best = np.zeros(mask.shape, np.int16)
+        index = np.arange(patch[0])
+        inside = np.minimum(index, patch[0] - 1 - index)
+        patch_depth = np.minimum(np.minimum(inside[:, None, None], inside[None, :, None]), inside[None, None, :]).astype(np.int16)
+        for grid in grids_used:
+            for i in range(len(grid)):
+                region = grid.slices(i)
+                best[region] = np.maximum(best[region], patch_depth)
+        return best
+    away_from_edge = np.zeros(mask.shape, bool)
+    away_from_edge[12:-12, 12:-12, 12:-12] = True
+    wanted = mask & away_from_edge
+    assert depth(grids[:1])[wanted].min() == 0
+    assert depth(grids[:8])[wanted].min() >= patch[0] // 4 - 1
+    assert copy_grid(patch, len(TTA_GRID_SHIFTS)) == grids[0]
+
+
+def test_weighted_accumulation_averages_overlapping_patches_towards_their_centres():
+    from medprivacy.mixup.patches import ScoreAccumulator, importance_weights
+
+    weights = importance_weights((8, 8, 8))
+    assert weights.max() == 1.0 and weights.min() > 0 and weights[4, 4, 4] > weights[0, 4, 4]
+    shape = (8, 8, 16)
+    first = PatchGrid(shape, (8, 8, 8), ((0, 0, 0),))
+    second = PatchGrid(shape, (8, 8, 8), ((0, 0, 4),))
+    acc = ScoreAccumulator(2, shape, (8, 8, 8))
+    acc.add(first, 0, np.stack([np.full((8, 8, 8), 0.2), np.full((8, 8, 8), 0.8)]).astype(np.float32))
+    acc.add(second, 0, np.stack([np.full((8, 8, 8), 0.6), np.full((8, 8, 8), 0.4)]).astype(np.float32))
+    scores = acc.result(background=np.array([1.0, 0.0]))
+    np.testing.assert_allclose(scores[:, 3, 3, 2], [0.2, 0.8], rtol=1e-6)  # first patch only
+    np.testing.assert_allclose(scores[:, 3, 3, 10], [0.6, 0.4], rtol=1e-6)  # second patch only
+    w1, w2 = weights[3, 3, 7], weights[3, 3, 3]  # voxel x=7: near the first patch's border, the second's centre
+    np.testing.assert_allclose(scores[0, 3, 3, 7], (0.2 * w1 + 0.6 * w2) / (w1 + w2), rtol=1e-5)
+    np.testing.assert_allclose(scores.sum(0)[:, :, :12], 1.0, rtol=1e-5)  # still probabilities
+    np.testing.assert_allclose(scores[:, 3, 3, 13], [1.0, 0.0])  # covered by nothing: background
 
 
 def test_patch_larger_than_volume_is_refused():
@@ -279,6 +332,23 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     chain = load_manifest(stage2)["training"]["continued_from"]
     assert chain["command"] == manifest["training"]["command"]
     assert chain["weights_sha256"]["mixup-seg"] == manifest["models"]["mixup-seg"]["sha256"]
+    # calibration fits decision weights for both paths on validation subjects, leaving the weights untouched
+    weights_before = {name: entry["sha256"] for name, entry in load_manifest(stage2)["models"].items()}
+    result = subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", "mixup", "calibrate", "--models", str(stage2), "--subjects", "1", "--tta", "2", "--reference-subjects", "1", "--threads", "1"],
+        capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    calibrated = load_manifest(stage2)
+    assert {name: entry["sha256"] for name, entry in calibrated["models"].items()} == weights_before
+    for name in ("plain-seg", "mixup-unmix"):
+        factors = calibrated["models"][name]["decision_weights"]
+        assert len(factors) == 4 and factors[0] == 1.0
+        record = calibrated["training"]["calibration"][name]
+        assert record["decision_weights"] == factors and record["dice_after"] >= record["dice_before"]
+    assert calibrated["training"]["calibration"]["command"].startswith("medprivacy mixup calibrate --models")
+    assert load_model("mixup-unmix", stage2)[1].extra["decision_weights"] == calibrated["models"]["mixup-unmix"]["decision_weights"]
+
     # a tampered weight file is refused, not silently used
     (out / "plain_seg.safetensors").write_bytes((out / "plain_seg.safetensors").read_bytes()[:-8] + b"\0" * 8)
     from medprivacy.errors import VersionMismatchError
@@ -345,3 +415,33 @@ def test_outputs_follow_the_umask_not_mkstemps_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "labels.nii.gz").stat().st_mode) == 0o644
+
+
+def test_decision_weights_recover_a_class_that_averaging_suppressed():
+    from medprivacy.mixup.calibrate import fit_decision_weights
+
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, NUM_CLASSES, size=20_000)
+    scores = np.full((NUM_CLASSES, truth.size), 0.1, np.float32)
+    scores[truth, np.arange(truth.size)] = 0.7
+    # where the truth is class 1 its score lost to background: 0.35 background, 0.3 class 1
+    ones = truth == 1
+    scores[:, ones] = np.array([0.35, 0.3, 0.2, 0.15], np.float32)[:, None]
+    factors, before, after = fit_decision_weights([scores[:, :10_000], scores[:, 10_000:]], [truth[:10_000], truth[10_000:]])
+    assert factors[0] == 1.0 and 0.35 / 0.3 < factors[1] < 0.7 / 0.1
+    assert before < 0.8 and after == pytest.approx(1.0)
+
+
+def test_finish_labelmap_applies_decision_weights_inside_the_brain_only():
+    from medprivacy.data.template import load_template
+    from medprivacy.mixup.model_space import analysis_mask
+    from medprivacy.mixup.pipeline import finish_labelmap, prepare_scan
+
+    prepared = prepare_scan(load_template().image, (48, 48, 48))  # on the model grid: no registration
+    scores = np.empty((NUM_CLASSES,) + prepared.volume.shape, np.float32)
+    scores[:] = np.array([0.3, 0.25, 0.25, 0.2], np.float32).reshape(-1, 1, 1, 1)
+    mask = analysis_mask()
+    plain = sitk.GetArrayFromImage(finish_labelmap(prepared, scores))
+    assert (plain == 0).all()
+    weighted = sitk.GetArrayFromImage(finish_labelmap(prepared, scores, [1.0, 1.5, 1.0, 1.0]))
+    assert (weighted[mask] == 1).all() and (weighted[~mask] == 0).all()

@@ -73,8 +73,8 @@ def server_time(url: str, key_dir: str, volume: str, endpoint: str, tta: int) ->
     from medprivacy.transport import InferenceClient
 
     bank = ReferenceBank.load(key_dir)
-    patches = prepare_scan(read_image(volume), bank.patch_size).patches
-    rows = np.repeat(patches, tta, axis=0)
+    prepared = prepare_scan(read_image(volume), bank.patch_size)
+    rows = prepared.patches_sent_with(tta) if endpoint == "mixup" else prepared.patches
     if endpoint == "mixup":
         rng = np.random.default_rng(0)
         rows = mix(rows, bank.images[rng.integers(len(bank), size=len(rows))], rng.uniform(0.35, 0.65, len(rows)))
@@ -125,7 +125,7 @@ def main() -> int:
     volume = work / "brain_256.nii.gz"
     make_volume(volume)
     key_dir = work / "key"
-    generate_bank(key_dir)
+    patch_size = generate_bank(key_dir).patch_size
     audit = work / "audit"
     audit.mkdir()
     process, url = start_local_server(work, extra_args=["--enable-baseline"])
@@ -155,7 +155,7 @@ def main() -> int:
     results["leakage_best_match_pearson_r"] = leakage(audit, str(key_dir), str(volume))
 
     private1, private8, plain = results["private k=1"], results["private k=8"], results["plain"]
-    voxels_per_patch = 32 ** 3
+    voxels_per_patch = int(np.prod(patch_size))
     results["overhead_private_k1_over_plain"] = private1["seconds"] / plain["seconds"]
     results["k8_over_k1"] = private8["seconds"] / private1["seconds"]
     results["bytes_up_per_voxel_per_copy"] = private8["bytes_sent"] / (private8["patches_sent"] * voxels_per_patch)

@@ -1,4 +1,4 @@
-"""``medprivacy mixup keygen | segment | eval | train``."""
+"""``medprivacy mixup keygen | segment | eval | train | calibrate``."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keygen.add_argument("--from-image", action="append", default=[], metavar="IMG", help="a labelled scan of your own (repeat; pair with --from-label)")
     keygen.add_argument("--from-label", action="append", default=[], metavar="LAB", help="its CSF/GM/WM labelmap (1/2/3)")
     keygen.add_argument("--subjects", type=int, default=None, help="synthetic reference subjects to draw (default 4)")
-    keygen.add_argument("--patches", type=int, default=None, help="reference patches to keep (default 1024)")
+    keygen.add_argument("--patches", type=int, default=None, help="reference patches to keep (default 512)")
     keygen.add_argument("--force", action="store_true", help="replace an existing key")
     keygen.set_defaults(_mixup=_keygen)
 
@@ -61,8 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    train.add_argument(
+        "--calibration-subjects", type=int, default=None, metavar="N",
+        help="validation subjects to fit the decision weights on after training (default 4; 0 skips)",
+    )
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(_mixup=_train)
+
+    calibrate = sub.add_parser("calibrate", help="fit the per-class decision weights of trained models on validation subjects")
+    calibrate.add_argument("--models", type=Path, default=None, help="models folder (default: Resources/Models)")
+    calibrate.add_argument("--subjects", type=int, default=4, help="validation subjects (default 4)")
+    calibrate.add_argument("--tta", type=int, default=8, help="TTA copies of the private path being calibrated (default 8)")
+    calibrate.add_argument("--reference-subjects", type=int, default=4, help="synthetic subjects of the calibration key (default 4)")
+    calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    calibrate.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    calibrate.set_defaults(_mixup=_calibrate)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,6 +149,7 @@ def _train(args) -> int:
         "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
         "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
         "learning_rate": args.learning_rate, "reference_oversampling": args.reference_oversampling,
+        "calibration_subjects": args.calibration_subjects,
     }
     for key, value in overrides.items():
         if value is not None:
@@ -146,6 +160,24 @@ def _train(args) -> int:
     command = "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train") + 1:]) if "train" in sys.argv else None
     result = train(config, out, progress=not args.quiet, command=command)
     print(f"trained in {result['seconds']:.0f} s; validation patch Dice {result['metrics']}; models in {out}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from ..nets import DEFAULT_MODELS_DIR, resolve_device
+    from .calibrate import calibrate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    record = calibrate(
+        args.models or DEFAULT_MODELS_DIR, subjects=args.subjects, tta=args.tta, device=resolve_device(args.device), progress=_print_progress,
+        reference_subjects=args.reference_subjects,
+    )
+    for name in ("plain-seg", "mixup-unmix"):
+        entry = record[name]
+        print(f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> {entry['dice_after']:.4f})")
     return 0
 
 

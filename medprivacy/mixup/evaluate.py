@@ -87,16 +87,18 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = 8,
         truth = sitk.GetArrayFromImage(label)
         prepared = prepare_scan(image, bank.patch_size)  # registration once, shared by every method
         baseline, _ = segment_plain(image, client, bank.patch_size, prepared=prepared)
-        scores, _, stats = private_scores(prepared.patches, client, bank, unmixers, tta, rng)
-        retest, _, _ = private_scores(prepared.patches, client, bank, {"learned": unmixers["learned"]}, 1, rng)
+        private = private_scores(prepared, client, bank, unmixers, tta, rng, score_first_copy=True)
+        retest = private_scores(prepared, client, bank, {"learned": unmixers["learned"]}, 1, rng)
+        learned_weights = unmixers["learned"].decision_weights
         predictions = {
             "Baseline": baseline,
-            "Naive": finish_labelmap(prepared, scores["naive"][1]),
-            "Naive+TTA": finish_labelmap(prepared, scores["naive"][0]),
-            "Learned": finish_labelmap(prepared, scores["learned"][1]),
-            "Learned+TTA": finish_labelmap(prepared, scores["learned"][0]),
-            "Learned (retest)": finish_labelmap(prepared, retest["learned"][0]),
+            "Naive": finish_labelmap(prepared, private.first_copy["naive"]),
+            "Naive+TTA": finish_labelmap(prepared, private.averaged["naive"]),
+            "Learned": finish_labelmap(prepared, private.first_copy["learned"], learned_weights),
+            "Learned+TTA": finish_labelmap(prepared, private.averaged["learned"], learned_weights),
+            "Learned (retest)": finish_labelmap(prepared, retest.averaged["learned"], learned_weights),
         }
+        stats = private.stats
         dice = {method: dice_per_class(sitk.GetArrayFromImage(p), truth) for method, p in predictions.items()}
         per_subject.append({"case": name, "dice": dice, "bytes_sent": stats["bytes_sent"], "patches_sent": stats["patches_sent"]})
 

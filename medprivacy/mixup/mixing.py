@@ -36,16 +36,16 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 @dataclass
 class MixPlan:
-    """Which reference and λ each of the N·k uploaded patches uses, and the order they are sent in.
+    """Which reference and λ each of the uploaded patches uses, and the order they are sent in.
 
-    ``location[i]`` and ``copy[i]`` say which target patch and TTA copy row i is (in send order); the server
-    only ever sees rows in ``order``. Kept on the client: it is part of the secret.
+    Row i (in send order) is patch ``location[i]`` of TTA copy ``copy[i]``'s patch grid. Kept on the client: it
+    is part of the secret; the server only ever sees the rows in this shuffled order.
     """
 
     location: np.ndarray
     copy: np.ndarray
     reference_index: np.ndarray
-    flips: np.ndarray  # (N·k, 3) bool: reference patch flipped along each axis, multiplies the bank's size by 8
+    flips: np.ndarray  # (rows, 3) bool: reference patch flipped along each axis, multiplies the bank's size by 8
     lam: np.ndarray
 
     def __len__(self) -> int:
@@ -53,17 +53,19 @@ class MixPlan:
 
 
 def plan_mixing(
-    num_locations: int,
-    tta: int,
+    patches_per_copy,
     bank_size: int,
     rng: np.random.Generator,
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
 ) -> MixPlan:
-    if tta < 1:
+    """One row per patch of every TTA copy (copy c has ``patches_per_copy[c]`` patches), each with its own
+    reference, flips and λ, all copies shuffled together."""
+    counts = [int(n) for n in patches_per_copy]
+    if not counts:
         raise ValueError("tta must be ≥ 1")
-    total = num_locations * tta
-    location = np.repeat(np.arange(num_locations), tta)
-    copy = np.tile(np.arange(tta), num_locations)
+    location = np.concatenate([np.arange(n) for n in counts])
+    copy = np.repeat(np.arange(len(counts)), counts)
+    total = len(location)
     order = rng.permutation(total)
     return MixPlan(
         location=location[order],

@@ -22,7 +22,26 @@ def analysis_mask() -> np.ndarray:
     return mask
 
 
-@functools.lru_cache(maxsize=4)
-def patch_grid(patch_size: tuple[int, int, int]) -> PatchGrid:
+#: Where each TTA copy's patch grid starts, as a fraction of the patch size along (z, y, x): copy c uses entry
+#: c mod 16. A voxel near a patch border is segmented with little context, and so it would be in every copy if all
+#: copies used one grid; shifted grids put it near the centre of some copy's patch. The first eight shifts are
+#: the corners of a half-patch cube, ordered so that any first few copies shift every axis; the next eight do the
+#: same at a quarter patch.
+_CUBE_CORNERS = ((0, 0, 0), (1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 1, 0), (1, 0, 1), (0, 0, 1), (1, 1, 0))
+TTA_GRID_SHIFTS = tuple(tuple(c / 2 for c in corner) for corner in _CUBE_CORNERS) + tuple(
+    tuple(0.25 + c / 2 for c in corner) for corner in _CUBE_CORNERS
+)
+
+
+@functools.lru_cache(maxsize=64)
+def patch_grid(patch_size: tuple[int, int, int], shift: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> PatchGrid:
+    """Patches tiling the analysis region, the first one ``shift`` patch sizes before the region's corner; patches
+    that hold no analysis voxel are left out."""
     mask = analysis_mask()
-    return PatchGrid.over_box(mask.shape, brain_bounding_box(mask, margin=0), tuple(patch_size))
+    offset = [int(round(f * p)) for f, p in zip(shift, patch_size)]
+    return PatchGrid.tiling(mask.shape, brain_bounding_box(mask, margin=0), tuple(patch_size), offset).touching(mask)
+
+
+def copy_grid(patch_size: tuple[int, int, int], copy: int) -> PatchGrid:
+    """The patch grid of TTA copy ``copy`` (copy 0 is the unshifted grid)."""
+    return patch_grid(tuple(patch_size), TTA_GRID_SHIFTS[copy % len(TTA_GRID_SHIFTS)])

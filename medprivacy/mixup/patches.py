@@ -1,4 +1,4 @@
-"""Patch grid over the brain's bounding box on the model grid, and stitching patches back."""
+"""Patch grids over the brain's bounding box on the model grid, and stitching patch scores back into a volume."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,6 +38,19 @@ class PatchGrid:
         starts = tuple((z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2])
         return cls(tuple(volume_shape), tuple(patch_size), starts)
 
+    @classmethod
+    def tiling(cls, volume_shape, box, patch_size, offset=(0, 0, 0)) -> "PatchGrid":
+        """Patches every patch size along each axis, from ``offset`` voxels before the box's corner until the box is
+        covered; a patch that would cross the volume's edge is moved inside it."""
+        if any(p > s for p, s in zip(patch_size, volume_shape)):
+            raise ValueError(f"patch size {tuple(patch_size)} larger than the volume {tuple(volume_shape)}")
+        per_axis = [
+            sorted({min(max(s, 0), n - p) for s in range(start - o, stop, p)})
+            for (start, stop), p, n, o in zip(box, patch_size, volume_shape, offset)
+        ]
+        starts = tuple((z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2])
+        return cls(tuple(volume_shape), tuple(patch_size), starts)
+
     def __len__(self) -> int:
         return len(self.starts)
 
@@ -68,8 +81,47 @@ class PatchGrid:
             total[:, ~covered] = np.asarray(background, dtype=np.float32).reshape(channels, 1)
         return total
 
+    def touching(self, mask: np.ndarray) -> "PatchGrid":
+        """The same grid without the patches that hold no voxel of ``mask`` (nothing there is ever kept)."""
+        starts = tuple(start for i, start in enumerate(self.starts) if mask[self.slices(i)].any())
+        return PatchGrid(self.volume_shape, self.patch_size, starts)
+
     def coverage(self) -> np.ndarray:
         count = np.zeros(self.volume_shape, dtype=np.int32)
         for i in range(len(self)):
             count[self.slices(i)] += 1
         return count
+
+
+def importance_weights(patch_size) -> np.ndarray:
+    """Per-voxel weight of a patch's scores when patches overlap: a Gaussian of σ = a quarter of the patch, 1 at the
+    centre. A voxel near a patch's border was segmented with little context on one side, so where shifted grids
+    overlap, the patch that had the voxel near its centre counts most. Never zero, so every covered voxel has a score."""
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 4)) ** 2) for n in patch_size]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+class ScoreAccumulator:
+    """Weighted running average of (C, D, H, W) patch scores on a (C, Z, Y, X) volume, patch by patch.
+
+    Memory is one volume per class whatever the number of patches, grids or TTA copies that go into it.
+    """
+
+    def __init__(self, channels: int, volume_shape, patch_size, weighted: bool = True):
+        self.total = np.zeros((channels,) + tuple(volume_shape), dtype=np.float32)
+        self.weight = np.zeros(tuple(volume_shape), dtype=np.float32)
+        self.patch_weights = importance_weights(patch_size) if weighted else np.ones(tuple(patch_size), np.float32)
+
+    def add(self, grid: PatchGrid, index: int, scores: np.ndarray) -> None:
+        region = grid.slices(index)
+        self.total[(slice(None),) + region] += scores * self.patch_weights
+        self.weight[region] += self.patch_weights
+
+    def result(self, background: np.ndarray) -> np.ndarray:
+        """The averaged scores; voxels that no patch covered take ``background`` (one value per channel)."""
+        scores = self.total.copy()
+        covered = self.weight > 0
+        scores[:, covered] /= self.weight[covered]
+        scores[:, ~covered] = np.asarray(background, dtype=np.float32).reshape(-1, 1)
+        return scores

@@ -1,7 +1,8 @@
 """Private segmentation of one scan: prepare → mix → send (shuffled) → unmix → average over TTA → stitch → back.
 
-Memory stays bounded whatever k is: the shuffled N·k rows are mixed, sent and unmixed one request at a time,
-and only per-location running sums (N × C × patch) are kept.
+Each TTA copy cuts the scan on its own shifted patch grid, so no voxel sits at a patch border in every copy; the
+copies' answers are averaged per voxel, weighted towards patch centres. Memory stays bounded whatever k is: the
+shuffled rows are mixed, sent and unmixed one request at a time into one running average per class.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
 from ..transport.client import cancel_check
 from .mixing import DEFAULT_LAMBDA_RANGE, flip_patches, mix, naive_unmix, one_hot, plan_mixing
+from .patches import PatchGrid, ScoreAccumulator
 
 Progress = Callable[[str, float], None]
 
@@ -29,8 +31,25 @@ class PreparedScan:
     image: object  # the user's SimpleITK image (defines the output grid)
     transform: object  # model grid → scan affine, or None when the scan is already on the model grid
     volume: np.ndarray  # (Z, Y, X) normalised model-grid volume
-    grid: object  # PatchGrid
-    patches: np.ndarray  # (N, D, H, W)
+    grid: PatchGrid  # the unshifted grid (TTA copy 0, and the plain baseline)
+    patches: np.ndarray  # (N, D, H, W) patches of ``grid``
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self.grid.patch_size
+
+    def copy_grid(self, copy: int) -> PatchGrid:
+        from .model_space import copy_grid
+
+        return copy_grid(self.patch_size, copy)
+
+    def copy_patches(self, copy: int) -> np.ndarray:
+        """(N, D, H, W) patches of TTA copy ``copy``'s grid."""
+        return self.copy_grid(copy).extract(self.volume)
+
+    def patches_sent_with(self, tta: int) -> np.ndarray:
+        """Every target patch that k = ``tta`` copies mix and send, copy after copy (unmixed: never uploaded)."""
+        return np.concatenate([self.copy_patches(c) for c in range(tta)])
 
 
 @dataclass
@@ -56,15 +75,21 @@ def prepare_scan(image, patch_size: tuple[int, int, int]) -> PreparedScan:
     return PreparedScan(image, transform, volume, grid, grid.extract(volume))
 
 
-def finish_labelmap(prepared: PreparedScan, patch_scores: np.ndarray):
-    """(N, C, D, H, W) per-patch class scores → labelmap on the user's grid."""
+def finish_labelmap(prepared: PreparedScan, scores: np.ndarray, decision_weights=None):
+    """(C, Z, Y, X) class scores on the model grid → labelmap on the user's grid.
+
+    ``decision_weights`` (one per class, from the model's manifest) scale the scores before the argmax; they were
+    fitted on validation scans so that thin classes such as CSF are not lost to averaging (see calibrate.py).
+    """
     import SimpleITK as sitk
 
     from .geometry import probabilities_to_input_grid
     from .model_space import analysis_mask
 
-    scores = prepared.grid.stitch(patch_scores, background=_BACKGROUND)
+    scores = np.array(scores, dtype=np.float32, copy=True)
     scores[:, ~analysis_mask()] = _BACKGROUND[:, None]
+    if decision_weights is not None:
+        scores *= np.asarray(decision_weights, dtype=np.float32).reshape(-1, 1, 1, 1)
     labels = probabilities_to_input_grid(scores, prepared.transform, prepared.image)
     labelmap = sitk.GetImageFromArray(labels.astype(np.uint8))
     labelmap.CopyInformation(prepared.image)
@@ -74,16 +99,17 @@ def finish_labelmap(prepared: PreparedScan, patch_scores: np.ndarray):
 class _Unmixer:
     """Turns mixed probabilities back into target class scores, naively (eq. 4) or with the learned network."""
 
-    def __init__(self, mode: str, server_info: dict, patch_size):
+    def __init__(self, mode: str, server_info: dict, patch_size, models_dir=None):
         if mode not in ("naive", "learned"):
             raise InputError(f"unknown unmixing mode {mode!r}; use naive or learned")
         self.mode = mode
         self.net = None
+        self.decision_weights = None
         self.lambda_range = tuple(server_info["models"]["mixup-seg"].get("lambda_range", DEFAULT_LAMBDA_RANGE))
         if mode == "learned":
             from ..nets import load_model
 
-            self.net, spec = load_model("mixup-unmix")
+            self.net, spec = load_model("mixup-unmix", models_dir)
             expected = spec.extra.get("paired_with", {}).get("mixup-seg")
             actual = server_info["models"]["mixup-seg"].get("sha256")
             if expected and actual != expected:
@@ -94,6 +120,7 @@ class _Unmixer:
             if tuple(spec.patch_size) != tuple(patch_size):
                 raise VersionMismatchError(f"unmixing network patch size {spec.patch_size} differs from the server's {list(patch_size)}; update the extension")
             self.lambda_range = tuple(spec.extra.get("lambda_range", self.lambda_range))
+            self.decision_weights = spec.extra.get("decision_weights")
 
     def __call__(self, mixed_probs: np.ndarray, reference_onehot: np.ndarray, lam: np.ndarray) -> np.ndarray:
         if self.net is None:
@@ -117,8 +144,18 @@ def _server_model(client, patch_size) -> dict:
     return info
 
 
+@dataclass
+class PrivateScores:
+    """What one private run produced, per unmixer: class scores (C, Z, Y, X) on the model grid."""
+
+    averaged: dict  # over all k copies (the result)
+    first_copy: dict  # copy 0 alone (the no-TTA result), when asked for
+    first_copy_mixed: np.ndarray | None  # (N, D, H, W) what was uploaded for copy 0, when asked for
+    stats: dict
+
+
 def private_scores(
-    patches: np.ndarray,
+    prepared: PreparedScan,
     client,
     bank,
     unmixers: dict,
@@ -127,18 +164,17 @@ def private_scores(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     keep_first_copy: bool = False,
-) -> tuple[dict, np.ndarray | None, dict]:
-    """Mix every patch with k independent (λ, reference) draws, send all N·k rows shuffled, unmix each answer.
-
-    Returns ``(scores, first_copy_mixed, stats)`` where ``scores[name] = (all-copies mean, first-copy only)``,
-    each (N, C, D, H, W), for every unmixer in ``unmixers``; the first copy alone is the no-TTA result.
-    """
-    num = len(patches)
+    score_first_copy: bool = False,
+) -> PrivateScores:
+    """Mix every patch of every TTA copy with its own (λ, reference) draw, send all rows shuffled, unmix each
+    answer and average it into the volume, for every unmixer in ``unmixers``."""
+    grids = [prepared.copy_grid(c) for c in range(tta)]
     lambda_range = next(iter(unmixers.values())).lambda_range
-    plan = plan_mixing(num, tta, len(bank), rng, lambda_range)
-    sums = {name: np.zeros((num, NUM_CLASSES) + patches.shape[1:], dtype=np.float32) for name in unmixers}
-    first = {name: np.zeros_like(s) for name, s in sums.items()}
-    first_mixed = np.zeros(patches.shape, dtype=np.float32) if keep_first_copy else None
+    plan = plan_mixing([len(g) for g in grids], len(bank), rng, lambda_range)
+    shape, patch = prepared.volume.shape, prepared.patch_size
+    averaged = {name: ScoreAccumulator(NUM_CLASSES, shape, patch) for name in unmixers}
+    first = {name: ScoreAccumulator(NUM_CLASSES, shape, patch) for name in unmixers} if score_first_copy else {}
+    first_mixed = np.zeros((len(grids[0]),) + patch, dtype=np.float32) if keep_first_copy else None
     step = max(1, int(getattr(client, "request_patches", 64)))
     sent_before, received_before = client.bytes_sent, client.bytes_received
     started = time.perf_counter()
@@ -147,19 +183,20 @@ def private_scores(
         if is_cancelled():
             raise CancelledError("segmentation cancelled; nothing was written")
         rows = slice(begin, begin + step)
-        location, lam = plan.location[rows], plan.lam[rows]
+        location, copy, lam = plan.location[rows], plan.copy[rows], plan.lam[rows]
+        targets = np.stack([prepared.volume[grids[c].slices(i)] for c, i in zip(copy, location)])
         references = flip_patches(bank.images[plan.reference_index[rows]], plan.flips[rows])
         reference_onehot = one_hot(flip_patches(bank.labels[plan.reference_index[rows]], plan.flips[rows]), NUM_CLASSES)
-        mixed = mix(patches[location], references, lam)
+        mixed = mix(targets, references, lam)
         answer = client.segment(mixed[:, None], endpoint="mixup", cancel=cancel)
-        is_first = plan.copy[rows] == 0
         for name, unmix in unmixers.items():
             estimate = unmix(answer, reference_onehot, lam)
-            # A plain loop, not np.add.at: rows rarely repeat a location, and add.at's unbuffered path is slow.
-            for row, where in enumerate(location):
-                sums[name][where] += estimate[row]
-            first[name][location[is_first]] = estimate[is_first]
+            for row, (c, i) in enumerate(zip(copy, location)):
+                averaged[name].add(grids[c], i, estimate[row])
+                if c == 0 and name in first:
+                    first[name].add(grids[0], i, estimate[row])
         if first_mixed is not None:
+            is_first = copy == 0
             first_mixed[location[is_first]] = mixed[is_first]
         if progress is not None:
             progress("segmenting mixed patches on the server", min(1.0, (begin + step) / len(plan)))
@@ -169,7 +206,12 @@ def private_scores(
         "bytes_received": client.bytes_received - received_before,
         "server_seconds": time.perf_counter() - started,
     }
-    return {name: (sums[name] / tta, first[name]) for name in unmixers}, first_mixed, stats
+    return PrivateScores(
+        averaged={name: acc.result(_BACKGROUND) for name, acc in averaged.items()},
+        first_copy={name: acc.result(_BACKGROUND) for name, acc in first.items()},
+        first_copy_mixed=first_mixed,
+        stats=stats,
+    )
 
 
 def segment_private(
@@ -195,27 +237,34 @@ def segment_private(
     unmixer = _Unmixer(unmix, info, bank.patch_size)
     report("aligning the scan to the brain template", 0.0)
     prepared = prepare_scan(image, bank.patch_size)
-    scores, first_mixed, stats = private_scores(
-        prepared.patches, client, bank, {unmix: unmixer}, tta, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded
-    )
+    scores = private_scores(prepared, client, bank, {unmix: unmixer}, tta, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded)
     report("resampling the result onto the scan", 1.0)
-    labelmap = finish_labelmap(prepared, scores[unmix][0])
+    labelmap = finish_labelmap(prepared, scores.averaged[unmix], unmixer.decision_weights)
     uploaded = None
-    if first_mixed is not None:
-        volume = prepared.grid.stitch(first_mixed[:, None], background=np.zeros(1, np.float32))[0]
+    if scores.first_copy_mixed is not None:
+        volume = prepared.grid.stitch(scores.first_copy_mixed[:, None], background=np.zeros(1, np.float32))[0]
         uploaded = sitk.GetImageFromArray(volume)
         from ..data.template import load_template
 
         uploaded.CopyInformation(load_template().image)
+    stats = dict(scores.stats)
     stats.update(seconds=time.perf_counter() - started, tta=tta, unmix=unmix, patches=len(prepared.patches))
     return PrivateSegmentation(labelmap=labelmap, uploaded=uploaded, stats=stats)
+
+
+def plain_scores(prepared: PreparedScan, client, progress: Progress | None = None, cancel=None) -> tuple[np.ndarray, dict]:
+    """Class scores (C, Z, Y, X) from the server's baseline endpoint, which receives the unmixed patches."""
+    sent_before, received_before = client.bytes_sent, client.bytes_received
+    probs = client.segment(prepared.patches[:, None], endpoint="baseline", progress=(lambda d, t: progress("baseline", d / t)) if progress else None, cancel=cancel)
+    stats = {"bytes_sent": client.bytes_sent - sent_before, "bytes_received": client.bytes_received - received_before}
+    return prepared.grid.stitch(probs, background=_BACKGROUND), stats
 
 
 def segment_plain(image, client, patch_size, progress: Progress | None = None, cancel=None, prepared: PreparedScan | None = None) -> tuple[object, dict]:
     """Evaluation baseline: unmixed patches to the server's baseline endpoint (never used for private work)."""
     started = time.perf_counter()
     prepared = prepared or prepare_scan(image, patch_size)
-    sent_before, received_before = client.bytes_sent, client.bytes_received
-    probs = client.segment(prepared.patches[:, None], endpoint="baseline", progress=(lambda d, t: progress("baseline", d / t)) if progress else None, cancel=cancel)
-    stats = {"bytes_sent": client.bytes_sent - sent_before, "bytes_received": client.bytes_received - received_before, "seconds": time.perf_counter() - started}
-    return finish_labelmap(prepared, probs), stats
+    scores, stats = plain_scores(prepared, client, progress, cancel)
+    decision_weights = client.info().get("models", {}).get("plain-seg", {}).get("decision_weights")
+    stats["seconds"] = time.perf_counter() - started
+    return finish_labelmap(prepared, scores, decision_weights), stats

@@ -54,6 +54,8 @@ class TrainConfig:
     #: 1: references uniform over mostly-brain positions (how the first stage was trained). keygen keeps the most
     #: textured of TEXTURE_OVERSAMPLING draws, so a later stage passes that number to train on what clients send.
     reference_oversampling: int = 1
+    #: Validation subjects on which the decision weights are fitted once training ends (calibrate.py); 0 skips.
+    calibration_subjects: int = 4
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -64,7 +66,7 @@ class TrainConfig:
             # Sec. 4: U-Net++ segmenter, Adam, batch 4, 200k iterations; 64³ patches on a GPU.
             return cls(arch="unetplusplus", patch_size=64, iterations=200_000, batch_size=4, train_subjects=64, save_every=5000, validate_every=5000)
         if name == "smoke":
-            return cls(channels=(4, 8, 16), patch_size=16, unmix_features=4, iterations=3, batch_size=2, train_subjects=1, save_every=0, validate_every=3, deformation=0.3)
+            return cls(channels=(4, 8, 16), patch_size=16, unmix_features=4, iterations=3, batch_size=2, train_subjects=1, save_every=0, validate_every=3, deformation=0.3, calibration_subjects=0)
         raise ValueError(f"unknown preset {name!r}; use cpu-small, gpu-paper or smoke")
 
     def segmentation_arch(self) -> dict:
@@ -297,7 +299,18 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
                 tqdm.write(f"[{step}] validation patch Dice: {json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}")
         if (config.save_every and step % config.save_every == 0) or last:
             _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command, previous_stage)
-    return {"metrics": metrics, "history": history, "seconds": time.time() - started}
+    calibration = None
+    if config.calibration_subjects > 0:
+        from .calibrate import DEFAULT_TTA, calibrate
+
+        # A user dataset is calibrated on its own validation cases, never on synthetic brains of another domain.
+        user_cases = validation if config.dataset else None
+        calibration = calibrate(
+            out_dir, subjects=config.calibration_subjects, tta=DEFAULT_TTA, device=device, progress=tqdm.write if progress else None,
+            command=command or "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
+            cases=user_cases, cases_description=f"the last {len(validation)} case(s) of {config.dataset}" if config.dataset else None,
+        )
+    return {"metrics": metrics, "history": history, "calibration": calibration, "seconds": time.time() - started}
 
 
 def _validation_batch(sampler: PatchSampler, config: TrainConfig, count: int):

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import API_VERSION, __version__
 from ..errors import InputError
 from ..nets import resolve_device
-from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw, to_float32
+from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw
 
 log = logging.getLogger("medprivacy.server")
 
@@ -93,6 +93,8 @@ class _ServedModel:
             "out_channels": self.out_channels,
             # The mixing-weight range the model was trained on: clients must draw λ inside it.
             **({"lambda_range": self.spec.extra["lambda_range"]} if "lambda_range" in self.spec.extra else {}),
+            # Per-class factors applied to these probabilities before the argmax, fitted on validation scans.
+            **({"decision_weights": self.spec.extra["decision_weights"]} if "decision_weights" in self.spec.extra else {}),
         }
 
 
@@ -210,23 +212,13 @@ class InferenceService:
             raise _HTTPError(422, "request holds no patches; send at least one")
 
     def _infer(self, model: _ServedModel, raw: np.ndarray, response_dtype: str) -> np.ndarray:
-        import torch
+        from ..nets.inference import segment_patches
 
-        count = raw.shape[0]
-        out = np.empty((count, model.out_channels, *raw.shape[2:]), dtype=np.uint8 if response_dtype == "uint8" else np.float16)
-        batch = self.config.inference_batch
-        with self._inference_lock, torch.inference_mode():
+        with self._inference_lock:
             net = self._ensure_loaded(model)
-            for start in range(0, count, batch):
-                x = torch.from_numpy(to_float32(raw[start:start + batch])).to(self.device)
-                probs = torch.softmax(net(x).float(), dim=1)
-                if probs.shape[1:] != out.shape[1:]:
-                    raise RuntimeError(f"{model.spec.name} produced {tuple(probs.shape)} for input {tuple(x.shape)}")
-                if response_dtype == "uint8":
-                    probs = torch.round(probs * 255.0).to(torch.uint8)
-                else:
-                    probs = probs.to(torch.float16)
-                out[start:start + batch] = probs.cpu().numpy()
+            out = segment_patches(net, raw, self.device, self.config.inference_batch, response_dtype)
+        if out.shape[1] != model.out_channels:
+            raise RuntimeError(f"{model.spec.name} produced {out.shape[1]} classes; its manifest says {model.out_channels}")
         return out
 
     def _write_audit(self, kind: str, raw: np.ndarray) -> None:

@@ -1,0 +1,206 @@
+"""Decision weights: per-class factors on the averaged class scores, fitted on validation scans after training.
+
+Networks trained with cross-entropy + Dice give calibrated-looking probabilities, but the argmax of an average is
+not the Dice-best labelling: averaging k TTA copies (or overlapping patches) spreads a thin class such as sulcal
+CSF over its neighbours, and the argmax then under-segments it. One factor per class, fitted on validation
+subjects (never the held-out ones) and stored beside the weights in the manifest, moves the decision boundary back.
+The plain baseline gets its own factors through its own path, so comparisons between the two stay fair.
+
+The networks run in this process through the same function the server uses (``nets.inference``), on the same
+wire quantisation, and the private path is the real one (``pipeline.private_scores``).
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..labels import NUM_CLASSES
+from .evaluate import CLASS_NAMES
+
+#: Calibration scans: validation-split synthetic subjects (train.VALIDATION_SEED_BASE + 100 + i; training's own
+#: validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
+CALIBRATION_SEED_OFFSET = 100
+#: The calibration key: references from seeded synthetic subjects, drawn the way keygen draws them.
+CALIBRATION_REFERENCE_SEED_BASE = 860_000
+CALIBRATION_REFERENCE_SUBJECTS = 4
+CALIBRATION_REFERENCE_PATCHES = 512  # as many as keygen keeps (bank.DEFAULT_PATCHES)
+#: Factors tried for each class (background stays 1): 0.5 … 4, geometric.
+CANDIDATE_FACTORS = np.exp(np.linspace(np.log(0.5), np.log(4.0), 25))
+DEFAULT_SUBJECTS = 4
+DEFAULT_TTA = 8
+
+
+class LocalSegmenter:
+    """The server's two segmentation models run in this process, answering exactly as ``/v1/*/segment`` would:
+    patches are quantised as the wire quantises them and probabilities come back as uint8 codes."""
+
+    request_patches = 64
+    bytes_sent = 0
+    bytes_received = 0
+
+    def __init__(self, models_dir, device: str = "cpu"):
+        from ..nets import load_model
+
+        self.device = device
+        self.nets, self.specs = {}, {}
+        for endpoint, name in (("mixup", "mixup-seg"), ("baseline", "plain-seg")):
+            self.nets[endpoint], self.specs[name] = load_model(name, models_dir, device)
+
+    def info(self) -> dict:
+        return {
+            "baseline_enabled": True,
+            "models": {
+                name: {"patch_size": list(spec.patch_size), "sha256": spec.sha256, **{k: spec.extra[k] for k in ("lambda_range",) if k in spec.extra}}
+                for name, spec in self.specs.items()
+            },
+        }
+
+    def segment(self, patches: np.ndarray, endpoint: str = "mixup", cancel=None, progress=None) -> np.ndarray:
+        from ..nets.inference import segment_patches
+        from ..transport.wire import decode_tensor_raw, encode_tensor, to_float32
+
+        raw = decode_tensor_raw(encode_tensor(patches, "uint8", compress=False))[0]
+        return to_float32(segment_patches(self.nets[endpoint], raw, self.device))
+
+
+def calibration_bank(patch_size, reference_subjects: int = CALIBRATION_REFERENCE_SUBJECTS, progress=None):
+    """A reproducible key for calibration: seeded synthetic reference subjects, patches kept as keygen keeps them."""
+    from ..data.synth import synthesize_subject
+    from .bank import ReferenceBank
+    from .intensity import normalize_intensity
+    from .model_space import analysis_mask
+    from .sampling import TEXTURE_OVERSAMPLING, sample_reference_patches
+
+    images, labels = [], []
+    for i in range(reference_subjects):
+        if progress:
+            progress(f"calibration key: reference subject {i + 1}/{reference_subjects}")
+        subject = synthesize_subject(CALIBRATION_REFERENCE_SEED_BASE + i)
+        images.append(normalize_intensity(subject.image, analysis_mask()))
+        labels.append(subject.labels)
+    rng = np.random.default_rng(CALIBRATION_REFERENCE_SEED_BASE)
+    patch_images, patch_labels = sample_reference_patches(images, labels, CALIBRATION_REFERENCE_PATCHES, tuple(patch_size), rng, TEXTURE_OVERSAMPLING)
+    return ReferenceBank(Path(), patch_images.astype(np.float16), patch_labels, {"source": "calibration"})
+
+
+def calibration_seeds(count: int) -> list[int]:
+    from .train import VALIDATION_SEED_BASE
+
+    return [VALIDATION_SEED_BASE + CALIBRATION_SEED_OFFSET + i for i in range(count)]
+
+
+def _dice_means(labels_per_subject, truths) -> float:
+    means = []
+    for labels, truth in zip(labels_per_subject, truths):
+        dice = []
+        for value in range(1, NUM_CLASSES):
+            p, t = labels == value, truth == value
+            denominator = int(p.sum()) + int(t.sum())
+            dice.append(2 * int(np.logical_and(p, t).sum()) / denominator if denominator else 1.0)
+        means.append(np.mean(dice))
+    return float(np.mean(means))
+
+
+def fit_decision_weights(scores: list[np.ndarray], truths: list[np.ndarray], passes: int = 3) -> tuple[list[float], float, float]:
+    """Per-class factors maximising mean Dice of argmax(factor · score) over the given (C, M) scores and (M,) truths.
+
+    Coordinate ascent over ``CANDIDATE_FACTORS`` (background fixed at 1). Returns (factors, Dice before, after).
+    """
+    logs = [np.log(np.maximum(s, 1e-6)) for s in scores]
+
+    def dice_with(log_factors):
+        return _dice_means([np.argmax(l + log_factors[:, None], axis=0) for l in logs], truths)
+
+    log_factors = np.zeros(NUM_CLASSES)
+    before = best = dice_with(log_factors)
+    for _ in range(passes):
+        improved = False
+        for cls in range(1, NUM_CLASSES):
+            for factor in CANDIDATE_FACTORS:
+                trial = log_factors.copy()
+                trial[cls] = np.log(factor)
+                value = dice_with(trial)
+                if value > best + 1e-6:
+                    best, log_factors, improved = value, trial, True
+        if not improved:
+            break
+    return [round(float(f), 4) for f in np.exp(log_factors)], before, best
+
+
+def calibrate(
+    models_dir,
+    subjects: int = DEFAULT_SUBJECTS,
+    tta: int = DEFAULT_TTA,
+    device: str = "cpu",
+    progress=None,
+    command: str | None = None,
+    reference_subjects: int = CALIBRATION_REFERENCE_SUBJECTS,
+    cases: list | None = None,
+    cases_description: str | None = None,
+) -> dict:
+    """Fit decision weights for ``plain-seg`` (its own path) and the learned unmixing (k = ``tta`` copies), record
+    them in ``models_dir``'s manifest, and return what was measured.
+
+    ``cases``: (normalised image, labels) arrays on the model grid, e.g. a user dataset's validation cases;
+    default: ``subjects`` synthetic validation subjects.
+    """
+    import SimpleITK as sitk
+
+    from ..data.synth import synthesize_subject
+    from ..data.template import load_template
+    from ..nets import load_manifest
+    from ..nets.registry import write_manifest
+    from .model_space import analysis_mask
+    from .pipeline import _Unmixer, plain_scores, prepare_scan, private_scores
+
+    started = time.time()
+    say = progress or (lambda message: None)
+    segmenter = LocalSegmenter(models_dir, device)
+    info = segmenter.info()
+    patch_size = tuple(info["models"]["mixup-seg"]["patch_size"])
+    unmixer = _Unmixer("learned", info, patch_size, models_dir=models_dir)
+    bank = calibration_bank(patch_size, reference_subjects, say)
+    mask = analysis_mask()
+    rng = np.random.default_rng(CALIBRATION_REFERENCE_SEED_BASE + 1)
+    if cases is None:
+        seeds = calibration_seeds(subjects)
+        cases_description = f"validation synthetic subjects, seeds {seeds[0]}..{seeds[-1]}, on the model grid"
+        count = len(seeds)
+    else:
+        count = len(cases)
+    collected: dict[str, list] = {"plain-seg": [], "mixup-unmix": []}
+    truths = []
+    for number in range(count):
+        say(f"calibration subject {number + 1}/{count}")
+        if cases is None:
+            subject = synthesize_subject(seeds[number])
+            volume, labels = subject.image, subject.labels
+        else:
+            volume, labels = cases[number]
+        image = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
+        image.CopyInformation(load_template().image)  # on the model grid: no registration, labels stay exact
+        prepared = prepare_scan(image, patch_size)
+        collected["plain-seg"].append(plain_scores(prepared, segmenter)[0][:, mask])
+        collected["mixup-unmix"].append(private_scores(prepared, segmenter, bank, {"learned": unmixer}, tta, rng).averaged["learned"][:, mask])
+        truths.append(np.asarray(labels)[mask])
+    record = {
+        "command": command or "medprivacy mixup calibrate " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
+        "subjects": cases_description or f"{count} validation cases",
+        "key": f"{CALIBRATION_REFERENCE_PATCHES} reference patches from {reference_subjects} seeded synthetic subjects {CALIBRATION_REFERENCE_SEED_BASE}+",
+        "tta": tta,
+        "objective": "mean Dice over " + ", ".join(CLASS_NAMES),
+    }
+    manifest = load_manifest(models_dir)
+    for name, scores in collected.items():
+        factors, before, after = fit_decision_weights(scores, truths)
+        manifest["models"][name]["decision_weights"] = factors
+        record[name] = {"decision_weights": factors, "dice_before": round(before, 4), "dice_after": round(after, 4)}
+        say(f"{name}: decision weights {factors}, validation mean Dice {before:.4f} -> {after:.4f}")
+    record["seconds"] = round(time.time() - started, 1)
+    manifest.setdefault("training", {})["calibration"] = record
+    write_manifest(manifest, models_dir)
+    return record
