@@ -28,13 +28,17 @@ bench: env
 bench-watermark: env
 	$(BIN)/python bench/medlocker_bench.py
 
-# Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in two stages (about 45 min on one
-# core, then about 65 min on two: the second continues from the first at a lower rate, on keygen-like references),
+# Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in three stages (about 45 min on
+# one core, then about 65 min and 75 min on two: the second continues at a lower rate on keygen-like references,
+# the third moves to 48³ patches for more context, then fits the decision weights on validation subjects),
 # then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0).
 train: env
-	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --out Resources/Models
+	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --calibration-subjects 0 \
+		--out Resources/Models
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 1 --threads 2 --iterations 5000 --learning-rate 3e-4 \
-		--reference-oversampling 4 --init-from Resources/Models --out Resources/Models
+		--reference-oversampling 4 --calibration-subjects 0 --init-from Resources/Models --out Resources/Models
+	$(BIN)/medprivacy mixup train --preset cpu-small --seed 2 --threads 2 --iterations 2000 --patch-size 48 \
+		--learning-rate 3e-4 --reference-oversampling 4 --init-from Resources/Models --out Resources/Models
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models
 
 eval: env

@@ -24,6 +24,7 @@ from MixupPrivacyLib import (  # noqa: F401
     normalized_server_url,
 )
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401  (CancelledError: re-exported)
+from medprivacy.mixup.mixing import DEFAULT_TTA
 
 try:
     import ctk  # noqa: F401
@@ -123,7 +124,7 @@ if _HAVE_APP:
             self._restoreServerSettings()
             settingsValue = slicer.util.settingsValue
             self.ui.keyDirectoryPathLineEdit.currentPath = settingsValue(_SETTINGS + "KeyDirectory", "") or self._defaultKeyDir()
-            self.ui.ttaSpinBox.value = settingsValue(_SETTINGS + "TtaCount", 8, converter=int)
+            self.ui.ttaSpinBox.value = settingsValue(_SETTINGS + "TtaCount", DEFAULT_TTA, converter=int)
             mode = settingsValue(_SETTINGS + "UnmixMode", UNMIX_MODES[0])
             self.ui.unmixComboBox.currentIndex = UNMIX_MODES.index(mode) if mode in UNMIX_MODES else 0
 

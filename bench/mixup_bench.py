@@ -1,7 +1,7 @@
 """Mixup-Privacy speed, traffic, memory and leakage figures on a 256³ 1 mm brain volume with a loopback server.
 
 Prints (and writes to --out as JSON):
-- plain (baseline endpoint) vs private k=1 vs private k=8 wall time, end to end and server part only;
+- plain (baseline endpoint) vs private k=1, k=8 and k=16 (the default) wall time, end to end and server part only;
 - overhead ratio private k=1 ÷ plain (target ≤ 1.5) and k=8 ÷ k=1 (target ≤ 8);
 - bytes up/down per uploaded voxel per TTA copy;
 - peak client memory per mode (each mode runs in its own process; target ≤ 3 GB) and server peak;
@@ -131,7 +131,7 @@ def main() -> int:
     process, url = start_local_server(work, extra_args=["--enable-baseline"])
     results: dict = {"volume": "256x256x256, 1 mm, oblique, held-out synthetic brain from the MNI152 T1"}
     try:
-        for mode in ("plain", "private k=1", "private k=8"):
+        for mode in ("plain", "private k=1", "private k=8", "private k=16"):
             out = subprocess.run([sys.executable, __file__, "--child", mode.split()[-1], url, str(volume), str(key_dir)], capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{mode:<12} {results[mode]['seconds']:7.1f} s   client peak {results[mode]['peak_rss_mb']:7.0f} MB", flush=True)
@@ -154,18 +154,20 @@ def main() -> int:
         stop_local_server(process)
     results["leakage_best_match_pearson_r"] = leakage(audit, str(key_dir), str(volume))
 
-    private1, private8, plain = results["private k=1"], results["private k=8"], results["plain"]
+    private1, private8, private16, plain = results["private k=1"], results["private k=8"], results["private k=16"], results["plain"]
     voxels_per_patch = int(np.prod(patch_size))
     results["overhead_private_k1_over_plain"] = private1["seconds"] / plain["seconds"]
     results["k8_over_k1"] = private8["seconds"] / private1["seconds"]
+    results["k16_over_k1"] = private16["seconds"] / private1["seconds"]
     results["bytes_up_per_voxel_per_copy"] = private8["bytes_sent"] / (private8["patches_sent"] * voxels_per_patch)
     results["bytes_down_per_voxel_per_copy"] = private8["bytes_received"] / (private8["patches_sent"] * voxels_per_patch)
     only = results["server_only_seconds"]
     print(f"overhead private k=1 / plain: {results['overhead_private_k1_over_plain']:.2f} end to end, "
           f"{only['mixed k=1'] / only['plain']:.2f} server part only (target ≤ 1.5)")
     print(f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, {only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)")
+    print(f"private k=16 (the default) / k=1: {results['k16_over_k1']:.2f} end to end")
     print(f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, {results['bytes_down_per_voxel_per_copy']:.3f} down")
-    print(f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8)):.0f} MB (target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB")
+    print(f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private16)):.0f} MB (target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB")
     leak = results["leakage_best_match_pearson_r"]
     print(f"leakage, best-match Pearson r upload↔patient patch: median {leak['median_r']:.3f}, p90 {leak['p90_r']:.3f}, max {leak['max_r']:.3f}, share > 0.95 {leak['share_above_0.95']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=6, help="held-out synthetic subjects (default 6)")
-    parser.add_argument("--tta", type=int, default=8)
+    parser.add_argument("--tta", type=int, default=16, help="TTA copies (default 16, as medprivacy mixup segment)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mixup_eval.json")
     args = parser.parse_args()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, ServerError
+from .mixup.mixing import DEFAULT_TTA
 
 DEMO_SEED = 900_999  # held-out: outside training, validation and evaluation seeds
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-dir", type=Path, default=None, help="private reference bank (created if missing)")
     parser.add_argument("--server", default=None, help="use this running server instead of starting one on loopback")
     parser.add_argument("--port", type=int, default=0, help="port for the local server (default: a free one)")
-    parser.add_argument("--tta", type=int, default=8)
+    parser.add_argument("--tta", type=int, default=DEFAULT_TTA, help=f"mixed copies per patch (default {DEFAULT_TTA})")
     parser.add_argument("--unmix", choices=("naive", "learned"), default="learned")
     parser.add_argument("--skip-medlocker", action="store_true", help="only run the MixupPrivacy segmentation")
 

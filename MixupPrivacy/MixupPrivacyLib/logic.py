@@ -15,6 +15,7 @@ from vtk.util import numpy_support
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import InputError, MedPrivacyError
 from medprivacy.labels import TISSUE_SEGMENTS
+from medprivacy.mixup.mixing import DEFAULT_TTA
 
 from .geometry import LPS_TO_RAS, copy_volume_geometry, geometry_3d, ijk_to_ras, vtk_matrix
 
@@ -199,7 +200,7 @@ class MixupPrivacyLogic:
         token: str | None = None,
         ca_bundle: str | None = None,
         key_dir=None,
-        tta: int = 8,
+        tta: int = DEFAULT_TTA,
         unmix: str = "learned",
         keep_uploaded: bool = False,
         progress: Callable[[str, float | None], None] | None = None,
@@ -248,7 +249,7 @@ class MixupPrivacyLogic:
         token: str | None = None,
         ca_bundle: str | None = None,
         key_dir=None,
-        tta: int = 8,
+        tta: int = DEFAULT_TTA,
         unmix: str = "learned",
         output_segmentation_node=None,
         show_uploaded: bool = False,

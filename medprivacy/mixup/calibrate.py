@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..labels import NUM_CLASSES
+from .bank import DEFAULT_PATCHES as CALIBRATION_REFERENCE_PATCHES  # as many as keygen keeps
 from .evaluate import CLASS_NAMES
+from .mixing import DEFAULT_TTA
 
 #: Calibration scans: validation-split synthetic subjects (train.VALIDATION_SEED_BASE + 100 + i; training's own
 #: validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
@@ -27,11 +29,9 @@ CALIBRATION_SEED_OFFSET = 100
 #: The calibration key: references from seeded synthetic subjects, drawn the way keygen draws them.
 CALIBRATION_REFERENCE_SEED_BASE = 860_000
 CALIBRATION_REFERENCE_SUBJECTS = 4
-CALIBRATION_REFERENCE_PATCHES = 512  # as many as keygen keeps (bank.DEFAULT_PATCHES)
 #: Factors tried for each class (background stays 1): 0.5 … 4, geometric.
 CANDIDATE_FACTORS = np.exp(np.linspace(np.log(0.5), np.log(4.0), 25))
 DEFAULT_SUBJECTS = 4
-DEFAULT_TTA = 8
 
 
 class LocalSegmenter:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_server_arguments, client_from_args
+from .mixing import DEFAULT_TTA
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     segment.add_argument("-o", "--output", required=True, type=Path, help="labelmap .nii.gz/.nrrd or segmentation .seg.nrrd")
     add_server_arguments(segment, 300.0, "seconds to wait for each server answer")
     segment.add_argument("--key-dir", type=Path, default=None, help="private reference bank (default: ~/.medprivacy/mixup-key)")
-    segment.add_argument("--tta", type=int, default=8, help="mixed copies per patch, averaged (default 8)")
+    segment.add_argument("--tta", type=int, default=DEFAULT_TTA, help=f"mixed copies per patch, averaged (default {DEFAULT_TTA})")
     segment.add_argument("--unmix", choices=("naive", "learned"), default="learned")
     segment.add_argument("--seed", type=int, default=None, help="fix the random draws (testing only; default: OS randomness)")
     segment.add_argument("--save-uploaded", type=Path, default=None, help="also write the mixed volume the server received")
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--synthetic", type=int, default=0, help="add N held-out synthetic subjects (never used in training)")
     add_server_arguments(evaluate, 300.0, "seconds to wait for each server answer")
     evaluate.add_argument("--key-dir", type=Path, default=None)
-    evaluate.add_argument("--tta", type=int, default=8)
+    evaluate.add_argument("--tta", type=int, default=DEFAULT_TTA)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, required=True, help="report.json")
     evaluate.set_defaults(_mixup=_eval)
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate = sub.add_parser("calibrate", help="fit the per-class decision weights of trained models on validation subjects")
     calibrate.add_argument("--models", type=Path, default=None, help="models folder (default: Resources/Models)")
     calibrate.add_argument("--subjects", type=int, default=4, help="validation subjects (default 4)")
-    calibrate.add_argument("--tta", type=int, default=8, help="TTA copies of the private path being calibrated (default 8)")
+    calibrate.add_argument("--tta", type=int, default=DEFAULT_TTA, help=f"TTA copies of the private path being calibrated (default {DEFAULT_TTA})")
     calibrate.add_argument("--reference-subjects", type=int, default=4, help="synthetic subjects of the calibration key (default 4)")
     calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     calibrate.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..labels import TISSUE_SEGMENTS
+from .mixing import DEFAULT_TTA
 
 METHODS = ("Baseline", "Naive", "Naive+TTA", "Learned", "Learned+TTA")
 CLASS_NAMES = [name for _, (name, _) in sorted(TISSUE_SEGMENTS.items())]
@@ -62,7 +63,7 @@ def _cases(images, labels, synthetic: int):
             yield f"synthetic held-out subject (seed {seed})", image, label
 
 
-def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = 8, seed: int = 0, progress=None) -> dict:
+def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = DEFAULT_TTA, seed: int = 0, progress=None) -> dict:
     import SimpleITK as sitk
 
     from .bank import ReferenceBank

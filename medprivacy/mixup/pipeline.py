@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
 from ..transport.client import cancel_check
-from .mixing import DEFAULT_LAMBDA_RANGE, flip_patches, mix, naive_unmix, one_hot, plan_mixing
+from .mixing import DEFAULT_LAMBDA_RANGE, DEFAULT_TTA, flip_patches, mix, naive_unmix, one_hot, plan_mixing
 from .patches import PatchGrid, ScoreAccumulator
 
 Progress = Callable[[str, float], None]
@@ -219,7 +219,7 @@ def segment_private(
     client,
     bank,
     *,
-    tta: int = 8,
+    tta: int = DEFAULT_TTA,
     unmix: str = "learned",
     seed: int | None = None,
     keep_uploaded: bool = False,
