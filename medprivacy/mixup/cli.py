@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--init-from", default=None, metavar="MODELS_DIR", help="continue from these weights (second stage, fresh schedule)")
     train.add_argument("--arch", choices=("unet", "unetplusplus"), default=None, help="segmentation network (paper: unetplusplus)")
     train.add_argument("--iterations", type=int, default=None)
+    train.add_argument(
+        "--stop-after", type=int, default=None, metavar="N",
+        help="end after N iterations of the --iterations learning-rate schedule (reproduces a stage that was cut short)",
+    )
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (cosine-decayed to 5 %%)")
     train.add_argument("--patch-size", type=int, default=None)
@@ -150,7 +154,7 @@ def _train(args) -> int:
         "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
         "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
         "learning_rate": args.learning_rate, "reference_oversampling": args.reference_oversampling,
-        "calibration_subjects": args.calibration_subjects,
+        "calibration_subjects": args.calibration_subjects, "stop_after": args.stop_after,
     }
     for key, value in overrides.items():
         if value is not None:

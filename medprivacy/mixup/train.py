@@ -56,6 +56,8 @@ class TrainConfig:
     reference_oversampling: int = 1
     #: Validation subjects on which the decision weights are fitted once training ends (calibrate.py); 0 skips.
     calibration_subjects: int = 4
+    #: End after this many steps of the ``iterations``-long schedule (reproduces a stage that was cut short).
+    stop_after: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -215,6 +217,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
     from ..nets import build_network, resolve_device
     from .mixing import one_hot
 
+    if config.stop_after is not None and config.stop_after < 1:
+        from ..errors import InputError
+
+        raise InputError(f"--stop-after {config.stop_after}: give a number of iterations of at least 1")
     started = time.time()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -259,7 +265,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
 
     history = []
     metrics: dict = {}
-    bar = tqdm(range(1, config.iterations + 1), desc="training", disable=not progress)
+    final_step = min(config.stop_after or config.iterations, config.iterations)
+    bar = tqdm(range(1, final_step + 1), desc="training", disable=not progress)
     for step in bar:
         target_img, target_lab = sampler.targets(config.batch_size)
         ref_img, ref_lab = sampler.references(config.batch_size)
@@ -289,7 +296,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             s.step()
         bar.set_postfix(seg=f"{loss_seg.item():.3f}", unmix=f"{loss_unmix.item():.3f}", plain=f"{loss_plain.item():.3f}")
 
-        last = step == config.iterations
+        last = step == final_step
         if config.validate_every and (step % config.validate_every == 0 or last):
             metrics = _validate(seg, unmix, plain, val_batch, device)
             metrics["iteration"] = step
