@@ -113,10 +113,12 @@ class ScoreAccumulator:
         self.weight = np.zeros(tuple(volume_shape), dtype=np.float32)
         self.patch_weights = importance_weights(patch_size) if weighted else np.ones(tuple(patch_size), np.float32)
 
-    def add(self, grid: PatchGrid, index: int, scores: np.ndarray) -> None:
+    def add(self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0) -> None:
+        """Add one patch's scores; ``weight`` scales how much the whole patch counts against the others."""
         region = grid.slices(index)
-        self.total[(slice(None),) + region] += scores * self.patch_weights
-        self.weight[region] += self.patch_weights
+        weights = self.patch_weights * np.float32(weight)
+        self.total[(slice(None),) + region] += scores * weights
+        self.weight[region] += weights
 
     def result(self, background: np.ndarray) -> np.ndarray:
         """The averaged scores; voxels that no patch covered take ``background`` (one value per channel)."""

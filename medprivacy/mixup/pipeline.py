@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
 from ..transport.client import cancel_check
-from .mixing import DEFAULT_LAMBDA_RANGE, DEFAULT_TTA, flip_patches, mix, naive_unmix, one_hot, plan_mixing
+from .mixing import DEFAULT_LAMBDA_RANGE, DEFAULT_TTA, copy_weights, flip_patches, mix, naive_unmix, one_hot, plan_mixing
 from .patches import PatchGrid, ScoreAccumulator
 
 Progress = Callable[[str, float], None]
@@ -167,7 +167,7 @@ def private_scores(
     score_first_copy: bool = False,
 ) -> PrivateScores:
     """Mix every patch of every TTA copy with its own (λ, reference) draw, send all rows shuffled, unmix each
-    answer and average it into the volume, for every unmixer in ``unmixers``."""
+    answer and average it into the volume (weighted by λ², see ``copy_weights``), for every unmixer in ``unmixers``."""
     grids = [prepared.copy_grid(c) for c in range(tta)]
     lambda_range = next(iter(unmixers.values())).lambda_range
     plan = plan_mixing([len(g) for g in grids], len(bank), rng, lambda_range)
@@ -189,10 +189,11 @@ def private_scores(
         reference_onehot = one_hot(flip_patches(bank.labels[plan.reference_index[rows]], plan.flips[rows]), NUM_CLASSES)
         mixed = mix(targets, references, lam)
         answer = client.segment(mixed[:, None], endpoint="mixup", cancel=cancel)
+        weights = copy_weights(lam)
         for name, unmix in unmixers.items():
             estimate = unmix(answer, reference_onehot, lam)
             for row, (c, i) in enumerate(zip(copy, location)):
-                averaged[name].add(grids[c], i, estimate[row])
+                averaged[name].add(grids[c], i, estimate[row], weights[row])
                 if c == 0 and name in first:
                     first[name].add(grids[0], i, estimate[row])
         if first_mixed is not None:
