@@ -133,6 +133,32 @@ def test_weighted_accumulation_averages_overlapping_patches_towards_their_centre
     np.testing.assert_allclose(scores[:, 3, 3, 13], [1.0, 0.0])  # covered by nothing: background
 
 
+def test_copies_mixed_with_more_of_the_target_count_more_in_the_average():
+    from medprivacy.mixup.mixing import copy_weights, naive_unmix
+    from medprivacy.mixup.patches import ScoreAccumulator
+
+    lam = np.array([0.35, 0.65], np.float32)
+    weights = copy_weights(lam)
+    np.testing.assert_allclose(weights, lam ** 2)  # inverse variance: eq. 4 divides the server's error by λ
+    # the same server error becomes a larger unmixing error at small λ
+    truth = np.zeros((2, 2, 1, 1, 1), np.float32)
+    truth[:, 1] = 1.0
+    reference = np.zeros_like(truth)
+    reference[:, 0] = 1.0
+    exact = lam.reshape(-1, 1, 1, 1, 1) * truth + (1 - lam.reshape(-1, 1, 1, 1, 1)) * reference
+    error = np.float32(0.05) * np.array([1, -1], np.float32).reshape(1, 2, 1, 1, 1)
+    errors = np.abs(naive_unmix(exact + error, reference, lam) - truth)[:, 0, 0, 0, 0]
+    assert errors[0] > 1.8 * errors[1]
+
+    shape = (4, 4, 4)
+    grid = PatchGrid(shape, (4, 4, 4), ((0, 0, 0),))
+    acc = ScoreAccumulator(2, shape, (4, 4, 4))
+    acc.add(grid, 0, np.stack([np.zeros(shape), np.ones(shape)]).astype(np.float32), weights[0])
+    acc.add(grid, 0, np.stack([np.ones(shape), np.zeros(shape)]).astype(np.float32), weights[1])
+    scores = acc.result(background=np.array([1.0, 0.0]))
+    np.testing.assert_allclose(scores[0], weights[1] / weights.sum(), rtol=1e-5)
+
+
 def test_patch_larger_than_volume_is_refused():
     with pytest.raises(ValueError, match="larger than the volume"):
         PatchGrid.over_box((10, 10, 10), ((0, 10),) * 3, (16, 16, 16))
@@ -323,12 +349,15 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     result = subprocess.run(
         [
             sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--init-from", str(out), "--out", str(stage2),
-            "--threads", "1", "--reference-oversampling", "4", "--quiet",
+            "--threads", "1", "--reference-oversampling", "4", "--iterations", "4", "--stop-after", "2", "--quiet",
         ],
         capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_manifest(stage2)["training"]["config"]["reference_oversampling"] == 4
+    # --stop-after ends early on the longer schedule, as a stage that was cut short did
+    assert load_manifest(stage2)["training"]["iterations_done"] == 2
+    assert load_manifest(stage2)["training"]["config"]["iterations"] == 4
     chain = load_manifest(stage2)["training"]["continued_from"]
     assert chain["command"] == manifest["training"]["command"]
     assert chain["weights_sha256"]["mixup-seg"] == manifest["models"]["mixup-seg"]["sha256"]
