@@ -28,9 +28,10 @@ bench: env
 bench-watermark: env
 	$(BIN)/python bench/medlocker_bench.py
 
-# Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in three stages (about 45 min on
-# one core, then about 65 min and 75 min on two: the second continues at a lower rate on keygen-like references,
-# the third moves to 48³ patches for more context, then fits the decision weights on validation subjects),
+# Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in four stages (about 45 min on
+# one core, then about 65, 85 and 45 min on two: the second continues at a lower rate on keygen-like references,
+# the third and fourth move to 48³ patches for more context; the fourth is the first half of a 2000-iteration
+# schedule, where the shipped run was cut short, and ends by fitting the decision weights, about 13 min),
 # then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0).
 train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --calibration-subjects 0 \
@@ -38,6 +39,8 @@ train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 1 --threads 2 --iterations 5000 --learning-rate 3e-4 \
 		--reference-oversampling 4 --calibration-subjects 0 --init-from Resources/Models --out Resources/Models
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 2 --threads 2 --iterations 2000 --patch-size 48 \
+		--learning-rate 3e-4 --reference-oversampling 4 --calibration-subjects 0 --init-from Resources/Models --out Resources/Models
+	$(BIN)/medprivacy mixup train --preset cpu-small --seed 3 --threads 2 --iterations 2000 --stop-after 1000 --patch-size 48 \
 		--learning-rate 3e-4 --reference-oversampling 4 --init-from Resources/Models --out Resources/Models
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models
 
