@@ -21,6 +21,8 @@ from .patches import PatchGrid, ScoreAccumulator
 Progress = Callable[[str, float], None]
 
 #: Background one-hot, used wherever no patch was segmented (outside the brain's bounding box).
+#: Patches per learned-unmixing forward pass: bounds the client's memory whatever the request size.
+_UNMIX_ROWS = 8
 _BACKGROUND = np.eye(NUM_CLASSES, dtype=np.float32)[0]
 
 
@@ -127,9 +129,16 @@ class _Unmixer:
             return naive_unmix(mixed_probs, reference_onehot, lam)
         import torch
 
+        # A few patches at a time: at 48³ the network's full-resolution activations for a whole 64-patch request
+        # would take about a gigabyte of the client's memory.
+        rows = _UNMIX_ROWS
+        out = np.empty(mixed_probs.shape, dtype=np.float32)
         with torch.inference_mode():
-            logits = self.net(torch.from_numpy(mixed_probs), torch.from_numpy(reference_onehot), torch.from_numpy(lam))
-            return torch.softmax(logits, dim=1).numpy()
+            for begin in range(0, len(mixed_probs), rows):
+                part = slice(begin, begin + rows)
+                logits = self.net(torch.from_numpy(mixed_probs[part]), torch.from_numpy(reference_onehot[part]), torch.from_numpy(lam[part]))
+                out[part] = torch.softmax(logits, dim=1).numpy()
+        return out
 
 
 def _server_model(client, patch_size) -> dict:
