@@ -21,9 +21,10 @@ from .patches import PatchGrid, ScoreAccumulator
 Progress = Callable[[str, float], None]
 
 #: Background one-hot, used wherever no patch was segmented (outside the brain's bounding box).
-#: Patches per learned-unmixing forward pass: bounds the client's memory whatever the request size.
-_UNMIX_ROWS = 8
 _BACKGROUND = np.eye(NUM_CLASSES, dtype=np.float32)[0]
+#: Patches per learned-unmixing forward pass: at 48³, unmixing a whole 64-patch request at once raised the client's
+#: peak memory on a 256³ scan from 1.9 to 3.5 GB (bench/mixup_bench.py, k=1).
+_UNMIX_ROWS = 8
 
 
 @dataclass
@@ -129,13 +130,10 @@ class _Unmixer:
             return naive_unmix(mixed_probs, reference_onehot, lam)
         import torch
 
-        # A few patches at a time: at 48³ the network's full-resolution activations for a whole 64-patch request
-        # would take about a gigabyte of the client's memory.
-        rows = _UNMIX_ROWS
         out = np.empty(mixed_probs.shape, dtype=np.float32)
         with torch.inference_mode():
-            for begin in range(0, len(mixed_probs), rows):
-                part = slice(begin, begin + rows)
+            for begin in range(0, len(mixed_probs), _UNMIX_ROWS):
+                part = slice(begin, begin + _UNMIX_ROWS)
                 logits = self.net(torch.from_numpy(mixed_probs[part]), torch.from_numpy(reference_onehot[part]), torch.from_numpy(lam[part]))
                 out[part] = torch.softmax(logits, dim=1).numpy()
         return out
