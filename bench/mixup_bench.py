@@ -60,18 +60,19 @@ def child(mode: str, url: str, volume: str, key_dir: str) -> dict:
         k = int(mode.split("=")[1])
         stats = segment_private(image, client, bank, tta=k).stats
     stats["seconds"] = time.perf_counter() - started
-    stats["peak_rss_mb"] = _own_peak_rss_mb()
+    # Linux keeps ru_maxrss across fork and exec, so it would report the bench parent's peak (which holds the 256³
+    # volume) whenever that is larger; VmHWM starts afresh at exec.
+    try:
+        stats["peak_rss_mb"] = _peak_rss_mb("self")
+    except (OSError, StopIteration):
+        stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return stats
 
 
-def _own_peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux keeps ru_maxrss across fork and exec, so a child would report
-    the bench parent's peak (which holds the 256³ volume) whenever that is larger; VmHWM starts afresh at exec."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_rss_mb(pid) -> float:
+    """Peak resident memory (VmHWM) of process ``pid`` ("self" for this one), in MB; Linux only."""
+    status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
 
 def server_time(url: str, key_dir: str, volume: str, endpoint: str, tta: int) -> float:
@@ -150,8 +151,7 @@ def main() -> int:
             "mixed k=1": server_time(url, str(key_dir), str(volume), "mixup", 1),
             "mixed k=8": server_time(url, str(key_dir), str(volume), "mixup", 8),
         }
-        status = Path(f"/proc/{process.pid}/status").read_text(encoding="utf-8")
-        results["server_peak_rss_mb"] = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+        results["server_peak_rss_mb"] = _peak_rss_mb(process.pid)
     finally:
         stop_local_server(process)
 
