@@ -217,6 +217,10 @@ def test_read_image_names_the_problem(tmp_path):
         read_image(tmp_path / "missing.nii.gz")
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="is damaged .*gzip"):
+        read_image(corrupt)
+    corrupt = tmp_path / "corrupt.nrrd"
+    corrupt.write_bytes(b"not an image at all")
     with pytest.raises(InputError, match="cannot read"):
         read_image(corrupt)
     flat = tmp_path / "slice.nrrd"

@@ -109,11 +109,17 @@ def _keygen(args) -> int:
 
 def _segment(args) -> int:
     from .bank import ReferenceBank
-    from .io import check_labelmap_path, read_image, write_image, write_labelmap
+    from ..files import check_writable_folder
+    from .io import check_labelmap_path, plausibility_warnings, read_image, write_image, write_labelmap
     from .pipeline import segment_private
 
+    # Every output place is tried before the scan is read: a read-only folder must not cost a whole run.
     check_labelmap_path(args.output)
+    if args.save_uploaded is not None:
+        check_writable_folder(args.save_uploaded.parent, "folder of --save-uploaded")
     image = read_image(args.input)
+    for note in plausibility_warnings(image, str(args.input)):
+        print(f"medprivacy: warning: {note}", file=sys.stderr)
     bank = ReferenceBank.load(args.key_dir)
     client = _client(args)
     with _ProgressBar() as bar:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.template import load_template
+from ..errors import InputError
 
 _GEOMETRY_TOLERANCE = 1e-3
 
@@ -71,7 +72,13 @@ def to_model_grid(image, transform=None, interpolator=None):
     if transform is None and is_on_model_grid(image):
         return sitk.Cast(image, sitk.sitkFloat32) if interpolator is None else image, None
     if transform is None:
-        transform = register_to_template(image)
+        try:
+            transform = register_to_template(image)
+        except RuntimeError:  # ITK: "All samples map outside moving image buffer" and the like
+            extent = " x ".join(f"{n * s:.3g}" for n, s in zip(image.GetSize(), image.GetSpacing()))
+            raise InputError(f"cannot align the scan to the brain template: it covers {extent} mm "
+                             f"(voxel spacing {' x '.join(f'{s:g}' for s in image.GetSpacing())} mm); "
+                             "check the voxel spacing and orientation in the image header") from None
     if interpolator is None:
         interpolator = sitk.sitkLinear
     pixel_type = sitk.sitkFloat32 if interpolator != sitk.sitkNearestNeighbor else image.GetPixelID()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
+from ..files import check_file_integrity, check_writable_folder, write_atomically
 from ..labels import TISSUE_SEGMENTS
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
@@ -25,6 +25,8 @@ def read_image(path: str | os.PathLike):
         if path.is_dir():
             image = _read_dicom_series(path)
         else:
+            # ITK reads a truncated or bit-flipped .nii.gz and returns wrong voxels; check the file first.
+            check_file_integrity(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
@@ -64,39 +66,55 @@ def validate_volume(image, name: str = "the image"):
     return image
 
 
-def _atomic_target(path: Path):
-    """A temporary path beside ``path`` with the same (possibly double) suffix, so writers pick the right format."""
-    name = path.name
-    suffix = next((s for s in (".seg.nrrd", ".nii.gz") if name.endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=suffix)
-    os.close(fd)
-    return Path(tmp)
+#: A whole adult brain T1 spans about 140-200 mm in every direction with 0.5-2 mm voxels (3-6 mm for thick
+#: clinical slices); far outside these bounds the header or the scan is probably not what the user thinks.
+PLAUSIBLE_EXTENT_MM = (100.0, 400.0)
+PLAUSIBLE_SPACING_MM = (0.2, 7.0)
+MIN_PLAUSIBLE_SLICES = 40
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def plausibility_warnings(image, name: str = "the image") -> list[str]:
+    """One line per reason to doubt that ``image`` is a whole-brain scan with a correct header (empty if none).
 
-
-def write_atomically(path: Path, write) -> None:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"output folder {path.parent} does not exist; create it first")
-    tmp = _atomic_target(path)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_file_mode())  # mkstemp creates 0600; a user's result follows their umask
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    Warnings, not errors: the segmentation still runs, but the user should know why it may come out wrong.
+    """
+    size, spacing = image.GetSize(), image.GetSpacing()
+    extent = [n * s for n, s in zip(size, spacing)]
+    shown = " x ".join(f"{e:.0f}" if e >= 10 else f"{e:.2g}" for e in extent)
+    notes = []
+    if not all(PLAUSIBLE_SPACING_MM[0] <= s <= PLAUSIBLE_SPACING_MM[1] for s in spacing):
+        notes.append(f"{name} has voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm, unusual for a brain MRI "
+                     f"({PLAUSIBLE_SPACING_MM[0]:g}-{PLAUSIBLE_SPACING_MM[1]:g} mm); check the spacing in its header")
+    if not all(PLAUSIBLE_EXTENT_MM[0] <= e <= PLAUSIBLE_EXTENT_MM[1] for e in extent):
+        notes.append(f"{name} covers {shown} mm, not a whole head (about 140-200 mm per side); the result may be wrong")
+    if min(size) < MIN_PLAUSIBLE_SLICES:
+        notes.append(f"{name} has only {min(size)} slices along one axis (a slab, not a whole-brain volume); "
+                     "tissue outside the slab cannot be segmented and the alignment to the template may fail")
+    return notes
 
 
 def write_image(image, path: str | os.PathLike) -> None:
+    _write_itk_verified(image, Path(path))
+
+
+def _write_itk_verified(image, path: Path) -> None:
+    """Write with SimpleITK, then read the file back: SimpleITK reports a short write only on stderr."""
     import SimpleITK as sitk
 
-    write_atomically(Path(path), lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    expected = sitk.GetArrayViewFromImage(image)
+
+    def write(tmp: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as exc:
+            raise OSError(str(exc).strip().splitlines()[-1] if str(exc).strip() else "SimpleITK could not write the file") from None
+
+    def verify(tmp: Path) -> None:
+        check_file_integrity(tmp)
+        if not np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp))), expected):
+            raise ValueError("its voxels differ from the ones written")
+
+    write_atomically(path, write, verify)
 
 
 def check_labelmap_path(path: str | os.PathLike) -> Path:
@@ -104,8 +122,7 @@ def check_labelmap_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not str(path).endswith(LABELMAP_SUFFIXES):
         raise InputError(f"unsupported output {path.name}; use one of {', '.join(LABELMAP_SUFFIXES)}")
-    if not path.parent.is_dir():
-        raise InputError(f"output folder {path.parent} does not exist; create it first")
+    check_writable_folder(path.parent)
     return path
 
 
@@ -117,7 +134,7 @@ def write_labelmap(labelmap, path: str | os.PathLike) -> None:
     image = sitk.Cast(labelmap, sitk.sitkUInt8)
     if str(path).endswith(".seg.nrrd"):
         image = _with_segmentation_metadata(image)
-    write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    _write_itk_verified(image, path)
 
 
 def _with_segmentation_metadata(image):
