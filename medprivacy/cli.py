@@ -1,11 +1,14 @@
 """``medprivacy`` command line: serve, mixup (keygen/segment/eval/train) and demo.
 
-User mistakes (MedPrivacyError) print one line and exit 2; anything else is a bug and keeps its traceback.
+User mistakes (MedPrivacyError) print one line and exit 2; Ctrl-C exits 130 and SIGTERM 143, both after removing
+half-written files; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable
 
 from . import __version__
@@ -32,7 +35,8 @@ def client_from_args(args: argparse.Namespace, client_class=None):
     """An InferenceClient (or subclass) configured from ``add_server_arguments`` options."""
     if client_class is None:
         from .transport import InferenceClient as client_class
-    return client_class(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout)
+    return client_class(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout,
+                        timeout_hint=f"raise --timeout (now {args.timeout:g} s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that half-written temporary files are removed on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        from .server.hardening import limit_malloc_arenas
+
+        limit_malloc_arenas()  # before the imports below start threads (see server/hardening.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args._run
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # The default SIGTERM action kills the process on the spot; as an exception it unwinds like Ctrl-C does.
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(run(args) or 0)
     except MedPrivacyError as exc:
@@ -61,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medprivacy: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("medprivacy: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

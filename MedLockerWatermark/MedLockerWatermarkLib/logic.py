@@ -103,6 +103,10 @@ def describe_predictions(answer: dict[str, Any]) -> list[str]:
     verdict = "every model fooled" if answer.get("fooled") else "not every model fooled"
     lines = [f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
              f"{answer.get('evaluations', '?')} evaluations"]
+    if "target_source" in answer:
+        from medprivacy.medlocker.batch import describe_target
+
+        lines.append(f"target: {describe_target(answer)}")
     for name in answer.get("models", []):
         lines.append(f"{name}: {_top(answer['before'][name])} -> {_top(answer['after'][name])}")
     return lines

@@ -4,9 +4,9 @@ Slicer module's Dataset tab.
 Order of work: every input is read and checked first (``plan_protection``), so a bad file stops the batch before the
 server spends time on it; then the server's classifiers and lesion segmenter are checked (``check_classifiers``,
 ``choose_lesion_source``); then ``protect_files`` searches each image on the server, blends the logo locally into
-the exact pixels, writes the result in the input's own format, and saves the key once at the end. If the batch stops
-early (an error, or the user cancels), the key is still saved with the images finished so far, because their
-protected files are already written and only that key can restore them.
+the exact pixels, saves the key with the image's entry, and then writes the result in the input's own format. The
+key on disk therefore always covers every protected file on disk, however the batch stops (an error, a cancel,
+SIGTERM or SIGKILL, a full disk), because only that key can restore them.
 """
 from __future__ import annotations
 
@@ -134,6 +134,86 @@ def check_classifiers(client, models: Sequence[str] | None) -> dict[str, Any]:
     return info
 
 
+def read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
+    """{image file name: label text} from a CSV with a header row holding the columns ``image`` and ``label``.
+
+    The image column may hold file names or paths (only the name is used); a label is a class index or a class
+    name (``resolve_labels`` maps it on the server's classifiers).
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+            if "image" not in columns or "label" not in columns:
+                raise InputError(f"{path} needs a header row with the columns image,label (found {', '.join(columns) or 'no header'})")
+            labels: dict[str, str] = {}
+            for line, row in enumerate(reader, start=2):
+                name = Path(str(row.get(columns["image"]) or "").strip()).name
+                label = str(row.get(columns["label"]) or "").strip()
+                if not name and not label:
+                    continue
+                if not name or not label:
+                    raise InputError(f"{path} line {line}: give both an image name and its label")
+                if labels.get(name, label) != label:
+                    raise InputError(f"{path} gives {name} two labels ({labels[name]!r} and {label!r}); keep one")
+                labels[name] = label
+    except OSError as exc:
+        raise InputError(f"cannot read labels file {path} ({exc.strerror or type(exc).__name__})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path} is not a readable CSV file ({exc}); save it as UTF-8 CSV with columns image,label") from None
+    if not labels:
+        raise InputError(f"{path} lists no image; give one row per image: name,label")
+    return labels
+
+
+def classifier_labels(info: dict[str, Any], models: Sequence[str] | None) -> dict[int, str]:
+    """Class index -> name of the classifiers a search uses (the chosen ones, else every classifier that agrees)."""
+    described = {n: d for n, d in info.get("models", {}).items() if d.get("task") == "classify"}
+    chosen = [described[m] for m in models] if models else list(described.values())
+    names: dict[int, str] = {}
+    for description in chosen:
+        for index, name in (description.get("labels") or {}).items():
+            names.setdefault(int(index), str(name))
+    return names
+
+
+def resolve_label(text: str | int, class_names: dict[int, str], origin: str) -> int:
+    """A label given as a class index or a class name -> the class index."""
+    value = str(text).strip()
+    if value.lstrip("-").isdigit():
+        index = int(value)
+        if class_names and index not in class_names:
+            raise InputError(f"{origin}: class {index} does not exist; the classifiers know {_classes(class_names)}")
+        return index
+    by_name = {name.lower(): index for index, name in class_names.items()}
+    if value.lower() not in by_name:
+        raise InputError(f"{origin}: unknown class {value!r}; the classifiers know {_classes(class_names)}")
+    return by_name[value.lower()]
+
+
+def resolve_labels(raw: dict[str, str], class_names: dict[int, str], csv_path, images: Sequence[Path]) -> dict[str, int]:
+    """{image name: class index} for the ``images`` of a batch, from ``read_labels_csv``'s output."""
+    return {Path(p).name: resolve_label(raw[Path(p).name], class_names, f"{csv_path} ({Path(p).name})")
+            for p in images if Path(p).name in raw}
+
+
+def describe_target(answer: dict[str, Any], label_source: str = "a label") -> str:
+    """What the search pushed the models away from, in words (the report must never leave it implicit)."""
+    if answer.get("target_source") == "label":
+        first = next(iter(answer["before"].values()))
+        name = first["labels"].get(str(answer["target"]), f"class {answer['target']}")
+        return f"away from the true class {name!r} ({label_source})"
+    return ("away from each model's own answer on the clean image (no label given: 'fooled' means changed, "
+            "not necessarily wrong)")
+
+
+def _classes(class_names: dict[int, str]) -> str:
+    return ", ".join(f"{i} ({n})" for i, n in sorted(class_names.items())) or "none"
+
+
 def choose_lesion_source(mode: str, lesions: str, info: dict[str, Any], note: Callable[[str], None] | None = None) -> str:
     """What the server is told about lesions ("server" or "none") for ``lesions`` in ``LESION_CHOICES``."""
     if lesions not in LESION_CHOICES:
@@ -167,18 +247,25 @@ def protect_files(
     cancel: Callable[[], bool] | None = None,
     on_image: Callable[[Path, Path, Any, dict[str, Any]], None] | None = None,
     on_partial_save: Callable[[str], None] | None = None,
+    labels: dict[str, int] | None = None,
 ) -> int:
-    """Protect every (input, output) of ``jobs`` into ``key`` and save the key; returns the number protected.
+    """Protect every (input, output) of ``jobs`` into ``key``, saving the key after each image; returns the number
+    protected.
 
+    The key file is rewritten (atomically) with each image's entry before that image's protected file is written,
+    so whenever the batch stops (an error, a cancel, SIGTERM, SIGKILL, a power cut) every protected file on disk
+    can be restored with the key on disk. ``labels`` maps input file names to their true class (the search then
+    pushes every model away from it); images without one are pushed away from each model's own clean answer.
     ``progress(text, fraction)`` is called before each image, ``on_image(input, output, image, answer)`` after it.
     ``cancel()`` is checked between images (the search of the current image is not interrupted); cancelling raises
-    CancelledError. On any early stop the key is saved with the images finished so far and ``on_partial_save``
-    gets a one-line note.
+    CancelledError. On an early stop after some images ``on_partial_save`` gets a one-line note.
     """
     from . import io as mio
-    from .keyfile import save_key
+    from .keyfile import KeyWriter
 
     key_path = Path(key_path)
+    key_existed = key_path.exists()
+    writer = KeyWriter(key_path, **credentials)
     done = 0
     try:
         for index, (path, target) in enumerate(jobs):
@@ -187,27 +274,49 @@ def protect_files(
             if progress is not None:
                 progress(f"protecting {path.name} ({index + 1} of {len(jobs)})", index / max(1, len(jobs)))
             image = mio.read_image(path)
-            answer = client.optimize(image.pixels, logo, window=image.window, **settings.request(lesions, index))
+            request = settings.request(lesions, index)
+            if labels is not None and path.name in labels:
+                request["label"] = int(labels[path.name])
+            answer = client.optimize(image.pixels, logo, window=image.window, **request)
             found = answer["params"]
             protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], settings.sl, image.window)
-            if list(key[path.name].logo_size) != list(answer["logo_size"]):
-                raise InputError(f"the server sized the logo {answer['logo_size']} but this client {list(key[path.name].logo_size)}; "
+            ours = list(key[path.name].logo_size)
+            if ours != list(answer["logo_size"]):
+                key.remove(path.name)
+                raise InputError(f"the server sized the logo {answer['logo_size']} but this client {ours}; "
                                  "update client and server to the same MedPrivacy version")
-            mio.write_image(image, protected, target)
-            # Reading back catches a format that would not keep the exact pixels the key fingerprints.
-            if mio.read_image(target).pixels.tobytes() != protected.tobytes():
-                raise InputError(f"{target} does not read back with the pixels written; this format cannot hold a protected image")
+            # Key first, image second: a protected file must never exist without the key entry that restores it.
+            try:
+                writer.save(key)
+            except BaseException:
+                key.remove(path.name)
+                raise
+            try:
+                mio.write_image(image, protected, target)
+            except BaseException:
+                key.remove(path.name)
+                if len(key):
+                    _try_save(writer, key)
+                elif not key_existed:
+                    key_path.unlink(missing_ok=True)  # a key for no image at all would only mislead
+                raise
             done += 1
             if on_image is not None:
                 on_image(path, target, image, answer)
     except BaseException:
-        if done:
-            save_key(key, key_path, **credentials)
-            if on_partial_save is not None:
-                on_partial_save(f"key {key_path} saved with the {done} image(s) protected before the stop; "
-                                "protect the others with --append")
+        if done and on_partial_save is not None:
+            on_partial_save(f"key {key_path} holds the {done} image(s) protected before the stop; "
+                            "protect the others with --append")
         raise
-    save_key(key, key_path, **credentials)
     if progress is not None:
         progress(f"protected {done} image(s); key saved", 1.0)
     return done
+
+
+def _try_save(writer, key) -> None:
+    # Drops the entry of an image that was never written; if even that fails, the stale entry only names an image
+    # that does not exist, which costs nothing.
+    try:
+        writer.save(key)
+    except Exception:
+        pass

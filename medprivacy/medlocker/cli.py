@@ -2,7 +2,9 @@
 
 ``protect`` asks the server to search each image's watermark (``/v1/watermark/optimize``: the search runs next
 to the models), blends the logo locally into the exact pixels, writes the result in the input's own format
-(JPEG becomes PNG, see ``medlocker.io``) and records every image in one encrypted key, written at the end.
+(JPEG becomes PNG, see ``medlocker.io``) and records every image in one encrypted key, saved before each protected
+file is written, so an interrupted run never leaves an image the key cannot restore. Without labels (``--label``,
+``--labels labels.csv``) each model is pushed away from its own answer on the clean image, and the report says so.
 ``unlock`` restores the originals bit for bit from that key; ``verify`` tells whether an image belongs to it
 (exit 0, printing its entry) or not (exit 1).
 
@@ -46,8 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     protect.add_argument("--logo", type=Path, default=None, help="logo picture (PNG, transparency respected; default: a grey padlock on a dark plate)")
     protect.add_argument("--models", default=None, help="comma-separated source classifiers (default: every classifier on the server)")
     protect.add_argument("--weights", default=None, help="comma-separated ensemble weights, one per --models entry (default equal)")
-    protect.add_argument("--label", type=int, default=None,
-                         help="true class of every image (default: the class the models predict on the clean image)")
+    labels = protect.add_mutually_exclusive_group()
+    labels.add_argument("--label", default=None,
+                        help="true class of every image, as a class index or the classifiers' class name "
+                             "(default: each model is pushed away from its own answer on the clean image)")
+    labels.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                        help="CSV with columns image,label giving each image's true class (index or class name); "
+                             "images not listed are pushed away from each model's own clean answer")
     protect.add_argument("--sl", type=float, default=4.0, help="logo scale: the logo spans 1/sl of the image (default 4)")
     protect.add_argument("--population", type=int, default=DEFAULT_POPULATION, help=f"Np (default {DEFAULT_POPULATION})")
     protect.add_argument("--generations", type=int, default=DEFAULT_GENERATIONS, help=f"Ng (default {DEFAULT_GENERATIONS})")
@@ -153,7 +160,11 @@ def _load_key(path: Path, credentials: dict):
 
 def _protect(args) -> int:
     from . import blending
-    from .batch import SearchSettings, check_classifiers, choose_lesion_source, plan_protection, protect_files
+    from ..files import check_writable_folder
+    from .batch import (
+        SearchSettings, check_classifiers, choose_lesion_source, classifier_labels, plan_protection, protect_files,
+        read_labels_csv, resolve_label, resolve_labels,
+    )
     from .keyfile import MedLockerKey
 
     credentials = _credentials(args, confirm=not args.append)
@@ -171,31 +182,48 @@ def _protect(args) -> int:
     if args.sl <= 0:
         raise InputError(f"--sl must be positive (got {args.sl:g})")
 
+    raw_labels = read_labels_csv(args.labels) if args.labels is not None else None
     jobs = plan_protection(args.images, args.out, key, logo, args.sl, args.overwrite, key_label=f"key {args.key}")
+    # Every place something will be written is tried now, before the server spends minutes on the first image.
+    _make_output_folder(args.out)
+    check_writable_folder(key_path.parent, "folder of --key")
     client = _client(args)
     info = check_classifiers(client, models)
+    class_names = classifier_labels(info, models)
+    label = resolve_label(args.label, class_names, "--label") if args.label is not None else None
+    per_image = resolve_labels(raw_labels, class_names, args.labels, [path for path, _ in jobs]) if raw_labels is not None else None
     lesions = choose_lesion_source(args.mode, args.lesions, info, note=lambda text: print(text, file=sys.stderr))
     settings = SearchSettings(
-        mode=args.mode, models=models, weights=weights, label=args.label, sl=args.sl, population=args.population,
+        mode=args.mode, models=models, weights=weights, label=label, sl=args.sl, population=args.population,
         generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
         local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max), mutation=args.mutation,
         max_evaluations=args.max_evaluations, seed=args.seed,
     )
 
-    args.out.mkdir(parents=True, exist_ok=True)
     bar = _progress(len(jobs))
+    source = f"label from {args.labels.name}" if args.labels is not None else "--label"
 
     def report(path, target, image, answer) -> None:
-        _report(bar, path, target, image, answer)
+        _report(bar, path, target, image, answer, source)
         bar.update(1)
 
     try:
         done = protect_files(jobs, client, key, logo, settings, lesions, key_path, credentials, on_image=report,
-                             on_partial_save=lambda text: print(f"medprivacy: {text}", file=sys.stderr))
+                             on_partial_save=lambda text: print(f"medprivacy: {text}", file=sys.stderr), labels=per_image)
     finally:
         bar.close()
     print(f"protected {done} image(s) into {args.out}; key {key_path} holds {len(key)} image(s)")
     return 0
+
+
+def _make_output_folder(folder: Path) -> None:
+    from ..files import check_writable_folder, os_error_reason
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {folder} ({os_error_reason(exc)}); choose a folder you can write to") from None
+    check_writable_folder(folder)
 
 
 def _weights(text: str | None, models: list[str] | None) -> list[float] | None:
@@ -225,12 +253,17 @@ def _progress(total: int):
     return tqdm(total=total, desc="protecting", unit="image", file=sys.stderr, disable=None)
 
 
-def _report(bar, path: Path, target: Path, image, answer: dict) -> None:
+def _report(bar, path: Path, target: Path, image, answer: dict, label_source: str = "--label") -> None:
+    from .batch import describe_target
+
     params = answer["params"]
     verdict = "fooled every model" if answer["fooled"] else "not every model fooled"
+    if answer.get("target_source") == "label" and all(answer["before"][m]["predicted"][0] != answer["target"] for m in answer["models"]):
+        verdict = "every model was already wrong on the clean image"
     note = " (JPEG is lossy: written as PNG)" if image.format == "jpeg" else ""
     lines = [f"{path.name} -> {target}{note}: {verdict}; alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
-             f"logo {answer['logo_size'][1]}x{answer['logo_size'][0]}, {answer['evaluations']} evaluations"]
+             f"logo {answer['logo_size'][1]}x{answer['logo_size'][0]}, {answer['evaluations']} evaluations",
+             f"  target: {describe_target(answer, label_source)}"]
     for name in answer["models"]:
         before, after = answer["before"][name], answer["after"][name]
         lines.append(f"  {name}: {_top(before)} -> {_top(after)}")
@@ -259,14 +292,15 @@ def _unlock(args) -> int:
         target = Path(args.out) / mio.output_name(path)
         check_target(path, target, args.overwrite)
         targets.append((path, target))
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Every image is checked against the key before any is written: a mistake in the list leaves no partial output.
+    for path, _ in targets:
+        if key.find(mio.read_image(path).pixels) is None:
+            raise InputError(f"{path.name} is not protected by key {args.key}, or it was changed after protection; nothing was restored")
+    _make_output_folder(args.out)
     from tqdm import tqdm
 
     for path, target in tqdm(targets, desc="unlocking", unit="image", file=sys.stderr, disable=None):
         image = mio.read_image(path)
-        entry = key.find(image.pixels)
-        if entry is None:
-            raise InputError(f"{path.name} is not protected by key {args.key}, or it was changed after protection")
         mio.write_image(image, unlock(image.pixels, key), target)
     print(f"restored {len(targets)} image(s) into {args.out}")
     return 0

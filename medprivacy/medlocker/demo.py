@@ -49,9 +49,14 @@ def run_medlocker_demo(url: str, out: Path, token_file: Path | None = None, mode
         shutil.rmtree(out / folder, ignore_errors=True)
     generate_key_file(secret)
 
+    # The demo knows each sample's true class: with it the search pushes the models away from the truth. Without
+    # it each model would be pushed away from its own clean answer, which for a model that was wrong means towards
+    # the truth; "fooled" would then not mean "misled".
+    labels = out / "labels.csv"
+    labels.write_text("image,label\n" + "".join(f"{path.name},{label}\n" for path, (_, label, _) in zip(originals, DEMO_IMAGES)))
     server = ["--server", url] + (["--token-file", str(token_file)] if token_file else [])
     protect = ["watermark", "protect", *map(str, originals), "-o", str(out / "protected"), "--key", str(key),
-               "--key-file", str(secret), *server, "--mode", mode, *search]
+               "--key-file", str(secret), *server, "--mode", mode, "--labels", str(labels), *search]
     print("$ medprivacy " + shlex.join(protect))
     if main(protect) != 0:
         raise InputError("the MedLocker demo could not protect its sample images (see the message above)")

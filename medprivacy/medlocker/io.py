@@ -17,7 +17,8 @@ Bits Stored (a 12-bit CT). Then the original Bits Stored is kept in a private el
 with a visible mark, and unlock gives back the original. A compressed file is written uncompressed (Explicit VR
 Little Endian), since re-encoding could be lossy.
 
-Every write is atomic: a temporary file beside the target, renamed over it when complete.
+Every write is atomic and checked: a temporary file beside the target, read back and compared pixel for pixel, then
+renamed over the target (``medprivacy.files``), so a full disk leaves no half-written image.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..mixup.io import write_atomically
+from ..files import check_file_integrity, write_atomically
 
 FORMATS = ("png", "jpeg", "tiff", "nifti", "dicom")
 _SUFFIXES = {
@@ -123,11 +124,18 @@ def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) ->
     if image.path.exists() and path.exists() and path.resolve() == image.path.resolve():
         raise InputError(f"refusing to overwrite the input {path}; choose another output folder")
     stored = to_file_pixels(pixels, image.file_dtype)
+
+    def verify(tmp: Path) -> None:
+        # Catches a short write (SimpleITK reports a full disk only on stderr) and a format that would not keep
+        # the exact pixels a MedLocker key fingerprints.
+        if read_image(tmp).pixels.tobytes() != pixels.tobytes():
+            raise InputError(f"{path.name} does not read back with the pixels written; this format cannot hold them exactly")
+
     if image.format == "dicom":
         dataset = _dicom_with_pixels(image, stored)
-        write_atomically(path, lambda tmp: dataset.save_as(str(tmp)))
+        write_atomically(path, lambda tmp: dataset.save_as(str(tmp)), verify)
     else:
-        _write_itk(image, stored, path)
+        _write_itk(image, stored, path, verify)
     return path
 
 
@@ -171,6 +179,7 @@ _ITK_IO = {"png": "PNGImageIO", "jpeg": "JPEGImageIO", "tiff": "TIFFImageIO", "n
 def _read_itk(path: Path, fmt: str) -> MedImage:
     import SimpleITK as sitk
 
+    check_file_integrity(path)
     try:
         source = sitk.ReadImage(str(path), imageIO=_ITK_IO[fmt])
     except RuntimeError as exc:
@@ -191,7 +200,7 @@ def _read_itk(path: Path, fmt: str) -> MedImage:
     return MedImage(path=path, format=fmt, pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=source, _slice_axis=sliced)
 
 
-def _write_itk(image: MedImage, stored: np.ndarray, path: Path) -> None:
+def _write_itk(image: MedImage, stored: np.ndarray, path: Path, verify) -> None:
     import SimpleITK as sitk
 
     fmt = "png" if image.format == "jpeg" else image.format
@@ -207,9 +216,12 @@ def _write_itk(image: MedImage, stored: np.ndarray, path: Path) -> None:
         writer.SetImageIO(_ITK_IO[fmt])
         writer.SetFileName(str(tmp))
         writer.SetUseCompression(True)  # lossless for every format written here (PNG, TIFF, NIfTI .gz)
-        writer.Execute(out)
+        try:
+            writer.Execute(out)
+        except RuntimeError as exc:
+            raise OSError(str(exc).strip().splitlines()[-1] if str(exc).strip() else "SimpleITK could not write the file") from None
 
-    write_atomically(path, write)
+    write_atomically(path, write, verify)
 
 
 # --- DICOM through pydicom -------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import InputError
+from ..files import write_bytes_atomically
 from .blending import (
     DEFAULT_SL, SUPPORTED_DTYPES, as_rgba, blend, blend_terms, check_alpha, check_image, check_window, composite, dtype_max, fit_logo,
     logo_region, logo_sha256,
@@ -146,6 +147,12 @@ class MedLockerKey:
         )
         self._add(entry, rgba)
         return protected
+
+    def remove(self, name: str) -> None:
+        """Forget the entry ``name`` (an image whose protected file could not be written)."""
+        entry = self._entries.pop(name, None)
+        if entry is not None and self._by_image.get(entry.image_sha256) == name:
+            del self._by_image[entry.image_sha256]
 
     def _add(self, entry: KeyEntry, logo: np.ndarray | None) -> None:
         self._entries[entry.name] = entry
@@ -262,24 +269,40 @@ def generate_key_file(path: str | os.PathLike, force: bool = False) -> Path:
 def save_key(key: MedLockerKey, path: str | os.PathLike, *, passphrase: str | bytes | None = None,
              key_file: str | os.PathLike | None = None, scrypt_log2_n: int = SCRYPT_LOG2_N) -> Path:
     """Encrypt ``key`` to ``path`` (atomic, mode 0600) under a passphrase or a 32-byte key file."""
-    if not isinstance(key, MedLockerKey) or len(key) == 0:
-        raise InputError("nothing to save: the key holds no protected image")
-    if not (MIN_SCRYPT_LOG2_N <= int(scrypt_log2_n) <= MAX_SCRYPT_LOG2_N):
-        raise InputError(f"scrypt cost 2^{scrypt_log2_n} is outside 2^{MIN_SCRYPT_LOG2_N}..2^{MAX_SCRYPT_LOG2_N}")
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    return KeyWriter(path, passphrase=passphrase, key_file=key_file, scrypt_log2_n=scrypt_log2_n).save(key)
 
-    kdf, secret = _credential(passphrase, key_file)
-    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
-    log2_n, r, p = (int(scrypt_log2_n), SCRYPT_R, SCRYPT_P) if kdf == KDF_SCRYPT else (0, 0, 0)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, kdf, salt, log2_n, r, p, nonce)
-    aes_key = _derive(kdf, secret, salt, log2_n, r, p)
-    try:
-        sealed = AESGCM(aes_key).encrypt(nonce, _pack(key), header)
-    except OverflowError:
-        raise InputError("the key is too large for one file (over 2 GiB); split the dataset across several keys") from None
-    path = Path(path)
-    _write_private(path, header + sealed)
-    return path
+
+class KeyWriter:
+    """Saves one key file as often as needed (after every protected image) with the AES key derived once.
+
+    A passphrase costs a second of scrypt per derivation; saving after every image of a batch must not. Each
+    save still gets a fresh 12-byte nonce (random nonces are safe for far more saves than any batch makes) and
+    is written atomically, so the file on disk is always a complete key.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, passphrase: str | bytes | None = None,
+                 key_file: str | os.PathLike | None = None, scrypt_log2_n: int = SCRYPT_LOG2_N):
+        if not (MIN_SCRYPT_LOG2_N <= int(scrypt_log2_n) <= MAX_SCRYPT_LOG2_N):
+            raise InputError(f"scrypt cost 2^{scrypt_log2_n} is outside 2^{MIN_SCRYPT_LOG2_N}..2^{MAX_SCRYPT_LOG2_N}")
+        self.path = Path(path)
+        self._kdf, secret = _credential(passphrase, key_file)
+        self._salt = secrets.token_bytes(16)
+        self._cost = (int(scrypt_log2_n), SCRYPT_R, SCRYPT_P) if self._kdf == KDF_SCRYPT else (0, 0, 0)
+        self._aes_key = _derive(self._kdf, secret, self._salt, *self._cost)
+
+    def save(self, key: MedLockerKey) -> Path:
+        if not isinstance(key, MedLockerKey) or len(key) == 0:
+            raise InputError("nothing to save: the key holds no protected image")
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        nonce = secrets.token_bytes(12)
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, self._kdf, self._salt, *self._cost, nonce)
+        try:
+            sealed = AESGCM(self._aes_key).encrypt(nonce, _pack(key), header)
+        except OverflowError:
+            raise InputError("the key is too large for one file (over 2 GiB); split the dataset across several keys") from None
+        _write_private(self.path, header + sealed)
+        return self.path
 
 
 def load_key(path: str | os.PathLike, *, passphrase: str | bytes | None = None, key_file: str | os.PathLike | None = None) -> MedLockerKey:
@@ -424,20 +447,11 @@ def _checked_entry(item: dict, archive) -> KeyEntry:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the first byte, atomically, and flushed to disk (a lost key loses data)."""
+    """Create ``path`` with mode 0600 from the first byte, atomically, read back and flushed (a lost key loses data)."""
     if not path.parent.is_dir():
         raise InputError(f"output folder {path.parent} does not exist; create it first")
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name for the key")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # O_BINARY: on Windows a descriptor opened without it would turn every 0x0A byte of the ciphertext into CR LF.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # The temporary file is created 0600 (mkstemp), so the key is never readable by others, not even half-written;
+    # files.py opens it in binary mode, so Windows does not turn 0x0A bytes of the ciphertext into CR LF.
+    write_bytes_atomically(path, data, mode=0o600)

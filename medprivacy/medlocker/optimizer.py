@@ -16,8 +16,8 @@ Positions are whole pixels and always feasible (mutants and children are project
 feasible position), alpha is clipped to ``alpha_bounds``. Candidates are scored in batches through the caller's
 ``score(params) -> (objective, fooled)``; the search stops as soon as a scored candidate is ``fooled`` (every
 target model misclassifies it), when ``max_evaluations`` is spent, or after ``generations``. The objective is
-minimised; for MedLocker it is the weighted ensemble probability of the true (or clean-image predicted) class,
-eq. 3 and 8, see ``ensemble_objective``.
+minimised; for MedLocker it is the weighted ensemble probability of the true class (or, without a label, of
+each model's own clean-image prediction), eq. 3 and 8, see ``ensemble_objective``.
 """
 from __future__ import annotations
 
@@ -72,24 +72,29 @@ class OptimizeResult:
         return int(self.params[2])
 
 
-def ensemble_objective(probabilities, target: int, weights=None) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_objective(probabilities, target, weights=None) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 8 and the stop test from class probabilities ``(K models, M candidates, C classes)``.
 
-    objective = sum_k weights[k] * p_k[:, target] (weights default to 1/K, the paper's 0.25 for four models);
-    fooled = every model's top class differs from ``target``. ``target`` is the true class, or the class the
-    models predict on the clean image when no label is known.
+    ``target`` is one class for every model (the true label), or one class per model (K values): without a label,
+    each model's own prediction on the clean image, so that every model is pushed away from what it answered
+    before rather than all towards a class some of them may already have been right about.
+    objective = sum_k weights[k] * p_k[:, target_k] (weights default to 1/K, the paper's 0.25 for four models);
+    fooled = every model's top class differs from its target.
     """
     probs = np.asarray(probabilities, dtype=np.float64)
     if probs.ndim == 2:
         probs = probs[None]
-    if probs.ndim != 3 or not (0 <= int(target) < probs.shape[2]):
-        raise ValueError(f"expected probabilities (models, candidates, classes) and a class index below {probs.shape[-1]}, got {probs.shape} and {target}")
-    k = probs.shape[0]
+    k = probs.shape[0] if probs.ndim == 3 else 0
+    targets = np.broadcast_to(np.asarray(target, dtype=np.int64).reshape(-1), (k,)) if np.size(target) in (1, k) else None
+    if probs.ndim != 3 or targets is None or not ((0 <= targets) & (targets < probs.shape[2])).all():
+        raise ValueError(f"expected probabilities (models, candidates, classes) and one class index (or one per model) below "
+                         f"{probs.shape[-1]}, got {probs.shape} and {target}")
     beta = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     if beta.shape != (k,) or (beta < 0).any() or beta.sum() <= 0:
         raise ValueError(f"need {k} non-negative model weights, got {weights}")
-    objective = np.einsum("k,km->m", beta, probs[:, :, int(target)])
-    fooled = (probs.argmax(axis=2) != int(target)).all(axis=0)
+    target_probs = np.take_along_axis(probs, targets[:, None, None], axis=2)[:, :, 0]  # (K, M)
+    objective = np.einsum("k,km->m", beta, target_probs)
+    fooled = (probs.argmax(axis=2) != targets[:, None]).all(axis=0)
     return objective, fooled
 
 

@@ -31,6 +31,10 @@ TOKEN_ENV = "MEDPRIVACY_TOKEN"
 API_HEADER = "X-MedPrivacy-API"
 RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
 ENDPOINTS = {"mixup": "/v1/mixup/segment", "baseline": "/v1/baseline/segment"}
+#: /v1/health and /v1/info answer at once on a working server, busy or not (they never wait for the models), so a
+#: server that accepts the connection but stays silent is recognised after this many seconds, not after the long
+#: read timeout meant for inference.
+QUICK_READ_TIMEOUT = 10.0
 #: A server returns one probability map per class; far more than any tissue model has, so a bigger answer is
 #: garbage and must not be allowed to allocate memory.
 MAX_CLASSES = 256
@@ -59,6 +63,7 @@ class InferenceClient:
         read_timeout: float = 300.0,
         retries: int = 3,
         request_patches: int = 64,
+        timeout_hint: str = "raise the read timeout",
     ):
         self.url = _normalise_url(url)
         if request_patches < 1:
@@ -73,6 +78,8 @@ class InferenceClient:
         self.ca_bundle = str(ca_bundle) if ca_bundle is not None else None
         self.connect_timeout = float(connect_timeout)
         self.read_timeout = float(read_timeout)
+        #: How the caller raises the read timeout, named in the timeout message (the CLI says --timeout).
+        self.timeout_hint = timeout_hint
         self.request_patches = int(request_patches)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -225,10 +232,12 @@ class InferenceClient:
     def _request(self, method: str, path: str, **kwargs):
         exceptions = requests.exceptions
         url = self.url + path
+        quick = method == "GET"
+        read_timeout = min(self.read_timeout, QUICK_READ_TIMEOUT) if quick else self.read_timeout
         try:
             response = self._session.request(
                 method, url,
-                timeout=(self.connect_timeout, self.read_timeout),
+                timeout=(self.connect_timeout, read_timeout),
                 verify=self.ca_bundle if self.ca_bundle is not None else True,
                 allow_redirects=False,
                 **kwargs,
@@ -249,9 +258,14 @@ class InferenceClient:
                 "check the URL and firewall, or raise the connect timeout on a slow network"
             ) from None
         except exceptions.ReadTimeout:
+            if quick:
+                raise ServerError(
+                    f"{self.url} accepted the connection but did not answer {path} within {read_timeout:g} s; "
+                    "check that the URL points at a running MedPrivacy server (not another service) and that it is not stuck"
+                ) from None
             raise ServerError(
-                f"{self.url} did not answer within {self.read_timeout:g} s (read timeout); "
-                "raise the read timeout or lower request_patches, the server may be busy or slow"
+                f"{self.url} did not answer within {read_timeout:g} s (read timeout); "
+                f"{self.timeout_hint}, the server may be busy or slow"
             ) from None
         except exceptions.ConnectionError as exc:
             if _is_reset_during_upload(exc) and "data" in kwargs:
