@@ -19,7 +19,7 @@ from medprivacy.errors import AuthError, InputError, ServerError
 from medprivacy.medlocker import blending
 from medprivacy.medlocker.boxes import MaskParams, Placement, lesion_boxes
 from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor, unit_image
-from medprivacy.transport.wire import encode_tensor, encode_tensor_raw
+from medprivacy.transport.wire import CONTENT_TYPE, encode_tensor, encode_tensor_raw
 
 #: The paper's search shape, shrunk to a few evaluations.
 FAST = {"population": 4, "generations": 1, "local_iterations": 1}
@@ -78,9 +78,11 @@ def _rgb(height=40, width=56, seed=0) -> np.ndarray:
 
 
 def _post(handle, path, body, headers=None, params=None):
+    content_type = "application/json" if path.endswith("/optimize") else CONTENT_TYPE
     with requests.Session() as session:
         session.trust_env = False
-        return session.post(handle.url + path, data=body, headers=headers or {}, params=params, timeout=60)
+        return session.post(handle.url + path, data=body, headers={"Content-Type": content_type, **(headers or {})},
+                            params=params, timeout=60)
 
 
 def _optimize_body(image, logo=None, mask=None, **params) -> bytes:
@@ -191,7 +193,9 @@ def test_optimize_keep_out_and_keep_in_respect_the_lesion_boxes(server):
     for name in CLASSIFIERS:
         assert set(answer["before"][name]) == {"labels", "probabilities", "predicted"}
         assert np.isclose(sum(answer["after"][name]["probabilities"][0]), 1.0, atol=1e-5)
-    assert answer["target_source"] == "clean-prediction" and answer["target"] in (0, 1)
+    # No label: each model is pushed away from its own clean answer, and the answer says which that was.
+    assert answer["target_source"] == "clean-prediction" and answer["target"] is None
+    assert answer["targets"] == {name: answer["before"][name]["predicted"][0] for name in CLASSIFIERS}
 
 
 def test_optimize_is_seeded_and_reports_what_the_watermarked_image_gets(server):
@@ -205,6 +209,7 @@ def test_optimize_is_seeded_and_reports_what_the_watermarked_image_gets(server):
                             models=["wm-cls-resnet18", "wm-cls-vit"], **FAST)
     assert first["params"] == again["params"] and first["objective"] == again["objective"]
     assert first["target"] == 1 and first["target_source"] == "label" and first["lesion_boxes"] == []
+    assert first["targets"] == {"wm-cls-resnet18": 1, "wm-cls-vit": 1}
     params = first["params"]
     protected, _ = blending.watermark(image, logo, params["alpha"], params["x"], params["y"], params["sl"])
     classified = client.classify(unit_image(protected)[None], models=["wm-cls-resnet18", "wm-cls-vit"], upload_dtype="float16")
@@ -288,17 +293,17 @@ def _optimize_cases():
     no_lesion = np.zeros(image.shape[:2], dtype=bool)
     logo_doc = json.loads(_optimize_body(image))
     return [
-        (b"{not json", "not JSON"),
-        (json.dumps({"image": logo_doc["image"]}).encode(), "request has no logo"),
-        (json.dumps({**logo_doc, "extra": 1}).encode(), "unknown request field(s) extra"),
-        (_optimize_body(image, popsize=3), "unknown parameter(s) popsize"),
+        (b"{not json", "request body is not valid JSON"),
+        (json.dumps({"image": logo_doc["image"]}).encode(), "request body has no 'logo'; it is required"),
+        (json.dumps({**logo_doc, "extra": 1}).encode(), "unknown field 'extra' in the request body; accepted there: image, logo, mask, params"),
+        (_optimize_body(image, popsize=3), "unknown field 'params.popsize' in the request body; accepted there: mode, lesions"),
         (_optimize_body(image, sl=0.5, mode="wap"), "is larger than the image"),
         (_optimize_body(image, mode="sideways"), "unknown placement mode 'sideways'"),
         (_optimize_body(image, mask=no_lesion, mode="keep-in", **FAST), "no lesion found in the mask"),
         (_optimize_body(image, mask=np.zeros((4, 4), bool)), "lesion mask has shape [4, 4]"),
         (_optimize_body(image, lesions="mask"), "has no mask"),
         (_optimize_body(image, mode="wap", label=7, **FAST), "label 7 must be a class index between 0 and 1"),
-        (_optimize_body(image, mode="wap", population=0), "population (0)"),
+        (_optimize_body(image, mode="wap", population=0), "params.population: input should be greater than or equal to 1 (got 0)"),
         (_optimize_body(image, mode="wap", max_evaluations=10**9), "this server's limit"),
         (_optimize_body(image, mode="wap", weights=[1.0], models=list(CLASSIFIERS)), "weights must be a list of 4 numbers"),
         (_optimize_body(image, mode="wap", models=["wm-cls-vit", "mine"]), "different numbers of classes"),

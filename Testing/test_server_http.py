@@ -37,6 +37,7 @@ def tls_and_small_servers(tiny_models_dir, tls_cert):
 def _raw_session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False
+    session.headers["Content-Type"] = wire.CONTENT_TYPE
     return session
 
 
@@ -109,6 +110,11 @@ def test_wrong_patch_size_is_refused_with_the_expected_size(live_server):
         (wire.encode_tensor(np.zeros((1, 2, *TINY_PATCH))), {}, 422, "single-channel"),
         (wire.encode_tensor(np.zeros((0, 1, *TINY_PATCH))), {}, 422, "no patches"),
         (b"GIF89a", {}, 422, "not a valid MedPrivacy tensor"),
+        (wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))), {"Content-Type": "text/plain"}, 415,
+         "takes Content-Type application/x-medprivacy-tensor, not text/plain"),
+        (wire.encode_tensor(np.full((1, 1, *TINY_PATCH), 2.0), "float16"), {}, 422, "patch values span [2, 2]"),
+        (wire.encode_tensor(np.full((1, 1, *TINY_PATCH), -1.0), "float16"), {}, 422, "patch values span [-1, -1]"),
+        (wire.encode_tensor(np.full((1, 1, *TINY_PATCH), 65504.0), "float16"), {}, 422, "send intensities scaled to [0, 1]"),
     ],
 )
 def test_raw_requests_get_one_line_json_errors(live_server, body, headers, status, message):

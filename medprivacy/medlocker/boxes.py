@@ -35,6 +35,8 @@ PAPER_KERNEL = 10
 PAPER_ITERATIONS = 10
 PAPER_MIN_AREA = 50_000
 PAPER_GAMMA = 0.5
+#: A lesion mask with more separate regions than this is noise, not lesions.
+MAX_LESION_BOXES = 256
 
 
 class Box(NamedTuple):
@@ -127,6 +129,11 @@ def lesion_boxes(mask, params: MaskParams | None = None) -> list[Box]:
     grown = ndimage.maximum_filter(mask, size=side, mode="constant", cval=False) if side > 1 else mask
     labels, count = ndimage.label(grown, structure=np.ones((3, 3), dtype=bool))
     areas = np.bincount(labels.ravel(), minlength=count + 1)
+    kept = int((areas[1:] > params.min_area).sum())
+    if kept > MAX_LESION_BOXES:
+        # Merging is quadratic in the boxes per pass; a speckled mask would keep the search from ever starting.
+        raise InputError(f"the lesion mask has {kept} separate regions (at most {MAX_LESION_BOXES}); "
+                         "raise min_area or the dilation (kernel, iterations), or send a cleaner mask")
     boxes = []
     for index, found in enumerate(ndimage.find_objects(labels), start=1):
         if found is not None and areas[index] > params.min_area:

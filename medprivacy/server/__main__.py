@@ -13,6 +13,9 @@ from . import cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hardening import limit_malloc_arenas
+
+    limit_malloc_arenas()  # first, before anything starts threads
     parser = argparse.ArgumentParser(prog="python -m medprivacy.server", description="run the MedPrivacy inference server")
     cli.add_arguments(parser)
     args = parser.parse_args(argv)

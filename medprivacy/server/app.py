@@ -7,6 +7,7 @@ clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, ser
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import logging
@@ -24,17 +25,25 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .. import API_VERSION, __version__
 from ..errors import InputError
 from ..nets import resolve_device
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw
+from .schema import NoQuery, RequestError as _HTTPError, parse_query
 
 log = logging.getLogger("medprivacy.server")
 
 API_HEADER = "X-MedPrivacy-API"
 RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024 * 1024
+#: Longest silence allowed while a request arrives (headers or body), and the slowest average upload accepted
+#: once that much time has passed: a client that stalls or trickles must not hold a connection forever.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+MIN_UPLOAD_BYTES_PER_S = 1024
+#: Rounding to float16 adds up to half a unit in the last place; allow that much outside [0, 1] before refusing.
+_RANGE_SLACK = 1e-3
 
 BASELINE_DISABLED = (
     "baseline endpoint is disabled on this server; start it with --enable-baseline "
@@ -63,16 +72,17 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     enable_baseline: bool = False
     inference_batch: int = 32
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: The operator's own TorchScript classifiers for MedLocker (``watermark.ExtraClassifier``); code, so trusted files only.
     extra_classifiers: tuple = ()
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers
+class _ClientGone(Exception):
+    """The client closed the connection before its request body arrived: nobody is left to answer."""
+
+    def __init__(self, received: int):
+        super().__init__(f"client disconnected after {received} bytes")
+        self.received = received
 
 
 class _ServedModel:
@@ -108,6 +118,8 @@ class InferenceService:
             raise InputError(f"inference batch must be at least 1 (got {config.inference_batch})")
         if config.max_request_bytes < 1:
             raise InputError(f"max request size must be positive (got {config.max_request_bytes} bytes)")
+        if not config.request_timeout > 0:
+            raise InputError(f"request timeout must be a positive number of seconds (got {config.request_timeout})")
         self.config = config
         self.models_dir = models_dir(config.models_dir)
         self.device = resolve_device(config.device)
@@ -180,8 +192,7 @@ class InferenceService:
             raw, header = decode_tensor_raw(body, max_elements=max(self.config.max_request_bytes, math.prod(patch)))
         except InputError as exc:
             raise _HTTPError(422, f"request body is not a valid MedPrivacy tensor: {exc}") from None
-        if self.config.audit_dir is not None:
-            self._write_audit(kind, raw)
+        self.audit(kind, raw)
         self._check_patches(model, raw, header["dtype"], patch)
         started = time.perf_counter()
         probabilities = self._infer(model, raw, response_dtype)
@@ -210,6 +221,9 @@ class InferenceService:
             )
         if raw.shape[0] == 0:
             raise _HTTPError(422, "request holds no patches; send at least one")
+        if dtype == "float16" and (raw.min() < -_RANGE_SLACK or raw.max() > 1 + _RANGE_SLACK):
+            raise _HTTPError(422, f"patch values span [{float(raw.min()):.3g}, {float(raw.max()):.3g}]; "
+                                  "send intensities scaled to [0, 1] like the uint8 encoding")
 
     def _infer(self, model: _ServedModel, raw: np.ndarray, response_dtype: str) -> np.ndarray:
         from ..nets.inference import segment_patches
@@ -221,8 +235,26 @@ class InferenceService:
             raise RuntimeError(f"{model.spec.name} produced {out.shape[1]} classes; its manifest says {model.out_channels}")
         return out
 
+    def audit(self, kind: str, raw: np.ndarray) -> None:
+        """With --audit-dir, keep a copy of what a request carried; every route that receives images calls it.
+
+        The copy is exactly what arrived (wire dtype, uint8 codes not rescaled; MedLocker images as their pixels), so
+        an auditor sees what the server saw. If it cannot be written the request is refused: an operator who asked
+        for a copy of everything must not silently get less.
+        """
+        if self.config.audit_dir is None:
+            return
+        try:
+            self._write_audit(kind, raw)
+        except OSError as exc:
+            from ..files import os_error_reason
+
+            log.error("cannot write the audit copy of a %s request to %s (%s); request refused", kind, self.config.audit_dir,
+                      os_error_reason(exc))
+            raise _HTTPError(503, f"the server cannot save its audit copy ({os_error_reason(exc)}); ask the operator to free "
+                                  "space in its --audit-dir", headers={"Retry-After": "60"}) from None
+
     def _write_audit(self, kind: str, raw: np.ndarray) -> None:
-        """Keep exactly what arrived (wire dtype, uint8 codes not rescaled), so an auditor sees what the server saw."""
         directory = Path(self.config.audit_dir)
         with self._audit_lock:
             counter = next(self._audit_counter)
@@ -252,7 +284,20 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(_HTTPError)
     async def _http_error(request: Request, exc: _HTTPError):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if request.method == "POST" and not getattr(request.state, "body_complete", False) and _large_or_unknown(request):
+            # Refused before a large body was read: close instead of receiving megabytes nobody wants. A small
+            # body is left for the connection to discard: closing with unread data makes the kernel reset the
+            # connection, and the client could lose the answer explaining why.
+            headers["Connection"] = "close"
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, exc: _ClientGone):
+        # A client that gave up mid-upload is not a server error: one line, no traceback, nothing to answer.
+        log.info("client %s disconnected during the upload to %s after %d bytes; request dropped",
+                 request.client.host if request.client else "?", request.url.path, exc.received)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -287,7 +332,15 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "upgrade the older side so both match",
             )
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(request: Request, content_type: str) -> bytes:
+        """The whole request body, refused early when it has the wrong type, is too large, stalls or trickles.
+
+        Every route that takes a body reads it through here (``content_type`` is the one it expects).
+        """
+        given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if given != content_type:
+            raise _HTTPError(415, f"this endpoint takes Content-Type {content_type}, not {given[:60] or 'none'}; "
+                                  "send the body with that Content-Type header")
         limit = config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -297,13 +350,37 @@ def create_app(config: ServerConfig) -> FastAPI:
                 raise _HTTPError(400, "Content-Length header is not a number; fix the client") from None
             if size > limit:
                 raise _HTTPError(413, _too_large(size, limit))
+        timeout = config.request_timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         chunks, received = [], 0
-        # Content-Length can be absent (chunked upload) or lie, so count while reading too.
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise _HTTPError(413, _too_large(received, limit, at_least=True))
-            chunks.append(chunk)
+        stream = request.stream()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    log.info("request body from %s stalled after %d bytes; connection closed",
+                             request.client.host if request.client else "?", received)
+                    raise _HTTPError(408, f"the request body stalled: nothing arrived for {timeout:g} s after {received} bytes; "
+                                          "check the network and send the request again", headers={"Connection": "close"}) from None
+                # Content-Length can be absent (chunked upload) or lie, so count while reading too.
+                received += len(chunk)
+                if received > limit:
+                    raise _HTTPError(413, _too_large(received, limit, at_least=True))
+                elapsed = loop.time() - started
+                if elapsed > timeout and received < MIN_UPLOAD_BYTES_PER_S * elapsed:
+                    raise _HTTPError(408, f"the request body arrives too slowly ({received / elapsed:.0f} bytes/s after "
+                                          f"{elapsed:.0f} s; at least {MIN_UPLOAD_BYTES_PER_S} needed); check the network",
+                                     headers={"Connection": "close"})
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise _ClientGone(received) from None
+        finally:
+            await stream.aclose()
+        request.state.body_complete = True
         return b"".join(chunks)
 
     def response_dtype(request: Request) -> str:
@@ -314,8 +391,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     async def segment(request: Request, kind: str) -> Response:
         check_api_version(request)
+        parse_query(request.query_params, NoQuery)
         dtype = response_dtype(request)
-        body = await read_body(request)
+        body = await read_body(request, CONTENT_TYPE)
         answer = await run_in_threadpool(service.segment, kind, body, dtype)
         return Response(content=answer, media_type=CONTENT_TYPE)
 
@@ -344,6 +422,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     add_watermark_routes(app, service, require_token=require_token, check_api_version=check_api_version,
                          read_body=read_body, response_dtype=response_dtype)
     return app
+
+
+def _large_or_unknown(request: Request, threshold: int = 1 << 20) -> bool:
+    try:
+        return int(request.headers.get("content-length", "")) > threshold
+    except ValueError:
+        return True
 
 
 def _too_large(size: int, limit: int, at_least: bool = False) -> str:

@@ -1,7 +1,8 @@
 """``medprivacy serve``: run the inference server with uvicorn.
 
 Startup refuses configurations that would expose the server or fail later in a confusing way: a non-loopback bind
-without a token, half a TLS configuration, an empty token file, or CUDA asked on a machine without it.
+without a token, half a TLS configuration, an empty token file, or CUDA asked on a machine without it. The process
+limits glibc's malloc arenas and serves with a request timeout (see hardening.py).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save a copy of every received batch here (.npy) to audit what the server sees; off by default")
     parser.add_argument("--max-request-mb", type=float, default=256.0, help="largest accepted request body in MiB (default 256)")
     parser.add_argument("--inference-batch", type=int, default=32, help="patches per forward pass (default 32; lower it if the GPU runs out of memory)")
+    parser.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="longest silence allowed while a request arrives (headers or body) before the connection is "
+                             "dropped; uploads must also average 1 KiB/s after that long (default 30)")
     parser.add_argument("--enable-baseline", action="store_true",
                         help="also serve the unmixed baseline model (evaluation only: its callers send readable images)")
     parser.add_argument("--extra-classifier", action="append", default=[], metavar="NAME=MODEL.pt[:HxW]",
@@ -105,6 +109,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .hardening import limit_malloc_arenas, request_timeout_protocol
+
+    # Before anything starts threads (see hardening.py); the entry points call it even earlier.
+    allocator = limit_malloc_arenas()
     # Cheap checks first, before torch is imported, so a refused configuration answers instantly.
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
@@ -121,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         _check_readable(args.ssl_keyfile, "--ssl-keyfile")
     if not (args.max_request_mb > 0):
         raise InputError(f"--max-request-mb must be positive (got {args.max_request_mb})")
+    if not (0 < args.request_timeout <= 3600):
+        raise InputError(f"--request-timeout must be between 0 and 3600 seconds (got {args.request_timeout})")
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be between 1 and 65535 (got {args.port})")
     from .watermark import parse_extra_classifier
@@ -139,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=max(1, int(args.max_request_mb * 1024 * 1024)),
         enable_baseline=args.enable_baseline,
         inference_batch=args.inference_batch,
+        request_timeout=args.request_timeout,
         extra_classifiers=extra,
     )
     app = create_app(config)
@@ -152,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         ssl_keyfile=str(args.ssl_keyfile) if tls else None,
         log_level=args.log_level,
         server_header=False,
+        http=request_timeout_protocol(args.request_timeout),
     )
     try:
         uv_config.load()
@@ -168,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         raise
 
     log = logging.getLogger("medprivacy.server")
+    log.info("memory: %s", allocator)
     if args.enable_baseline:
         log.warning("baseline endpoint enabled: its callers send unmixed, readable images (evaluation only)")
     if args.audit_dir is not None:

@@ -41,18 +41,21 @@ Endpoints (same bearer token, size limit, API-version header and one-line JSON e
     alpha_step              step scaled to the alpha range
     mutation                "basin-hopping"                     basin-hopping | random
     seed                    none (fresh randomness)
-    label                   none: the ensemble's clean          the class to move away from
-                            prediction
+    label                   none: each model's own clean        the true class, moved away from by every
+                            prediction                          model
     max_evaluations         none (server cap MAX_EVALUATIONS)
     window                  [0, 255] or [0, 65535]              intensity window [low, high] in pixel values:
                                                                 the logo's black/white and the classifiers' 0/1
     ======================  ==================================  =============================================
 
+    Every parameter has a type and bounds (``schema.OptimizeParams``); anything else is refused with a 422.
+
     * by default the largest group of classifiers with the same number of classes (a user's 3-class model is not
       mixed into the 2-class ensemble).
 
     Answer (JSON): ``params`` {alpha, x, y, sl}, ``logo_size`` [h, w], ``objective``, ``fooled``,
-    ``evaluations``, ``stop_reason``, ``target``, ``target_source`` ("label" | "clean-prediction"), ``models``,
+    ``evaluations``, ``stop_reason``, ``target`` (the label, or null), ``targets`` {model: class it was pushed away
+    from}, ``target_source`` ("label" | "clean-prediction": each model's own answer on the clean image), ``models``,
     ``weights``, ``before`` / ``after`` {model: {probabilities, predicted}} on the clean and the watermarked image,
     ``history`` [{generation, evaluations, best_objective, population_mean, fooled}], ``mode``, ``lesion_source``,
     ``lesion_boxes`` [[x, y, w, h], ...] (the boxes that constrained the positions; none for wap), ``elapsed_s``.
@@ -70,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import math
 import re
@@ -88,6 +90,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import InputError
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw, to_float32
 from .app import _HTTPError
+from .schema import ClassifyQuery, LesionsQuery, NoQuery, OptimizeRequest, parse_json, parse_query
 
 log = logging.getLogger("medprivacy.server")
 
@@ -101,12 +104,6 @@ MAX_EVALUATIONS = 20_000
 #: Larger sides are not photographs but mistakes (or attempts to exhaust memory).
 MAX_IMAGE_SIDE = 16384
 DEFAULT_SIZE = (224, 224)
-_OPTIMIZE_KEYS = {"image", "logo", "mask", "params"}
-_PARAM_KEYS = {
-    "mode", "lesions", "mask_threshold", "mask_params", "models", "weights", "sl", "population", "generations",
-    "crossover_rate", "step", "local_iterations", "alpha_range", "alpha_step", "mutation", "seed", "label",
-    "max_evaluations", "window",
-}
 _RANGE_SLACK = 1e-3
 
 
@@ -297,9 +294,10 @@ class WatermarkService:
         except InputError as exc:
             raise _HTTPError(422, f"{what} is not a valid MedPrivacy tensor: {exc}") from None
 
-    def _images(self, body: bytes) -> np.ndarray:
+    def _images(self, body: bytes, kind: str) -> np.ndarray:
         """(N, 3 or 1, H, W) uint8 or float16 wire tensor -> float32 (N, C, H, W) in [0, 1]."""
         raw, header = self._decode(body, "request body")
+        self.service.audit(kind, raw)
         if header["dtype"] not in ("uint8", "float16"):
             raise _HTTPError(422, f"images arrived as {header['dtype']}; send uint8 or float16 values in [0, 1]")
         if raw.ndim != 4 or raw.shape[1] not in (1, 3) or raw.shape[0] < 1:
@@ -336,7 +334,7 @@ class WatermarkService:
     # -- endpoints -------------------------------------------------------------------------------------------
     def classify(self, body: bytes, names: str | None) -> dict[str, Any]:
         models = self._pick_classifiers(names)
-        images = self._images(body)
+        images = self._images(body, "classify")
         started = time.perf_counter()
         probs = self._classify_array(models, images)
         log.info("watermark classify: %d images %s with %s in %.2f s", images.shape[0], "x".join(map(str, images.shape[2:])),
@@ -345,7 +343,7 @@ class WatermarkService:
 
     def lesions(self, body: bytes, name: str | None, response_dtype: str) -> bytes:
         model = self._pick_segmenter(name)
-        images = self._images(body)
+        images = self._images(body, "lesions")
         started = time.perf_counter()
         masks = self._lesion_probability(model, images)
         log.info("watermark lesions: %d images %s in %.2f s", images.shape[0], "x".join(map(str, images.shape[2:])), time.perf_counter() - started)
@@ -406,15 +404,17 @@ class WatermarkService:
 
         scorer = _CandidateScorer(self, models, image, fitted, window, cancel)
         clean = scorer.full_probabilities(image)
-        ensemble = np.einsum("k,kc->c", weights, np.stack([clean[m.name][0] for m in models]))
         label = params.get("label")
+        classes = models[0].classes or clean[models[0].name].shape[1]
         if label is None:
-            target, target_source = int(np.argmax(ensemble)), "clean-prediction"
+            # Without a label, each model is pushed away from its own clean answer: a shared target (the ensemble's
+            # vote) would push the models that voted otherwise towards it, which may be the true class.
+            targets, target_source = [int(np.argmax(clean[m.name][0])) for m in models], "clean-prediction"
         else:
-            if not _is_int(label) or not 0 <= int(label) < len(ensemble):
-                raise _HTTPError(422, f"label {label!r} must be a class index between 0 and {len(ensemble) - 1}")
-            target, target_source = int(label), "label"
-        scorer.target, scorer.weights = target, weights
+            if not 0 <= int(label) < classes:
+                raise _HTTPError(422, f"label {label!r} must be a class index between 0 and {classes - 1}")
+            targets, target_source = [int(label)] * len(models), "label"
+        scorer.target, scorer.weights = np.asarray(targets), weights
         try:
             result = optimize_watermark(scorer, placement, rng=params.get("seed"), **options)
         except InputError as exc:
@@ -422,7 +422,7 @@ class WatermarkService:
         alpha, x, y = result.alpha, result.x, result.y
         protected = blending.blend(image, fitted, alpha, x, y, window)
         after = scorer.full_probabilities(protected)
-        objective_after, _ = ensemble_objective(np.stack([after[m.name] for m in models]), target, weights)
+        objective_after, _ = ensemble_objective(np.stack([after[m.name] for m in models]), targets, weights)
         if abs(float(objective_after[0]) - result.objective) > 1e-3:
             log.warning("watermark search objective %.5f differs from the rendered image's %.5f", result.objective, float(objective_after[0]))
         elapsed = time.perf_counter() - started
@@ -436,7 +436,8 @@ class WatermarkService:
             "fooled": bool(result.fooled),
             "evaluations": int(result.evaluations),
             "stop_reason": result.stop_reason,
-            "target": target,
+            "target": int(label) if label is not None else None,
+            "targets": {m.name: t for m, t in zip(models, targets)},
             "target_source": target_source,
             "models": [m.name for m in models],
             "weights": [float(w) for w in weights],
@@ -454,36 +455,20 @@ class WatermarkService:
         }
 
     def _optimize_request(self, body: bytes) -> dict[str, Any]:
-        try:
-            document = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _HTTPError(422, "request body is not JSON; send {\"image\": ..., \"logo\": ..., \"params\": {...}}") from None
-        if not isinstance(document, dict):
-            raise _HTTPError(422, "request body must be a JSON object with image, logo and params")
-        unknown = set(document) - _OPTIMIZE_KEYS
-        if unknown:
-            raise _HTTPError(422, f"unknown request field(s) {', '.join(sorted(map(str, unknown))[:5])}; expected image, logo, mask, params")
-        for needed in ("image", "logo"):
-            if not isinstance(document.get(needed), str):
-                raise _HTTPError(422, f"request has no {needed}; send it as a base64 MedPrivacy tensor")
-        params = document.get("params") or {}
-        if not isinstance(params, dict):
-            raise _HTTPError(422, "params must be a JSON object")
-        unknown = set(params) - _PARAM_KEYS
-        if unknown:
-            raise _HTTPError(422, f"unknown parameter(s) {', '.join(sorted(map(str, unknown))[:5])}; expected some of {', '.join(sorted(_PARAM_KEYS))}")
-        image = self._exact_image(self._field(document, "image"))
-        logo = self._logo(self._field(document, "logo"))
+        request = parse_json(body, OptimizeRequest)
+        params = request.params.given() if request.params is not None else {}
+        image = self._exact_image(self._field(request.image, "image"))
+        self.service.audit("optimize-image", image)
+        logo = self._logo(self._field(request.logo, "logo"))
         mask = None
-        if document.get("mask") is not None:
-            if not isinstance(document["mask"], str):
-                raise _HTTPError(422, "mask must be a base64 MedPrivacy tensor")
-            mask = self._mask(self._field(document, "mask"), image.shape)
+        if request.mask is not None:
+            mask = self._mask(self._field(request.mask, "mask"), image.shape)
+            self.service.audit("optimize-mask", mask.astype(np.uint8))
         return {"image": image, "logo": logo, "mask": mask, "params": params}
 
-    def _field(self, document: dict, name: str):
+    def _field(self, text: str, name: str):
         try:
-            data = base64.b64decode(document[name], validate=True)
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise _HTTPError(422, f"{name} is not valid base64") from None
         return self._decode(data, name)
@@ -534,16 +519,12 @@ class WatermarkService:
         source = params.get("lesions")
         if source is None:
             source = "mask" if mask is not None else ("server" if mode != "wap" and self.models.segmenters else "none")
-        if source not in ("mask", "server", "none"):
-            raise _HTTPError(422, f"lesions must be mask, server or none (got {str(source)[:20]!r})")
         if source == "mask":
             if mask is None:
                 raise _HTTPError(422, "lesions=mask but the request has no mask; send one or use lesions=server")
             return source, mask
         if source == "server" and mode != "wap":
             threshold = params.get("mask_threshold", 0.5)
-            if not _is_number(threshold) or not 0 < float(threshold) < 1:
-                raise _HTTPError(422, f"mask_threshold {threshold!r} must lie strictly between 0 and 1")
             segmenter = self._pick_segmenter(None)
             from ..medlocker.blending import unit_view
 
@@ -635,21 +616,24 @@ def add_watermark_routes(app, service, *, require_token, check_api_version, read
     @app.post(CLASSIFY_PATH, dependencies=[Depends(require_token)])
     async def watermark_classify(request: Request) -> JSONResponse:
         check_api_version(request)
-        body = await read_body(request)
-        return JSONResponse(await run_in_threadpool(wm.classify, body, request.query_params.get("models")))
+        query = parse_query(request.query_params, ClassifyQuery)
+        body = await read_body(request, CONTENT_TYPE)
+        return JSONResponse(await run_in_threadpool(wm.classify, body, query.models))
 
     @app.post(LESIONS_PATH, dependencies=[Depends(require_token)])
     async def watermark_lesions(request: Request) -> Response:
         check_api_version(request)
+        query = parse_query(request.query_params, LesionsQuery)
         dtype = response_dtype(request)
-        body = await read_body(request)
-        answer = await run_in_threadpool(wm.lesions, body, request.query_params.get("model"), dtype)
+        body = await read_body(request, CONTENT_TYPE)
+        answer = await run_in_threadpool(wm.lesions, body, query.model, dtype)
         return Response(content=answer, media_type=CONTENT_TYPE)
 
     @app.post(OPTIMIZE_PATH, dependencies=[Depends(require_token)])
     async def watermark_optimize(request: Request) -> JSONResponse:
         check_api_version(request)
-        body = await read_body(request)
+        parse_query(request.query_params, NoQuery)
+        body = await read_body(request, "application/json")
         cancel = threading.Event()
         task = asyncio.ensure_future(run_in_threadpool(wm.optimize, body, cancel))
         # A search can take minutes; a client that gave up should not keep the models busy.
@@ -723,7 +707,7 @@ def _same_classes(models: list[_Model]) -> list[_Model]:
 def _weights(weights, count: int) -> np.ndarray:
     if weights is None:
         return np.full(count, 1.0 / count)
-    if not isinstance(weights, list) or len(weights) != count or not all(_is_number(w) for w in weights):
+    if len(weights) != count:
         raise _HTTPError(422, f"weights must be a list of {count} numbers, one per chosen model")
     beta = np.asarray(weights, dtype=np.float64)
     if (beta < 0).any() or not beta.sum() > 0:
@@ -734,58 +718,35 @@ def _weights(weights, count: int) -> np.ndarray:
 def _mask_params(given, shape):
     from ..medlocker.boxes import MaskParams
 
-    if given is None:
-        return MaskParams.for_image(shape)
-    allowed = {"kernel", "iterations", "min_area", "gamma"}
-    if not isinstance(given, dict) or set(given) - allowed or not all(_is_number(v) for v in given.values()):
-        raise _HTTPError(422, f"mask_params must be an object with numeric {', '.join(sorted(allowed))}")
     default = MaskParams.for_image(shape)
+    if given is None:
+        return default
+    given = {k: v for k, v in given.items() if v is not None}  # bounds checked by the schema
     return MaskParams(kernel=int(given.get("kernel", default.kernel)), iterations=int(given.get("iterations", default.iterations)),
                       min_area=int(given.get("min_area", default.min_area)), gamma=float(given.get("gamma", default.gamma)))
 
 
 def _search_options(params: dict) -> dict[str, Any]:
+    """The optimiser's keyword arguments from validated ``params`` (types and bounds: schema.OptimizeParams)."""
     from ..medlocker import optimizer
 
-    options: dict[str, Any] = {}
-    for key, default in (("population", optimizer.DEFAULT_POPULATION), ("generations", optimizer.DEFAULT_GENERATIONS),
-                         ("step", optimizer.DEFAULT_STEP), ("local_iterations", optimizer.DEFAULT_LOCAL_ITERATIONS)):
-        value = params.get(key, default)
-        if not _is_int(value):
-            raise _HTTPError(422, f"{key} must be a whole number (got {str(value)[:20]!r})")
-        options[key] = int(value)
-    rate = params.get("crossover_rate", optimizer.DEFAULT_CROSSOVER_RATE)
-    if not _is_number(rate):
-        raise _HTTPError(422, f"crossover_rate must be a number (got {str(rate)[:20]!r})")
-    options["crossover_rate"] = float(rate)
-    bounds = params.get("alpha_range", list(optimizer.DEFAULT_ALPHA_BOUNDS))
-    if not isinstance(bounds, list) or len(bounds) != 2 or not all(_is_number(v) for v in bounds):
-        raise _HTTPError(422, "alpha_range must be [low, high] with 0 <= low <= high <= 255")
-    options["alpha_bounds"] = (float(bounds[0]), float(bounds[1]))
+    options: dict[str, Any] = {
+        "population": params.get("population", optimizer.DEFAULT_POPULATION),
+        "generations": params.get("generations", optimizer.DEFAULT_GENERATIONS),
+        "step": params.get("step", optimizer.DEFAULT_STEP),
+        "local_iterations": params.get("local_iterations", optimizer.DEFAULT_LOCAL_ITERATIONS),
+        "crossover_rate": params.get("crossover_rate", optimizer.DEFAULT_CROSSOVER_RATE),
+        "mutation": params.get("mutation", "basin-hopping"),
+    }
+    low, high = params.get("alpha_range", optimizer.DEFAULT_ALPHA_BOUNDS)
+    options["alpha_bounds"] = (float(low), float(high))
     if params.get("alpha_step") is not None:
-        if not _is_number(params["alpha_step"]) or not float(params["alpha_step"]) > 0:
-            raise _HTTPError(422, "alpha_step must be a positive number")
         options["alpha_step"] = float(params["alpha_step"])
-    options["mutation"] = str(params.get("mutation", "basin-hopping"))
-    seed = params.get("seed")
-    if seed is not None and (not _is_int(seed) or int(seed) < 0):
-        raise _HTTPError(422, "seed must be a non-negative whole number")
     requested = params.get("max_evaluations")
-    if requested is not None:
-        if not _is_int(requested) or not 1 <= int(requested) <= MAX_EVALUATIONS:
-            raise _HTTPError(422, f"max_evaluations must be a whole number between 1 and {MAX_EVALUATIONS} (this server's limit)")
-        options["max_evaluations"] = int(requested)
-    else:
-        options["max_evaluations"] = MAX_EVALUATIONS
+    if requested is not None and requested > MAX_EVALUATIONS:
+        raise _HTTPError(422, f"max_evaluations must be a whole number between 1 and {MAX_EVALUATIONS} (this server's limit)")
+    options["max_evaluations"] = MAX_EVALUATIONS if requested is None else int(requested)
     return options
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return _is_number(value) and float(value) == int(value)
 
 
 def _finite(value: float):

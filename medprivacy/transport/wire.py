@@ -126,7 +126,7 @@ def decode_tensor_raw(data: bytes, max_elements: int | None = None) -> tuple[np.
         raise InputError("tensor data is truncated inside its header; resend it")
     try:
         header = json.loads(bytes(view[_PREFIX.size:body_start]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested 30000 deep
         raise InputError("tensor header is not valid JSON; the data is corrupt") from None
     shape, dtype = _check_header(header)
     count = math.prod(shape)
