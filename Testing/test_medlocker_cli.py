@@ -118,6 +118,31 @@ def test_key_file_secret_and_append(server, images, tmp_path, capsys):
     assert code == 2 and "is locked with a key file" in _one_line_error(err)
 
 
+def test_labels_from_a_csv_and_the_report_names_each_target(server, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"image,label\n{images[0].name},lesion\nsomewhere/{images[1].name},0\nnot-in-this-run.png,1\n")
+    out, key = tmp_path / "out", tmp_path / "k.mlkey"
+    code, stdout, err = _run(capsys, "protect", *images[:3], "-o", out, "--key", key, "--server", server.url,
+                             "--labels", labels, *SEARCH)
+    assert code == 0, err
+    targets = [line.strip() for line in stdout.splitlines() if line.strip().startswith("target: ")]
+    assert targets == [
+        f"target: away from the true class 'lesion' (label from {labels.name})",
+        f"target: away from the true class 'no lesion' (label from {labels.name})",
+        "target: away from each model's own answer on the clean image (no label given: 'fooled' means changed, not necessarily wrong)",
+    ]
+    labels.write_text(f"image,label\n{images[0].name},tumour\n")
+    code, _, err = _run(capsys, "protect", images[0], "-o", tmp_path / "out2", "--key", tmp_path / "k2.mlkey",
+                        "--server", server.url, "--labels", labels, *SEARCH)
+    assert code == 2 and "unknown class 'tumour'; the classifiers know 0 (no lesion), 1 (lesion)" in _one_line_error(err)
+    labels.write_text("file,class\nx.png,1\n")
+    code, _, err = _run(capsys, "protect", images[0], "-o", tmp_path / "out2", "--key", tmp_path / "k2.mlkey",
+                        "--server", server.url, "--labels", labels, *SEARCH)
+    assert code == 2 and "needs a header row with the columns image,label" in _one_line_error(err)
+    assert not (tmp_path / "k2.mlkey").exists()
+
+
 def test_wrong_passphrase_and_corrupt_key_are_refused_in_one_line(server, images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
     key, out = tmp_path / "k.mlkey", tmp_path / "out"

@@ -307,6 +307,22 @@ def test_ensemble_objective_weights_models_and_needs_every_model_fooled():
     assert fooled.tolist() == [False, False, True]
 
 
+def test_without_a_label_each_model_is_scored_against_its_own_clean_answer():
+    """Model 1 said class 0 on the clean image, model 2 class 1: each is pushed away from what it said, so moving
+    model 2 to class 0 while model 1 stays there is not success, and success is both changing their answer."""
+    probs = np.array([
+        [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]],  # model 1, clean answer 0
+        [[0.2, 0.8], [0.6, 0.4], [0.7, 0.3]],  # model 2, clean answer 1
+    ])
+    objective, fooled = ensemble_objective(probs, target=[0, 1], weights=[0.5, 0.5])
+    np.testing.assert_allclose(objective, [0.85, 0.6, 0.3])
+    assert fooled.tolist() == [False, False, True]
+    shared, _ = ensemble_objective(probs, target=0, weights=[0.5, 0.5])  # one target for both: another objective
+    assert not np.allclose(shared, objective)
+    with pytest.raises(ValueError, match="one per model"):
+        ensemble_objective(probs, target=[0, 1, 1])
+
+
 # --- keys --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

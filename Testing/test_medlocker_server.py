@@ -221,6 +221,29 @@ def test_optimize_is_seeded_and_reports_what_the_watermarked_image_gets(server):
     assert abs(objective - first["objective"]) < 1e-4
 
 
+def test_without_a_label_each_model_moves_away_from_its_own_clean_answer(server):
+    """Two classifiers that disagree on the clean image: neither is pushed towards the other's answer."""
+    client = _client(server)
+    models = ["wm-cls-resnet18", "wm-cls-vit"]
+    for seed in range(200):
+        image = _rgb(40, 48, seed=seed)
+        clean = client.classify(unit_image(image)[None], models=models)["models"]
+        answers = {m: clean[m]["predicted"][0] for m in models}
+        if len(set(answers.values())) == 2:
+            break
+    else:
+        pytest.fail("no image on which the two tiny classifiers disagree")
+    answer = client.optimize(image, blending.default_logo(64), mode="wap", models=models, seed=3, **FAST)
+    assert answer["target_source"] == "clean-prediction" and answer["target"] is None
+    assert answer["targets"] == answers
+    after = {m: np.array(answer["after"][m]["probabilities"][0]) for m in models}
+    # eq. 8 with each model's own target, on the rendered image
+    assert abs(answer["objective"] - sum(0.5 * after[m][answers[m]] for m in models)) < 1e-4
+    assert answer["fooled"] == all(answer["after"][m]["predicted"][0] != answers[m] for m in models)
+    labelled = client.optimize(image, blending.default_logo(64), mode="wap", models=models, seed=3, label=1, **FAST)
+    assert labelled["target_source"] == "label" and labelled["targets"] == {m: 1 for m in models}
+
+
 def test_optimize_with_the_server_segmenter_and_a_user_model(server):
     client = _client(server)
     image = _rgb(40, 40, seed=8)
