@@ -549,12 +549,12 @@ class MedLockerWatermarkLogic:
         if progress:
             progress(f"checking {len(images)} image(s)", 0.0)
         jobs = batch.plan_protection(images, output_dir, key, logo, settings.sl, overwrite, key_label=f"key {key_path}")
+        batch.prepare_folders(output_dir, key_path)  # a read-only or full folder: one line now, not after the searches
         reports: list[str] = []
         client = self.client(url, token, ca_bundle)
         try:
             info = batch.check_classifiers(client, settings.models)
             source = batch.choose_lesion_source(settings.mode, lesions, info, note=reports.append)
-            output_dir.mkdir(parents=True, exist_ok=True)
 
             def report(path, target, _image, answer) -> None:
                 reports.append(f"{path.name} -> {target.name}: " + "; ".join(describe_predictions(answer)))

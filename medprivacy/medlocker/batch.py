@@ -122,6 +122,27 @@ def plan_protection(images: Sequence[str | os.PathLike], out_dir: str | os.PathL
     return jobs
 
 
+def make_output_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and check a file can be written there (root ignores permission bits; a
+    read-only mount or a full disk shows only when one tries), so a batch never fails after the server worked."""
+    from ..files import check_writable_folder, os_error_reason
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {what} {folder} ({os_error_reason(exc)}); choose a folder you can write to") from None
+    return check_writable_folder(folder, what)
+
+
+def prepare_folders(output_dir: str | os.PathLike, key_path: str | os.PathLike, key_what: str = "key folder") -> None:
+    """Every place a protection batch writes to, tried before any image is searched."""
+    from ..files import check_writable_folder
+
+    make_output_folder(output_dir)
+    check_writable_folder(Path(key_path).parent, key_what)
+
+
 def check_classifiers(client, models: Sequence[str] | None) -> dict[str, Any]:
     """The server's /v1/info after checking that it serves classifiers, and every one of ``models``."""
     info = client.info()

@@ -160,10 +160,9 @@ def _load_key(path: Path, credentials: dict):
 
 def _protect(args) -> int:
     from . import blending
-    from ..files import check_writable_folder
     from .batch import (
-        SearchSettings, check_classifiers, choose_lesion_source, classifier_labels, plan_protection, protect_files,
-        read_labels_csv, resolve_label, resolve_labels,
+        SearchSettings, check_classifiers, choose_lesion_source, classifier_labels, plan_protection, prepare_folders,
+        protect_files, read_labels_csv, resolve_label, resolve_labels,
     )
     from .keyfile import MedLockerKey
 
@@ -185,8 +184,7 @@ def _protect(args) -> int:
     raw_labels = read_labels_csv(args.labels) if args.labels is not None else None
     jobs = plan_protection(args.images, args.out, key, logo, args.sl, args.overwrite, key_label=f"key {args.key}")
     # Every place something will be written is tried now, before the server spends minutes on the first image.
-    _make_output_folder(args.out)
-    check_writable_folder(key_path.parent, "folder of --key")
+    prepare_folders(args.out, key_path, "folder of --key")
     client = _client(args)
     info = check_classifiers(client, models)
     class_names = classifier_labels(info, models)
@@ -214,16 +212,6 @@ def _protect(args) -> int:
         bar.close()
     print(f"protected {done} image(s) into {args.out}; key {key_path} holds {len(key)} image(s)")
     return 0
-
-
-def _make_output_folder(folder: Path) -> None:
-    from ..files import check_writable_folder, os_error_reason
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {folder} ({os_error_reason(exc)}); choose a folder you can write to") from None
-    check_writable_folder(folder)
 
 
 def _weights(text: str | None, models: list[str] | None) -> list[float] | None:
@@ -296,7 +284,9 @@ def _unlock(args) -> int:
     for path, _ in targets:
         if key.find(mio.read_image(path).pixels) is None:
             raise InputError(f"{path.name} is not protected by key {args.key}, or it was changed after protection; nothing was restored")
-    _make_output_folder(args.out)
+    from .batch import make_output_folder
+
+    make_output_folder(args.out)
     from tqdm import tqdm
 
     for path, target in tqdm(targets, desc="unlocking", unit="image", file=sys.stderr, disable=None):

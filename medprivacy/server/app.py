@@ -332,13 +332,14 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "upgrade the older side so both match",
             )
 
-    async def read_body(request: Request, content_type: str) -> bytes:
+    async def read_body(request: Request, content_type: str | None = None) -> bytes:
         """The whole request body, refused early when it has the wrong type, is too large, stalls or trickles.
 
-        Every route that takes a body reads it through here (``content_type`` is the one it expects).
+        Every route that takes a body reads it through here, giving the ``content_type`` it expects (None skips
+        that check, for routes written before it existed).
         """
         given = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if given != content_type:
+        if content_type is not None and given != content_type:
             raise _HTTPError(415, f"this endpoint takes Content-Type {content_type}, not {given[:60] or 'none'}; "
                                   "send the body with that Content-Type header")
         limit = config.max_request_bytes
