@@ -109,7 +109,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .hardening import limit_malloc_arenas, request_timeout_protocol
+    from .hardening import limit_malloc_arenas, request_timeout_protocol, start_heap_trimmer
 
     # Before anything starts threads (see hardening.py); the entry points call it even earlier.
     allocator = limit_malloc_arenas()
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         raise
 
     log = logging.getLogger("medprivacy.server")
-    log.info("memory: %s", allocator)
+    log.info("memory: %s; %s", allocator, start_heap_trimmer())
     if args.enable_baseline:
         log.warning("baseline endpoint enabled: its callers send unmixed, readable images (evaluation only)")
     if args.audit_dir is not None:
