@@ -186,7 +186,9 @@ class MedLockerWatermarkTestMixin:
             self.assertEqual(sorted(result.answer["after"]), ["wm-cls-resnet18", "wm-cls-vit"])
             self.assertEqual(result.answer["weights"], [0.7, 0.3])
             self.assertTrue(result.history)
-            self.assertEqual(len(result.prediction_lines()), 3)
+            lines = result.prediction_lines()  # verdict, the target searched away from, one line per model
+            self.assertEqual(len(lines), 4)
+            self.assertTrue(lines[1].startswith("target: away from"), lines[1])
             self.assertIsNone(result.segmentation_node)  # wap: no lesion mask
             self.assertEqual(result.roi_nodes, [])
 
