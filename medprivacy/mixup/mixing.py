@@ -1,11 +1,13 @@
 """Mixup-Privacy mixing and unmixing (Kim, Dolz, Desrosiers, eq. 2, 4, 5, 6).
 
-Every patch, and every TTA copy of a patch, gets its own λ and its own reference patch, both drawn
-independently; the k copies of all patches travel in one shuffled batch so the server cannot group the copies
-of one location and average the references away (DESIGN.md, security model).
+Every patch, and every TTA copy of a patch, gets its own λ, its own reference patch and its own orientation, all
+drawn independently; the k copies of all patches travel in one shuffled batch. Shuffling alone does not stop a
+server from grouping the copies of one location (it can place them on the template): privacy.py lists what does,
+and audit/ measures it.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,22 +49,63 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+#: The 48 symmetries of a cube: an order of the three axes, then a flip of each. Code 0 is the identity and codes
+#: 0..7 keep the axis order (flips only), so "the first n codes" is a subgroup for n = 1, 8 and 48.
+ORIENTATIONS = tuple((order, flips) for order in itertools.permutations(range(3)) for flips in itertools.product((False, True), repeat=3))
+
+
+def orient(patch: np.ndarray, code: int) -> np.ndarray:
+    """One (…, D, H, W) patch turned by cube symmetry ``code``: axes reordered, then flipped. A view, not a copy."""
+    order, flips = ORIENTATIONS[int(code)]
+    lead = patch.ndim - 3
+    out = np.transpose(patch, tuple(range(lead)) + tuple(lead + a for a in order))
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, lead + axis)
+    return out
+
+
+def unorient(patch: np.ndarray, code: int) -> np.ndarray:
+    """The inverse of ``orient``: ``unorient(orient(p, c), c)`` is ``p``."""
+    order, flips = ORIENTATIONS[int(code)]
+    lead = patch.ndim - 3
+    out = patch
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, lead + axis)
+    return np.transpose(out, tuple(range(lead)) + tuple(lead + a for a in np.argsort(order)))
+
+
+def orient_rows(patches: np.ndarray, codes, inverse: bool = False) -> np.ndarray:
+    """Row i of (N, …, D, H, W) ``patches`` turned by ``codes[i]`` (or turned back with ``inverse``); cubic patches."""
+    turn = unorient if inverse else orient
+    return np.stack([turn(patch, code) for patch, code in zip(patches, codes)]) if len(patches) else np.array(patches)
+
+
 @dataclass
 class MixPlan:
-    """Which reference and λ each of the uploaded patches uses, and the order they are sent in.
+    """How each uploaded patch is made, and the order the patches are sent in.
 
-    Row i (in send order) is patch ``location[i]`` of TTA copy ``copy[i]``'s patch grid. Kept on the client: it
-    is part of the secret; the server only ever sees the rows in this shuffled order.
+    Row i (in send order) is patch ``location[i]`` of TTA copy ``copy[i]``'s patch grid, or a decoy when ``copy[i]``
+    is -1 (a mixture of two reference patches, sent only so that the real rows cannot be counted or grouped; its
+    answer is dropped). Kept on the client: it is part of the secret; the server sees the rows in this order only.
     """
 
     location: np.ndarray
     copy: np.ndarray
     reference_index: np.ndarray
-    flips: np.ndarray  # (rows, 3) bool: reference patch flipped along each axis, multiplies the bank's size by 8
+    reference_orientation: np.ndarray  # cube symmetry of the reference patch: multiplies the bank's size by 8 or 48
+    target_orientation: np.ndarray  # cube symmetry of the scan's patch (undone on the answer); 0 = as on the grid
+    fill_index: np.ndarray  # reference patch whose texture replaces the scan outside the analysis region (or a decoy's target)
+    fill_orientation: np.ndarray
     lam: np.ndarray
 
     def __len__(self) -> int:
         return len(self.lam)
+
+    @property
+    def is_decoy(self) -> np.ndarray:
+        return self.copy < 0
 
 
 def plan_mixing(
@@ -70,27 +113,38 @@ def plan_mixing(
     bank_size: int,
     rng: np.random.Generator,
     lambda_range: tuple[float, float] = DEFAULT_LAMBDA_RANGE,
+    target_orientations: int = 1,
+    reference_orientations: int = 8,
+    decoys: int = 0,
 ) -> MixPlan:
-    """One row per patch of every TTA copy (copy c has ``patches_per_copy[c]`` patches), each with its own
-    reference, flips and λ, all copies shuffled together."""
+    """One row per patch of every TTA copy (copy c has ``patches_per_copy[c]`` patches) plus ``decoys`` decoy rows,
+    each with its own reference, orientations and λ, all shuffled together. Orientations are drawn from the first
+    ``target_orientations`` / ``reference_orientations`` codes of ``ORIENTATIONS`` (1, 8 or 48)."""
     counts = [int(n) for n in patches_per_copy]
     if not counts:
         raise ValueError("tta must be ≥ 1")
-    location = np.concatenate([np.arange(n) for n in counts])
-    copy = np.repeat(np.arange(len(counts)), counts)
+    for n in (target_orientations, reference_orientations):
+        if n not in (1, 8, 48):
+            raise ValueError(f"orientation count {n}: use 1, 8 or 48")
+    location = np.concatenate([np.arange(n) for n in counts] + [np.full(int(decoys), -1)])
+    copy = np.concatenate([np.repeat(np.arange(len(counts)), counts), np.full(int(decoys), -1)])
     total = len(location)
     order = rng.permutation(total)
     return MixPlan(
         location=location[order],
         copy=copy[order],
         reference_index=rng.integers(0, bank_size, size=total),
-        flips=rng.random((total, 3)) < 0.5,
+        reference_orientation=rng.integers(0, reference_orientations, size=total),
+        target_orientation=rng.integers(0, target_orientations, size=total),
+        fill_index=rng.integers(0, bank_size, size=total),
+        fill_orientation=rng.integers(0, reference_orientations, size=total),
         lam=rng.uniform(lambda_range[0], lambda_range[1], size=total).astype(np.float32),
     )
 
 
 def flip_patches(patches: np.ndarray, flips: np.ndarray) -> np.ndarray:
-    """Flip each (.., D, H, W) patch along the axes its row of ``flips`` marks."""
+    """Flip each (.., D, H, W) patch along the axes its row of ``flips`` marks (the first training stages drew
+    reference flips this way; orientation codes 0..7 are the same eight flips)."""
     out = np.array(patches, copy=True)
     for axis in range(3):
         rows = np.nonzero(flips[:, axis])[0]

@@ -45,3 +45,18 @@ def patch_grid(patch_size: tuple[int, int, int], shift: tuple[float, float, floa
 def copy_grid(patch_size: tuple[int, int, int], copy: int) -> PatchGrid:
     """The patch grid of TTA copy ``copy`` (copy 0 is the unshifted grid)."""
     return patch_grid(tuple(patch_size), TTA_GRID_SHIFTS[copy % len(TTA_GRID_SHIFTS)])
+
+
+def secret_copy_grids(mask: np.ndarray, patch_size: tuple[int, int, int], copies: int, rng: np.random.Generator) -> list[PatchGrid]:
+    """One lattice per TTA copy at its own secret offset (distinct for every copy, uniform within a patch), covering
+    ``mask`` over a padded volume: no public lattice, no patch moved back inside at the edges, so no two uploads cover
+    the same voxels. Patches holding none of ``mask`` are left out."""
+    cells = int(np.prod(patch_size))
+    if copies > cells:
+        raise ValueError(f"at most {cells} copies have distinct offsets")
+    chosen = rng.choice(cells, size=copies, replace=False)
+    box = brain_bounding_box(mask, margin=0)
+    return [
+        PatchGrid.lattice(mask.shape, box, tuple(patch_size), np.unravel_index(int(code), tuple(patch_size)), mask)
+        for code in chosen
+    ]

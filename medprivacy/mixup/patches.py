@@ -51,16 +51,46 @@ class PatchGrid:
         starts = tuple((z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2])
         return cls(tuple(volume_shape), tuple(patch_size), starts)
 
+    @classmethod
+    def lattice(cls, volume_shape, box, patch_size, offset, mask: np.ndarray | None = None) -> "PatchGrid":
+        """Patches every patch size along each axis, the first one ``offset`` voxels before the box's corner, never
+        moved: patches may reach past the volume's edge (that part is padding), so no two patches of two lattices
+        cover the same voxels unless the offsets are equal. With ``mask``, patches holding none of it are left out."""
+        per_axis = [range(start - int(o), stop, p) for (start, stop), p, o in zip(box, patch_size, offset)]
+        starts = tuple((z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2])
+        grid = cls(tuple(volume_shape), tuple(patch_size), starts)
+        return grid.touching(mask) if mask is not None else grid
+
     def __len__(self) -> int:
         return len(self.starts)
 
     def slices(self, index: int) -> tuple[slice, slice, slice]:
-        return tuple(slice(s, s + p) for s, p in zip(self.starts[index], self.patch_size))  # type: ignore[return-value]
+        """The patch's region of the volume, cut at the volume's edge."""
+        return self.clipped(index)[0]
+
+    def clipped(self, index: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(region of the volume, matching region of the patch): the two differ where the patch reaches past the edge."""
+        volume_part, patch_part = [], []
+        for start, size, length in zip(self.starts[index], self.patch_size, self.volume_shape):
+            low, high = max(start, 0), min(start + size, length)
+            volume_part.append(slice(low, max(high, low)))
+            patch_part.append(slice(low - start, max(high, low) - start))
+        return tuple(volume_part), tuple(patch_part)
+
+    def extract_one(self, volume: np.ndarray, index: int, fill=0) -> np.ndarray:
+        """Patch ``index`` of a (…, Z, Y, X) volume; voxels past the volume's edge take ``fill``."""
+        region, part = self.clipped(index)
+        lead = volume.shape[:-3]
+        if all(r.stop - r.start == p for r, p in zip(region, self.patch_size)):
+            return np.array(volume[(Ellipsis,) + region])
+        out = np.full(lead + self.patch_size, fill, dtype=volume.dtype)
+        out[(Ellipsis,) + part] = volume[(Ellipsis,) + region]
+        return out
 
     def extract(self, volume: np.ndarray) -> np.ndarray:
-        """(N, D, H, W) patches of a (Z, Y, X) volume, or (N, C, D, H, W) of a (C, Z, Y, X) one."""
+        """(N, D, H, W) patches of a (Z, Y, X) volume, or (N, C, D, H, W) of a (C, Z, Y, X) one (0 past the edge)."""
         lead = volume.shape[:-3]
-        return np.stack([volume[(Ellipsis,) + self.slices(i)] for i in range(len(self))]) if len(self) else np.zeros((0,) + lead + self.patch_size, volume.dtype)
+        return np.stack([self.extract_one(volume, i) for i in range(len(self))]) if len(self) else np.zeros((0,) + lead + self.patch_size, volume.dtype)
 
     def stitch(self, patches: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
         """Average (N, C, D, H, W) patches into a (C, Z, Y, X) volume; voxels no patch covers take ``background``.
@@ -72,8 +102,8 @@ class PatchGrid:
         total = np.zeros((channels,) + self.volume_shape, dtype=np.float32)
         count = np.zeros(self.volume_shape, dtype=np.float32)
         for i in range(len(self)):
-            region = self.slices(i)
-            total[(slice(None),) + region] += patches[i]
+            region, part = self.clipped(i)
+            total[(slice(None),) + region] += patches[i][(slice(None),) + part]
             count[region] += 1
         covered = count > 0
         total[:, covered] /= count[covered]
@@ -113,11 +143,14 @@ class ScoreAccumulator:
         self.weight = np.zeros(tuple(volume_shape), dtype=np.float32)
         self.patch_weights = importance_weights(patch_size) if weighted else np.ones(tuple(patch_size), np.float32)
 
-    def add(self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0) -> None:
-        """Add one patch's scores; ``weight`` scales how much the whole patch counts against the others."""
-        region = grid.slices(index)
-        weights = self.patch_weights * np.float32(weight)
-        self.total[(slice(None),) + region] += scores * weights
+    def add(self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0, voxel_mask: np.ndarray | None = None) -> None:
+        """Add one patch's scores; ``weight`` scales how much the whole patch counts against the others, and
+        ``voxel_mask`` (D, H, W) keeps only some of its voxels. The part of a patch past the volume's edge is dropped."""
+        region, part = grid.clipped(index)
+        weights = self.patch_weights[part] * np.float32(weight)
+        if voxel_mask is not None:
+            weights = weights * voxel_mask[part]
+        self.total[(slice(None),) + region] += scores[(slice(None),) + part] * weights
         self.weight[region] += weights
 
     def result(self, background: np.ndarray) -> np.ndarray:
