@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from medprivacy.errors import CancelledError, VersionMismatchError
 from medprivacy.mixup.bank import ReferenceBank
 from medprivacy.mixup.evaluate import dice_per_class
-from medprivacy.mixup.pipeline import prepare_scan, segment_private
+from medprivacy.mixup.pipeline import make_uploads, segment_private
 from medprivacy.transport.wire import to_float32
 
 
@@ -32,10 +32,17 @@ def test_server_never_receives_an_unmixed_patch_and_the_result_is_on_the_input_g
 
     received = [to_float32(np.load(path, allow_pickle=False)) for path in shipped_server.audit_files() if path not in before]
     received = np.concatenate(received)[:, 0]
-    targets = prepare_scan(sample_brain.image, bank.patch_size).patches_sent_with(tta)  # every copy's own grid
+    # The client's secrets of this run regenerate exactly what the server received, bit for bit: the privacy audit
+    # attacks these very uploads.
+    from medprivacy.mixup.audit.capture import of_session
+
+    np.testing.assert_array_equal(of_session(result.session, bank).uploads, received)
+    # The scan's part of every upload (cut on its copy's secret grid, filled, turned as it travelled)
+    targets = make_uploads(result.session, bank, slice(None))[2]
     assert received.shape == targets.shape
+    assert len(result.session.grids) == tta and result.stats["privacy"]["level"] == "strong"
     quantized_targets = np.round(targets * 255) / 255
-    # Compare every upload with every target patch: none may be (close to) a patient patch, wherever it came from.
+    # Compare every upload with every patient patch as sent: none may be (close to) one, wherever it came from.
     closest = np.full(len(received), np.inf)
     flat_targets = quantized_targets.reshape(len(targets), -1)
     for start in range(0, len(received), 32):

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, ServerError
-from .mixup.mixing import DEFAULT_TTA
 
 DEMO_SEED = 900_999  # held-out: outside training, validation and evaluation seeds
 
@@ -28,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-dir", type=Path, default=None, help="private reference bank (created if missing)")
     parser.add_argument("--server", default=None, help="use this running server instead of starting one on loopback")
     parser.add_argument("--port", type=int, default=0, help="port for the local server (default: a free one)")
-    parser.add_argument("--tta", type=int, default=DEFAULT_TTA, help=f"mixed copies per patch (default {DEFAULT_TTA})")
+    parser.add_argument("--privacy", default=None, help="privacy level of the private path (default: the product's default)")
+    parser.add_argument("--tta", type=int, default=None, help="mixed copies per patch (default: the level's)")
     parser.add_argument("--unmix", choices=("naive", "learned"), default="learned")
     parser.add_argument("--skip-medlocker", action="store_true", help="only run the MixupPrivacy segmentation")
 
@@ -75,7 +75,7 @@ def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) 
 
     image = read_image(image_path)
     started = time.perf_counter()
-    result = segment_private(image, client, bank, tta=args.tta, unmix=args.unmix, keep_uploaded=True, progress=_print_stage())
+    result = segment_private(image, client, bank, privacy=args.privacy, tta=args.tta, unmix=args.unmix, keep_uploaded=True, progress=_print_stage())
     seconds = time.perf_counter() - started
     labelmap_path = args.out / "segmentation.nii.gz"
     write_labelmap(result.labelmap, labelmap_path)
@@ -85,7 +85,7 @@ def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) 
     write_overlay_png(image, result.labelmap, png)
     dice = dice_per_class(sitk.GetArrayFromImage(result.labelmap), sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))))
     stats = result.stats
-    print(f"private segmentation ({args.unmix} unmixing, k={args.tta}) in {seconds:.1f} s: {stats['patches_sent']} mixed patches, "
+    print(f"private segmentation (privacy level {stats['privacy']['level']}, {args.unmix} unmixing, k={stats['tta']}) in {seconds:.1f} s: {stats['patches_sent']} mixed patches, "
           f"{stats['bytes_sent'] / 1e6:.1f} MB up, {stats['bytes_received'] / 1e6:.1f} MB down")
     print("Dice vs reference labels: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
     print(f"wrote {labelmap_path}, {args.out / 'segmentation.seg.nrrd'}, {png} and {args.out / 'what_the_server_saw.nii.gz'}")

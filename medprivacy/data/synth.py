@@ -26,7 +26,10 @@ class Subject:
     seed: int
 
 
-def synthesize_subject(seed: int, deformation: float = 1.0) -> Subject:
+def synthesize_subject(seed: int, deformation: float = 1.0, scan_seed: int | None = None) -> Subject:
+    """Subject ``seed``: its anatomy (affine + elastic warp of the template) and, unless ``scan_seed`` is given, its
+    scan (contrast, bias field, noise, gain). ``scan_seed`` draws another scan of the same anatomy: the second visit of
+    a subject, for re-identification."""
     import torch
     from monai.transforms import RandAdjustContrast, RandAffine, RandBiasField, RandGaussianNoise, RandSmoothDeform
 
@@ -52,6 +55,8 @@ def synthesize_subject(seed: int, deformation: float = 1.0) -> Subject:
     labels = tissue_labels(brain_prob, gm, wm)
 
     image = torch.from_numpy(t1[None])
+    if scan_seed is not None:
+        rng = _legacy_state(scan_seed)
     for transform in (
         RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
         RandBiasField(prob=1.0, coeff_range=(0.05, 0.3), degree=3),

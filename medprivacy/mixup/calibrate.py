@@ -21,7 +21,7 @@ import numpy as np
 from ..labels import NUM_CLASSES
 from .bank import DEFAULT_PATCHES as CALIBRATION_REFERENCE_PATCHES  # as many as keygen keeps
 from .evaluate import CLASS_NAMES
-from .mixing import DEFAULT_TTA
+from .privacy import DEFAULT_LEVEL, privacy_settings
 
 #: Calibration scans: validation-split synthetic subjects (train.VALIDATION_SEED_BASE + 100 + i; training's own
 #: validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
@@ -134,7 +134,7 @@ def fit_decision_weights(scores: list[np.ndarray], truths: list[np.ndarray], pas
 def calibrate(
     models_dir,
     subjects: int = DEFAULT_SUBJECTS,
-    tta: int = DEFAULT_TTA,
+    tta: int | None = None,
     device: str = "cpu",
     progress=None,
     command: str | None = None,
@@ -142,8 +142,8 @@ def calibrate(
     cases: list | None = None,
     cases_description: str | None = None,
 ) -> dict:
-    """Fit decision weights for ``plain-seg`` (its own path) and the learned unmixing (k = ``tta`` copies), record
-    them in ``models_dir``'s manifest, and return what was measured.
+    """Fit decision weights for ``plain-seg`` (its own path) and the learned unmixing (the default privacy level,
+    with ``tta`` copies if given), record them in ``models_dir``'s manifest, and return what was measured.
 
     ``cases``: (normalised image, labels) arrays on the model grid, e.g. a user dataset's validation cases;
     default: ``subjects`` synthetic validation subjects.
@@ -158,6 +158,7 @@ def calibrate(
     from .pipeline import _Unmixer, plain_scores, prepare_scan, private_scores
 
     started = time.time()
+    settings = privacy_settings(DEFAULT_LEVEL, tta)
     say = progress or (lambda message: None)
     segmenter = LocalSegmenter(models_dir, device)
     info = segmenter.info()
@@ -185,13 +186,14 @@ def calibrate(
         image.CopyInformation(load_template().image)  # on the model grid: no registration, labels stay exact
         prepared = prepare_scan(image, patch_size)
         collected["plain-seg"].append(plain_scores(prepared, segmenter)[0][:, mask])
-        collected["mixup-unmix"].append(private_scores(prepared, segmenter, bank, {"learned": unmixer}, tta, rng).averaged["learned"][:, mask])
+        collected["mixup-unmix"].append(private_scores(prepared, segmenter, bank, {"learned": unmixer}, settings, rng).averaged["learned"][:, mask])
         truths.append(np.asarray(labels)[mask])
     record = {
         "command": command or "medprivacy mixup calibrate " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
         "subjects": cases_description or f"{count} validation cases",
         "key": f"{CALIBRATION_REFERENCE_PATCHES} reference patches from {reference_subjects} seeded synthetic subjects {CALIBRATION_REFERENCE_SEED_BASE}+",
-        "tta": tta,
+        "tta": settings.tta,
+        "privacy": settings.to_json(),
         "objective": "mean Dice over " + ", ".join(CLASS_NAMES),
     }
     manifest = load_manifest(models_dir)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from ..cli import add_server_arguments, client_from_args
-from .mixing import DEFAULT_TTA
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     segment.add_argument("-o", "--output", required=True, type=Path, help="labelmap .nii.gz/.nrrd or segmentation .seg.nrrd")
     add_server_arguments(segment, 300.0, "seconds to wait for each server answer")
     segment.add_argument("--key-dir", type=Path, default=None, help="private reference bank (default: ~/.medprivacy/mixup-key)")
-    segment.add_argument("--tta", type=int, default=DEFAULT_TTA, help=f"mixed copies per patch, averaged (default {DEFAULT_TTA})")
+    _add_privacy_arguments(segment)
     segment.add_argument("--unmix", choices=("naive", "learned"), default="learned")
     segment.add_argument("--seed", type=int, default=None, help="fix the random draws (testing only; default: OS randomness)")
     segment.add_argument("--save-uploaded", type=Path, default=None, help="also write the mixed volume the server received")
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--synthetic", type=int, default=0, help="add N held-out synthetic subjects (never used in training)")
     add_server_arguments(evaluate, 300.0, "seconds to wait for each server answer")
     evaluate.add_argument("--key-dir", type=Path, default=None)
-    evaluate.add_argument("--tta", type=int, default=DEFAULT_TTA)
+    _add_privacy_arguments(evaluate)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, required=True, help="report.json")
     evaluate.set_defaults(_mixup=_eval)
@@ -63,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference-oversampling", type=int, default=None, metavar="N",
         help="train with the most textured of N reference draws, as keygen builds banks (N=4); default 1: uniform",
     )
+    train.add_argument(
+        "--target-sampling", choices=("box", "private"), default=None,
+        help="box: targets inside the analysis box (the first stages); private: cut, turned, filled and deformed as the "
+        "privacy levels cut them (the server model must be trained for it)",
+    )
+    train.add_argument("--fill-probability", type=float, default=None, help="with --target-sampling private: share of targets filled outside the brain region")
+    train.add_argument("--warp-rms", type=float, default=None, help="with --target-sampling private: largest RMS deformation (voxels) applied to targets")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
@@ -76,11 +82,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate = sub.add_parser("calibrate", help="fit the per-class decision weights of trained models on validation subjects")
     calibrate.add_argument("--models", type=Path, default=None, help="models folder (default: Resources/Models)")
     calibrate.add_argument("--subjects", type=int, default=4, help="validation subjects (default 4)")
-    calibrate.add_argument("--tta", type=int, default=DEFAULT_TTA, help=f"TTA copies of the private path being calibrated (default {DEFAULT_TTA})")
+    calibrate.add_argument("--tta", type=int, default=None, help="TTA copies of the private path being calibrated (default: the default level's)")
     calibrate.add_argument("--reference-subjects", type=int, default=4, help="synthetic subjects of the calibration key (default 4)")
     calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     calibrate.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     calibrate.set_defaults(_mixup=_calibrate)
+
+
+    audit = sub.add_parser(
+        "audit",
+        help="measure what a curious server could recover from a scan's uploads (placement, averaging, separation, re-identification)",
+    )
+    audit.add_argument("input", nargs="?", default=None, help="the scan (default: the demo's held-out sample brain)")
+    audit.add_argument("--uploads", type=Path, default=None, metavar="AUDIT_DIR",
+                       help="attack what a server saved with --audit-dir instead of making the uploads here (no placement truth then)")
+    audit.add_argument("--key-dir", type=Path, default=None, help="private reference bank (default: ~/.medprivacy/mixup-key)")
+    audit.add_argument("--seeded-key", action="store_true", help="use the seeded calibration key instead of yours (reproducible figures)")
+    _add_privacy_arguments(audit)
+    audit.add_argument("--reid-subjects", type=int, default=10, help="subjects scanned twice for re-identification (0 skips; default 10)")
+    audit.add_argument("--pairing-queries", type=int, default=4, help="uploads whose overlap partners are searched (0 skips; default 4)")
+    audit.add_argument("--attacks", default="template,separated,rematched", help="attack variants (comma-separated)")
+    audit.add_argument("--models", type=Path, default=None, help="folder holding the attacker's separator (default: Resources/Models)")
+    audit.add_argument("--seed", type=int, default=None, help="fix the client's secret draws (default: OS randomness)")
+    audit.add_argument("--out", type=Path, required=True, help="report.json")
+    audit.add_argument("--png", type=Path, default=None, help="picture: patient | template | strongest rebuild | bound")
+    audit.set_defaults(_mixup=_audit)
+
+    attacker = sub.add_parser("train-attacker", help="train the audit's single-upload separator (the attacker's network)")
+    attacker.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
+    attacker.add_argument("--iterations", type=int, default=1500)
+    attacker.add_argument("--subjects", type=int, default=4, help="attacker-seeded synthetic patients")
+    attacker.add_argument("--seed", type=int, default=0)
+    attacker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    attacker.add_argument("--quiet", action="store_true")
+    attacker.set_defaults(_mixup=_train_attacker)
+
+
+def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    from .privacy import DEFAULT_LEVEL, LEVELS
+
+    parser.add_argument(
+        "--privacy", choices=tuple(LEVELS), default=None,
+        help=f"defences against a curious server (default {DEFAULT_LEVEL}; README, 'What a server sees', measures each)",
+    )
+    parser.add_argument("--tta", type=int, default=None, help="mixed copies per patch, averaged (default: the level's, 16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +168,7 @@ def _segment(args) -> int:
     bank = ReferenceBank.load(args.key_dir)
     client = _client(args)
     with _ProgressBar() as bar:
-        result = segment_private(image, client, bank, tta=args.tta, unmix=args.unmix, seed=args.seed, keep_uploaded=args.save_uploaded is not None, progress=bar.update)
+        result = segment_private(image, client, bank, privacy=args.privacy, tta=args.tta, unmix=args.unmix, seed=args.seed, keep_uploaded=args.save_uploaded is not None, progress=bar.update)
     write_labelmap(result.labelmap, args.output)
     if args.save_uploaded is not None:
         write_image(result.uploaded, args.save_uploaded)
@@ -139,7 +184,8 @@ def _eval(args) -> int:
     from .evaluate import evaluate, format_report
 
     report = evaluate(
-        images=args.image, labels=args.label, synthetic=args.synthetic, client=_client(args), key_dir=args.key_dir, tta=args.tta, seed=args.seed, progress=_print_progress
+        images=args.image, labels=args.label, synthetic=args.synthetic, client=_client(args), key_dir=args.key_dir, tta=args.tta, seed=args.seed, progress=_print_progress,
+        privacy=args.privacy,
     )
     from .io import write_json
 
@@ -161,6 +207,7 @@ def _train(args) -> int:
         "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
         "learning_rate": args.learning_rate, "reference_oversampling": args.reference_oversampling,
         "calibration_subjects": args.calibration_subjects, "stop_after": args.stop_after,
+        "target_sampling": args.target_sampling, "fill_probability": args.fill_probability, "warp_rms": args.warp_rms,
     }
     for key, value in overrides.items():
         if value is not None:
@@ -189,6 +236,50 @@ def _calibrate(args) -> int:
     for name in ("plain-seg", "mixup-unmix"):
         entry = record[name]
         print(f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> {entry['dice_after']:.4f})")
+    return 0
+
+
+def _audit(args) -> int:
+    from . import audit
+    from .audit.report import format_audit
+    from .bank import ReferenceBank
+
+    if args.seeded_key:
+        from .bank import client_patch_size
+        from .calibrate import calibration_bank
+
+        bank = calibration_bank(client_patch_size())
+    else:
+        bank = ReferenceBank.load(args.key_dir)
+    if args.input is not None:
+        from .io import read_image
+
+        image, name = read_image(args.input), str(args.input)
+    else:
+        from ..data.synth import synthesize_subject, to_scanner_space
+        from ..demo import DEMO_SEED
+
+        image, name = to_scanner_space(synthesize_subject(DEMO_SEED), DEMO_SEED)[0], f"the demo's held-out sample brain (seed {DEMO_SEED})"
+    report, _ = audit.run_audit(
+        image, name=name, bank=bank, uploads_dir=args.uploads, privacy=args.privacy, tta=args.tta, reid_subjects=args.reid_subjects,
+        pairing_queries=args.pairing_queries, variants=tuple(v for v in args.attacks.split(",") if v), seed=args.seed,
+        models_dir=args.models, out_json=args.out, out_png=args.png, progress=_print_progress,
+    )
+    print(format_audit(report))
+    print(f"report written to {args.out}" + (f", picture to {args.png}" if args.png else ""))
+    return 0
+
+
+def _train_attacker(args) -> int:
+    from ..nets import DEFAULT_MODELS_DIR
+    from .audit.separator import train_separator
+
+    command = "medprivacy mixup train-attacker " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train-attacker") + 1:]) if "train-attacker" in sys.argv else None
+    metrics = train_separator(
+        args.out or DEFAULT_MODELS_DIR, iterations=args.iterations, subjects=args.subjects, seed=args.seed, threads=args.threads,
+        progress=not args.quiet, command=command,
+    )
+    print(f"attacker's separator trained: {metrics}")
     return 0
 
 

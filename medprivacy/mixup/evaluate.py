@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..labels import TISSUE_SEGMENTS
-from .mixing import DEFAULT_TTA
+from .privacy import PrivacySettings, privacy_settings
 
 METHODS = ("Baseline", "Naive", "Naive+TTA", "Learned", "Learned+TTA")
 CLASS_NAMES = [name for _, (name, _) in sorted(TISSUE_SEGMENTS.items())]
@@ -63,7 +63,7 @@ def _cases(images, labels, synthetic: int):
             yield f"synthetic held-out subject (seed {seed})", image, label
 
 
-def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = DEFAULT_TTA, seed: int = 0, progress=None) -> dict:
+def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | None = None, seed: int = 0, progress=None, privacy: str | PrivacySettings | None = None) -> dict:
     import SimpleITK as sitk
 
     from .bank import ReferenceBank
@@ -71,7 +71,8 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = DE
 
     if not images and not synthetic:
         raise InputError("nothing to evaluate: give --image/--label pairs and/or --synthetic N")
-    if tta < 2:
+    settings = privacy if isinstance(privacy, PrivacySettings) else privacy_settings(privacy, tta)
+    if settings.tta < 2:
         raise InputError("--tta must be at least 2 to compare with and without test-time augmentation")
     bank = ReferenceBank.load(key_dir)
     info = _server_model(client, bank.patch_size)
@@ -88,8 +89,8 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = DE
         truth = sitk.GetArrayFromImage(label)
         prepared = prepare_scan(image, bank.patch_size)  # registration once, shared by every method
         baseline, _ = segment_plain(image, client, bank.patch_size, prepared=prepared)
-        private = private_scores(prepared, client, bank, unmixers, tta, rng, score_first_copy=True)
-        retest = private_scores(prepared, client, bank, {"learned": unmixers["learned"]}, 1, rng)
+        private = private_scores(prepared, client, bank, unmixers, settings, rng, score_first_copy=True)
+        retest = private_scores(prepared, client, bank, {"learned": unmixers["learned"]}, settings.with_changes(tta=1, level=settings.level), rng)
         learned_weights = unmixers["learned"].decision_weights
         predictions = {
             "Baseline": baseline,
@@ -117,7 +118,8 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = DE
         "table1": table,
         "icc_learned_two_reference_draws": icc,
         "learned_tta_over_baseline": table["Learned+TTA"]["mean"] / baseline_mean if baseline_mean else float("nan"),
-        "tta": tta,
+        "tta": settings.tta,
+        "privacy": settings.to_json(),
         "subjects": per_subject,
         "server": {"url": client.url if hasattr(client, "url") else None, "server_version": info.get("server_version"), "device": info.get("device"), "models": {k: v.get("sha256") for k, v in info["models"].items()}},
         "seconds": time.perf_counter() - started,
@@ -126,7 +128,8 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int = DE
 
 def format_report(report: dict) -> str:
     header = f"{'Method':<14}" + "".join(f"{c:>14}" for c in CLASS_NAMES) + f"{'Avg':>10}"
-    lines = [f"Dice on {len(report['subjects'])} held-out scan(s), TTA k={report['tta']}", header, "-" * len(header)]
+    level = report.get("privacy", {}).get("level", "?")
+    lines = [f"Dice on {len(report['subjects'])} held-out scan(s), privacy level {level}, TTA k={report['tta']}", header, "-" * len(header)]
     for method, row in report["table1"].items():
         lines.append(f"{method:<14}" + "".join(f"{row[c]:>14.3f}" for c in CLASS_NAMES) + f"{row['mean']:>10.3f}")
     icc = report["icc_learned_two_reference_draws"]

@@ -15,8 +15,10 @@ import numpy as np
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
 from ..transport.client import cancel_check
-from .mixing import DEFAULT_LAMBDA_RANGE, DEFAULT_TTA, copy_weights, flip_patches, mix, naive_unmix, one_hot, plan_mixing
+from .mixing import DEFAULT_LAMBDA_RANGE, MixPlan, copy_weights, mix, naive_unmix, one_hot, orient, orient_rows, plan_mixing, unorient
 from .patches import PatchGrid, ScoreAccumulator
+from .privacy import PrivacySettings, privacy_settings
+from .warp import SecretWarp, secret_warp
 
 Progress = Callable[[str, float], None]
 
@@ -41,25 +43,13 @@ class PreparedScan:
     def patch_size(self) -> tuple[int, int, int]:
         return self.grid.patch_size
 
-    def copy_grid(self, copy: int) -> PatchGrid:
-        from .model_space import copy_grid
-
-        return copy_grid(self.patch_size, copy)
-
-    def copy_patches(self, copy: int) -> np.ndarray:
-        """(N, D, H, W) patches of TTA copy ``copy``'s grid."""
-        return self.copy_grid(copy).extract(self.volume)
-
-    def patches_sent_with(self, tta: int) -> np.ndarray:
-        """Every target patch that k = ``tta`` copies mix and send, copy after copy (unmixed: never uploaded)."""
-        return np.concatenate([self.copy_patches(c) for c in range(tta)])
-
 
 @dataclass
 class PrivateSegmentation:
     labelmap: object  # SimpleITK uint8 image on the input's exact grid: 0 bg, 1 CSF, 2 GM, 3 WM
     uploaded: object | None  # SimpleITK float image of the first TTA copy's mixed patches on the model grid
     stats: dict = field(default_factory=dict)
+    session: "UploadSession | None" = None  # the run's secrets (client memory only): what was sent and how
 
 
 def prepare_scan(image, patch_size: tuple[int, int, int]) -> PreparedScan:
@@ -152,13 +142,90 @@ def _server_model(client, patch_size) -> dict:
 
 
 @dataclass
+class UploadSession:
+    """Everything secret about one private run, kept on the client: the scan as it is cut (deformed when the level
+    asks for it), the analysis region in that frame, each TTA copy's patch grid, and how every row is mixed."""
+
+    settings: PrivacySettings
+    volume: np.ndarray  # (Z, Y, X) the scan in the frame patches are cut from
+    mask: np.ndarray  # analysis region in that frame
+    grids: list  # one PatchGrid per TTA copy
+    plan: MixPlan
+    warp: SecretWarp | None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def copy_rows(self, copy: int) -> np.ndarray:
+        return np.nonzero(self.plan.copy == copy)[0]
+
+
+def plan_session(prepared: PreparedScan, bank, settings: PrivacySettings, rng: np.random.Generator, lambda_range=DEFAULT_LAMBDA_RANGE) -> UploadSession:
+    """Draw every secret of one private run: the deformation, the copies' grid offsets, and each row's reference,
+    orientations, fill and λ (privacy.py says what each one is for)."""
+    from ..data.template import load_template
+    from .model_space import analysis_mask, copy_grid, secret_copy_grids
+
+    mask = analysis_mask()
+    volume = prepared.volume
+    warp = None
+    if settings.scan_warp > 0:
+        reference = load_template().image
+        warp = secret_warp(reference, settings.scan_warp, rng, mask)
+        volume = warp.warp_volume(volume, reference)
+        mask = warp.warp_volume(mask.astype(np.float32), reference) > 0.5
+    patch = prepared.patch_size
+    if settings.secret_offsets:
+        grids = secret_copy_grids(mask, patch, settings.tta, rng)
+    else:
+        grids = [copy_grid(patch, c) for c in range(settings.tta)]
+    real_rows = sum(len(g) for g in grids)
+    plan = plan_mixing(
+        [len(g) for g in grids], len(bank), rng, lambda_range, settings.target_orientations, settings.reference_orientations,
+        decoys=int(round(settings.decoy_fraction * real_rows)),
+    )
+    return UploadSession(settings, volume, mask, grids, plan, warp)
+
+
+def make_uploads(session: UploadSession, bank, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For ``rows`` of the plan: (mixed (n, D, H, W), reference one-hot (n, C, D, H, W), scan part (n, D, H, W), scan
+    voxels (n, D, H, W) bool): exactly what is sent, what the client needs to unmix the answers, what must never be
+    sent, and which voxels of each upload hold the scan (the rest is fill, whose answer says nothing about the scan).
+
+    With ``fill_background``, every voxel where the scan has no signal (0: outside the analysis region, past the
+    volume's edge, or background inside it) takes private reference texture instead, so no upload shows an outline.
+    """
+    plan = session.plan
+    fill_images = orient_rows(bank.images[plan.fill_index[rows]], plan.fill_orientation[rows]).astype(np.float32)
+    size = tuple(bank.patch_size)
+    targets = np.empty((len(fill_images),) + size, dtype=np.float32)
+    scan_voxels = np.ones((len(fill_images),) + size, dtype=bool)
+    for n, row in enumerate(np.arange(len(plan))[rows]):
+        if plan.copy[row] < 0:  # decoy: a second reference patch stands in for the scan
+            targets[n] = fill_images[n]
+            scan_voxels[n] = False
+            continue
+        patch = session.grids[plan.copy[row]].extract_one(session.volume, plan.location[row])
+        code = plan.target_orientation[row]
+        if session.settings.fill_background:
+            has_signal = patch != 0
+            patch = np.where(has_signal, patch, fill_images[n])
+            scan_voxels[n] = orient(has_signal, code)
+        targets[n] = orient(patch, code)
+    references = orient_rows(bank.images[plan.reference_index[rows]], plan.reference_orientation[rows]).astype(np.float32)
+    reference_labels = orient_rows(bank.labels[plan.reference_index[rows]], plan.reference_orientation[rows])
+    return mix(targets, references, plan.lam[rows]), one_hot(reference_labels, NUM_CLASSES), targets, scan_voxels
+
+
+@dataclass
 class PrivateScores:
     """What one private run produced, per unmixer: class scores (C, Z, Y, X) on the model grid."""
 
     averaged: dict  # over all k copies (the result)
     first_copy: dict  # copy 0 alone (the no-TTA result), when asked for
-    first_copy_mixed: np.ndarray | None  # (N, D, H, W) what was uploaded for copy 0, when asked for
+    first_copy_mixed: np.ndarray | None  # (N, D, H, W) what was uploaded for copy 0, when asked for (as sent)
     stats: dict
+    session: UploadSession | None = None
 
 
 def private_scores(
@@ -166,19 +233,19 @@ def private_scores(
     client,
     bank,
     unmixers: dict,
-    tta: int,
+    settings: PrivacySettings,
     rng: np.random.Generator,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     keep_first_copy: bool = False,
     score_first_copy: bool = False,
 ) -> PrivateScores:
-    """Mix every patch of every TTA copy with its own (λ, reference) draw, send all rows shuffled, unmix each
-    answer and average it into the volume (weighted by λ², see ``copy_weights``), for every unmixer in ``unmixers``."""
-    grids = [prepared.copy_grid(c) for c in range(tta)]
+    """Send every row of a freshly drawn upload session (``plan_session``) in its shuffled order, unmix each answer,
+    turn it back and average it into the volume (weighted by λ², see ``copy_weights``), for every unmixer."""
     lambda_range = next(iter(unmixers.values())).lambda_range
-    plan = plan_mixing([len(g) for g in grids], len(bank), rng, lambda_range)
-    shape, patch = prepared.volume.shape, prepared.patch_size
+    session = plan_session(prepared, bank, settings, rng, lambda_range)
+    plan, grids = session.plan, session.grids
+    shape, patch = session.volume.shape, prepared.patch_size
     averaged = {name: ScoreAccumulator(NUM_CLASSES, shape, patch) for name in unmixers}
     first = {name: ScoreAccumulator(NUM_CLASSES, shape, patch) for name in unmixers} if score_first_copy else {}
     first_mixed = np.zeros((len(grids[0]),) + patch, dtype=np.float32) if keep_first_copy else None
@@ -190,19 +257,19 @@ def private_scores(
         if is_cancelled():
             raise CancelledError("segmentation cancelled; nothing was written")
         rows = slice(begin, begin + step)
-        location, copy, lam = plan.location[rows], plan.copy[rows], plan.lam[rows]
-        targets = np.stack([prepared.volume[grids[c].slices(i)] for c, i in zip(copy, location)])
-        references = flip_patches(bank.images[plan.reference_index[rows]], plan.flips[rows])
-        reference_onehot = one_hot(flip_patches(bank.labels[plan.reference_index[rows]], plan.flips[rows]), NUM_CLASSES)
-        mixed = mix(targets, references, lam)
+        location, copy, lam, turn = plan.location[rows], plan.copy[rows], plan.lam[rows], plan.target_orientation[rows]
+        mixed, reference_onehot, _, scan_voxels = make_uploads(session, bank, rows)
         answer = client.segment(mixed[:, None], endpoint="mixup", cancel=cancel)
         weights = copy_weights(lam)
         for name, unmix in unmixers.items():
             estimate = unmix(answer, reference_onehot, lam)
             for row, (c, i) in enumerate(zip(copy, location)):
-                averaged[name].add(grids[c], i, estimate[row], weights[row])
+                if c < 0:
+                    continue  # a decoy's answer says nothing about the scan
+                scores, voxels = unorient(estimate[row], turn[row]), unorient(scan_voxels[row], turn[row])
+                averaged[name].add(grids[c], i, scores, weights[row], voxels)
                 if c == 0 and name in first:
-                    first[name].add(grids[0], i, estimate[row])
+                    first[name].add(grids[0], i, scores, voxel_mask=voxels)
         if first_mixed is not None:
             is_first = copy == 0
             first_mixed[location[is_first]] = mixed[is_first]
@@ -210,15 +277,27 @@ def private_scores(
             progress("segmenting mixed patches on the server", min(1.0, (begin + step) / len(plan)))
     stats = {
         "patches_sent": len(plan),
+        "decoys_sent": int(plan.is_decoy.sum()),
         "bytes_sent": client.bytes_sent - sent_before,
         "bytes_received": client.bytes_received - received_before,
         "server_seconds": time.perf_counter() - started,
+        "privacy": settings.to_json(),
     }
+
+    def result(accumulator):
+        scores = accumulator.result(_BACKGROUND)
+        if session.warp is None:
+            return scores
+        from ..data.template import load_template
+
+        return session.warp.unwarp_scores(scores, load_template().image, _BACKGROUND)
+
     return PrivateScores(
-        averaged={name: acc.result(_BACKGROUND) for name, acc in averaged.items()},
-        first_copy={name: acc.result(_BACKGROUND) for name, acc in first.items()},
+        averaged={name: result(acc) for name, acc in averaged.items()},
+        first_copy={name: result(acc) for name, acc in first.items()},
         first_copy_mixed=first_mixed,
         stats=stats,
+        session=session,
     )
 
 
@@ -227,17 +306,25 @@ def segment_private(
     client,
     bank,
     *,
-    tta: int = DEFAULT_TTA,
+    privacy: str | PrivacySettings | None = None,
+    tta: int | None = None,
     unmix: str = "learned",
     seed: int | None = None,
     keep_uploaded: bool = False,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> PrivateSegmentation:
-    """Segment ``image`` (SimpleITK, any grid) on a remote server that only ever receives mixed patches."""
+    """Segment ``image`` (SimpleITK, any grid) on a remote server that only ever receives mixed patches.
+
+    ``privacy``: a level name of privacy.LEVELS (default: the default level) or settings; ``tta`` overrides its
+    number of copies. ``seed`` fixes every secret draw (tests only); by default they come from OS entropy.
+    """
     import SimpleITK as sitk
 
-    if tta < 1:
+    settings = privacy if isinstance(privacy, PrivacySettings) else privacy_settings(privacy, tta)
+    if isinstance(privacy, PrivacySettings) and tta is not None:
+        settings = settings.with_changes(tta=tta, level=settings.level)
+    if settings.tta < 1:
         raise InputError("--tta must be at least 1")
     started = time.perf_counter()
     report = progress or (lambda stage, fraction: None)
@@ -245,19 +332,20 @@ def segment_private(
     unmixer = _Unmixer(unmix, info, bank.patch_size)
     report("aligning the scan to the brain template", 0.0)
     prepared = prepare_scan(image, bank.patch_size)
-    scores = private_scores(prepared, client, bank, {unmix: unmixer}, tta, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded)
+    scores = private_scores(prepared, client, bank, {unmix: unmixer}, settings, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded)
     report("resampling the result onto the scan", 1.0)
     labelmap = finish_labelmap(prepared, scores.averaged[unmix], unmixer.decision_weights)
     uploaded = None
     if scores.first_copy_mixed is not None:
-        volume = prepared.grid.stitch(scores.first_copy_mixed[:, None], background=np.zeros(1, np.float32))[0]
+        # As sent: each patch of copy 0 where it was cut, in the orientation it travelled in.
+        volume = scores.session.grids[0].stitch(scores.first_copy_mixed[:, None], background=np.zeros(1, np.float32))[0]
         uploaded = sitk.GetImageFromArray(volume)
         from ..data.template import load_template
 
         uploaded.CopyInformation(load_template().image)
     stats = dict(scores.stats)
-    stats.update(seconds=time.perf_counter() - started, tta=tta, unmix=unmix, patches=len(prepared.patches))
-    return PrivateSegmentation(labelmap=labelmap, uploaded=uploaded, stats=stats)
+    stats.update(seconds=time.perf_counter() - started, tta=settings.tta, unmix=unmix, patches=len(scores.session.grids[0]))
+    return PrivateSegmentation(labelmap=labelmap, uploaded=uploaded, stats=stats, session=scores.session)
 
 
 def plain_scores(prepared: PreparedScan, client, progress: Progress | None = None, cancel=None) -> tuple[np.ndarray, dict]:

@@ -58,6 +58,14 @@ class TrainConfig:
     calibration_subjects: int = 4
     #: End after this many steps of the ``iterations``-long schedule (reproduces a stage that was cut short).
     stop_after: int | None = None
+    #: How targets are drawn (the first four stages: "box", inside the analysis box with a left-right flip, references
+    #: flipped). "private": as the privacy levels cut them (privacy.py): anywhere a patch touches the analysis region,
+    #: past the volume's edge too, turned by any of the 48 cube symmetries, voxels without signal filled with
+    #: reference texture with probability ``fill_probability``, and sampled through a random smooth deformation of up
+    #: to ``warp_rms`` voxels RMS; references turned by any of the 48 symmetries.
+    target_sampling: str = "box"
+    fill_probability: float = 0.0
+    warp_rms: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -147,10 +155,17 @@ def load_dataset_subjects(folder: str, limit: int | None = None):
 class PatchSampler:
     """Random training patches: targets anywhere in the analysis box (as at inference), references mostly brain."""
 
-    def __init__(self, subjects, patch_size: int, rng: np.random.Generator, reference_oversampling: int = 1):
+    def __init__(self, subjects, patch_size: int, rng: np.random.Generator, reference_oversampling: int = 1, sampling: str = "box",
+                 fill_probability: float = 0.0, warp_rms: float = 0.0):
         from .model_space import analysis_mask
         from .patches import brain_bounding_box
 
+        if sampling not in ("box", "private"):
+            raise ValueError(f"unknown target sampling {sampling!r}; use box or private")
+        self.sampling, self.fill_probability, self.warp_rms = sampling, float(fill_probability), float(warp_rms)
+        self.mask = analysis_mask()
+        self.mask_values = self.mask.astype(np.float32)  # interpolated through the deformation like the scan
+        self.box = box = brain_bounding_box(self.mask, margin=0)
         self.subjects = subjects
         self.patch = (patch_size,) * 3
         self.rng = rng
@@ -167,6 +182,12 @@ class PatchSampler:
         return crop(self.images[subject], start, self.patch), crop(self.labels[subject], start, self.patch)
 
     def targets(self, count: int):
+        if self.sampling == "private":
+            return self._private_targets(count)
+        return self.baseline_targets(count)
+
+    def baseline_targets(self, count: int):
+        """Targets inside the analysis box, left-right flipped half the time: what the plain baseline segments."""
         images, labels = [], []
         for _ in range(count):
             start = self.rng.integers(self.low, self.high + 1)
@@ -178,13 +199,62 @@ class PatchSampler:
         return np.stack(images).astype(np.float32), np.stack(labels)
 
     def references(self, count: int):
-        from .mixing import flip_patches
+        from .mixing import ORIENTATIONS, flip_patches, orient_rows
 
         images, labels = draw_reference_patches(self.images, self.labels, self.reference_candidates, count * self.reference_oversampling, self.patch, self.rng)
         if self.reference_oversampling > 1:
             images, labels = keep_most_textured(images, labels, count)
+        if self.sampling == "private":
+            codes = self.rng.integers(0, len(ORIENTATIONS), size=count)
+            return orient_rows(images, codes), orient_rows(labels, codes)
         flips = self.rng.random((count, 3)) < 0.5
         return flip_patches(images, flips), flip_patches(labels, flips)
+
+    def _private_targets(self, count: int):
+        """Targets cut as privacy levels cut them (see TrainConfig.target_sampling)."""
+        from scipy.ndimage import map_coordinates
+
+        from .mixing import ORIENTATIONS, orient
+
+        size = self.patch[0]
+        fills, fill_labels = self.references(count)
+        images, labels = [], []
+        for n in range(count):
+            while True:  # anywhere a patch still holds some of the analysis region, as a lattice at any offset can
+                start = np.array([self.rng.integers(lo - size + 1, hi) for lo, hi in self.box])
+                coords = np.indices(self.patch, dtype=np.float32) + start.reshape(3, 1, 1, 1).astype(np.float32)
+                if self.warp_rms > 0:
+                    coords += _smooth_displacement(self.patch, self.rng.uniform(0, self.warp_rms), self.rng)
+                region = map_coordinates(self.mask_values, coords, order=1, mode="constant", cval=0.0) > 0.5
+                if region.any():
+                    break
+            subject = int(self.rng.integers(len(self.subjects)))
+            image = map_coordinates(self.images[subject], coords, order=1, mode="constant", cval=0.0)
+            label = map_coordinates(self.labels[subject], coords, order=0, mode="constant", cval=0).astype(np.uint8)
+            if self.rng.random() < self.fill_probability:  # as pipeline.make_uploads: wherever the scan has no signal
+                scan = image != 0
+                image, label = np.where(scan, image, fills[n]), np.where(scan, label, fill_labels[n])
+            code = int(self.rng.integers(len(ORIENTATIONS)))
+            images.append(orient(image, code))
+            labels.append(orient(label, code))
+        return np.stack(images).astype(np.float32), np.stack(labels)
+
+
+def _smooth_displacement(shape, rms: float, rng: np.random.Generator) -> np.ndarray:
+    """(3, *shape) displacement of ``rms`` voxels RMS, smooth on the scale of warp.CONTROL_SPACING_MM: a patch of a scan
+    under the secret deformation of privacy level 'strong'. Gaussian-blurred noise rather than warp.py's B-spline:
+    the same smoothness for a 48-voxel patch at a fraction of the cost (a cubic zoom took 1.2 s per batch)."""
+    import torch
+    from scipy.ndimage import gaussian_filter
+
+    from .warp import CONTROL_SPACING_MM
+
+    step = 4  # blur on a 4-voxel grid, then interpolate: the field has nothing finer than that
+    noise = rng.standard_normal((3,) + tuple(n // step + 2 for n in shape))
+    coarse = np.stack([gaussian_filter(c, CONTROL_SPACING_MM / 4 / step, mode="nearest") for c in noise]).astype(np.float32)
+    field = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], size=tuple(shape), mode="trilinear", align_corners=True)[0].numpy()
+    current = float(np.sqrt(np.mean(np.sum(field ** 2, axis=0))))
+    return (field * (rms / max(current, 1e-9))).astype(np.float32)
 
 
 def _dice_ce(logits, target_probs):
@@ -245,8 +315,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             f"random affine + smooth elastic deformation, bias field, gamma, noise; validation seeds from {VALIDATION_SEED_BASE}"
         )
 
-    sampler = PatchSampler(subjects, config.patch_size, rng, config.reference_oversampling)
-    val_sampler = PatchSampler(validation, config.patch_size, np.random.default_rng(config.seed + 1), config.reference_oversampling)
+    sampling = dict(sampling=config.target_sampling, fill_probability=config.fill_probability, warp_rms=config.warp_rms)
+    sampler = PatchSampler(subjects, config.patch_size, rng, config.reference_oversampling, **sampling)
+    val_sampler = PatchSampler(validation, config.patch_size, np.random.default_rng(config.seed + 1), config.reference_oversampling, **sampling)
     val_batch = _validation_batch(val_sampler, config, count=48)
 
     seg_arch = config.segmentation_arch()
@@ -288,7 +359,13 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
         (loss_seg + loss_unmix).backward()
         mix_opt.step()
 
-        loss_plain = _dice_ce(plain(quantize(x)), y_x)
+        if config.target_sampling == "box":
+            plain_x, plain_y = x, y_x
+        else:  # the baseline keeps segmenting plain patches, with the same budget as the private networks
+            plain_img, plain_lab = sampler.baseline_targets(config.batch_size)
+            plain_x = torch.from_numpy(plain_img[:, None]).to(device)
+            plain_y = torch.from_numpy(one_hot(plain_lab, NUM_CLASSES)).to(device)
+        loss_plain = _dice_ce(plain(quantize(plain_x)), plain_y)
         plain_opt.zero_grad()
         loss_plain.backward()
         plain_opt.step()
@@ -308,12 +385,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             _save_all(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command, previous_stage)
     calibration = None
     if config.calibration_subjects > 0:
-        from .calibrate import DEFAULT_TTA, calibrate
+        from .calibrate import calibrate
 
         # A user dataset is calibrated on its own validation cases, never on synthetic brains of another domain.
         user_cases = validation if config.dataset else None
         calibration = calibrate(
-            out_dir, subjects=config.calibration_subjects, tta=DEFAULT_TTA, device=device, progress=tqdm.write if progress else None,
+            out_dir, subjects=config.calibration_subjects, device=device, progress=tqdm.write if progress else None,
             command=command or "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
             cases=user_cases, cases_description=f"the last {len(validation)} case(s) of {config.dataset}" if config.dataset else None,
         )
@@ -325,7 +402,8 @@ def _validation_batch(sampler: PatchSampler, config: TrainConfig, count: int):
     target_img, target_lab = sampler.targets(count)
     ref_img, ref_lab = sampler.references(count)
     lam = rng.uniform(*config.lambda_range, size=count).astype(np.float32)
-    return target_img, target_lab, ref_img, ref_lab, lam
+    plain = (target_img, target_lab) if config.target_sampling == "box" else sampler.baseline_targets(count)
+    return target_img, target_lab, ref_img, ref_lab, lam, plain
 
 
 def _validate(seg, unmix, plain, batch, device) -> dict:
@@ -333,7 +411,7 @@ def _validate(seg, unmix, plain, batch, device) -> dict:
 
     from .mixing import naive_unmix, one_hot
 
-    target_img, target_lab, ref_img, ref_lab, lam = batch
+    target_img, target_lab, ref_img, ref_lab, lam, (plain_img, plain_lab) = batch
     seg.eval(), unmix.eval(), plain.eval()
     with torch.inference_mode():
         x = torch.from_numpy(target_img[:, None]).to(device)
@@ -345,10 +423,10 @@ def _validate(seg, unmix, plain, batch, device) -> dict:
         mixed_q = torch.round(mixed * 255) / 255
         learned = unmix(mixed_q, y_r, lam_t).argmax(1).cpu().numpy()
         naive = naive_unmix(mixed_q.cpu().numpy(), y_r.cpu().numpy(), lam).argmax(1)
-        baseline = plain(torch.round(x * 255) / 255).argmax(1).cpu().numpy()
+        baseline = plain(torch.round(torch.from_numpy(plain_img[:, None]).to(device) * 255) / 255).argmax(1).cpu().numpy()
     out = {}
-    for name, pred in (("baseline", baseline), ("naive", naive), ("learned", learned)):
-        scores = _dice_scores(pred, target_lab)
+    for name, pred, truth in (("baseline", baseline, plain_lab), ("naive", naive, target_lab), ("learned", learned, target_lab)):
+        scores = _dice_scores(pred, truth)
         out[f"{name}_dice"] = [round(s, 4) for s in scores]
         out[f"{name}_mean"] = round(float(np.mean(scores)), 4)
     return out
