@@ -17,6 +17,7 @@ from MixupPrivacyLib import (  # noqa: F401
     DEFAULT_SERVER_URL,
     PIP_IMPORT_NAMES,
     PIP_REQUIREMENTS,
+    PRIVACY_LEVELS,
     UNMIX_MODES,
     BackgroundJob,
     MixupPrivacyLogic,
@@ -24,7 +25,7 @@ from MixupPrivacyLib import (  # noqa: F401
     normalized_server_url,
 )
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401  (CancelledError: re-exported)
-from medprivacy.mixup.mixing import DEFAULT_TTA
+from medprivacy.mixup.privacy import LEVELS
 
 try:
     import ctk  # noqa: F401
@@ -110,6 +111,7 @@ if _HAVE_APP:
             self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", self._saveSettings)
             self.ui.keyDirectoryPathLineEdit.connect("currentPathChanged(QString)", self._saveSettings)
             self.ui.ttaSpinBox.connect("valueChanged(int)", self._saveSettings)
+            self.ui.privacyComboBox.connect("currentIndexChanged(int)", self._onPrivacyChanged)
             self.ui.unmixComboBox.connect("currentIndexChanged(int)", self._saveSettings)
             self._setStatus(_("Ready."))
             self._updateButtons()
@@ -124,7 +126,9 @@ if _HAVE_APP:
             self._restoreServerSettings()
             settingsValue = slicer.util.settingsValue
             self.ui.keyDirectoryPathLineEdit.currentPath = settingsValue(_SETTINGS + "KeyDirectory", "") or self._defaultKeyDir()
-            self.ui.ttaSpinBox.value = settingsValue(_SETTINGS + "TtaCount", DEFAULT_TTA, converter=int)
+            level = settingsValue(_SETTINGS + "PrivacyLevel", PRIVACY_LEVELS[0])
+            self.ui.privacyComboBox.currentIndex = PRIVACY_LEVELS.index(level) if level in PRIVACY_LEVELS else 0
+            self.ui.ttaSpinBox.value = settingsValue(_SETTINGS + "TtaCount", LEVELS[self._privacyLevel()].tta, converter=int)
             mode = settingsValue(_SETTINGS + "UnmixMode", UNMIX_MODES[0])
             self.ui.unmixComboBox.currentIndex = UNMIX_MODES.index(mode) if mode in UNMIX_MODES else 0
 
@@ -133,6 +137,7 @@ if _HAVE_APP:
             self._saveServerSettings(settings)
             settings.setValue(_SETTINGS + "KeyDirectory", self.ui.keyDirectoryPathLineEdit.currentPath)
             settings.setValue(_SETTINGS + "TtaCount", self.ui.ttaSpinBox.value)
+            settings.setValue(_SETTINGS + "PrivacyLevel", self._privacyLevel())
             settings.setValue(_SETTINGS + "UnmixMode", self._unmixMode())
 
         @staticmethod
@@ -142,6 +147,13 @@ if _HAVE_APP:
             except ImportError:  # dependencies not installed yet: the user picks a folder or installs first
                 return ""
             return str(default_key_dir())
+
+        def _privacyLevel(self) -> str:
+            return PRIVACY_LEVELS[max(0, min(self.ui.privacyComboBox.currentIndex, len(PRIVACY_LEVELS) - 1))]
+
+        def _onPrivacyChanged(self, *_args) -> None:
+            self.ui.ttaSpinBox.value = LEVELS[self._privacyLevel()].tta  # each level was measured at its own count
+            self._saveSettings()
 
         def _unmixMode(self) -> str:
             return UNMIX_MODES[max(0, min(self.ui.unmixComboBox.currentIndex, len(UNMIX_MODES) - 1))]
@@ -162,7 +174,8 @@ if _HAVE_APP:
                 showUploaded = self.ui.showUploadedCheckBox.checked
                 kwargs = dict(url=url, token=token, ca_bundle=caBundle,
                               key_dir=self.ui.keyDirectoryPathLineEdit.currentPath or None,
-                              tta=self.ui.ttaSpinBox.value, unmix=self._unmixMode(), keep_uploaded=showUploaded)
+                              privacy=self._privacyLevel(), tta=self.ui.ttaSpinBox.value, unmix=self._unmixMode(),
+                              keep_uploaded=showUploaded, rebuild=self.ui.showRebuildCheckBox.checked)
                 self._saveSettings()
                 logic = self.logic
                 self._startJob(
@@ -221,10 +234,12 @@ if _HAVE_APP:
             outputNode = slicer.mrmlScene.GetNodeByID(outputNodeID) if outputNodeID else None
             segmentationNode = self.logic.apply_result(result, inputNode, outputNode, show_uploaded=showUploaded)
             self.ui.outputSelector.setCurrentNode(segmentationNode)
-            uploadedNode = self.logic.last_uploaded_node
-            background = uploadedNode if uploadedNode is not None else inputNode
-            slicer.util.setSliceViewerLayers(background=background, fit=uploadedNode is not None)
-            if uploadedNode is not None:
+            uploadedNode, rebuildNode = self.logic.last_uploaded_node, self.logic.last_rebuild_node
+            shown = rebuildNode or uploadedNode
+            slicer.util.setSliceViewerLayers(background=shown or inputNode, fit=shown is not None)
+            if rebuildNode is not None:
+                self._setStatus(_("Done. Showing what a curious server could rebuild ({name}).").format(name=rebuildNode.GetName()))
+            elif uploadedNode is not None:
                 self._setStatus(_("Done. Showing what the server received ({name}).").format(name=uploadedNode.GetName()))
             else:
                 self._setStatus(_("Done: tissue segments in {name}.").format(name=segmentationNode.GetName()))

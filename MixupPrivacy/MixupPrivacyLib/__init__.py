@@ -23,7 +23,7 @@ except ImportError:
 from medprivacy.jobs import BackgroundJob  # noqa: E402  (shared with MedLockerWatermark; qt-free, so in the core)
 
 from .dependencies import PIP_IMPORT_NAMES, PIP_REQUIREMENTS  # noqa: E402
-from .logic import DEFAULT_SERVER_URL, UNMIX_MODES, MixupPrivacyLogic, normalized_server_url  # noqa: E402
+from .logic import DEFAULT_SERVER_URL, PRIVACY_LEVELS, UNMIX_MODES, MixupPrivacyLogic, normalized_server_url  # noqa: E402
 from .testing import MixupPrivacyTestMixin  # noqa: E402
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "MixupPrivacyTestMixin",
     "PIP_IMPORT_NAMES",
     "PIP_REQUIREMENTS",
+    "PRIVACY_LEVELS",
     "UNMIX_MODES",
     "normalized_server_url",
 ]

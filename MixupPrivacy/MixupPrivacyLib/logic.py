@@ -15,12 +15,13 @@ from vtk.util import numpy_support
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import InputError, MedPrivacyError
 from medprivacy.labels import TISSUE_SEGMENTS
-from medprivacy.mixup.mixing import DEFAULT_TTA
 
 from .geometry import LPS_TO_RAS, copy_volume_geometry, geometry_3d, ijk_to_ras, vtk_matrix
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
 UNMIX_MODES = ("learned", "naive")
+#: In the order of the widget's privacy combo box (privacy.LEVELS names; the first is the product's default).
+PRIVACY_LEVELS = ("strong", "standard", "paper")
 
 # Fixed segment IDs let a second run on the same output node replace its own segments and nothing else.
 _SEGMENT_IDS = {label: "MixupPrivacy_" + name.replace(" ", "_") for label, (name, _color) in TISSUE_SEGMENTS.items()}
@@ -45,9 +46,11 @@ class MixupPrivacyLogic:
                 raise ValueError("MixupPrivacyLogic needs an MRML scene outside the Slicer application")
         self.scene = scene
         #: The last ``PrivateSegmentation`` put into the scene (its ``stats`` say what was sent), and the volume
-        #: node of what the server received when ``show_uploaded`` was asked for.
+        #: node of what the server received when ``show_uploaded`` was asked for, and of what a curious server could
+        #: rebuild from it when ``show_rebuild`` was asked for.
         self.last_result = None
         self.last_uploaded_node = None
+        self.last_rebuild_node = None
 
     # -- volumes -------------------------------------------------------------------------------------------
 
@@ -200,14 +203,18 @@ class MixupPrivacyLogic:
         token: str | None = None,
         ca_bundle: str | None = None,
         key_dir=None,
-        tta: int = DEFAULT_TTA,
+        tta: int | None = None,
         unmix: str = "learned",
         keep_uploaded: bool = False,
         progress: Callable[[str, float | None], None] | None = None,
         cancel: Callable[[], bool] | None = None,
         seed: int | None = None,
+        privacy: str | None = None,
+        rebuild: bool = False,
     ):
-        """Private segmentation of a SimpleITK image; thread-safe (builds its own client, touches no MRML)."""
+        """Private segmentation of a SimpleITK image; thread-safe (builds its own client, touches no MRML). With
+        ``rebuild``, the result also carries ``server_rebuild``: what the audit's placement attack recovers from
+        this run's uploads (a SimpleITK image on the model grid)."""
         from medprivacy.mixup.bank import ReferenceBank
         from medprivacy.mixup.pipeline import segment_private
         from medprivacy.transport import InferenceClient
@@ -218,27 +225,38 @@ class MixupPrivacyLogic:
         # A blank token field is the client's to read (it then tries MEDPRIVACY_TOKEN); a blank CA bundle field is
         # not, it would look for a file named "".
         client = InferenceClient(url, token=token, ca_bundle=ca_bundle or None)
-        return segment_private(
+        result = segment_private(
             input_sitk,
             client,
             bank,
-            tta=int(tta),
+            privacy=privacy,
+            tta=int(tta) if tta is not None else None,
             unmix=unmix,
             seed=seed,
             keep_uploaded=keep_uploaded,
             progress=progress,
             cancel=cancel,
         )
+        if rebuild:
+            from medprivacy.mixup.audit.attack import server_rebuild
+
+            result.server_rebuild = server_rebuild(result.session, bank, progress=progress, cancel=cancel)
+        return result
 
     def apply_result(self, result, input_node, output_segmentation_node=None, show_uploaded: bool = False):
         """Put a ``PrivateSegmentation`` into the scene (main thread): tissue segments on the input's geometry, and
-        optionally a volume with exactly what the server received."""
+        optionally volumes with exactly what the server received and with what a curious server could rebuild."""
         segmentation_node = self.labelmap_to_segmentation(result.labelmap, input_node, output_segmentation_node)
         self.last_result = result
         self.last_uploaded_node = None
+        self.last_rebuild_node = None
         if show_uploaded and getattr(result, "uploaded", None) is not None:
             self.last_uploaded_node = self.sitk_to_volume_node(
                 result.uploaded, f"{input_node.GetName()} - sent to server"
+            )
+        if getattr(result, "server_rebuild", None) is not None:
+            self.last_rebuild_node = self.sitk_to_volume_node(
+                result.server_rebuild, f"{input_node.GetName()} - what a curious server could rebuild"
             )
         return segmentation_node
 
@@ -249,19 +267,21 @@ class MixupPrivacyLogic:
         token: str | None = None,
         ca_bundle: str | None = None,
         key_dir=None,
-        tta: int = DEFAULT_TTA,
+        tta: int | None = None,
         unmix: str = "learned",
         output_segmentation_node=None,
         show_uploaded: bool = False,
         progress: Callable[[str, float | None], None] | None = None,
         cancel: Callable[[], bool] | None = None,
         seed: int | None = None,
+        privacy: str | None = None,
+        show_rebuild: bool = False,
     ):
         """``compute`` + ``apply_result`` in the calling thread, for scripts and tests."""
         image = self.volume_node_to_sitk(input_node)
         result = self.compute(
             image, url, token=token, ca_bundle=ca_bundle, key_dir=key_dir, tta=tta, unmix=unmix,
-            keep_uploaded=show_uploaded, progress=progress, cancel=cancel, seed=seed,
+            keep_uploaded=show_uploaded, progress=progress, cancel=cancel, seed=seed, privacy=privacy, rebuild=show_rebuild,
         )
         return self.apply_result(result, input_node, output_segmentation_node, show_uploaded=show_uploaded)
 

@@ -154,8 +154,6 @@ class MixupPrivacyTestMixin:
         """
         import SimpleITK as sitk
 
-        from medprivacy.mixup.model_space import analysis_mask
-        from medprivacy.mixup.pipeline import prepare_scan
         from medprivacy.transport import InferenceClient, decode_tensor_raw, encode_tensor
 
         logic = MixupPrivacyLogic(scene)
@@ -187,15 +185,17 @@ class MixupPrivacyTestMixin:
         self.assertEqual(labels.shape, sitk.GetArrayViewFromImage(image).shape)
         np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(result.labelmap))
         self.assertTrue(set(np.unique(labels).tolist()) <= {0} | set(TISSUE_SEGMENTS))
-        target = prepare_scan(image, patch_size)
-        sent_targets = target.patches_sent_with(2)  # each TTA copy cuts the scan on its own shifted grid
+        from medprivacy.mixup.pipeline import make_uploads
+
+        session = result.session  # this run's secrets: each copy's secret grid, orientations, references
+        sent_targets = make_uploads(session, bank, slice(None))[2]  # the scan's part of every upload, as it was mixed
         self.assertEqual(result.stats["patches_sent"], len(sent_targets))
 
         # "Show what is sent" shows mixed data, far from the scan itself.
         self.assertIsNotNone(logic.last_uploaded_node)
         uploaded = logic.volume_node_to_sitk(logic.last_uploaded_node)
-        mask = analysis_mask()
-        difference = np.abs(sitk.GetArrayViewFromImage(uploaded)[mask] - target.volume[mask]).mean()
+        mask = session.mask
+        difference = np.abs(sitk.GetArrayViewFromImage(uploaded)[mask] - session.volume[mask]).mean()
         self.assertGreater(difference, 0.05, "the uploaded volume is nearly the scan itself")
 
         if audit_dir is None:
