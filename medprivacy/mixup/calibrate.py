@@ -141,9 +141,12 @@ def calibrate(
     reference_subjects: int = CALIBRATION_REFERENCE_SUBJECTS,
     cases: list | None = None,
     cases_description: str | None = None,
+    privacy: str | None = None,
 ) -> dict:
-    """Fit decision weights for ``plain-seg`` (its own path) and the learned unmixing (the default privacy level,
-    with ``tta`` copies if given), record them in ``models_dir``'s manifest, and return what was measured.
+    """Fit decision weights for ``plain-seg`` (its own path) and the learned unmixing (at privacy level ``privacy``,
+    default the default level, with ``tta`` copies if given), record them in ``models_dir``'s manifest, and return
+    what was measured. The private path's scores depend on the level (orientations, deformation), so the weights
+    are fitted at the level users get unless they choose another.
 
     ``cases``: (normalised image, labels) arrays on the model grid, e.g. a user dataset's validation cases;
     default: ``subjects`` synthetic validation subjects.
@@ -158,7 +161,7 @@ def calibrate(
     from .pipeline import _Unmixer, plain_scores, prepare_scan, private_scores
 
     started = time.time()
-    settings = privacy_settings(DEFAULT_LEVEL, tta)
+    settings = privacy_settings(privacy or DEFAULT_LEVEL, tta)
     say = progress or (lambda message: None)
     segmenter = LocalSegmenter(models_dir, device)
     info = segmenter.info()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_server_arguments, client_from_args
+from .privacy import LEVELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate.add_argument("--subjects", type=int, default=4, help="validation subjects (default 4)")
     calibrate.add_argument("--tta", type=int, default=None, help="TTA copies of the private path being calibrated (default: the default level's)")
     calibrate.add_argument("--reference-subjects", type=int, default=4, help="synthetic subjects of the calibration key (default 4)")
+    calibrate.add_argument("--privacy", choices=tuple(LEVELS), default=None, help="privacy level to fit the private path's weights at (default: the default level)")
     calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     calibrate.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     calibrate.set_defaults(_mixup=_calibrate)
@@ -102,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     audit.add_argument("--reid-subjects", type=int, default=10, help="subjects scanned twice for re-identification (0 skips; default 10)")
     audit.add_argument("--pairing-queries", type=int, default=4, help="uploads whose overlap partners are searched (0 skips; default 4)")
     audit.add_argument("--attacks", default="template,separated,rematched", help="attack variants (comma-separated)")
+    audit.add_argument("--sample", type=int, default=None, metavar="N",
+                       help="attack N randomly drawn uploads per scan instead of all (placement costs about a second per upload on a CPU); the oracle bound always uses all")
+    audit.add_argument("--reid-sample", type=int, default=None, metavar="N", help="uploads attacked per re-identification scan (default: --sample)")
     audit.add_argument("--models", type=Path, default=None, help="folder holding the attacker's separator (default: Resources/Models)")
     audit.add_argument("--seed", type=int, default=None, help="fix the client's secret draws (default: OS randomness)")
     audit.add_argument("--out", type=Path, required=True, help="report.json")
@@ -119,11 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
-    from .privacy import DEFAULT_LEVEL, LEVELS
+    from .privacy import DEFAULT_LEVEL
 
     parser.add_argument(
         "--privacy", choices=tuple(LEVELS), default=None,
-        help=f"defences against a curious server (default {DEFAULT_LEVEL}; README, 'What a server sees', measures each)",
+        help=f"defences against a curious server (default {DEFAULT_LEVEL}; README, 'What a curious server can recover', measures each)",
     )
     parser.add_argument("--tta", type=int, default=None, help="mixed copies per patch, averaged (default: the level's, 16)")
 
@@ -231,7 +236,7 @@ def _calibrate(args) -> int:
         torch.set_num_threads(args.threads)
     record = calibrate(
         args.models or DEFAULT_MODELS_DIR, subjects=args.subjects, tta=args.tta, device=resolve_device(args.device), progress=_print_progress,
-        reference_subjects=args.reference_subjects,
+        reference_subjects=args.reference_subjects, privacy=args.privacy,
     )
     for name in ("plain-seg", "mixup-unmix"):
         entry = record[name]
@@ -244,6 +249,11 @@ def _audit(args) -> int:
     from .audit.report import format_audit
     from .bank import ReferenceBank
 
+    for flag, value in (("--sample", args.sample), ("--reid-sample", args.reid_sample)):
+        if value is not None and value < 1:
+            from ..errors import InputError
+
+            raise InputError(f"{flag} {value}: give at least 1 upload to attack, or leave it out to attack them all")
     if args.seeded_key:
         from .bank import client_patch_size
         from .calibrate import calibration_bank
@@ -262,7 +272,7 @@ def _audit(args) -> int:
         image, name = to_scanner_space(synthesize_subject(DEMO_SEED), DEMO_SEED)[0], f"the demo's held-out sample brain (seed {DEMO_SEED})"
     report, _ = audit.run_audit(
         image, name=name, bank=bank, uploads_dir=args.uploads, privacy=args.privacy, tta=args.tta, reid_subjects=args.reid_subjects,
-        pairing_queries=args.pairing_queries, variants=tuple(v for v in args.attacks.split(",") if v), seed=args.seed,
+        pairing_queries=args.pairing_queries, variants=tuple(v for v in args.attacks.split(",") if v), sample=args.sample, reid_sample=args.reid_sample, seed=args.seed,
         models_dir=args.models, out_json=args.out, out_png=args.png, progress=_print_progress,
     )
     print(format_audit(report))

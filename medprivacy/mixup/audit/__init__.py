@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: What the product promises at its default level; the audit says yes or no to each (README, "What a server sees").
+#: What the product promises at its default level; the audit says yes or no to each (README, "What a curious server can recover").
 MARGIN_OVER_TEMPLATE = 0.05
 MAX_PLACED_EXACTLY = 0.10
 MAX_REID_MAP = 0.40
@@ -46,6 +46,8 @@ def run_audit(
     reid_subjects: int = 10,
     pairing_queries: int = 4,
     variants=("template", "separated", "rematched"),
+    sample: int | None = None,
+    reid_sample: int | None = None,
     seed: int | None = None,
     models_dir=None,
     out_json: Path | None = None,
@@ -76,7 +78,7 @@ def run_audit(
         captured = capture(prepared, bank, settings, rng)
     lattice = captured.truth.lattice if captured.truth is not None else ()
     attacker = Attacker.for_settings(settings, models_dir, lattice)
-    scan_report, volumes = audit_uploads(captured, prepared.volume, attacker, rng, pairing_queries, variants, progress)
+    scan_report, volumes = audit_uploads(captured, prepared.volume, attacker, rng, pairing_queries, variants, progress, sample)
     scan_report["name"] = name
     if captured.session is not None and captured.session.warp is not None and "strongest attack" in volumes:
         from .rebuild import image_measures
@@ -87,7 +89,7 @@ def run_audit(
     if reid_subjects and uploads_dir is None and "strongest" in scan_report:
         say("re-identification")
         variant = scan_report["strongest"]["attack"]
-        report["reidentification"] = reidentification(settings, bank, attacker, reid_subjects, variant, rng, progress)
+        report["reidentification"] = reidentification(settings, bank, attacker, reid_subjects, variant, rng, progress, reid_sample or sample)
     report["verdict"] = verdict(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     shown = {"patient": prepared.volume, **{k: v for k, v in volumes.items() if k in ("template only", "strongest attack", "oracle")}}

@@ -109,8 +109,9 @@ def oracle_rebuild(captured: CapturedUploads, shape) -> Rebuild | None:
 
 
 def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Attacker, rng: np.random.Generator, pairing_queries: int = 4,
-                  variants=("template", "separated", "rematched"), progress=None) -> tuple[dict, dict]:
+                  variants=("template", "separated", "rematched"), progress=None, sample: int | None = None) -> tuple[dict, dict]:
     """Every attack on one scan's uploads, measured against ``patient`` (the normalised scan on the model grid).
+    ``sample``: attack that many randomly drawn uploads only (the oracle bound and pairing still use them all).
 
     Returns (report, volumes): the report holds the template-only guess, each variant's measures and placement
     accuracy, the strongest attack, pairing and the oracle bound; volumes maps names to rebuilt arrays.
@@ -118,15 +119,16 @@ def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Atta
     say = progress or (lambda message, fraction=None: None)
     shape = patient.shape
     guess = template_guess()
-    report: dict = {"uploads": len(captured), "template_only": image_measures(guess, patient), "attacks": {}}
+    attacked = captured.sample(sample, rng)
+    report: dict = {"uploads": len(captured), "uploads_attacked": len(attacked), "template_only": image_measures(guess, patient), "attacks": {}}
     if isinstance(attacker.separator, Exception):
         report["separator_unavailable"] = str(attacker.separator)
     volumes = {"template only": guess}
-    rebuilds = attack_uploads(captured, attacker, shape, variants, progress)
+    rebuilds = attack_uploads(attacked, attacker, shape, variants, progress)
     for rebuild in rebuilds:
         entry = _score(rebuild, patient)
-        if captured.truth is not None:
-            entry["placement"] = placement_accuracy(rebuild.placement, captured.truth, step=captured.uploads.shape[-1] // 4)
+        if attacked.truth is not None:
+            entry["placement"] = placement_accuracy(rebuild.placement, attacked.truth, step=attacked.uploads.shape[-1] // 4)
         report["attacks"][rebuild.name] = entry
         volumes[rebuild.name] = rebuild.volume
     if report["attacks"]:

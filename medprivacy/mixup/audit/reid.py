@@ -86,7 +86,7 @@ def _similarities(volumes: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {"correlation": correlation, "ms_ssim": ms_ssim}
 
 
-def reidentification(settings, bank, attacker, subjects: int, variant: str, rng: np.random.Generator, progress=None) -> dict:
+def reidentification(settings, bank, attacker, subjects: int, variant: str, rng: np.random.Generator, progress=None, sample: int | None = None) -> dict:
     """mAP of re-identification among ``subjects`` × 2 visits for: the attack ``variant``'s rebuilds, the oracle
     rebuilds (true places: the bound), and the plain scans (no protection)."""
     from .attack import attack_uploads, oracle_rebuild
@@ -102,14 +102,14 @@ def reidentification(settings, bank, attacker, subjects: int, variant: str, rng:
             prepared = visit_scan(subject, visit, patch)
             captured = capture(prepared, bank, settings, rng)
             attacker.lattice = captured.truth.lattice
-            (result,) = attack_uploads(captured, attacker, prepared.volume.shape, variants=(variant,))
+            (result,) = attack_uploads(captured.sample(sample, rng), attacker, prepared.volume.shape, variants=(variant,))
             rebuilt.append(with_template(result.volume, result.coverage))
             bound = oracle_rebuild(captured, prepared.volume.shape)
             oracle.append(with_template(bound.volume, bound.coverage))
             plain.append(prepared.volume)
             identity.append(subject)
     identity = np.array(identity)
-    out = {"subjects": subjects, "scans": len(identity), "attack": variant, "chance": round(chance_map(len(identity)), 4)}
+    out = {"subjects": subjects, "scans": len(identity), "attack": variant, "uploads_attacked_per_scan": sample, "chance": round(chance_map(len(identity)), 4)}
     for name, volumes in (("attack", rebuilt), ("oracle_bound", oracle), ("no_protection", plain)):
         similarity = _similarities(volumes)
         out[name] = {measure: round(mean_average_precision(matrix, identity), 4) for measure, matrix in similarity.items()}
