@@ -12,6 +12,7 @@ from medprivacy.errors import CancelledError, VersionMismatchError
 from medprivacy.mixup.bank import ReferenceBank
 from medprivacy.mixup.evaluate import dice_per_class
 from medprivacy.mixup.pipeline import make_uploads, segment_private
+from medprivacy.mixup.privacy import DEFAULT_LEVEL
 from medprivacy.transport.wire import to_float32
 
 
@@ -40,7 +41,7 @@ def test_server_never_receives_an_unmixed_patch_and_the_result_is_on_the_input_g
     # The scan's part of every upload (cut on its copy's secret grid, filled, turned as it travelled)
     targets = make_uploads(result.session, bank, slice(None))[2]
     assert received.shape == targets.shape
-    assert len(result.session.grids) == tta and result.stats["privacy"]["level"] == "strong"
+    assert len(result.session.grids) == tta and result.stats["privacy"]["level"] == DEFAULT_LEVEL
     quantized_targets = np.round(targets * 255) / 255
     # Compare every upload with every patient patch as sent: none may be (close to) one, wherever it came from.
     closest = np.full(len(received), np.inf)

@@ -21,7 +21,7 @@ from .geometry import LPS_TO_RAS, copy_volume_geometry, geometry_3d, ijk_to_ras,
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
 UNMIX_MODES = ("learned", "naive")
 #: In the order of the widget's privacy combo box (privacy.LEVELS names; the first is the product's default).
-PRIVACY_LEVELS = ("strong", "standard", "paper")
+PRIVACY_LEVELS = ("standard", "strong", "paper")  # the combo box order; the first is the default
 
 # Fixed segment IDs let a second run on the same output node replace its own segments and nothing else.
 _SEGMENT_IDS = {label: "MixupPrivacy_" + name.replace(" ", "_") for label, (name, _color) in TISSUE_SEGMENTS.items()}

@@ -59,10 +59,10 @@ STANDARD = PrivacySettings(
 )
 STRONG = PrivacySettings(
     level="strong", tta=16, secret_offsets=True, target_orientations=48, reference_orientations=48,
-    fill_background=True, scan_warp=3.0, decoy_fraction=0.0,
+    fill_background=True, scan_warp=4.5, decoy_fraction=0.0,
 )
 LEVELS = {settings.level: settings for settings in (PAPER, STANDARD, STRONG)}
-DEFAULT_LEVEL = "strong"
+DEFAULT_LEVEL = "standard"
 
 
 def privacy_settings(level: str | None = None, tta: int | None = None) -> PrivacySettings:
