@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A pinned CPU build: an unpinned torch pulls several GB of CUDA wheels. Override on a GPU box if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test bench bench-watermark train eval eval-watermark clean
+.PHONY: env demo test bench bench-watermark train eval eval-watermark audit privacy-curve clean
 
 env: $(STAMP)
 
@@ -31,7 +31,10 @@ bench-watermark: env
 # Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in four stages (about 45 min on
 # one core, then about 65, 85 and 45 min on two: the second continues at a lower rate on keygen-like references,
 # the third and fourth move to 48³ patches for more context; the fourth is the first half of a 2000-iteration
-# schedule, where the shipped run was cut short, and ends by fitting the decision weights, about 13 min),
+# schedule, where the shipped run was cut short, and ends by fitting the decision weights, about 13 min); the fifth
+# (about 25 min) teaches them the uploads of the private levels (secret offsets, 48 orientations, filled background,
+# secret deformation), the first quarter of a 2000-iteration schedule, then the decision weights are fitted again at
+# the default level and the attacker's separator for the audit is trained (about 25 min on one core);
 # then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0).
 train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --calibration-subjects 0 \
@@ -42,6 +45,11 @@ train: env
 		--learning-rate 3e-4 --reference-oversampling 4 --calibration-subjects 0 --init-from Resources/Models --out Resources/Models
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 3 --threads 2 --iterations 2000 --stop-after 1000 --patch-size 48 \
 		--learning-rate 3e-4 --reference-oversampling 4 --init-from Resources/Models --out Resources/Models
+	$(BIN)/medprivacy mixup train --preset cpu-small --seed 4 --threads 2 --iterations 2000 --stop-after 500 --patch-size 48 \
+		--learning-rate 3e-4 --reference-oversampling 4 --target-sampling private --fill-probability 0.75 --warp-rms 4.5 \
+		--calibration-subjects 0 --init-from Resources/Models --out Resources/Models
+	$(BIN)/medprivacy mixup calibrate --privacy standard --threads 2
+	$(BIN)/medprivacy mixup train-attacker --iterations 1500 --threads 1
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models
 
 eval: env
@@ -49,6 +57,14 @@ eval: env
 
 eval-watermark: env
 	$(BIN)/python bench/medlocker_eval.py
+
+# What a curious server recovers from the default level's uploads of the demo brain (attacks on 96 sampled uploads per
+# scan, re-identification among 10 subjects scanned twice; about an hour on two cores).
+audit: env
+	$(BIN)/medprivacy mixup audit --seeded-key --seed 0 --sample 96 --out bench/results/mixup_audit.json --png bench/results/mixup_audit.png
+
+privacy-curve: env
+	$(BIN)/python bench/mixup_privacy_curve.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
