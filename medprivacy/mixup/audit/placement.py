@@ -171,6 +171,9 @@ def pair_uploads(uploads: np.ndarray, query: int, orientations: int, factor: int
     count = torch.fft.irfftn(ones * torch.conj(ones), s=size).round().clamp_min(1)
     valid = count >= min_overlap * n ** 3
     query_pooled = others[query].numpy()
+    # The partners' windowed sums do not depend on how the query is turned: once, not per orientation.
+    sum_b = torch.fft.irfftn(ones[None] * torch.conj(spectrum_b), s=size, dim=(1, 2, 3))
+    sum_b2 = torch.fft.irfftn(ones[None] * torch.conj(spectrum_b2), s=size, dim=(1, 2, 3))
     best = (-2.0, -1, 0)
     for code in range(orientations):
         a = torch.from_numpy(np.ascontiguousarray(orient(query_pooled, code)))
@@ -178,8 +181,6 @@ def pair_uploads(uploads: np.ndarray, query: int, orientations: int, factor: int
         products = torch.fft.irfftn(spectrum_a[None] * torch.conj(spectrum_b), s=size, dim=(1, 2, 3))
         sum_a = torch.fft.irfftn(spectrum_a * torch.conj(ones), s=size)[None]
         sum_a2 = torch.fft.irfftn(spectrum_a2 * torch.conj(ones), s=size)[None]
-        sum_b = torch.fft.irfftn(ones[None] * torch.conj(spectrum_b), s=size, dim=(1, 2, 3))
-        sum_b2 = torch.fft.irfftn(ones[None] * torch.conj(spectrum_b2), s=size, dim=(1, 2, 3))
         covariance = products - sum_a * sum_b / count
         variance = (sum_a2 - sum_a * sum_a / count).clamp_min(1e-6) * (sum_b2 - sum_b * sum_b / count).clamp_min(1e-6)
         scores = torch.where(valid[None], covariance / torch.sqrt(variance), torch.tensor(-2.0))
