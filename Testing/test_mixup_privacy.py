@@ -224,6 +224,9 @@ def test_audit_command_writes_the_report_and_the_picture(tmp_path, bank48, model
     assert scan_report["strongest"]["attack"] == "template"
     assert 0 <= scan_report["strongest"]["placed_exactly"] <= 1
     assert scan_report["pairing"]["queries"] == 1 and scan_report["uploads_attacked"] == 16 < scan_report["uploads"]
+    # a sample's rebuild is projected to every upload at the placed share, and the strongest figure includes it
+    projected = scan_report["projected_all_uploads"]
+    assert projected["placed_share"] == scan_report["strongest"]["placed_exactly"] and scan_report["strongest"]["r"] >= projected["r"]
     reid = report["reidentification"]
     assert reid["scans"] == 4 and reid["chance"] == pytest.approx(np.mean([1, 1 / 2, 1 / 3]), abs=1e-3)
     assert reid["no_protection"]["correlation"] == 1.0  # plain scans of the same anatomy find each other

@@ -44,6 +44,10 @@ def format_audit(report: dict) -> str:
         placed = entry.get("placement", {})
         where = f"  placed exactly {100 * placed['placed_exactly']:5.1f} %, within a step {100 * placed['placed_within_one_step']:5.1f} %" if placed else ""
         lines.append(f"  attack {name:<23} r {entry['r']:.3f}  PSNR {entry['psnr_db']:5.2f} dB  MS-SSIM {entry['ms_ssim']:.3f}{where}")
+    if "projected_all_uploads" in report["scan"]:
+        projected = report["scan"]["projected_all_uploads"]
+        lines.append(f"  projected to all {report['scan']['uploads']} uploads    r {projected['r']:.3f}  PSNR {projected['psnr_db']:5.2f} dB  MS-SSIM {projected['ms_ssim']:.3f}"
+                     f"  ({100 * projected['placed_share']:.1f} % at true places; {report['scan']['uploads_attacked']} attacked)")
     if "oracle_bound" in report["scan"]:
         bound = report["scan"]["oracle_bound"]
         lines.append(f"  bound: copies at true places   r {bound['r']:.3f}  PSNR {bound['psnr_db']:5.2f} dB  MS-SSIM {bound['ms_ssim']:.3f}")
