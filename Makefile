@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A pinned CPU build: an unpinned torch pulls several GB of CUDA wheels. Override on a GPU box if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test bench bench-watermark train eval eval-watermark audit privacy-curve clean
+.PHONY: env demo test bench bench-watermark bench-obfuscation train eval eval-watermark eval-obfuscation tradeoff-obfuscation audit privacy-curve clean
 
 env: $(STAMP)
 
@@ -27,6 +27,9 @@ bench: env
 
 bench-watermark: env
 	$(BIN)/python bench/medlocker_bench.py
+
+bench-obfuscation: env
+	$(BIN)/python bench/obfuscation_bench.py
 
 # Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in four stages (about 45 min on
 # one core, then about 65, 85 and 45 min on two: the second continues at a lower rate on keygen-like references,
@@ -51,12 +54,19 @@ train: env
 	$(BIN)/medprivacy mixup calibrate --privacy standard --threads 2
 	$(BIN)/medprivacy mixup train-attacker --iterations 1500 --threads 1
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models
+	$(BIN)/medprivacy obfuscate train-models --preset cpu-small --seed 0 --threads 1 --out Resources/Models
 
 eval: env
 	$(BIN)/python bench/mixup_eval.py
 
 eval-watermark: env
 	$(BIN)/python bench/medlocker_eval.py
+
+eval-obfuscation: env
+	$(BIN)/python bench/obfuscation_eval.py
+
+tradeoff-obfuscation: env
+	$(BIN)/python bench/obfuscation_tradeoff.py
 
 # What a curious server recovers from the default level's uploads of the demo brain (attacks on 96 sampled uploads per
 # scan, re-identification among 10 subjects scanned twice; about an hour on two cores).

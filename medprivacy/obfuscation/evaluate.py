@@ -124,7 +124,7 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
         obfuscator = Obfuscator(key, device)
         report["victim_key"] = {"key_id": key.key_id, "seed": config.key_seed}
         progress(f"victim key {key.key_id}: {key.describe()}")
-        if "angio" in config.domains:
+        if "angio" in config.domains and config.train_frames > 0:
             report["utility"] = _utility(config, obfuscator, device, progress)
         report["privacy"] = {}
         examples = {}
@@ -360,6 +360,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dither", type=float, default=None)
     parser.add_argument("--levels", type=int, default=None)
     parser.add_argument("--codes", type=int, default=None)
+    parser.add_argument("--attack-steps", type=int, default=None, help="steps of the b-keyfit and key-known networks (default 2000)")
+    parser.add_argument("--attack-channels", default=None, help="U-Net widths of the attack networks, e.g. 16,32,64,128 (default 32,64,128,256)")
     parser.add_argument("--retrain-attack-a", type=int, default=0, metavar="STEPS",
                         help="train the threat-(a) attackers for the given parameters instead of loading the shipped ones")
     parser.add_argument("--skip-utility", action="store_true", help="privacy only")
@@ -373,10 +375,18 @@ def run_eval(args) -> int:
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     if not domains or set(domains) - {"angio", "fundus"}:
         raise InputError("--domains takes angio, fundus or both (comma-separated)")
-    if args.skip_utility and "angio" not in domains:
-        pass
+    budget = {}
+    if args.attack_steps is not None:
+        if args.attack_steps < 1:
+            raise InputError("--attack-steps must be at least 1")
+        budget["attack_steps"] = args.attack_steps
+    if args.attack_channels:
+        try:
+            budget["attack_channels"] = tuple(int(v) for v in args.attack_channels.split(","))
+        except ValueError:
+            raise InputError(f"--attack-channels takes comma-separated widths, e.g. 16,32,64,128 (got {args.attack_channels!r})") from None
     config = EvalConfig.preset_config(args.preset, task=args.task, key_seed=args.key_seed, domains=domains, params=overrides,
-                                      retrain_attack_a=args.retrain_attack_a, device=args.device, threads=args.threads)
+                                      retrain_attack_a=args.retrain_attack_a, device=args.device, threads=args.threads, **budget)
     if args.skip_utility:
         config = replace(config, train_frames=0)
     if not args.out.parent.is_dir():
