@@ -324,3 +324,23 @@ def test_key_recovery_from_leaked_pairs_is_exact_without_noise():
     estimate, explained = attacks.estimate_table(plain, leaked, levels)
     np.testing.assert_array_equal(estimate, table)
     assert explained == 1.0
+
+
+def test_keygen_can_fine_tune_the_vae_on_site_frames_which_then_stays_in_the_key(tmp_path, tiny_obfuscation_models_dir):
+    import SimpleITK as sitk
+
+    from medprivacy.nets.registry import file_sha256, load_manifest
+
+    site = tmp_path / "site-frames"
+    site.mkdir()
+    run = np.round(data.render_run(900_003, frames=20, size=48) * 4095).astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(run), str(site / "run.nrrd"))
+    key = create_site_key(tmp_path / "key", models_dir=tiny_obfuscation_models_dir, vae_from=[site], vae_steps=3)
+    assert key.vae["source"].startswith("fine-tuned from the shipped obf-vae on 20 site frames")
+    shipped = load_manifest(tiny_obfuscation_models_dir)["models"]["obf-vae"]["sha256"]
+    assert file_sha256(key.vae_path) != shipped and len(key.vae["latent_scale"]) == 8
+    codes = Obfuscator(key).obfuscate(run[:2])
+    assert codes.shape == (2, OBF_SIZE, OBF_SIZE)
+    sitk.WriteImage(sitk.GetImageFromArray(run[:3]), str(tmp_path / "short.nrrd"))
+    with pytest.raises(InputError, match="only 3 frames.*at least 16"):
+        create_site_key(tmp_path / "key2", models_dir=tiny_obfuscation_models_dir, vae_from=[tmp_path / "short.nrrd"], vae_steps=1)
