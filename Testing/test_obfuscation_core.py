@@ -153,6 +153,9 @@ def test_per_frame_noise_is_a_keyed_csprng_stream():
 def test_unusable_frames_give_one_line_errors(obfuscator):
     with pytest.raises(InputError, match="frame 1 is empty"):
         obfuscator.obfuscate(np.stack([angiograms(1)[0], np.full((48, 48), 7.0)]))
+    # Runs are prepared a batch at a time; the message still counts frames from the start of the run.
+    with pytest.raises(InputError, match="frame 70 is empty"):
+        obfuscator.obfuscate(np.concatenate([np.repeat(angiograms(1), 70, axis=0), np.full((1, 48, 48), 7.0)]))
     with pytest.raises(InputError, match="NaN"):
         obfuscator.obfuscate(np.full((1, 48, 48), np.nan))
     with pytest.raises(InputError, match=r"\(T, H, W\)"):

@@ -134,8 +134,21 @@ class Obfuscator:
         return resize(normalise(frames), self.frame_size)
 
     def obfuscate(self, frames: np.ndarray, progress=None) -> np.ndarray:
-        """(T, H, W) frames (any size and numeric type) -> (T, h, w) uint8 codes at the key's frame size."""
-        return self.obfuscate_prepared(self.prepare(frames), progress)
+        """(T, H, W) frames (any size and numeric type) -> (T, h, w) uint8 codes at the key's frame size.
+
+        Frames are prepared a batch at a time, so a long run of large frames never exists as float64 all at once."""
+        frames = np.asarray(frames)
+        if frames.ndim != 3 or min(frames.shape) < 1:
+            raise InputError(f"frames must have shape (T, H, W) with T, H, W >= 1, got {frames.shape}")
+        out = np.empty((len(frames),) + self.frame_size, dtype=np.uint8)
+        for start in range(0, len(frames), BATCH):
+            try:
+                out[start:start + BATCH] = self.obfuscate_prepared(self.prepare(frames[start:start + BATCH]))
+            except InputError as exc:
+                raise InputError(_renumber(str(exc), start)) from None
+            if progress is not None:
+                progress(min(start + BATCH, len(frames)), len(frames))
+        return out
 
     def obfuscate_prepared(self, prepared: np.ndarray, progress=None) -> np.ndarray:
         """Codes of frames already normalised and resized (``prepare``); ``progress(done, total)`` after each batch."""
@@ -148,6 +161,13 @@ class Obfuscator:
             if progress is not None:
                 progress(min(start + BATCH, len(prepared)), len(prepared))
         return out
+
+
+def _renumber(message: str, offset: int) -> str:
+    """"frame 3 is empty" of a batch starting at ``offset`` -> the frame's number in the whole run."""
+    import re
+
+    return re.sub(r"^frame (\d+)", lambda m: f"frame {int(m.group(1)) + offset}", message)
 
 
 def load_key_vae(key: SiteKey, device: str = "cpu"):
