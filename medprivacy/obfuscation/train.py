@@ -130,7 +130,6 @@ def _train(config: ObfuscationTrainConfig, out_dir: Path, progress: bool, comman
 
 def _train_vae(config, frames: dict, out_dir: Path, device: str, progress: bool) -> dict:
     from ..nets import ModelSpec, save_model
-    from . import DEFAULT_CODES, DEFAULT_DITHER, DEFAULT_LEVELS, DEFAULT_TEMPERATURE
     from .attacks import scores
     from .vae import VAESettings, latent_scale, train_vae, vae_arch
 
@@ -154,8 +153,6 @@ def _train_vae(config, frames: dict, out_dir: Path, device: str, progress: bool)
     spec = ModelSpec(name=VAE_NAME, file=VAE_FILE, arch=arch, role="client", patch_size=[config.size, config.size], labels={},
                      extra={"task": "obfuscation-vae", "latent_scale": scale,
                             "input": f"gray frame normalised to [0, 1] (0.5th-99.5th percentile), resized to {config.size}x{config.size}",
-                            "defaults": {"levels": DEFAULT_LEVELS, "codes": DEFAULT_CODES, "dither": DEFAULT_DITHER,
-                                         "temperature": DEFAULT_TEMPERATURE},
                             "preset": config.preset, "seed": config.seed})
     save_model(net, spec, out_dir)
     log.info("obf-vae: %s", metrics)
