@@ -65,7 +65,7 @@ eval-watermark: env
 	$(BIN)/python bench/medlocker_eval.py
 
 eval-obfuscation: env
-	$(BIN)/python bench/obfuscation_eval.py
+	$(BIN)/python bench/obfuscation_eval.py --parallel
 
 tradeoff-obfuscation: env
 	$(BIN)/python bench/obfuscation_tradeoff.py
