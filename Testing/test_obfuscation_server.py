@@ -19,7 +19,7 @@ import requests
 from conftest import open_and_token_servers, start_server
 from medprivacy.errors import AuthError, CancelledError, ServerError
 from medprivacy.transport.obfuscation_client import ObfuscationClient
-from medprivacy.transport.wire import encode_tensor_raw
+from medprivacy.transport.wire import CONTENT_TYPE, encode_tensor_raw
 
 KEY = "0123456789abcdef"
 OTHER_KEY = "fedcba9876543210"
@@ -67,9 +67,11 @@ def trained(server):
 
 
 def _post(handle, path, body, headers=None, params=None):
+    headers = dict(headers or {})
+    headers.setdefault("Content-Type", "application/json" if path.endswith("/train") else CONTENT_TYPE)
     with requests.Session() as session:
         session.trust_env = False
-        return session.post(handle.url + path, data=body, headers=headers or {}, params=params, timeout=60)
+        return session.post(handle.url + path, data=body, headers=headers, params=params, timeout=60)
 
 
 def _train_body(frames, labels, classes=CLASSES, key_id=KEY, **extra) -> bytes:
@@ -189,3 +191,101 @@ def test_without_a_model_store_the_server_writes_nothing(servers):
     # No file anywhere (torch's optimisers create an empty torchinductor cache folder in TMPDIR; it stays empty).
     written = [p for folder in (token_server.cwd, token_server.tmpdir) for p in folder.rglob("*") if not p.is_dir()]
     assert written == []
+
+
+def _fuzz_obfuscation_requests(count: int, frames: np.ndarray, labels: np.ndarray, model: str, seed: int = 14):
+    """(method, path, headers, params, body), seeded: every obfuscation endpoint, each request broken in one way."""
+    rng = np.random.default_rng(seed)
+    good_tensor = encode_tensor_raw(frames[:4])
+    endpoints = ["/v1/obfuscation/train", "/v1/obfuscation/classify", "/v1/obfuscation/jobs", "/v1/obfuscation/jobs/{id}",
+                 "/v1/obfuscation/models"]
+    for index in range(count):
+        path = endpoints[index % len(endpoints)]
+        method, headers, params, body = ("POST" if path.endswith(("train", "classify")) else "GET"), {}, None, None
+        kind = int(rng.integers(0, 12))
+        if path.endswith("/train"):
+            headers["Content-Type"] = "application/json"
+            document = {"frames": base64.b64encode(encode_tensor_raw(frames)).decode(), "labels": [int(v) for v in labels],
+                        "classes": CLASSES, "key_id": KEY, "params": {"steps": 1}}
+            if kind == 0:
+                body = rng.bytes(int(rng.integers(0, 3000)))
+            elif kind == 1:
+                body = json.dumps([document]).encode()
+            elif kind == 2:
+                document["frames"] = base64.b64encode(good_tensor[: int(rng.integers(1, len(good_tensor)))]).decode()
+            elif kind == 3:
+                document["labels"] = [["x"], None, 1e300, -1, 2**70][int(rng.integers(0, 5))]
+            elif kind == 4:
+                document["classes"] = [[], ["a"] * 5000, [1, 2], "LCA,RCA", ["", ""]][int(rng.integers(0, 5))]
+            elif kind == 5:
+                document["key_id"] = ["", "x" * 5000, None, 7, "\u00e9" * 16][int(rng.integers(0, 5))]
+            elif kind == 6:
+                key = ["steps", "batch_size", "learning_rate", "validation_fraction", "seed"][int(rng.integers(0, 5))]
+                document["params"] = {key: [1e300, -1, 10**19, "x", None, float("nan")][int(rng.integers(0, 6))]}
+            elif kind == 7:
+                document["name"] = ["x" * 100_000, 5, None, ["a"]][int(rng.integers(0, 4))]
+            elif kind == 8:
+                document["frames"] = base64.b64encode(encode_tensor_raw(rng.random((4, 32, 32), dtype=np.float32))).decode()
+            elif kind == 9:
+                headers["Content-Type"] = ["text/plain", "", CONTENT_TYPE][int(rng.integers(0, 3))]
+            elif kind == 10:
+                body = b"[" * 20000 + b"]" * 20000
+            else:
+                document["extra"] = 1
+            if body is None:
+                body = json.dumps(document, allow_nan=True).encode()
+        elif path.endswith("/classify"):
+            headers["Content-Type"], params = CONTENT_TYPE, {"model": model}
+            headers["X-MedPrivacy-Key-Id"] = KEY
+            if kind == 0:
+                body = rng.bytes(int(rng.integers(0, 3000)))
+            elif kind == 1:
+                body = good_tensor[: int(rng.integers(1, len(good_tensor)))]
+            elif kind == 2:
+                body = encode_tensor_raw(rng.random((2, 32, 32), dtype=np.float32))
+            elif kind == 3:
+                body = encode_tensor_raw(rng.integers(0, 3, (2, int(rng.integers(1, 16)), 600), dtype=np.uint8))
+            elif kind == 4:
+                body, params = good_tensor, {"model": ["", "x" * 5000, "obf-nope", "\u00e9"][int(rng.integers(0, 4))]}
+            elif kind == 5:
+                body, params = good_tensor, [("model", model), ("model", model)]
+            elif kind == 6:
+                body, params = good_tensor, None
+            elif kind == 7:
+                body = good_tensor
+                headers["X-MedPrivacy-Key-Id"] = ["", "x" * 3000, OTHER_KEY, "\u00e9"][int(rng.integers(0, 4))]
+            elif kind == 8:
+                body, headers["Content-Type"] = good_tensor, "application/json"
+            else:
+                body = good_tensor
+        elif path.endswith("{id}"):
+            path = "/v1/obfuscation/jobs/" + ["0" * 16, "x" * 3000, "..", "%00", "\u00e9", "-1"][int(rng.integers(0, 6))]
+            method = ["GET", "DELETE"][int(rng.integers(0, 2))]
+        elif kind < 3:
+            params = {["x", "model", "all"][kind]: "1"}
+        if rng.random() < 0.08:
+            method = ["PUT", "PATCH", "DELETE", "GET"][int(rng.integers(0, 4))]
+        yield method, path, headers, params, body
+
+
+def test_fuzz_every_obfuscation_endpoint_never_answers_5xx(server, trained):
+    # The server-wide fuzz (test_server_faults.py) covers the other endpoints; this one breaks every obfuscation
+    # request in one of many ways. Valid bodies ask for one training step, and whatever they queue is cancelled.
+    frames, labels = codes(count=8)
+    statuses: dict[int, int] = {}
+    with requests.Session() as session:
+        session.trust_env = False
+        for method, path, headers, params, body in _fuzz_obfuscation_requests(300, frames, labels, trained["model"]):
+            response = session.request(method, server.url + path, headers=headers, params=params, data=body, timeout=60)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (method, path, headers, params, (body or b"")[:200], response.text[:500])
+            if response.status_code >= 400:
+                assert "\n" not in _detail(response) and _detail(response), response.text[:300]
+    client = _client(server)
+    for job in client.jobs():
+        if job["status"] in ("queued", "running"):
+            client.cancel(job["job"])
+    assert statuses.get(200, 0) >= 20 and statuses.get(422, 0) >= 50, statuses
+    log = server.log()
+    problems = [line for line in log.splitlines() if "Traceback" in line or " ERROR " in line]
+    assert not problems, log[log.find(problems[0]):][:3000] if problems else ""

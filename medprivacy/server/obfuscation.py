@@ -45,16 +45,18 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import CancelledError, InputError, MedPrivacyError
-from ..transport.wire import decode_tensor_raw
+from ..transport.wire import CONTENT_TYPE, decode_tensor_raw
 from .app import _HTTPError
+from .schema import MAX_SEED, Name, NoQuery, RequestModel, parse_object, parse_query
 
 log = logging.getLogger("medprivacy.server")
 
@@ -292,10 +294,11 @@ class ObfuscationService:
         params = document.get("params") or {}
         if not isinstance(params, dict) or set(params) - _PARAM_KEYS:
             raise _HTTPError(422, f"params must be an object with some of {', '.join(sorted(_PARAM_KEYS))}")
+        checked = parse_object(params, ObfuscationTrainParams, "params")
         try:
-            settings = TrainSettings(**{k: v for k, v in params.items()})
-            if "steps" not in params:
-                settings.steps = self.limits.default_steps
+            settings = TrainSettings(steps=checked.steps or self.limits.default_steps, batch_size=checked.batch_size,
+                                     learning_rate=checked.learning_rate, validation_fraction=checked.validation_fraction,
+                                     seed=checked.seed)
             settings.check()
             check_dataset(frames, labels, classes)
         except (TypeError, InputError) as exc:
@@ -402,8 +405,8 @@ class ObfuscationService:
         return np.ascontiguousarray(raw)
 
     def _audit(self, kind: str, frames: np.ndarray) -> None:
-        if self.service.config.audit_dir is not None:
-            self.service._write_audit(kind, frames)
+        # The server's own audit: refuses the request (503) rather than serving it without the copy it was asked for.
+        self.service.audit(kind, frames)
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
@@ -418,6 +421,8 @@ def _json_object(body: bytes, shape: str) -> dict:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _HTTPError(422, f"request body is not JSON; send {shape}") from None
+    except RecursionError:  # the parser recurses per nesting level: thousands of "[" must not be a 500
+        raise _HTTPError(422, f"request body is JSON nested too deeply; send {shape}") from None
     if not isinstance(document, dict):
         raise _HTTPError(422, f"request body must be a JSON object: {shape}")
     return document
@@ -455,6 +460,20 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
+class ObfuscationTrainParams(RequestModel):
+    """The training parameters a client may choose; the server's --max-steps style limits apply on top."""
+
+    steps: Optional[int] = Field(None, ge=1, le=100_000)  # None: the server's default
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class ObfuscationClassifyQuery(RequestModel):
+    model: Optional[Name] = None  # missing: a one-line 422 naming GET /v1/obfuscation/models
+
+
 def add_obfuscation_routes(app, service, *, require_token, check_api_version, read_body) -> None:
     """Register the ObfuscationPrivacy endpoints on ``app``; the dependencies are the server's own checks."""
     obf: ObfuscationService = service.obfuscation
@@ -462,32 +481,38 @@ def add_obfuscation_routes(app, service, *, require_token, check_api_version, re
     @app.post(TRAIN_PATH, dependencies=[Depends(require_token)])
     async def obfuscation_train(request: Request) -> JSONResponse:
         check_api_version(request)
-        body = await read_body(request)
+        parse_query(request.query_params, NoQuery)
+        body = await read_body(request, "application/json")
         return JSONResponse(await run_in_threadpool(obf.submit, body), status_code=202)
 
     @app.get(JOBS_PATH, dependencies=[Depends(require_token)])
     async def obfuscation_jobs(request: Request) -> JSONResponse:
         check_api_version(request)
+        parse_query(request.query_params, NoQuery)
         return JSONResponse(obf.list_jobs())
 
     @app.get(JOBS_PATH + "/{job_id}", dependencies=[Depends(require_token)])
     async def obfuscation_job(request: Request, job_id: str) -> JSONResponse:
         check_api_version(request)
+        parse_query(request.query_params, NoQuery)
         return JSONResponse(obf.job(job_id))
 
     @app.delete(JOBS_PATH + "/{job_id}", dependencies=[Depends(require_token)])
     async def obfuscation_cancel(request: Request, job_id: str) -> JSONResponse:
         check_api_version(request)
+        parse_query(request.query_params, NoQuery)
         return JSONResponse(obf.cancel(job_id))
 
     @app.get(MODELS_PATH, dependencies=[Depends(require_token)])
     async def obfuscation_models(request: Request) -> JSONResponse:
         check_api_version(request)
+        parse_query(request.query_params, NoQuery)
         return JSONResponse(obf.list_models())
 
     @app.post(CLASSIFY_PATH, dependencies=[Depends(require_token)])
     async def obfuscation_classify(request: Request) -> JSONResponse:
         check_api_version(request)
-        body = await read_body(request)
-        answer = await run_in_threadpool(obf.classify, body, request.query_params.get("model"), request.headers.get(KEY_ID_HEADER))
+        query = parse_query(request.query_params, ObfuscationClassifyQuery)
+        body = await read_body(request, CONTENT_TYPE)
+        answer = await run_in_threadpool(obf.classify, body, query.model, request.headers.get(KEY_ID_HEADER))
         return JSONResponse(answer)
