@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A pinned CPU build: an unpinned torch pulls several GB of CUDA wheels. Override on a GPU box if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test bench bench-watermark train eval eval-watermark audit privacy-curve clean
+.PHONY: env demo test bench bench-watermark bench-obfuscation train eval eval-watermark eval-obfuscation tradeoff-obfuscation audit privacy-curve clean
 
 env: $(STAMP)
 
@@ -28,6 +28,9 @@ bench: env
 bench-watermark: env
 	$(BIN)/python bench/medlocker_bench.py
 
+bench-obfuscation: env
+	$(BIN)/python bench/obfuscation_bench.py
+
 # Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in four stages (about 45 min on
 # one core, then about 65, 85 and 45 min on two: the second continues at a lower rate on keygen-like references,
 # the third and fourth move to 48³ patches for more context; the fourth is the first half of a 2000-iteration
@@ -35,7 +38,9 @@ bench-watermark: env
 # (about 25 min) teaches them the uploads of the private levels (secret offsets, 48 orientations, filled background,
 # secret deformation), the first quarter of a 2000-iteration schedule, then the decision weights are fitted again at
 # the default level and the attacker's separator for the audit is trained (about 25 min on one core);
-# then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0).
+# then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0),
+# then the ObfuscationPrivacy VAE (about 16 min on one core, 9 of them rendering the public frames). The threat-(a)
+# attackers are evaluation-only and not shipped: `make eval-obfuscation` trains them for the parameters it measures.
 train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --calibration-subjects 0 \
 		--out Resources/Models
@@ -51,12 +56,19 @@ train: env
 	$(BIN)/medprivacy mixup calibrate --privacy standard --threads 2
 	$(BIN)/medprivacy mixup train-attacker --iterations 1500 --threads 1
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models
+	$(BIN)/medprivacy obfuscate train-models --preset cpu-small --seed 0 --threads 1 --models vae --out Resources/Models
 
 eval: env
 	$(BIN)/python bench/mixup_eval.py
 
 eval-watermark: env
 	$(BIN)/python bench/medlocker_eval.py
+
+eval-obfuscation: env
+	$(BIN)/python bench/obfuscation_eval.py --parallel
+
+tradeoff-obfuscation: env
+	$(BIN)/python bench/obfuscation_tradeoff.py
 
 # What a curious server recovers from the default level's uploads of the demo brain (attacks on 96 sampled uploads per
 # scan, re-identification among 10 subjects scanned twice; about an hour on two cores).

@@ -422,3 +422,33 @@ def build_watermark_models(directory: Path, classifiers=tuple(CLASSIFIERS), segm
 def tiny_watermark_models_dir(tmp_path_factory) -> Path:
     """The four tiny classifiers and the tiny lesion segmenter, built once per test session."""
     return build_watermark_models(tmp_path_factory.mktemp("tiny-wm-models"))
+
+
+# --- ObfuscationPrivacy: a seeded, untrained, tiny VAE (32x32 frames) -------------------------------------------
+# It tests the transform's mechanics (keys, determinism, files, server jobs), not how well frames are hidden.
+
+OBF_SIZE = 32
+OBF_VAE_ARCH = {"name": "varautoencoder", "spatial_dims": 2, "in_shape": [1, OBF_SIZE, OBF_SIZE], "out_channels": 1,
+                "latent_size": 8, "channels": [4, 8, 8], "strides": [2, 2, 2]}
+
+
+def build_obfuscation_models(directory: Path, seed: int = 0) -> Path:
+    """The client VAE ``obf-vae`` saved through the real registry, with the shipped mapping defaults."""
+    import torch
+
+    from medprivacy.nets.registry import ModelSpec, build_network, save_model
+
+    torch.manual_seed(seed)
+    spec = ModelSpec(name="obf-vae", file="obf_vae.safetensors", arch=dict(OBF_VAE_ARCH), role="client",
+                     patch_size=[OBF_SIZE, OBF_SIZE], labels={},
+                     extra={"task": "obfuscation-vae", "latent_scale": [1.0] * OBF_VAE_ARCH["latent_size"]})
+    save_model(build_network(spec.arch), spec, directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_obfuscation_models_dir(tmp_path_factory) -> Path:
+    """The tiny server models (mixup) plus the tiny obfuscation VAE in one folder, built once per session."""
+    directory = tmp_path_factory.mktemp("tiny-obf-models")
+    build_tiny_models(directory)
+    return build_obfuscation_models(directory)

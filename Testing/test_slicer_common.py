@@ -20,7 +20,7 @@ SHARED_METHODS = {
     "_initJobState", "_setupJobTimer", "_stopJob", "_restoreServerSettings", "_saveServerSettings", "_connection",
     "_confirmUpload", "onCancel", "_guarded", "_startJob", "_pollJob", "_showUserError", "_setStatus",
 }
-MODULES = ("MixupPrivacy", "MedLockerWatermark")
+MODULES = ("MixupPrivacy", "MedLockerWatermark", "ObfuscationPrivacy")
 
 
 def _class(tree: ast.AST, name: str) -> ast.ClassDef:

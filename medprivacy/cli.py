@@ -1,4 +1,4 @@
-"""``medprivacy`` command line: serve, mixup (keygen/segment/eval/train) and demo.
+"""``medprivacy`` command line: serve, mixup (keygen/segment/eval/train), watermark, obfuscate and demo.
 
 User mistakes (MedPrivacyError) print one line and exit 2; Ctrl-C exits 130 and SIGTERM 143, both after removing
 half-written files; anything else is a bug and keeps its traceback.
@@ -19,6 +19,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "run the inference server (FastAPI + uvicorn)", "medprivacy.server.cli"),
     ("mixup", "Mixup-Privacy segmentation: keygen, segment, eval, train", "medprivacy.mixup.cli"),
     ("watermark", "MedLocker adversarial watermarking: protect, unlock, verify", "medprivacy.medlocker.cli"),
+    ("obfuscate", "ObfuscationPrivacy: keygen, apply, train and classify on the server, eval", "medprivacy.obfuscation.cli"),
     ("demo", "start a local server and segment a sample brain through the private path", "medprivacy.demo"),
 ]
 

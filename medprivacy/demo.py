@@ -1,11 +1,12 @@
-"""``medprivacy demo``: start a loopback inference server, segment a sample brain through the private path, then
-protect sample images with MedLocker watermarks and restore them exactly.
+"""``medprivacy demo``: start a loopback inference server, segment a sample brain through the private path, protect
+sample images with MedLocker watermarks and restore them exactly, then have the server train a classifier on
+obfuscated angiograms and classify new frames with it (ObfuscationPrivacy).
 
 The sample is the real MNI152 T1 (the only 3D brain MRI that ships offline), warped with held-out seeds and
 placed in an oblique 1×1×1.3 mm "scanner" grid with the head moved, so the whole client path runs: registration,
 normalisation, mixing, shuffled upload, unmixing, TTA, resampling back. Reference labels come from the template's
 tissue maps carried through the same warp, so the demo can print Dice. The MedLocker part is in
-:mod:`medprivacy.medlocker.demo`.
+:mod:`medprivacy.medlocker.demo`, the ObfuscationPrivacy part in :mod:`medprivacy.obfuscation.demo`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--privacy", default=None, help="privacy level of the private path (default: the product's default)")
     parser.add_argument("--tta", type=int, default=None, help="mixed copies per patch (default: the level's)")
     parser.add_argument("--unmix", choices=("naive", "learned"), default="learned")
-    parser.add_argument("--skip-medlocker", action="store_true", help="only run the MixupPrivacy segmentation")
+    parser.add_argument("--skip-medlocker", action="store_true", help="skip the MedLocker watermarks")
+    parser.add_argument("--skip-obfuscation", action="store_true", help="skip the ObfuscationPrivacy classifier")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
             print()
             status = run_medlocker_demo(url, args.out / "medlocker")
+        if status == 0 and not args.skip_obfuscation:
+            from .obfuscation.demo import run_obfuscation_demo
+
+            print()
+            status = run_obfuscation_demo(url, args.out / "obfuscation")
         return status
     finally:
         if server is not None:

@@ -141,9 +141,22 @@ def build_network(arch: dict[str, Any]):
             "strides": [2, 2, 2], "num_res_units": 1, **kwargs,
         }
         return UNet(**params)
+    # ObfuscationPrivacy: the client's VAE, the classifiers servers train on obfuscated frames, the evaluation's attackers.
+    if name == "varautoencoder":
+        from ..obfuscation.vae import build_vae
+
+        return build_vae(arch)
+    if name == "code-classifier":
+        from ..obfuscation.classifier import build_code_classifier
+
+        return build_code_classifier(arch)
+    if name == "obf-attack":
+        from ..obfuscation.attacks import build_attack_net
+
+        return build_attack_net(arch)
     raise InputError(
         f"unknown network architecture {name!r} in the model manifest; expected unet, unetplusplus, unmix, "
-        "resnet18, densenet121, efficientnet-b0, vit, vgg or unet2d"
+        "resnet18, densenet121, efficientnet-b0, vit, vgg, unet2d, varautoencoder, code-classifier or obf-attack"
     )
 
 

@@ -3,7 +3,9 @@
 The server holds the manifest entries with role "server": ``mixup-seg`` (trained on mixed patches; the only model a
 clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, served only with
 ``enable_baseline`` because whoever calls it sends readable images). Entries with task "classify" or
-"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see watermark.py).
+"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see watermark.py). ObfuscationPrivacy needs no
+shipped model: clients upload obfuscated frames and the server trains their classifiers (``/v1/obfuscation/*``, see
+obfuscation.py).
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ class ServerConfig:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: The operator's own TorchScript classifiers for MedLocker (``watermark.ExtraClassifier``); code, so trusted files only.
     extra_classifiers: tuple = ()
+    #: Where classifiers trained on obfuscated frames are kept across restarts; None: in memory only.
+    model_store: Path | None = None
 
 
 class _ClientGone(Exception):
@@ -128,6 +132,9 @@ class InferenceService:
         from .watermark import WatermarkModels, WatermarkService
 
         self.watermark = WatermarkService(self, WatermarkModels(entries, self.models_dir, tuple(config.extra_classifiers)))
+        from .obfuscation import ObfuscationService
+
+        self.obfuscation = ObfuscationService(self, config.model_store)
         routes = [MIXUP, BASELINE] if config.enable_baseline else [MIXUP]
         self.models: dict[str, _ServedModel] = {}
         for route in routes:
@@ -182,6 +189,7 @@ class InferenceService:
             "auth_required": self.config.token is not None,
             "max_request_bytes": self.config.max_request_bytes,
             "models": {**{m.spec.name: m.describe() for m in self.models.values()}, **self.watermark.models.describe()},
+            "obfuscation": self.obfuscation.describe(),
         }
 
     # -- requests --------------------------------------------------------------------------------------------
@@ -422,6 +430,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     add_watermark_routes(app, service, require_token=require_token, check_api_version=check_api_version,
                          read_body=read_body, response_dtype=response_dtype)
+    from .obfuscation import add_obfuscation_routes
+
+    add_obfuscation_routes(app, service, require_token=require_token, check_api_version=check_api_version, read_body=read_body)
     return app
 
 

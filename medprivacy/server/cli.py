@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also serve your own TorchScript classifier for MedLocker watermarks (input float32 (N, 3, H, W) "
                              "in [0, 1], default 224x224; output logits (N, C)); repeatable. TorchScript is code the server "
                              "runs: load only files you trust")
+    parser.add_argument("--model-store", type=Path, default=None,
+                        help="keep the classifiers clients train on obfuscated frames in this folder across restarts "
+                             "(default: in memory only, gone when the server stops)")
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="log verbosity (default info)")
 
 
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         inference_batch=args.inference_batch,
         request_timeout=args.request_timeout,
         extra_classifiers=extra,
+        model_store=args.model_store,
     )
     app = create_app(config)
     service = app.state.service
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         f"medprivacy server {__version__} listening on {'https' if tls else 'http'}://{host}:{args.port}"
         f" - device {service.device}, models {', '.join(service.info()['models'])},"
         f" auth {'on' if token else 'off'}, TLS {'on' if tls else 'off'},"
-        f" baseline {'on' if args.enable_baseline else 'off'}, audit {'on' if args.audit_dir else 'off'}",
+        f" baseline {'on' if args.enable_baseline else 'off'}, audit {'on' if args.audit_dir else 'off'},"
+        f" model store {'on' if args.model_store else 'off'}",
         flush=True,
     )
     server = uvicorn.Server(uv_config)

@@ -55,6 +55,14 @@ def parse_json(body: bytes, model: Type[Model], what: str = "request body") -> M
         raise RequestError(422, _one_line(exc, what, model)) from None
 
 
+def parse_object(document: Mapping[str, Any], model: Type[Model], what: str) -> Model:
+    """A part of a JSON body the route has already parsed, validated against ``model``, or RequestError(422)."""
+    try:
+        return model.model_validate(dict(document))
+    except ValidationError as exc:
+        raise RequestError(422, _one_line(exc, what, model)) from None
+
+
 def parse_query(query: Mapping[str, str], model: Type[Model]) -> Model:
     """Query parameters (each given once) validated against ``model``, or RequestError(422) with one line."""
     items = getattr(query, "multi_items", lambda: list(query.items()))()
