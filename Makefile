@@ -26,7 +26,7 @@ bench: env
 	$(BIN)/python bench/mixup_bench.py
 
 bench-watermark: env
-	$(BIN)/python bench/medlocker_bench.py
+	$(BIN)/python bench/watermark_bench.py
 
 # Regenerates the shipped weights in Resources/Models: the Mixup-Privacy networks in four stages (about 45 min on
 # one core, then about 65, 85 and 45 min on two: the second continues at a lower rate on keygen-like references,
@@ -56,7 +56,7 @@ eval: env
 	$(BIN)/python bench/mixup_eval.py
 
 eval-watermark: env
-	$(BIN)/python bench/medlocker_eval.py
+	$(BIN)/python bench/watermark_eval.py
 
 # What a curious server recovers from the default level's uploads of the demo brain (attacks on 96 sampled uploads per
 # scan, re-identification among 10 subjects scanned twice; about an hour on two cores).

@@ -24,7 +24,7 @@ TEST_SCRYPT_LOG2_N = 12
 
 
 def tiny_search(**overrides):
-    from medprivacy.medlocker.batch import SearchSettings
+    from medprivacy.watermark.batch import SearchSettings
 
     options = dict(population=4, generations=1, local_iterations=1, seed=0, models=["wm-cls-resnet18", "wm-cls-vit"],
                    weights=[0.7, 0.3])
@@ -156,7 +156,7 @@ class MedLockerWatermarkTestMixin:
     # -- protect / unlock / verify / key (server) ------------------------------------------------------------------
 
     def check_protect_unlock_bit_exact(self, scene, url: str, folder):
-        from medprivacy.medlocker.keyfile import load_key
+        from medprivacy.watermark.keyfile import load_key
 
         logic = MedLockerWatermarkLogic(scene)
         nodes = {}
@@ -297,7 +297,7 @@ class MedLockerWatermarkTestMixin:
 
     def check_server_lesions(self, scene, url: str):
         """Lesions from the server's segmenter: the overlay is the very mask the search was constrained by."""
-        from medprivacy.medlocker.boxes import MaskParams, lesion_boxes
+        from medprivacy.watermark.boxes import MaskParams, lesion_boxes
         from medprivacy.transport.watermark_client import WatermarkClient, unit_image
 
         logic = MedLockerWatermarkLogic(scene)
@@ -322,8 +322,8 @@ class MedLockerWatermarkTestMixin:
     def check_dataset_folder(self, scene, url: str, folder):
         import SimpleITK as sitk
 
-        from medprivacy.medlocker import io as mio
-        from medprivacy.medlocker.keyfile import load_key, unlock
+        from medprivacy.watermark import io as mio
+        from medprivacy.watermark.keyfile import load_key, unlock
 
         logic = MedLockerWatermarkLogic(scene)
         folder = Path(folder)

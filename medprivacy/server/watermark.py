@@ -369,8 +369,8 @@ class WatermarkService:
         return out
 
     def optimize(self, body: bytes, cancel: threading.Event) -> dict[str, Any]:
-        from ..medlocker import blending, boxes
-        from ..medlocker.optimizer import ensemble_objective, optimize_watermark
+        from ..watermark import blending, boxes
+        from ..watermark.optimizer import ensemble_objective, optimize_watermark
 
         started = time.perf_counter()
         request = self._optimize_request(body)
@@ -495,7 +495,7 @@ class WatermarkService:
 
     @staticmethod
     def _logo(decoded) -> np.ndarray:
-        from ..medlocker.blending import as_rgba
+        from ..watermark.blending import as_rgba
 
         raw, header = decoded
         if header["dtype"] != "uint8" or raw.ndim != 4 or raw.shape[0] != 1 or raw.shape[1] not in (1, 2, 3, 4):
@@ -526,7 +526,7 @@ class WatermarkService:
         if source == "server" and mode != "wap":
             threshold = params.get("mask_threshold", 0.5)
             segmenter = self._pick_segmenter(None)
-            from ..medlocker.blending import unit_view
+            from ..watermark.blending import unit_view
 
             return source, self._lesion_probability(segmenter, unit_view(image, window)[None])[0, 0] >= float(threshold)
         return source, None
@@ -554,7 +554,7 @@ class _CandidateScorer:
                                        _resize(base, size).to(self.device))
 
     def _view(self, image: np.ndarray) -> np.ndarray:
-        from ..medlocker.blending import unit_view
+        from ..watermark.blending import unit_view
 
         return unit_view(image, self.window)
 
@@ -563,7 +563,7 @@ class _CandidateScorer:
         return self.wm._classify_array(self.models, self._view(image)[None])
 
     def __call__(self, params: np.ndarray):
-        from ..medlocker.optimizer import ensemble_objective
+        from ..watermark.optimizer import ensemble_objective
 
         batch = self.wm.service.config.inference_batch
         probs = np.empty((len(self.models), len(params), self.models[0].classes or 2), dtype=np.float64)
@@ -578,7 +578,7 @@ class _CandidateScorer:
     def _score_chunk(self, params: np.ndarray) -> list[np.ndarray]:
         import torch
 
-        from ..medlocker.blending import blend_terms, composite
+        from ..watermark.blending import blend_terms, composite
 
         h, w = self.fitted.size
         deltas = np.empty((len(params), 1 if self.image.ndim == 2 else 3, h, w), dtype=np.float32)
@@ -716,7 +716,7 @@ def _weights(weights, count: int) -> np.ndarray:
 
 
 def _mask_params(given, shape):
-    from ..medlocker.boxes import MaskParams
+    from ..watermark.boxes import MaskParams
 
     default = MaskParams.for_image(shape)
     if given is None:
@@ -728,7 +728,7 @@ def _mask_params(given, shape):
 
 def _search_options(params: dict) -> dict[str, Any]:
     """The optimiser's keyword arguments from validated ``params`` (types and bounds: schema.OptimizeParams)."""
-    from ..medlocker import optimizer
+    from ..watermark import optimizer
 
     options: dict[str, Any] = {
         "population": params.get("population", optimizer.DEFAULT_POPULATION),

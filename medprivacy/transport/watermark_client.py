@@ -134,13 +134,13 @@ def exact_image_tensor(pixels: np.ndarray) -> bytes:
 def unit_image(pixels: np.ndarray, window=None) -> np.ndarray:
     """Channel-first float32 (C, H, W) in [0, 1] of an 8/16-bit image, as the classifiers see it: the intensity
     ``window`` (low, high) mapped to 0..1 (default: the pixel type's full range)."""
-    from ..medlocker.blending import unit_view
+    from ..watermark.blending import unit_view
 
     return unit_view(pixels, window)
 
 
 def _rgba(logo: np.ndarray) -> np.ndarray:
-    from ..medlocker.blending import as_rgba
+    from ..watermark.blending import as_rgba
 
     return as_rgba(logo)
 

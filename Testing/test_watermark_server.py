@@ -16,8 +16,8 @@ import requests
 
 from conftest import CLASSIFIERS, LABELS, SIZE, build_watermark_models, open_and_token_servers
 from medprivacy.errors import AuthError, InputError, ServerError
-from medprivacy.medlocker import blending
-from medprivacy.medlocker.boxes import MaskParams, Placement, lesion_boxes
+from medprivacy.watermark import blending
+from medprivacy.watermark.boxes import MaskParams, Placement, lesion_boxes
 from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor, unit_image
 from medprivacy.transport.wire import CONTENT_TYPE, encode_tensor, encode_tensor_raw
 
@@ -255,7 +255,7 @@ def test_optimize_with_the_server_segmenter_and_a_user_model(server):
 
 def test_incremental_rendering_matches_rendering_whole_images(wm_files):
     """The search scores candidates from the logo area alone; that must equal blend_batch + resize + classify."""
-    from medprivacy.medlocker.optimizer import ensemble_objective
+    from medprivacy.watermark.optimizer import ensemble_objective
     from medprivacy.server.app import ServerConfig, create_app
     from medprivacy.server.watermark import _CandidateScorer
 

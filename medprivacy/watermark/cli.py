@@ -2,7 +2,7 @@
 
 ``protect`` asks the server to search each image's watermark (``/v1/watermark/optimize``: the search runs next
 to the models), blends the logo locally into the exact pixels, writes the result in the input's own format
-(JPEG becomes PNG, see ``medlocker.io``) and records every image in one encrypted key, saved before each protected
+(JPEG becomes PNG, see ``watermark.io``) and records every image in one encrypted key, saved before each protected
 file is written, so an interrupted run never leaves an image the key cannot restore. Without labels (``--label``,
 ``--labels labels.csv``) each model is pushed away from its own answer on the clean image, and the report says so.
 ``unlock`` restores the originals bit for bit from that key; ``verify`` tells whether an image belongs to it
@@ -164,7 +164,7 @@ def _protect(args) -> int:
         SearchSettings, check_classifiers, choose_lesion_source, classifier_labels, plan_protection, prepare_folders,
         protect_files, read_labels_csv, resolve_label, resolve_labels,
     )
-    from .keyfile import MedLockerKey
+    from .keyfile import WatermarkKey
 
     credentials = _credentials(args, confirm=not args.append)
     key_path = Path(args.key)
@@ -174,7 +174,7 @@ def _protect(args) -> int:
         raise InputError(f"the folder of --key {key_path} does not exist; create it first")
     if key_path.exists() and not args.append:
         raise InputError(f"key {key_path} already exists; pass --append to add these images to it, or choose a new key file")
-    key = _load_key(key_path, credentials) if key_path.exists() else MedLockerKey()
+    key = _load_key(key_path, credentials) if key_path.exists() else WatermarkKey()
     logo = blending.load_logo(args.logo) if args.logo is not None else blending.default_logo()
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     weights = _weights(args.weights, models)

@@ -1,6 +1,6 @@
 """``medprivacy watermark eval``: the MedLocker paper's Tables 1-3 on held-out images, through a real server.
 
-Images. The held-out ``test`` split of :mod:`medprivacy.medlocker.data` (sample seeds 900000+, which training
+Images. The held-out ``test`` split of :mod:`medprivacy.watermark.data` (sample seeds 900000+, which training
 never optimises on; ``--split validation`` draws the validation seeds instead, for choosing settings such as the
 logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's ``/v1/info``, with
 their true labels (odd seed: lesion) and ground-truth lesion masks.
@@ -13,7 +13,7 @@ Every search is one ``/v1/watermark/optimize`` request per image and configurati
 class to move away from and the same search seed for every configuration of an image (``--seed`` + image index),
 so configurations start from the same random population. A search stops once every source model misclassifies
 (the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is re-rendered here from the
-returned (alpha, x, y) with the key code (``MedLockerKey.protect``) and classified by every classifier through
+returned (alpha, x, y) with the key code (``WatermarkKey.protect``) and classified by every classifier through
 ``/v1/watermark/classify``; all rates below use those predictions.
 
 Definitions (``A``: the attacked images; ``y``: true label; a model's prediction on an ensemble is the argmax of
@@ -57,7 +57,7 @@ ENSEMBLE = "ensemble"
 HELD_OUT_PREFIX = "ensemble-without-"
 TABLE3_PREFERRED = "wm-cls-resnet18"
 MUTATION_RANDOM_EQUAL = "random-equal-evaluations"
-REPORT_FORMAT = "medprivacy-medlocker-eval"
+REPORT_FORMAT = "medprivacy-watermark-eval"
 
 
 # --- rates -----------------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
 
     from . import blending, boxes
     from .data import SPLIT_SEED_BASES, DataConfig, make_split
-    from .keyfile import MedLockerKey
+    from .keyfile import WatermarkKey
 
     config.check()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -315,7 +315,7 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
 
     runs = plan_runs(names, config, table3_source)
     todo = [(im, run) for im in attacked for run in runs if _applies(run, im)]
-    key = MedLockerKey()
+    key = WatermarkKey()
     search = {k: v for k, v in config.search().items() if v is not None}
     bar = tqdm(total=len(todo), desc="watermark searches", unit="search", file=sys.stderr,
                disable=None if progress is None else not progress)
@@ -387,7 +387,7 @@ def _unlock_check(key, attacked: list[_Image]) -> dict[str, Any]:
     checked = exact = 0
     size = None
     if len(key):
-        with tempfile.TemporaryDirectory(prefix="medlocker-eval-") as folder:
+        with tempfile.TemporaryDirectory(prefix="watermark-eval-") as folder:
             secret = generate_key_file(Path(folder) / "secret")
             path = save_key(key, Path(folder) / "eval.mlkey", key_file=secret)
             size = path.stat().st_size
@@ -399,7 +399,7 @@ def _unlock_check(key, attacked: list[_Image]) -> dict[str, Any]:
                 exact += bool(restored.dtype == im.pixels.dtype and np.array_equal(restored, im.pixels))
     return {"checked": checked, "bit_exact": exact, "all_bit_exact": checked == exact,
             "key_file_bytes": size, "key_file_bytes_per_image": (size / checked) if checked else None,
-            "method": "MedLockerKey.protect with the found parameters, key encrypted with a key file (AES-GCM), "
+            "method": "WatermarkKey.protect with the found parameters, key encrypted with a key file (AES-GCM), "
                       "loaded back, keyfile.unlock, compared pixel by pixel with the original"}
 
 
