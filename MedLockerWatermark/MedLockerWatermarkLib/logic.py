@@ -390,7 +390,7 @@ class MedLockerWatermarkLogic:
         very mask is sent with the search, so the overlay shown is the one that constrained the logo.
         """
         from medprivacy.watermark.batch import check_classifiers
-        from medprivacy.transport.watermark_client import unit_image
+        from medprivacy.watermark.blending import unit_view
 
         def check_cancel():
             if cancel is not None and cancel():
@@ -409,7 +409,7 @@ class MedLockerWatermarkLogic:
                                      "or use wap placement")
                 if progress:
                     progress("finding lesions on the server", 0.1)
-                used_mask = client.lesions(unit_image(image.pixels, image.window)) >= LESION_THRESHOLD
+                used_mask = client.lesions(unit_view(image.pixels, image.window)) >= LESION_THRESHOLD
                 lesions = "mask"
             elif settings.mode != "wap" and lesion_source == "segmentation":
                 if mask is None:

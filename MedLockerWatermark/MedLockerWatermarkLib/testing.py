@@ -298,7 +298,8 @@ class MedLockerWatermarkTestMixin:
     def check_server_lesions(self, scene, url: str):
         """Lesions from the server's segmenter: the overlay is the very mask the search was constrained by."""
         from medprivacy.watermark.boxes import MaskParams, lesion_boxes
-        from medprivacy.transport.watermark_client import WatermarkClient, unit_image
+        from medprivacy.transport.watermark_client import WatermarkClient
+        from medprivacy.watermark.blending import unit_view
 
         logic = MedLockerWatermarkLogic(scene)
         pixels = self.sample_pixels("rgb", shape=(64, 64))
@@ -306,7 +307,7 @@ class MedLockerWatermarkTestMixin:
         result = logic.protect(node, url, settings=tiny_search(mode="wap", sl=8), lesion_source="server")
         self.assertIsNone(result.segmentation_node)  # wap ignores lesions, so none is asked for
         with WatermarkClient(url) as client:
-            expected = client.lesions(unit_image(pixels[0])) >= 0.5
+            expected = client.lesions(unit_view(pixels[0])) >= 0.5
         boxes = lesion_boxes(expected, MaskParams.for_image(expected.shape))
         # The tiny untrained segmenter may mark much of the image: keep-in always has room then, keep-out when
         # it finds nothing.

@@ -3,7 +3,7 @@
 The server holds the manifest entries with role "server": ``mixup-seg`` (trained on mixed patches; the only model a
 clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, served only with
 ``enable_baseline`` because whoever calls it sends readable images). Entries with task "classify" or
-"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see watermark.py).
+"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see the ``watermark`` package beside this file).
 """
 from __future__ import annotations
 
@@ -27,16 +27,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .. import API_VERSION, __version__
+from .. import __version__
 from ..errors import InputError
 from ..nets import resolve_device
+from ..transport.contract import (
+    API_HEADER, API_VERSION, BASELINE_PATH, HEALTH_PATH, INFO_PATH, MIXUP_PATH, RESPONSE_DTYPE_HEADER, RESPONSE_DTYPES,
+)
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw
 from .schema import NoQuery, RequestError as _HTTPError, parse_query
 
 log = logging.getLogger("medprivacy.server")
 
-API_HEADER = "X-MedPrivacy-API"
-RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024 * 1024
 #: Longest silence allowed while a request arrives (headers or body), and the slowest average upload accepted
 #: once that much time has passed: a client that stalls or trickles must not hold a connection forever.
@@ -58,8 +59,8 @@ class _Route:
     path: str
 
 
-MIXUP = _Route("mixup", "mixup-seg", "/v1/mixup/segment")
-BASELINE = _Route("baseline", "plain-seg", "/v1/baseline/segment")
+MIXUP = _Route("mixup", "mixup-seg", MIXUP_PATH)
+BASELINE = _Route("baseline", "plain-seg", BASELINE_PATH)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class InferenceService:
                 raise InputError(f"manifest entry {route.model!r} has role {spec.role!r}, not 'server'; fix the manifest")
             self.models[route.kind] = _ServedModel(spec, route)
         # One forward pass at a time: parallel passes would only fight over the same GPU memory or CPU cores.
-        self._inference_lock = threading.Lock()
+        self.inference_lock = threading.Lock()
         self._audit_counter = itertools.count(1)
         self._audit_lock = threading.Lock()
         if config.audit_dir is not None:
@@ -156,7 +157,7 @@ class InferenceService:
     # -- models ----------------------------------------------------------------------------------------------
     def load_models(self) -> None:
         """Load every served network now, so a missing or corrupt weight file stops the server at startup."""
-        with self._inference_lock:
+        with self.inference_lock:
             for model in self.models.values():
                 self._ensure_loaded(model)
         self.watermark.load()
@@ -228,7 +229,7 @@ class InferenceService:
     def _infer(self, model: _ServedModel, raw: np.ndarray, response_dtype: str) -> np.ndarray:
         from ..nets.inference import segment_patches
 
-        with self._inference_lock:
+        with self.inference_lock:
             net = self._ensure_loaded(model)
             out = segment_patches(net, raw, self.device, self.config.inference_batch, response_dtype)
         if out.shape[1] != model.out_channels:
@@ -386,7 +387,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def response_dtype(request: Request) -> str:
         wanted = request.headers.get(RESPONSE_DTYPE_HEADER, "uint8").strip().lower()
-        if wanted not in ("uint8", "float16"):
+        if wanted not in RESPONSE_DTYPES:
             raise _HTTPError(422, f"{RESPONSE_DTYPE_HEADER} must be uint8 or float16, not {wanted[:20]!r}")
         return wanted
 
@@ -398,11 +399,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         answer = await run_in_threadpool(service.segment, kind, body, dtype)
         return Response(content=answer, media_type=CONTENT_TYPE)
 
-    @app.get("/v1/health")
+    @app.get(HEALTH_PATH)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/info", dependencies=[Depends(require_token)])
+    @app.get(INFO_PATH, dependencies=[Depends(require_token)])
     async def info() -> dict[str, Any]:
         return service.info()
 

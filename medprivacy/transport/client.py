@@ -21,16 +21,14 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from .. import API_VERSION, __version__
+from .. import __version__
 from ..errors import AuthError, CancelledError, InputError, ServerError, VersionMismatchError
+from .contract import API_HEADER, API_VERSION, HEALTH_PATH, INFO_PATH, RESPONSE_DTYPE_HEADER, SEGMENT_PATHS
 from .wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor, to_float32
 
 log = logging.getLogger("medprivacy.transport")
 
 TOKEN_ENV = "MEDPRIVACY_TOKEN"
-API_HEADER = "X-MedPrivacy-API"
-RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
-ENDPOINTS = {"mixup": "/v1/mixup/segment", "baseline": "/v1/baseline/segment"}
 #: /v1/health and /v1/info answer at once on a working server, busy or not (they never wait for the models), so a
 #: server that accepts the connection but stays silent is recognised after this many seconds, not after the long
 #: read timeout meant for inference.
@@ -126,11 +124,11 @@ class InferenceClient:
 
     # -- plain calls -----------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return self._json(self._request("GET", "/v1/health"))
+        return self._json(self._request("GET", HEALTH_PATH))
 
     def info(self) -> dict[str, Any]:
         """Server description (GET /v1/info); raises VersionMismatchError when the API versions differ."""
-        info = self._json(self._request("GET", "/v1/info"))
+        info = self._json(self._request("GET", INFO_PATH))
         if not isinstance(info, dict) or "api_version" not in info:
             raise ServerError(f"{self.url} answered /v1/info without an api_version; check that the URL points at a MedPrivacy server")
         if info["api_version"] != API_VERSION:
@@ -166,7 +164,7 @@ class InferenceClient:
         Patches go out in requests of at most ``request_patches``, in the order given: shuffling them so the
         server cannot group the mixtures of one location is the caller's job.
         """
-        if endpoint not in ENDPOINTS:
+        if endpoint not in SEGMENT_PATHS:
             raise InputError(f"unknown endpoint {endpoint!r}; use 'mixup' or 'baseline'")
         if upload_dtype not in ("uint8", "float16"):
             raise InputError(f"upload dtype must be uint8 or float16, not {upload_dtype!r}")
@@ -176,7 +174,7 @@ class InferenceClient:
         if patches.ndim != 5 or patches.shape[1] != 1 or patches.shape[0] == 0:
             raise InputError(f"patches must have shape (N>0, 1, D, H, W), got {patches.shape}")
         is_cancelled = cancel_check(cancel)
-        path = ENDPOINTS[endpoint]
+        path = SEGMENT_PATHS[endpoint]
         total = patches.shape[0]
         spatial = patches.shape[2:]
         out: np.ndarray | None = None
