@@ -78,7 +78,7 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT))
     from medprivacy.demo import start_local_server, stop_local_server
-    from medprivacy.mixup.io import write_json
+    from medprivacy.files import write_json
 
     wanted = [name.strip() for name in args.logos.split(",") if name.strip()]
     unknown = sorted(set(wanted) - set(LOGOS))

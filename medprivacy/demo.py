@@ -195,6 +195,6 @@ def write_overlay_png(image, labelmap, path: Path) -> None:
         panels.append(padded)
         panels.append(np.zeros((height, 4, 3)))
     mosaic = (np.concatenate(panels[:-1], axis=1) * 255).astype(np.uint8)
-    from .mixup.io import write_atomically
+    from .files import write_atomically
 
     write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(mosaic, isVector=True), str(tmp)))

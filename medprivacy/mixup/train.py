@@ -110,10 +110,11 @@ def synthetic_subject_normalized(seed: int, deformation: float = 1.0, use_cache:
     subject = synthesize_subject(seed, deformation=deformation)
     image = normalize_intensity(subject.image, analysis_mask())
     if use_cache:
+        from ..files import write_atomically
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, image=image.astype(np.float16), labels=subject.labels)
-        os.replace(tmp, path)
+        # A cache: no fsync, a copy lost to a power cut is made again.
+        write_atomically(path, lambda tmp: np.savez(tmp, image=image.astype(np.float16), labels=subject.labels), sync=False)
     return image, subject.labels
 
 

@@ -12,8 +12,6 @@ import hmac
 import itertools
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import InputError
+from ..files import WriteError, os_error_reason, write_atomically
 from ..nets import resolve_device
 from ..transport.contract import (
     API_HEADER, API_VERSION, BASELINE_PATH, HEALTH_PATH, INFO_PATH, MIXUP_PATH, RESPONSE_DTYPE_HEADER, RESPONSE_DTYPES,
@@ -247,12 +246,14 @@ class InferenceService:
             return
         try:
             self._write_audit(kind, raw)
-        except OSError as exc:
-            from ..files import os_error_reason
-
+        except (OSError, InputError) as exc:
+            if isinstance(exc, WriteError):
+                reason = exc.reason
+            else:
+                reason = os_error_reason(exc) if isinstance(exc, OSError) else "its folder no longer exists"
             log.error("cannot write the audit copy of a %s request to %s (%s); request refused", kind, self.config.audit_dir,
-                      os_error_reason(exc))
-            raise _HTTPError(503, f"the server cannot save its audit copy ({os_error_reason(exc)}); ask the operator to free "
+                      reason)
+            raise _HTTPError(503, f"the server cannot save its audit copy ({reason}); ask the operator to free "
                                   "space in its --audit-dir", headers={"Retry-After": "60"}) from None
 
     def _write_audit(self, kind: str, raw: np.ndarray) -> None:
@@ -261,15 +262,14 @@ class InferenceService:
             counter = next(self._audit_counter)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         final = directory / f"{stamp}-{counter:06d}-{kind}.npy"
-        # The temporary name does not end in .npy, so readers globbing *.npy never see half-written files.
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
                 np.save(handle, raw, allow_pickle=False)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        # The temporary name does not end in .npy, so readers globbing *.npy never see half-written files; no
+        # fsync per request (an audit copy lost to a power cut is not worth slowing every request for).
+        write_atomically(final, write, temporary_suffix=".tmp", sync=False)
 
 
 def create_app(config: ServerConfig) -> FastAPI:

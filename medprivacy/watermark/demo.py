@@ -101,7 +101,7 @@ def write_before_after_png(images: list[np.ndarray], path: Path, columns: int | 
     """Images side by side (``columns`` per row), each scaled to 8-bit RGB at its own full range, 4 px apart."""
     import SimpleITK as sitk
 
-    from ..mixup.io import write_atomically
+    from ..files import write_atomically
 
     columns = columns or len(images)
     tiles = [_display_rgb(image) for image in images]

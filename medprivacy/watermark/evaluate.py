@@ -591,7 +591,7 @@ def write_grid(path: Path, attacked: list[_Image], names: Sequence[str], table3_
     import SimpleITK as sitk
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..mixup.io import write_atomically
+    from ..files import write_atomically
 
     path = Path(path)
     lesion = [im for im in attacked if im.label == 1 and im.runs]
@@ -689,7 +689,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..cli import client_from_args
-    from ..mixup.io import write_json
+    from ..files import write_json
     from ..transport.watermark_client import WatermarkClient
     from . import blending
 

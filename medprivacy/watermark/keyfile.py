@@ -264,7 +264,7 @@ def generate_key_file(path: str | os.PathLike, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path} already exists; keys encrypted with it would become unreadable if it were replaced (pass force to overwrite)")
-    _write_private(path, secrets.token_bytes(KEY_FILE_BYTES))
+    _write_key_file(path, secrets.token_bytes(KEY_FILE_BYTES))
     return path
 
 
@@ -303,7 +303,7 @@ class KeyWriter:
             sealed = AESGCM(self._aes_key).encrypt(nonce, _pack(key), header)
         except OverflowError:
             raise InputError("the key is too large for one file (over 2 GiB); split the dataset across several keys") from None
-        _write_private(self.path, header + sealed)
+        _write_key_file(self.path, header + sealed)
         return self.path
 
 
@@ -448,7 +448,7 @@ def _checked_entry(item: dict, archive) -> KeyEntry:
     return entry
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_key_file(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the first byte, atomically, read back and flushed (a lost key loses data)."""
     if not path.parent.is_dir():
         raise InputError(f"output folder {path.parent} does not exist; create it first")
