@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..cancellation import cancel_check
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
-from ..transport.client import cancel_check
 from .mixing import DEFAULT_LAMBDA_RANGE, MixPlan, copy_weights, mix, naive_unmix, one_hot, orient, orient_rows, plan_mixing, unorient
 from .patches import PatchGrid, ScoreAccumulator
 from .privacy import PrivacySettings, privacy_settings

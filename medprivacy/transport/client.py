@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Callable, Union
 from urllib.parse import urlsplit
@@ -22,6 +21,7 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from .. import __version__
+from ..cancellation import Cancel, cancel_check
 from ..errors import AuthError, CancelledError, InputError, ServerError, VersionMismatchError
 from .contract import API_HEADER, API_VERSION, HEALTH_PATH, INFO_PATH, RESPONSE_DTYPE_HEADER, SEGMENT_PATHS
 from .wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor, to_float32
@@ -37,7 +37,6 @@ QUICK_READ_TIMEOUT = 10.0
 #: garbage and must not be allowed to allocate memory.
 MAX_CLASSES = 256
 
-Cancel = Union[Callable[[], bool], threading.Event, None]
 Progress = Union[Callable[[int, int], Any], None]
 
 
@@ -349,17 +348,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def cancel_check(cancel: Cancel) -> Callable[[], bool]:
-    """A no-argument predicate from a cancel callable, a threading.Event or None."""
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    if callable(cancel):
-        return lambda: bool(cancel())
-    raise InputError("cancel must be a callable returning bool or a threading.Event")
 
 
 def _is_reset_during_upload(exc: BaseException) -> bool:
