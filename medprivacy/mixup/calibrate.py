@@ -61,10 +61,10 @@ class LocalSegmenter:
 
     def segment(self, patches: np.ndarray, endpoint: str = "mixup", cancel=None, progress=None) -> np.ndarray:
         from ..nets.inference import segment_patches
-        from ..transport.wire import decode_tensor_raw, encode_tensor, to_float32
+        from ..quantization import to_codes, to_float32
 
-        raw = decode_tensor_raw(encode_tensor(patches, "uint8", compress=False))[0]
-        return to_float32(segment_patches(self.nets[endpoint], raw, self.device))
+        # The uint8 codes the client uploads (mixtures lie in [0, 1]), answered in the codes the server returns.
+        return to_float32(segment_patches(self.nets[endpoint], to_codes(patches), self.device))
 
 
 def calibration_bank(patch_size, reference_subjects: int = CALIBRATION_REFERENCE_SUBJECTS, progress=None):
