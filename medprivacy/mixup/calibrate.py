@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.synth import CALIBRATION_REFERENCE_SEED_BASE, VALIDATION_SEED_BASE
 from ..labels import NUM_CLASSES
 from .bank import DEFAULT_PATCHES as CALIBRATION_REFERENCE_PATCHES  # as many as keygen keeps
 from .evaluate import CLASS_NAMES
 from .privacy import DEFAULT_LEVEL, privacy_settings
 
-#: Calibration scans: validation-split synthetic subjects (train.VALIDATION_SEED_BASE + 100 + i; training's own
-#: validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
+#: Calibration scans: validation-split synthetic subjects (data.synth.VALIDATION_SEED_BASE + 100 + i; training's
+#: own validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
+#: The calibration key's references come from data.synth.CALIBRATION_REFERENCE_SEED_BASE.
 CALIBRATION_SEED_OFFSET = 100
-#: The calibration key: references from seeded synthetic subjects, drawn the way keygen draws them.
-CALIBRATION_REFERENCE_SEED_BASE = 860_000
 CALIBRATION_REFERENCE_SUBJECTS = 4
 #: Factors tried for each class (background stays 1): 0.5 … 4, geometric.
 CANDIDATE_FACTORS = np.exp(np.linspace(np.log(0.5), np.log(4.0), 25))
@@ -88,8 +88,6 @@ def calibration_bank(patch_size, reference_subjects: int = CALIBRATION_REFERENCE
 
 
 def calibration_seeds(count: int) -> list[int]:
-    from .train import VALIDATION_SEED_BASE
-
     return [VALIDATION_SEED_BASE + CALIBRATION_SEED_OFFSET + i for i in range(count)]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.synth import VALIDATION_SEED_BASE
 from ..labels import NUM_CLASSES
 from .intensity import normalize_intensity
 from .mixing import DEFAULT_LAMBDA_RANGE
@@ -27,7 +28,6 @@ from .sampling import crop, draw_reference_patches, keep_most_textured, referenc
 
 log = logging.getLogger("medprivacy.train")
 
-VALIDATION_SEED_BASE = 800_000
 LABEL_NAMES = {"0": "Background", "1": "CSF", "2": "Gray matter", "3": "White matter"}
 
 

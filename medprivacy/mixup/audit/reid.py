@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-#: Re-identification subjects (never used in training, validation, calibration, the held-out Dice or by the attacker).
-REID_SEED_BASE = 950_000
+from ...data.synth import REID_SEED_BASE
+
 #: A second visit draws its scanner effects and head position from seed + this offset.
 SECOND_VISIT_OFFSET = 1_000_000
 
