@@ -156,7 +156,7 @@ def calibrate(
     from ..nets import load_manifest
     from ..nets.registry import write_manifest
     from .model_space import analysis_mask
-    from .pipeline import _Unmixer, plain_scores, prepare_scan, private_scores
+    from .pipeline import Unmixer, plain_scores, prepare_scan, private_scores
 
     started = time.time()
     settings = privacy_settings(privacy or DEFAULT_LEVEL, tta)
@@ -164,7 +164,7 @@ def calibrate(
     segmenter = LocalSegmenter(models_dir, device)
     info = segmenter.info()
     patch_size = tuple(info["models"]["mixup-seg"]["patch_size"])
-    unmixer = _Unmixer("learned", info, patch_size, models_dir=models_dir)
+    unmixer = Unmixer("learned", info, patch_size, models_dir=models_dir)
     bank = calibration_bank(patch_size, reference_subjects, say)
     mask = analysis_mask()
     rng = np.random.default_rng(CALIBRATION_REFERENCE_SEED_BASE + 1)

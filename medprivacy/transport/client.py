@@ -279,7 +279,7 @@ class InferenceClient:
 
     def _raise_for_status(self, response, path: str) -> None:
         status = response.status_code
-        detail = _detail(response)
+        detail = error_detail(response)
         if status == 401:
             raise AuthError(f"{self.url} requires a token; pass --token-file or set {TOKEN_ENV}")
         if status == 403:
@@ -377,7 +377,8 @@ def _reason(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def _detail(response) -> str:
+def error_detail(response) -> str:
+    """The server's one-line reason in an error answer (JSON ``detail``, else the start of the body)."""
     try:
         detail = response.json().get("detail", "")
     except (ValueError, AttributeError):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ServerError
-from .client import InferenceClient
+from .client import InferenceClient, error_detail
 from .contract import (
     RESPONSE_DTYPE_HEADER, WATERMARK_CLASSIFY_PATH, WATERMARK_LESIONS_PATH, WATERMARK_OPTIMIZE_PATH, WATERMARK_PREFIX,
 )
@@ -111,9 +111,7 @@ class WatermarkClient(InferenceClient):
     def _raise_for_status(self, response, path: str) -> None:
         # A 404 from a watermark endpoint means "this server lacks that model", which the server's detail says.
         if response.status_code == 404 and path.startswith(WATERMARK_PREFIX):
-            from .client import _detail
-
-            detail = _detail(response)
+            detail = error_detail(response)
             if detail.startswith("watermark"):
                 raise ServerError(f"{self.url}: {detail}")
         if response.status_code == 413 and path.startswith(WATERMARK_PREFIX):
