@@ -36,8 +36,6 @@ trip of the key file) and compared with the original.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -648,78 +646,3 @@ def write_grid(path: Path, attacked: list[_Image], names: Sequence[str], table3_
     array = np.asarray(canvas, dtype=np.uint8)
     write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(array, isVector=True), str(tmp)))
 
-
-# --- command line ----------------------------------------------------------------------------------------------
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_server_arguments
-
-    add_server_arguments(parser, 1800.0, "seconds to wait for each search")
-    parser.add_argument("--out", required=True, type=Path, help="report.json to write (atomically)")
-    parser.add_argument("--images", type=int, default=20, help="held-out test images to draw (default 20)")
-    parser.add_argument("--start", type=int, default=0, help="first image of the split (default 0)")
-    parser.add_argument("--split", choices=EVAL_SPLITS, default="test",
-                        help="images to draw: the held-out test split (default) or the validation split, to choose settings such as the logo")
-    parser.add_argument("--seed", type=int, default=0, help="search seed of the first image; image i uses seed + i (default 0)")
-    parser.add_argument("--data-seed", type=int, default=0, help="data seed the models were trained with (default 0)")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default: the classifiers' input size)")
-    parser.add_argument("--attack", choices=ATTACK_SETS, default="all-correct",
-                        help="attack images every classifier gets right (the paper's protocol, default) or all images")
-    parser.add_argument("--models", default=None, help="comma-separated classifiers to evaluate (default: every two-class classifier)")
-    parser.add_argument("--no-held-out", action="store_true", help="skip the ensemble-of-the-others sources (one search per classifier per image)")
-    parser.add_argument("--no-table3", action="store_true", help="skip Table 3 (placement and mutation ablation)")
-    parser.add_argument("--table3-source", default=None, help=f"source of Table 3 (default {TABLE3_PREFERRED})")
-    parser.add_argument("--equal-budget-random", action="store_true",
-                        help="add a random-mutation row with as many evaluations as basin hopping (Ng*(Niter+1) generations)")
-    parser.add_argument("--lesions", choices=LESION_SOURCES, default="auto",
-                        help="Table 3 lesion boxes from the server's segmenter or the images' true masks (default auto: segmenter if served)")
-    parser.add_argument("--logo", type=Path, default=None, help="logo picture (default: the grey padlock on a dark plate)")
-    parser.add_argument("--sl", type=float, default=4.0, help="logo scale (default 4)")
-    parser.add_argument("--population", type=int, default=50, help="Np (default 50)")
-    parser.add_argument("--generations", type=int, default=3, help="Ng (default 3)")
-    parser.add_argument("--crossover-rate", type=float, default=0.9, help="CR (default 0.9)")
-    parser.add_argument("--step", type=int, default=10, help="s in pixels (default 10)")
-    parser.add_argument("--local-iterations", type=int, default=3, help="Niter (default 3)")
-    parser.add_argument("--alpha-min", type=float, default=100.0)
-    parser.add_argument("--alpha-max", type=float, default=255.0)
-    parser.add_argument("--max-evaluations", type=int, default=None, help="cap on candidates per search")
-    parser.add_argument("--grid", type=Path, default=None, help="PNG of examples: original / watermarked / lesion boxes")
-    parser.add_argument("--grid-images", type=int, default=4, help="images in the PNG grid (default 4)")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from ..cli import client_from_args
-    from ..files import write_json
-    from ..transport.watermark_client import WatermarkClient
-    from . import blending
-
-    for what, target in (("--out", args.out), ("--grid", args.grid)):
-        if target is not None and not Path(target).parent.is_dir():
-            raise InputError(f"the folder of {what} {target} does not exist; create it first")
-        if target is not None and Path(target).is_dir():
-            raise InputError(f"{what} {target} is a folder; give a file name")
-    config = EvalConfig(
-        images=args.images, start=args.start, split=args.split, seed=args.seed, data_seed=args.data_seed, size=args.size, attack=args.attack,
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
-        held_out=not args.no_held_out, table3=not args.no_table3, table3_source=args.table3_source,
-        equal_budget_random=args.equal_budget_random, lesions=args.lesions, sl=args.sl, population=args.population,
-        generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
-        local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max),
-        max_evaluations=args.max_evaluations, grid_images=args.grid_images,
-    )
-    config.check()
-    logo = blending.load_logo(args.logo) if args.logo is not None else None
-    client = client_from_args(args, WatermarkClient)
-    report = run_evaluation(client, config, logo=logo, grid=args.grid)
-    write_json(json.loads(json.dumps(report, default=_json_default)), args.out)
-    print(format_report(report))
-    print(f"report written to {args.out}" + (f", examples in {args.grid}" if args.grid else ""))
-    return 0
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
