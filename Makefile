@@ -26,7 +26,7 @@ bench: env
 	$(BIN)/python bench/mixup_bench.py
 
 bench-watermark: env
-	$(BIN)/python bench/medlocker_bench.py
+	$(BIN)/python bench/watermark_bench.py
 
 bench-obfuscation: env
 	$(BIN)/python bench/obfuscation_bench.py
@@ -62,7 +62,7 @@ eval: env
 	$(BIN)/python bench/mixup_eval.py
 
 eval-watermark: env
-	$(BIN)/python bench/medlocker_eval.py
+	$(BIN)/python bench/watermark_eval.py
 
 eval-obfuscation: env
 	$(BIN)/python bench/obfuscation_eval.py --parallel

@@ -157,7 +157,7 @@ if _HAVE_APP:
             settings.setValue(_SETTINGS + "Mode", self.ui.modeComboBox.currentText)
 
         def _searchSettings(self):
-            from medprivacy.medlocker.batch import SearchSettings
+            from medprivacy.watermark.batch import SearchSettings
 
             models, weights = [], []
             table = self.ui.modelsTableWidget

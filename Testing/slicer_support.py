@@ -37,7 +37,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO_ROOT / "MixupPrivacy"
 MODULE_FILE = MODULE_DIR / "MixupPrivacy.py"
-MEDLOCKER_MODULE_DIR = REPO_ROOT / "MedLockerWatermark"
+WATERMARK_MODULE_DIR = REPO_ROOT / "MedLockerWatermark"
 OBFUSCATION_MODULE_DIR = REPO_ROOT / "ObfuscationPrivacy"
 
 

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT, build_watermark_models, free_port, start_server
 from faults import read_only_folder, small_disk
 from medprivacy.cli import main
 from medprivacy.errors import InputError
-from medprivacy.medlocker import io as mio
+from medprivacy.watermark import io as mio
 
 SEARCH = ["--mode", "wap", "--population", "4", "--generations", "1", "--local-iterations", "1", "--seed", "0"]
 
@@ -58,7 +58,7 @@ def wm_server(tmp_path_factory):
 
 @pytest.fixture
 def secret(tmp_path) -> Path:
-    from medprivacy.medlocker.keyfile import generate_key_file
+    from medprivacy.watermark.keyfile import generate_key_file
 
     return generate_key_file(tmp_path / "secret.bin")
 
@@ -148,7 +148,7 @@ def test_cli_segment_refuses_a_damaged_scan_before_any_work(tmp_path):
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
-def test_medlocker_refuses_a_truncated_nifti_slice(tmp_path):
+def test_watermark_refuses_a_truncated_nifti_slice(tmp_path):
     path = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(2).integers(0, 4000, (64, 64)).astype(np.int16)), str(path))
     data = path.read_bytes()
@@ -177,7 +177,7 @@ def _protect_until(sig: int, wm_server, tmp_path: Path, secret: Path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_stopped_protect_run_leaves_a_key_for_every_protected_image(sig, wm_server, tmp_path, secret):
-    from medprivacy.medlocker.keyfile import load_key, unlock
+    from medprivacy.watermark.keyfile import load_key, unlock
 
     code, stderr, inputs, out, key = _protect_until(sig, wm_server, tmp_path, secret)
     protected = [out / n for n in _visible(out) if not n.startswith(".")]

@@ -23,8 +23,8 @@ import requests
 
 from conftest import REPO_ROOT, TINY_PATCH, build_tiny_models, build_watermark_models, launch_server
 from faults import glibc_heaps
-from medprivacy.medlocker import blending
-from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor, unit_image
+from medprivacy.watermark import blending
+from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor
 from medprivacy.transport.wire import CONTENT_TYPE, MAGIC, encode_tensor, encode_tensor_raw
 
 STALL_TIMEOUT = 2.0

@@ -63,7 +63,7 @@ def test_extension_installs_the_shared_package_beside_the_core():
 
 
 def test_libs_make_the_shared_package_importable_without_its_qt_part():
-    # The modules' own no-Qt load tests (test_slicer_logic.py, test_slicer_medlocker.py) cover the Libs importing it.
+    # The modules' own no-Qt load tests (test_slicer_logic.py, test_slicer_watermark.py) cover the Libs importing it.
     pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
     slicer_support.load_module()
     import MedPrivacySlicerCommon

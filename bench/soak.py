@@ -80,7 +80,7 @@ class Client(threading.Thread):
         self.index, self.url, self.deadline, self.info, self.kinds, self.results = index, url, deadline, info, kinds, results
 
     def run(self) -> None:
-        from medprivacy.medlocker import blending
+        from medprivacy.watermark import blending
         from medprivacy.transport.watermark_client import WatermarkClient
 
         rng = np.random.default_rng(1000 + self.index)

@@ -18,7 +18,7 @@ from .errors import MedPrivacyError
 _COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "run the inference server (FastAPI + uvicorn)", "medprivacy.server.cli"),
     ("mixup", "Mixup-Privacy segmentation: keygen, segment, eval, train", "medprivacy.mixup.cli"),
-    ("watermark", "MedLocker adversarial watermarking: protect, unlock, verify", "medprivacy.medlocker.cli"),
+    ("watermark", "MedLocker adversarial watermarking: protect, unlock, verify", "medprivacy.watermark.cli"),
     ("obfuscate", "ObfuscationPrivacy: keygen, apply, train and classify on the server, eval", "medprivacy.obfuscation.cli"),
     ("demo", "start a local server and segment a sample brain through the private path", "medprivacy.demo"),
 ]

@@ -6,7 +6,7 @@ The sample is the real MNI152 T1 (the only 3D brain MRI that ships offline), war
 placed in an oblique 1×1×1.3 mm "scanner" grid with the head moved, so the whole client path runs: registration,
 normalisation, mixing, shuffled upload, unmixing, TTA, resampling back. Reference labels come from the template's
 tissue maps carried through the same warp, so the demo can print Dice. The MedLocker part is in
-:mod:`medprivacy.medlocker.demo`, the ObfuscationPrivacy part in :mod:`medprivacy.obfuscation.demo`.
+:mod:`medprivacy.watermark.demo`, the ObfuscationPrivacy part in :mod:`medprivacy.obfuscation.demo`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--privacy", default=None, help="privacy level of the private path (default: the product's default)")
     parser.add_argument("--tta", type=int, default=None, help="mixed copies per patch (default: the level's)")
     parser.add_argument("--unmix", choices=("naive", "learned"), default="learned")
-    parser.add_argument("--skip-medlocker", action="store_true", help="skip the MedLocker watermarks")
+    # --skip-medlocker: the flag's name before the feature was called "watermark" everywhere; kept so scripts work.
+    parser.add_argument("--skip-watermark", "--skip-medlocker", dest="skip_watermark", action="store_true",
+                        help="skip the MedLocker watermarks")
     parser.add_argument("--skip-obfuscation", action="store_true", help="skip the ObfuscationPrivacy classifier")
 
 
@@ -57,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
         client = InferenceClient(url)
         print(client.check_connection())
         status = _segment_and_report(client, bank, image_path, label_path, args)
-        if status == 0 and not args.skip_medlocker:
-            from .medlocker.demo import run_medlocker_demo
+        if status == 0 and not args.skip_watermark:
+            from .watermark.demo import run_watermark_demo
 
             print()
-            status = run_medlocker_demo(url, args.out / "medlocker")
+            status = run_watermark_demo(url, args.out / "watermark")
         if status == 0 and not args.skip_obfuscation:
             from .obfuscation.demo import run_obfuscation_demo
 
@@ -200,6 +202,6 @@ def write_overlay_png(image, labelmap, path: Path) -> None:
         panels.append(padded)
         panels.append(np.zeros((height, 4, 3)))
     mosaic = (np.concatenate(panels[:-1], axis=1) * 255).astype(np.uint8)
-    from .mixup.io import write_atomically
+    from .files import write_atomically
 
     write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(mosaic, isVector=True), str(tmp)))

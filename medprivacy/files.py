@@ -62,9 +62,17 @@ def _fsize_limit_text() -> str:
     return "unknown size" if limit is None else f"{limit} bytes"
 
 
-def _write_error(path: Path, reason: str) -> InputError:
-    return InputError(f"could not write {path}: {reason}; nothing was written there. "
-                      "Free some space or choose another output folder")
+class WriteError(InputError):
+    """An output could not be written; ``reason`` says why in a few words ("the disk is full")."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"could not write {path}: {reason}; nothing was written there. "
+                         "Free some space or choose another output folder")
+        self.path, self.reason = path, reason
+
+
+def _write_error(path: Path, reason: str) -> WriteError:
+    return WriteError(path, reason)
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
@@ -88,10 +96,12 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
     return folder
 
 
-def _temporary_beside(path: Path) -> Path:
-    """A hidden temporary path beside ``path`` with the same (possibly double) suffix, so writers pick the format."""
+def _temporary_beside(path: Path, suffix: str | None = None) -> Path:
+    """A hidden temporary path beside ``path``, by default with the same (possibly double) suffix, so writers pick
+    the format. mkstemp creates it 0600: nothing is readable by others before ``write_atomically`` sets the mode."""
     name = path.name
-    suffix = next((s for s in (".seg.nrrd", ".nii.gz") if name.endswith(s)), path.suffix)
+    if suffix is None:
+        suffix = next((s for s in (".seg.nrrd", ".nii.gz") if name.endswith(s)), path.suffix)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=suffix)
     except OSError as exc:
@@ -134,21 +144,25 @@ def _space_problem(tmp: Path) -> str | None:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None],
-                     verify: Callable[[Path], None] | None = None, mode: int | None = None) -> Path:
-    """Create ``path`` completely or not at all.
+                     verify: Callable[[Path], None] | None = None, mode: int | None = None, *,
+                     temporary_suffix: str | None = None, sync: bool = True) -> Path:
+    """Create ``path`` completely or not at all: the one "write, then rename" of the package.
 
-    ``write(tmp)`` writes the content to ``tmp`` (same suffix as ``path``); ``verify(tmp)``, if given, reads it
-    back and raises when it is not what was meant. ``mode`` (default: 0666 minus the umask) is set before the
-    rename. A short write, a full disk, a read-only folder: one InputError line, and no file at ``path`` changed.
+    ``write(tmp)`` writes the content to ``tmp`` (same suffix as ``path`` unless ``temporary_suffix`` is given,
+    e.g. so that readers globbing ``*.npy`` never pick it up); ``verify(tmp)``, if given, reads it back and raises
+    when it is not what was meant. ``mode`` (default: 0666 minus the umask) is set before the rename; until then
+    the file is 0600. ``sync=False`` skips the fsyncs, for copies not worth slowing every request for. A short
+    write, a full disk, a read-only folder: one ``WriteError`` (an InputError) line, and no file at ``path`` changed.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder {path.parent} does not exist; create it first")
-    tmp = _temporary_beside(path)
+    tmp = _temporary_beside(path, temporary_suffix)
     try:
         try:
             write(tmp)
-            _flush_to_disk(tmp)
+            if sync:
+                _flush_to_disk(tmp)
         except OSError as exc:
             # A library's own error (SimpleITK's PNG writer) carries no errno: the disk may still be the reason.
             reason = os_error_reason(exc) if exc.errno is not None else (_space_problem(tmp) or os_error_reason(exc))
@@ -168,7 +182,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None],
             os.replace(tmp, path)
         except OSError as exc:
             raise _write_error(path, os_error_reason(exc)) from None
-        _flush_folder(path.parent)
+        if sync:
+            _flush_folder(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -186,6 +201,13 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes, mode: int | Non
             raise ValueError("content differs")
 
     return write_atomically(path, write, verify, mode)
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    """``data`` as indented JSON text into ``path`` through ``write_atomically`` (reports, manifests of outputs)."""
+    import json
+
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
 
 def _flush_folder(folder: Path) -> None:

@@ -28,7 +28,7 @@ from vtk.util import numpy_support
 
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
-from medprivacy.medlocker.boxes import DEFAULT_MODE, MODES  # noqa: F401  (re-exported for the widget)
+from medprivacy.watermark.boxes import DEFAULT_MODE, MODES  # noqa: F401  (re-exported for the widget)
 from MedPrivacySlicerCommon.mrml_geometry import ijk_to_ras, vtk_matrix
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
@@ -104,7 +104,7 @@ def describe_predictions(answer: dict[str, Any]) -> list[str]:
     lines = [f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
              f"{answer.get('evaluations', '?')} evaluations"]
     if "target_source" in answer:
-        from medprivacy.medlocker.batch import describe_target
+        from medprivacy.watermark.batch import describe_target
 
         lines.append(f"target: {describe_target(answer)}")
     for name in answer.get("models", []):
@@ -147,9 +147,9 @@ class MedLockerWatermarkLogic:
             if scene is None:
                 raise ValueError("MedLockerWatermarkLogic needs an MRML scene outside the Slicer application")
         self.scene = scene
-        from medprivacy.medlocker.keyfile import MedLockerKey
+        from medprivacy.watermark.keyfile import WatermarkKey
 
-        self.key = MedLockerKey()
+        self.key = WatermarkKey()
         self.key_path: Path | None = None
         self.unsaved = 0
         #: Extra ``WatermarkClient`` settings (timeouts, retries). The default read timeout allows a long search.
@@ -164,7 +164,7 @@ class MedLockerWatermarkLogic:
     def node_to_image(self, volume_node, slice_index: int | None = None) -> SliceImage:
         """Slice ``slice_index`` (K axis) of a scalar or RGB volume node as MedLocker pixels; a single-slice volume
         needs no index. One-line InputError for anything MedLocker cannot watermark."""
-        from medprivacy.medlocker.io import to_medlocker_pixels
+        from medprivacy.watermark.io import to_watermark_pixels
 
         self._check_image_node(volume_node)
         label = _node_label(volume_node)
@@ -176,7 +176,7 @@ class MedLockerWatermarkLogic:
         if not (isinstance(slice_index, (int, np.integer)) and 0 <= int(slice_index) < slices):
             raise InputError(f"slice {slice_index} is outside {label}, which has slices 0 to {slices - 1}")
         voxels = voxel_array(volume_node)[int(slice_index)]
-        pixels, source_dtype = to_medlocker_pixels(np.array(voxels, copy=True), label)
+        pixels, source_dtype = to_watermark_pixels(np.array(voxels, copy=True), label)
         name = volume_node.GetName() or "image"
         if slices > 1:  # the key and the output name say which slice of the volume this image is
             name = f"{name} slice {int(slice_index)}"
@@ -215,7 +215,7 @@ class MedLockerWatermarkLogic:
     def image_to_node(self, pixels: np.ndarray, source_dtype, reference_node, slice_index: int, name: str):
         """A new single-slice volume node holding ``pixels`` (MedLocker form) in the reference node's scalar type,
         at the place of ``slice_index`` of ``reference_node`` (same spacing, directions and parent transform)."""
-        from medprivacy.medlocker.io import to_file_pixels
+        from medprivacy.watermark.io import to_file_pixels
 
         stored = to_file_pixels(np.asarray(pixels), np.dtype(source_dtype))
         rgb = stored.ndim == 3
@@ -351,7 +351,7 @@ class MedLockerWatermarkLogic:
     @staticmethod
     def load_logo(path: str | os.PathLike | None = None) -> np.ndarray:
         """The logo picture at ``path`` as RGBA, or MedLocker's badge (grey padlock on a dark plate) when no path is given."""
-        from medprivacy.medlocker import blending
+        from medprivacy.watermark import blending
 
         if path is None or not str(path).strip():
             return blending.default_logo()
@@ -361,9 +361,9 @@ class MedLockerWatermarkLogic:
                            lesion_source: str = "server", segmentation_node=None, segment_ids=None):
         """Everything of a protection that needs MRML or can be checked before the network (main thread):
         (image, logo, settings, lesion mask or None). Raises a one-line InputError for unusable input."""
-        from medprivacy.medlocker import blending
-        from medprivacy.medlocker.batch import SearchSettings
-        from medprivacy.medlocker.boxes import normalize_mode
+        from medprivacy.watermark import blending
+        from medprivacy.watermark.batch import SearchSettings
+        from medprivacy.watermark.boxes import normalize_mode
 
         settings = settings or SearchSettings()
         settings.mode = normalize_mode(settings.mode)
@@ -389,8 +389,8 @@ class MedLockerWatermarkLogic:
         With ``lesion_source`` "server" the server's segmenter draws the lesion mask first (threshold 0.5) and that
         very mask is sent with the search, so the overlay shown is the one that constrained the logo.
         """
-        from medprivacy.medlocker.batch import check_classifiers
-        from medprivacy.transport.watermark_client import unit_image
+        from medprivacy.watermark.batch import check_classifiers
+        from medprivacy.watermark.blending import unit_view
 
         def check_cancel():
             if cancel is not None and cancel():
@@ -409,7 +409,7 @@ class MedLockerWatermarkLogic:
                                      "or use wap placement")
                 if progress:
                     progress("finding lesions on the server", 0.1)
-                used_mask = client.lesions(unit_image(image.pixels, image.window)) >= LESION_THRESHOLD
+                used_mask = client.lesions(unit_view(image.pixels, image.window)) >= LESION_THRESHOLD
                 lesions = "mask"
             elif settings.mode != "wap" and lesion_source == "segmentation":
                 if mask is None:
@@ -468,7 +468,7 @@ class MedLockerWatermarkLogic:
     def export_key(self, path: str | os.PathLike, passphrase: str | None = None, key_file: str | os.PathLike | None = None,
                    **options) -> Path:
         """Save the session key encrypted with a passphrase or a 32-byte key file (``options``: e.g. scrypt cost)."""
-        from medprivacy.medlocker.keyfile import save_key
+        from medprivacy.watermark.keyfile import save_key
 
         path = save_key(self.key, path, passphrase=passphrase or None, key_file=key_file or None, **options)
         self.key_path, self.unsaved = Path(path), 0
@@ -476,32 +476,32 @@ class MedLockerWatermarkLogic:
 
     def load_key(self, path: str | os.PathLike, passphrase: str | None = None, key_file: str | os.PathLike | None = None):
         """Open a key file and make it the session key; InputError (one line) on a wrong passphrase or key file."""
-        from medprivacy.medlocker.keyfile import load_key
+        from medprivacy.watermark.keyfile import load_key
 
         self.key = load_key(path, passphrase=passphrase or None, key_file=key_file or None)
         self.key_path, self.unsaved = Path(path), 0
         return self.key
 
     def new_key(self) -> None:
-        from medprivacy.medlocker.keyfile import MedLockerKey
+        from medprivacy.watermark.keyfile import WatermarkKey
 
-        self.key, self.key_path, self.unsaved = MedLockerKey(), None, 0
+        self.key, self.key_path, self.unsaved = WatermarkKey(), None, 0
 
     @staticmethod
     def generate_key_file(path: str | os.PathLike) -> Path:
-        from medprivacy.medlocker.keyfile import generate_key_file
+        from medprivacy.watermark.keyfile import generate_key_file
 
         return generate_key_file(path)
 
     def verify(self, volume_node, slice_index: int | None = None):
         """The session key's entry for this exact image, or None."""
-        from medprivacy.medlocker.keyfile import verify
+        from medprivacy.watermark.keyfile import verify
 
         return verify(self.node_to_image(volume_node, slice_index).pixels, self.key)
 
     def unlock(self, volume_node, slice_index: int | None = None, name: str | None = None):
         """A new single-slice volume with the original image, bit for bit, restored with the session key."""
-        from medprivacy.medlocker.keyfile import unlock
+        from medprivacy.watermark.keyfile import unlock
 
         image = self.node_to_image(volume_node, slice_index)
         if self.key.find(image.pixels) is None:
@@ -524,8 +524,8 @@ class MedLockerWatermarkLogic:
         the server works, each output keeps its input's format, and on cancel or error the key still holds the
         images finished so far. ``append`` adds to an existing key (opened with the same credentials).
         """
-        from medprivacy.medlocker import batch
-        from medprivacy.medlocker.keyfile import MedLockerKey, load_key
+        from medprivacy.watermark import batch
+        from medprivacy.watermark.keyfile import WatermarkKey, load_key
 
         credentials = {"passphrase": passphrase} if passphrase else {"key_file": key_file} if key_file else None
         if credentials is None:
@@ -541,7 +541,7 @@ class MedLockerWatermarkLogic:
             raise InputError(f"key {key_path} already exists; choose a new key file or add the images to it")
         settings = settings or batch.SearchSettings()
         opening = {k: v for k, v in credentials.items() if k != "scrypt_log2_n"}
-        key = load_key(key_path, **opening) if key_path.exists() else MedLockerKey()
+        key = load_key(key_path, **opening) if key_path.exists() else WatermarkKey()
         logo = self.load_logo(None) if logo is None else logo
         images = batch.image_files(input_dir)
         if output_dir.resolve() == Path(input_dir).resolve():

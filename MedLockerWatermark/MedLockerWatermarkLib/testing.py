@@ -24,7 +24,7 @@ TEST_SCRYPT_LOG2_N = 12
 
 
 def tiny_search(**overrides):
-    from medprivacy.medlocker.batch import SearchSettings
+    from medprivacy.watermark.batch import SearchSettings
 
     options = dict(population=4, generations=1, local_iterations=1, seed=0, models=["wm-cls-resnet18", "wm-cls-vit"],
                    weights=[0.7, 0.3])
@@ -156,7 +156,7 @@ class MedLockerWatermarkTestMixin:
     # -- protect / unlock / verify / key (server) ------------------------------------------------------------------
 
     def check_protect_unlock_bit_exact(self, scene, url: str, folder):
-        from medprivacy.medlocker.keyfile import load_key
+        from medprivacy.watermark.keyfile import load_key
 
         logic = MedLockerWatermarkLogic(scene)
         nodes = {}
@@ -297,8 +297,9 @@ class MedLockerWatermarkTestMixin:
 
     def check_server_lesions(self, scene, url: str):
         """Lesions from the server's segmenter: the overlay is the very mask the search was constrained by."""
-        from medprivacy.medlocker.boxes import MaskParams, lesion_boxes
-        from medprivacy.transport.watermark_client import WatermarkClient, unit_image
+        from medprivacy.watermark.boxes import MaskParams, lesion_boxes
+        from medprivacy.transport.watermark_client import WatermarkClient
+        from medprivacy.watermark.blending import unit_view
 
         logic = MedLockerWatermarkLogic(scene)
         pixels = self.sample_pixels("rgb", shape=(64, 64))
@@ -306,7 +307,7 @@ class MedLockerWatermarkTestMixin:
         result = logic.protect(node, url, settings=tiny_search(mode="wap", sl=8), lesion_source="server")
         self.assertIsNone(result.segmentation_node)  # wap ignores lesions, so none is asked for
         with WatermarkClient(url) as client:
-            expected = client.lesions(unit_image(pixels[0])) >= 0.5
+            expected = client.lesions(unit_view(pixels[0])) >= 0.5
         boxes = lesion_boxes(expected, MaskParams.for_image(expected.shape))
         # The tiny untrained segmenter may mark much of the image: keep-in always has room then, keep-out when
         # it finds nothing.
@@ -322,8 +323,8 @@ class MedLockerWatermarkTestMixin:
     def check_dataset_folder(self, scene, url: str, folder):
         import SimpleITK as sitk
 
-        from medprivacy.medlocker import io as mio
-        from medprivacy.medlocker.keyfile import load_key, unlock
+        from medprivacy.watermark import io as mio
+        from medprivacy.watermark.keyfile import load_key, unlock
 
         logic = MedLockerWatermarkLogic(scene)
         folder = Path(folder)

@@ -13,8 +13,22 @@ import numpy as np
 
 from .template import BRAIN_THRESHOLD, load_template, tissue_labels
 
+#: Where each use of synthetic subjects draws its seeds (base + 0, 1, 2, ...): all defined here, so no two uses
+#: overlap and a new one can see which ranges are taken.
+#: Training subjects:
 TRAIN_SEED_BASE = 1_000
+#: The privacy audit's attacker: its own synthetic patients, and the subjects of its reference bank:
+ATTACKER_SUBJECT_SEED_BASE = 700_000
+ATTACKER_BANK_SEED_BASE = 720_000
+#: Validation subjects: training's validation patches use the first few, calibration scans start 100 further on
+#: (``mixup.calibrate.CALIBRATION_SEED_OFFSET``), the attack separator's validation 200 further on:
+VALIDATION_SEED_BASE = 800_000
+#: Reference subjects of the calibration key (drawn the way keygen draws from a site's scans):
+CALIBRATION_REFERENCE_SEED_BASE = 860_000
+#: Held-out subjects of every evaluation:
 HELD_OUT_SEED_BASE = 900_000
+#: Re-identification subjects of the privacy audit (used nowhere else):
+REID_SEED_BASE = 950_000
 
 
 @dataclass

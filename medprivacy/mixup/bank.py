@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..files import write_atomically
 
 BANK_FILE = "reference_bank.npz"
 META_FILE = "reference_bank.json"
@@ -85,22 +86,19 @@ def _prepare_key_dir(key_dir: str | os.PathLike | None, force: bool) -> Path:
     return directory
 
 
-def _write_private(path: Path, write: Callable[[object], None]) -> None:
-    """Create ``path`` with mode 0600 from the first byte (no window where it is world-readable), atomically."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+def _write_key_part(path: Path, write: Callable[[object], None]) -> None:
+    """Create ``path`` atomically with mode 0600 from the first byte (files.write_atomically's temporary file is
+    0600 until the rename): no window where the key is readable by others."""
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write_file, mode=0o600)
 
 
 def _save(directory: Path, images: np.ndarray, labels: np.ndarray, meta: dict) -> ReferenceBank:
-    _write_private(directory / BANK_FILE, lambda h: np.savez_compressed(h, images=images.astype(np.float16), labels=labels.astype(np.uint8)))
-    _write_private(directory / META_FILE, lambda h: h.write(json.dumps(meta, indent=2).encode()))
+    _write_key_part(directory / BANK_FILE, lambda h: np.savez_compressed(h, images=images.astype(np.float16), labels=labels.astype(np.uint8)))
+    _write_key_part(directory / META_FILE, lambda h: h.write(json.dumps(meta, indent=2).encode()))
     return ReferenceBank(directory, images.astype(np.float16), labels.astype(np.uint8), meta)
 
 

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.synth import CALIBRATION_REFERENCE_SEED_BASE, VALIDATION_SEED_BASE
 from ..labels import NUM_CLASSES
 from .bank import DEFAULT_PATCHES as CALIBRATION_REFERENCE_PATCHES  # as many as keygen keeps
 from .evaluate import CLASS_NAMES
 from .privacy import DEFAULT_LEVEL, privacy_settings
 
-#: Calibration scans: validation-split synthetic subjects (train.VALIDATION_SEED_BASE + 100 + i; training's own
-#: validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
+#: Calibration scans: validation-split synthetic subjects (data.synth.VALIDATION_SEED_BASE + 100 + i; training's
+#: own validation patches come from the first few seeds of that range, evaluation uses HELD_OUT_SEED_BASE).
+#: The calibration key's references come from data.synth.CALIBRATION_REFERENCE_SEED_BASE.
 CALIBRATION_SEED_OFFSET = 100
-#: The calibration key: references from seeded synthetic subjects, drawn the way keygen draws them.
-CALIBRATION_REFERENCE_SEED_BASE = 860_000
 CALIBRATION_REFERENCE_SUBJECTS = 4
 #: Factors tried for each class (background stays 1): 0.5 … 4, geometric.
 CANDIDATE_FACTORS = np.exp(np.linspace(np.log(0.5), np.log(4.0), 25))
@@ -61,10 +61,10 @@ class LocalSegmenter:
 
     def segment(self, patches: np.ndarray, endpoint: str = "mixup", cancel=None, progress=None) -> np.ndarray:
         from ..nets.inference import segment_patches
-        from ..transport.wire import decode_tensor_raw, encode_tensor, to_float32
+        from ..quantization import to_codes, to_float32
 
-        raw = decode_tensor_raw(encode_tensor(patches, "uint8", compress=False))[0]
-        return to_float32(segment_patches(self.nets[endpoint], raw, self.device))
+        # The uint8 codes the client uploads (mixtures lie in [0, 1]), answered in the codes the server returns.
+        return to_float32(segment_patches(self.nets[endpoint], to_codes(patches), self.device))
 
 
 def calibration_bank(patch_size, reference_subjects: int = CALIBRATION_REFERENCE_SUBJECTS, progress=None):
@@ -88,8 +88,6 @@ def calibration_bank(patch_size, reference_subjects: int = CALIBRATION_REFERENCE
 
 
 def calibration_seeds(count: int) -> list[int]:
-    from .train import VALIDATION_SEED_BASE
-
     return [VALIDATION_SEED_BASE + CALIBRATION_SEED_OFFSET + i for i in range(count)]
 
 
@@ -158,7 +156,7 @@ def calibrate(
     from ..nets import load_manifest
     from ..nets.registry import write_manifest
     from .model_space import analysis_mask
-    from .pipeline import _Unmixer, plain_scores, prepare_scan, private_scores
+    from .pipeline import Unmixer, plain_scores, prepare_scan, private_scores
 
     started = time.time()
     settings = privacy_settings(privacy or DEFAULT_LEVEL, tta)
@@ -166,7 +164,7 @@ def calibrate(
     segmenter = LocalSegmenter(models_dir, device)
     info = segmenter.info()
     patch_size = tuple(info["models"]["mixup-seg"]["patch_size"])
-    unmixer = _Unmixer("learned", info, patch_size, models_dir=models_dir)
+    unmixer = Unmixer("learned", info, patch_size, models_dir=models_dir)
     bank = calibration_bank(patch_size, reference_subjects, say)
     mask = analysis_mask()
     rng = np.random.default_rng(CALIBRATION_REFERENCE_SEED_BASE + 1)

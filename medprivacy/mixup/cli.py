@@ -192,7 +192,7 @@ def _eval(args) -> int:
         images=args.image, labels=args.label, synthetic=args.synthetic, client=_client(args), key_dir=args.key_dir, tta=args.tta, seed=args.seed, progress=_print_progress,
         privacy=args.privacy,
     )
-    from .io import write_json
+    from ..files import write_json
 
     write_json(report, args.out)
     print(format_report(report))

@@ -67,7 +67,7 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | No
     import SimpleITK as sitk
 
     from .bank import ReferenceBank
-    from .pipeline import _server_model, _Unmixer, finish_labelmap, prepare_scan, private_scores, segment_plain
+    from .pipeline import Unmixer, check_server_model, finish_labelmap, prepare_scan, private_scores, segment_plain
 
     if not images and not synthetic:
         raise InputError("nothing to evaluate: give --image/--label pairs and/or --synthetic N")
@@ -75,10 +75,10 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | No
     if settings.tta < 2:
         raise InputError("--tta must be at least 2 to compare with and without test-time augmentation")
     bank = ReferenceBank.load(key_dir)
-    info = _server_model(client, bank.patch_size)
+    info = check_server_model(client, bank.patch_size)
     if not info.get("baseline_enabled"):
         raise InputError("the server's baseline endpoint is off; start it with --enable-baseline for evaluation")
-    unmixers = {"naive": _Unmixer("naive", info, bank.patch_size), "learned": _Unmixer("learned", info, bank.patch_size)}
+    unmixers = {"naive": Unmixer("naive", info, bank.patch_size), "learned": Unmixer("learned", info, bank.patch_size)}
     rng = np.random.default_rng(seed)
     per_subject = []
     started = time.perf_counter()

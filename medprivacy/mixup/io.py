@@ -1,7 +1,6 @@
 """Reading scans (any ITK format or a DICOM series folder) and writing results atomically."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -155,8 +154,3 @@ def _with_segmentation_metadata(image):
         image.SetMetaData(prefix + "Extent", extent)
         image.SetMetaData(prefix + "Tags", "")
     return image
-
-
-def write_json(data, path: str | os.PathLike) -> None:
-    path = Path(path)
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))

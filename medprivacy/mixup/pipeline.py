@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..cancellation import cancel_check
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
-from ..transport.client import cancel_check
 from .mixing import DEFAULT_LAMBDA_RANGE, MixPlan, copy_weights, mix, naive_unmix, one_hot, orient, orient_rows, plan_mixing, unorient
 from .patches import PatchGrid, ScoreAccumulator
 from .privacy import PrivacySettings, privacy_settings
@@ -89,7 +89,7 @@ def finish_labelmap(prepared: PreparedScan, scores: np.ndarray, decision_weights
     return labelmap
 
 
-class _Unmixer:
+class Unmixer:
     """Turns mixed probabilities back into target class scores, naively (eq. 4) or with the learned network."""
 
     def __init__(self, mode: str, server_info: dict, patch_size, models_dir=None):
@@ -129,7 +129,8 @@ class _Unmixer:
         return out
 
 
-def _server_model(client, patch_size) -> dict:
+def check_server_model(client, patch_size) -> dict:
+    """The server's info, once it is known to serve a 'mixup-seg' model for the key's patch size."""
     info = client.info()
     model = info.get("models", {}).get("mixup-seg")
     if model is None:
@@ -328,8 +329,8 @@ def segment_private(
         raise InputError("--tta must be at least 1")
     started = time.perf_counter()
     report = progress or (lambda stage, fraction: None)
-    info = _server_model(client, bank.patch_size)
-    unmixer = _Unmixer(unmix, info, bank.patch_size)
+    info = check_server_model(client, bank.patch_size)
+    unmixer = Unmixer(unmix, info, bank.patch_size)
     report("aligning the scan to the brain template", 0.0)
     prepared = prepare_scan(image, bank.patch_size)
     scores = private_scores(prepared, client, bank, {unmix: unmixer}, settings, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded)

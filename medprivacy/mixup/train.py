@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.synth import VALIDATION_SEED_BASE
 from ..labels import NUM_CLASSES
 from .intensity import normalize_intensity
 from .mixing import DEFAULT_LAMBDA_RANGE
@@ -27,7 +28,6 @@ from .sampling import crop, draw_reference_patches, keep_most_textured, referenc
 
 log = logging.getLogger("medprivacy.train")
 
-VALIDATION_SEED_BASE = 800_000
 LABEL_NAMES = {"0": "Background", "1": "CSF", "2": "Gray matter", "3": "White matter"}
 
 
@@ -110,10 +110,11 @@ def synthetic_subject_normalized(seed: int, deformation: float = 1.0, use_cache:
     subject = synthesize_subject(seed, deformation=deformation)
     image = normalize_intensity(subject.image, analysis_mask())
     if use_cache:
+        from ..files import write_atomically
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, image=image.astype(np.float16), labels=subject.labels)
-        os.replace(tmp, path)
+        # A cache: no fsync, a copy lost to a power cut is made again.
+        write_atomically(path, lambda tmp: np.savez(tmp, image=image.astype(np.float16), labels=subject.labels), sync=False)
     return image, subject.labels
 
 

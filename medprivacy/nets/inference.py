@@ -1,5 +1,6 @@
-"""Running a segmentation network on wire-format patches: the one code path behind the server's endpoints and
-the in-process calibration that fits decision weights during training (so both see identical answers)."""
+"""Running a segmentation network on patches as they travel (uint8 codes or float16, ``medprivacy.quantization``):
+the one code path behind the server's endpoints and the in-process calibration that fits decision weights during
+training (so both see identical answers)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ def segment_patches(net, raw: np.ndarray, device: str = "cpu", batch: int = 32, 
     the wire carries them back: uint8 codes (round(p · 255)) or float16."""
     import torch
 
-    from ..transport.wire import to_float32
+    from ..quantization import LEVELS, to_float32
 
     count = raw.shape[0]
     out = None
@@ -23,7 +24,7 @@ def segment_patches(net, raw: np.ndarray, device: str = "cpu", batch: int = 32, 
             if out is None:
                 out = np.empty((count,) + tuple(probs.shape[1:]), dtype=np.uint8 if response_dtype == "uint8" else np.float16)
             if response_dtype == "uint8":
-                probs = torch.round(probs * 255.0).to(torch.uint8)
+                probs = torch.round(probs * float(LEVELS)).to(torch.uint8)
             else:
                 probs = probs.to(torch.float16)
             out[start:start + batch] = probs.cpu().numpy()

@@ -4,12 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, VersionMismatchError
+from ..files import write_bytes_atomically
 
 #: Weights shipped with the extension; MEDPRIVACY_MODELS_DIR overrides it (e.g. a server holding retrained models).
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
@@ -143,15 +143,15 @@ def build_network(arch: dict[str, Any]):
         return UNet(**params)
     # ObfuscationPrivacy: the client's VAE, the classifiers servers train on obfuscated frames, the evaluation's attackers.
     if name == "varautoencoder":
-        from ..obfuscation.vae import build_vae
+        from .obfuscation import build_vae
 
         return build_vae(arch)
     if name == "code-classifier":
-        from ..obfuscation.classifier import build_code_classifier
+        from .obfuscation import build_code_classifier
 
         return build_code_classifier(arch)
     if name == "obf-attack":
-        from ..obfuscation.attacks import build_attack_net
+        from .obfuscation import build_attack_net
 
         return build_attack_net(arch)
     raise InputError(
@@ -182,20 +182,9 @@ def write_manifest(manifest: dict[str, Any], directory: str | os.PathLike | None
     directory = models_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST_NAME
-    _atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    # Weights and manifest are public artefacts: readable by all, like the repository's files.
+    write_bytes_atomically(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
     return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # weights and manifest are public artefacts (mkstemp creates 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(net, spec: ModelSpec, directory: str | os.PathLike | None = None, training: dict | None = None) -> ModelSpec:
@@ -205,7 +194,7 @@ def save_model(net, spec: ModelSpec, directory: str | os.PathLike | None = None,
     directory = models_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic_write_bytes(directory / spec.file, save(state))
+    write_bytes_atomically(directory / spec.file, save(state), mode=0o644)
     spec.sha256 = file_sha256(directory / spec.file)
     try:
         manifest = load_manifest(directory)

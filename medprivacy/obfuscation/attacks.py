@@ -37,11 +37,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CancelledError
+from ..nets.obfuscation import NEIGHBOURHOOD, build_attack_net, invariant_features  # noqa: F401  (the networks' home is nets/)
 
 ARCH_NAME = "obf-attack"
 VESSEL_FRACTION = 0.10
 FRANGI_SIGMAS = (0.7, 1.0, 1.5, 2.0)
-NEIGHBOURHOOD = 5  # equality maps over a 5x5 window: 24 channels
 INTENSITY_BINS = 16
 
 
@@ -76,52 +76,6 @@ def scores(reconstructions: np.ndarray, originals: np.ndarray, original_masks: l
 
 
 # ---------------------------------------------------------------------------------------------------- networks
-
-def invariant_features(codes):
-    """Key-independent features of uint8 codes (N, H, W) as a float tensor (N, 25, H, W): the frequency of each
-    pixel's code within its frame, and whether each of the 24 neighbours in a 5x5 window has the same code."""
-    import torch
-
-    codes = codes.long()
-    n, h, w = codes.shape
-    counts = torch.zeros((n, 256), dtype=torch.float32, device=codes.device)
-    counts.scatter_add_(1, codes.reshape(n, -1), torch.ones((n, h * w), device=codes.device))
-    frequency = torch.gather(counts / (h * w), 1, codes.reshape(n, -1)).reshape(n, 1, h, w)
-    half = NEIGHBOURHOOD // 2
-    padded = torch.nn.functional.pad(codes[:, None].float(), (half,) * 4, mode="replicate")
-    same = [(padded[:, :, dy:dy + h, dx:dx + w] == codes[:, None]).float()
-            for dy in range(NEIGHBOURHOOD) for dx in range(NEIGHBOURHOOD) if (dy, dx) != (half, half)]
-    return torch.cat([frequency] + same, dim=1)
-
-
-def build_attack_net(arch: dict):
-    """``arch``: input "invariant" (threat a) or "onehot" with ``code_values`` (a known or estimated table), and
-    the U-Net ``channels``/``strides``. Output: the reconstruction in [0, 1], (N, H, W)."""
-    import torch
-    from monai.networks.nets import UNet
-
-    class AttackNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.input = arch["input"]
-            if self.input == "onehot":
-                self.register_buffer("code_values", torch.tensor([int(v) for v in arch["code_values"]], dtype=torch.long))
-                channels_in = len(arch["code_values"])
-            else:
-                channels_in = 1 + NEIGHBOURHOOD * NEIGHBOURHOOD - 1
-            self.unet = UNet(spatial_dims=2, in_channels=channels_in, out_channels=1, channels=list(arch["channels"]),
-                             strides=list(arch["strides"]), num_res_units=int(arch.get("num_res_units", 1)))
-
-        def features(self, codes):
-            if self.input == "onehot":
-                return (codes[:, None].long() == self.code_values[None, :, None, None]).float()
-            return invariant_features(codes)
-
-        def forward(self, codes):
-            return torch.sigmoid(self.unet(self.features(codes)))[:, 0]
-
-    return AttackNet()
-
 
 @dataclass
 class AttackSettings:

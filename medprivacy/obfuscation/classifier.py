@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CancelledError, InputError
+from ..nets.obfuscation import build_code_classifier  # noqa: F401  (the network's home is nets/)
 
 ARCH_NAME = "code-classifier"
 #: Obfuscated frames hold a few codes (the key's); frames with more distinct values were not obfuscated.
@@ -35,41 +36,6 @@ def strides_for(side: int, pool: int, units: int) -> list:
         strides.append(2 if size // 2 >= 2 else 1)
         size = size // strides[-1]
     return strides
-
-
-def build_code_classifier(arch: dict):
-    """``arch``: input ("codes" with ``code_values``, or "intensity"), pool, channels, strides, subunits, classes."""
-    import torch
-    from monai.networks.blocks import ResidualUnit
-
-    class CodeClassifier(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.input = arch.get("input", "codes")
-            self.pool = int(arch.get("pool", 4))
-            if self.input == "codes":
-                self.register_buffer("code_values", torch.tensor([int(v) for v in arch["code_values"]], dtype=torch.long))
-                channels = len(arch["code_values"])
-            else:
-                channels = 1
-            layers = []
-            for out, stride in zip(arch["channels"], arch["strides"]):
-                layers.append(ResidualUnit(2, channels, int(out), strides=int(stride), subunits=int(arch.get("subunits", 2)),
-                                           norm="INSTANCE", act="PRELU"))
-                channels = int(out)
-            self.body = torch.nn.Sequential(*layers)
-            self.head = torch.nn.Linear(channels, int(arch["classes"]))
-
-        def forward(self, frames):
-            if self.input == "codes":
-                x = (frames[:, None].long() == self.code_values[None, :, None, None]).float()
-            else:
-                x = frames[:, None].float() / 255.0
-            if self.pool > 1:
-                x = torch.nn.functional.avg_pool2d(x, self.pool)
-            return self.head(self.body(x).mean(dim=(2, 3)))
-
-    return CodeClassifier()
 
 
 def code_values(frames: np.ndarray) -> list:

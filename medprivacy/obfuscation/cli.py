@@ -254,7 +254,7 @@ def _classify(args) -> int:
             frame = f" frame {index}" if item.count > 1 else ""
             print(f"{item.path.name}{frame}: {classes[int(predicted)]} ({shown})")
     if args.out is not None:
-        from ..mixup.io import write_atomically
+        from ..files import write_atomically
 
         def write(tmp):
             with open(tmp, "w", newline="", encoding="utf-8") as handle:

@@ -141,7 +141,7 @@ def write_before_after(paths: list, key_dir: Path, target: Path) -> None:
     """Each original frame beside its obfuscated version, four pairs per row (a run shows its first four frames)."""
     import SimpleITK as sitk
 
-    from ..mixup.io import write_atomically
+    from ..files import write_atomically
     from .io import read_frames
     from .key import SiteKey
     from .transform import Obfuscator, normalise

@@ -320,7 +320,7 @@ def write_grid(examples: dict, path: Path) -> None:
     """One row per example frame: original | VAE output | obfuscated | mean frame | attack a | best b | oracle."""
     import SimpleITK as sitk
 
-    from ..mixup.io import write_atomically
+    from ..files import write_atomically
 
     rows = []
     for domain, shown in examples.items():
@@ -392,7 +392,7 @@ def run_eval(args) -> int:
     if not args.out.parent.is_dir():
         raise InputError(f"the folder of --out {args.out} does not exist; create it first")
     report = run_evaluation(config, args.models_dir, args.grid, progress=lambda text: print(text, flush=True))
-    from ..mixup.io import write_json
+    from ..files import write_json
 
     write_json(report, args.out)
     print(summary(report))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..mixup.io import write_atomically
+from ..files import write_atomically
 
 READ_SUFFIXES = {
     ".png": "png", ".tif": "tiff", ".tiff": "tiff", ".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd",

@@ -3,9 +3,9 @@
 The server holds the manifest entries with role "server": ``mixup-seg`` (trained on mixed patches; the only model a
 clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, served only with
 ``enable_baseline`` because whoever calls it sends readable images). Entries with task "classify" or
-"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see watermark.py). ObfuscationPrivacy needs no
-shipped model: clients upload obfuscated frames and the server trains their classifiers (``/v1/obfuscation/*``, see
-obfuscation.py).
+"segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see the ``watermark`` package beside this
+file). ObfuscationPrivacy needs no shipped model: clients upload obfuscated frames and the server trains their
+classifiers (``/v1/obfuscation/*``, see obfuscation.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import hmac
 import itertools
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,16 +27,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .. import API_VERSION, __version__
+from .. import __version__
 from ..errors import InputError
+from ..files import WriteError, os_error_reason, write_atomically
 from ..nets import resolve_device
+from ..transport.contract import (
+    API_HEADER, API_VERSION, BASELINE_PATH, HEALTH_PATH, INFO_PATH, MIXUP_PATH, RESPONSE_DTYPE_HEADER, RESPONSE_DTYPES,
+)
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw
 from .schema import NoQuery, RequestError as _HTTPError, parse_query
 
 log = logging.getLogger("medprivacy.server")
 
-API_HEADER = "X-MedPrivacy-API"
-RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
 DEFAULT_MAX_REQUEST_BYTES = 256 * 1024 * 1024
 #: Longest silence allowed while a request arrives (headers or body), and the slowest average upload accepted
 #: once that much time has passed: a client that stalls or trickles must not hold a connection forever.
@@ -60,8 +60,8 @@ class _Route:
     path: str
 
 
-MIXUP = _Route("mixup", "mixup-seg", "/v1/mixup/segment")
-BASELINE = _Route("baseline", "plain-seg", "/v1/baseline/segment")
+MIXUP = _Route("mixup", "mixup-seg", MIXUP_PATH)
+BASELINE = _Route("baseline", "plain-seg", BASELINE_PATH)
 
 
 @dataclass
@@ -154,7 +154,7 @@ class InferenceService:
                 raise InputError(f"manifest entry {route.model!r} has role {spec.role!r}, not 'server'; fix the manifest")
             self.models[route.kind] = _ServedModel(spec, route)
         # One forward pass at a time: parallel passes would only fight over the same GPU memory or CPU cores.
-        self._inference_lock = threading.Lock()
+        self.inference_lock = threading.Lock()
         self._audit_counter = itertools.count(1)
         self._audit_lock = threading.Lock()
         if config.audit_dir is not None:
@@ -163,7 +163,7 @@ class InferenceService:
     # -- models ----------------------------------------------------------------------------------------------
     def load_models(self) -> None:
         """Load every served network now, so a missing or corrupt weight file stops the server at startup."""
-        with self._inference_lock:
+        with self.inference_lock:
             for model in self.models.values():
                 self._ensure_loaded(model)
         self.watermark.load()
@@ -236,7 +236,7 @@ class InferenceService:
     def _infer(self, model: _ServedModel, raw: np.ndarray, response_dtype: str) -> np.ndarray:
         from ..nets.inference import segment_patches
 
-        with self._inference_lock:
+        with self.inference_lock:
             net = self._ensure_loaded(model)
             out = segment_patches(net, raw, self.device, self.config.inference_batch, response_dtype)
         if out.shape[1] != model.out_channels:
@@ -254,12 +254,14 @@ class InferenceService:
             return
         try:
             self._write_audit(kind, raw)
-        except OSError as exc:
-            from ..files import os_error_reason
-
+        except (OSError, InputError) as exc:
+            if isinstance(exc, WriteError):
+                reason = exc.reason
+            else:
+                reason = os_error_reason(exc) if isinstance(exc, OSError) else "its folder no longer exists"
             log.error("cannot write the audit copy of a %s request to %s (%s); request refused", kind, self.config.audit_dir,
-                      os_error_reason(exc))
-            raise _HTTPError(503, f"the server cannot save its audit copy ({os_error_reason(exc)}); ask the operator to free "
+                      reason)
+            raise _HTTPError(503, f"the server cannot save its audit copy ({reason}); ask the operator to free "
                                   "space in its --audit-dir", headers={"Retry-After": "60"}) from None
 
     def _write_audit(self, kind: str, raw: np.ndarray) -> None:
@@ -268,15 +270,14 @@ class InferenceService:
             counter = next(self._audit_counter)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         final = directory / f"{stamp}-{counter:06d}-{kind}.npy"
-        # The temporary name does not end in .npy, so readers globbing *.npy never see half-written files.
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
                 np.save(handle, raw, allow_pickle=False)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        # The temporary name does not end in .npy, so readers globbing *.npy never see half-written files; no
+        # fsync per request (an audit copy lost to a power cut is not worth slowing every request for).
+        write_atomically(final, write, temporary_suffix=".tmp", sync=False)
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -394,7 +395,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def response_dtype(request: Request) -> str:
         wanted = request.headers.get(RESPONSE_DTYPE_HEADER, "uint8").strip().lower()
-        if wanted not in ("uint8", "float16"):
+        if wanted not in RESPONSE_DTYPES:
             raise _HTTPError(422, f"{RESPONSE_DTYPE_HEADER} must be uint8 or float16, not {wanted[:20]!r}")
         return wanted
 
@@ -406,11 +407,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         answer = await run_in_threadpool(service.segment, kind, body, dtype)
         return Response(content=answer, media_type=CONTENT_TYPE)
 
-    @app.get("/v1/health")
+    @app.get(HEALTH_PATH)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/info", dependencies=[Depends(require_token)])
+    @app.get(INFO_PATH, dependencies=[Depends(require_token)])
     async def info() -> dict[str, Any]:
         return service.info()
 

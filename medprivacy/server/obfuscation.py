@@ -36,10 +36,8 @@ import binascii
 import collections
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,9 +52,10 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import CancelledError, InputError, MedPrivacyError
+from ..files import write_atomically
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw
-from .app import _HTTPError
 from .schema import MAX_SEED, Name, NoQuery, RequestModel, parse_object, parse_query
+from .schema import RequestError as _HTTPError
 
 log = logging.getLogger("medprivacy.server")
 
@@ -448,16 +447,9 @@ def _key_id(value, header: bool = False) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Owner-only and never half-written: a restarted server reloads these; the temporary name ends in .tmp so a
+    # listing of *.json never picks one up.
+    write_atomically(path, lambda tmp: tmp.write_bytes(data), mode=0o600, temporary_suffix=".tmp")
 
 
 class ObfuscationTrainParams(RequestModel):

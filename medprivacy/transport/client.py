@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Callable, Union
 from urllib.parse import urlsplit
@@ -21,16 +20,15 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from .. import API_VERSION, __version__
+from .. import __version__
+from ..cancellation import Cancel, cancel_check
 from ..errors import AuthError, CancelledError, InputError, ServerError, VersionMismatchError
+from .contract import API_HEADER, API_VERSION, HEALTH_PATH, INFO_PATH, RESPONSE_DTYPE_HEADER, SEGMENT_PATHS
 from .wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor, to_float32
 
 log = logging.getLogger("medprivacy.transport")
 
 TOKEN_ENV = "MEDPRIVACY_TOKEN"
-API_HEADER = "X-MedPrivacy-API"
-RESPONSE_DTYPE_HEADER = "X-MedPrivacy-Response-Dtype"
-ENDPOINTS = {"mixup": "/v1/mixup/segment", "baseline": "/v1/baseline/segment"}
 #: /v1/health and /v1/info answer at once on a working server, busy or not (they never wait for the models), so a
 #: server that accepts the connection but stays silent is recognised after this many seconds, not after the long
 #: read timeout meant for inference.
@@ -39,7 +37,6 @@ QUICK_READ_TIMEOUT = 10.0
 #: garbage and must not be allowed to allocate memory.
 MAX_CLASSES = 256
 
-Cancel = Union[Callable[[], bool], threading.Event, None]
 Progress = Union[Callable[[int, int], Any], None]
 
 
@@ -126,11 +123,11 @@ class InferenceClient:
 
     # -- plain calls -----------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return self._json(self._request("GET", "/v1/health"))
+        return self._json(self._request("GET", HEALTH_PATH))
 
     def info(self) -> dict[str, Any]:
         """Server description (GET /v1/info); raises VersionMismatchError when the API versions differ."""
-        info = self._json(self._request("GET", "/v1/info"))
+        info = self._json(self._request("GET", INFO_PATH))
         if not isinstance(info, dict) or "api_version" not in info:
             raise ServerError(f"{self.url} answered /v1/info without an api_version; check that the URL points at a MedPrivacy server")
         if info["api_version"] != API_VERSION:
@@ -166,7 +163,7 @@ class InferenceClient:
         Patches go out in requests of at most ``request_patches``, in the order given: shuffling them so the
         server cannot group the mixtures of one location is the caller's job.
         """
-        if endpoint not in ENDPOINTS:
+        if endpoint not in SEGMENT_PATHS:
             raise InputError(f"unknown endpoint {endpoint!r}; use 'mixup' or 'baseline'")
         if upload_dtype not in ("uint8", "float16"):
             raise InputError(f"upload dtype must be uint8 or float16, not {upload_dtype!r}")
@@ -176,7 +173,7 @@ class InferenceClient:
         if patches.ndim != 5 or patches.shape[1] != 1 or patches.shape[0] == 0:
             raise InputError(f"patches must have shape (N>0, 1, D, H, W), got {patches.shape}")
         is_cancelled = cancel_check(cancel)
-        path = ENDPOINTS[endpoint]
+        path = SEGMENT_PATHS[endpoint]
         total = patches.shape[0]
         spatial = patches.shape[2:]
         out: np.ndarray | None = None
@@ -282,7 +279,7 @@ class InferenceClient:
 
     def _raise_for_status(self, response, path: str) -> None:
         status = response.status_code
-        detail = _detail(response)
+        detail = error_detail(response)
         if status == 401:
             raise AuthError(f"{self.url} requires a token; pass --token-file or set {TOKEN_ENV}")
         if status == 403:
@@ -353,17 +350,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def cancel_check(cancel: Cancel) -> Callable[[], bool]:
-    """A no-argument predicate from a cancel callable, a threading.Event or None."""
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    if callable(cancel):
-        return lambda: bool(cancel())
-    raise InputError("cancel must be a callable returning bool or a threading.Event")
-
-
 def _is_reset_during_upload(exc: BaseException) -> bool:
     # requests wraps urllib3 wraps the OSError, sometimes as an argument rather than a cause: search all of it.
     pending, seen = [exc], 0
@@ -391,7 +377,8 @@ def _reason(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def _detail(response) -> str:
+def error_detail(response) -> str:
+    """The server's one-line reason in an error answer (JSON ``detail``, else the start of the body)."""
     try:
         detail = response.json().get("detail", "")
     except (ValueError, AttributeError):

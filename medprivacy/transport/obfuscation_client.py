@@ -112,11 +112,11 @@ class ObfuscationClient(InferenceClient):
         self.bytes_received += len(response.content)
 
     def _raise_for_status(self, response, path: str) -> None:
-        from .client import _detail
+        from .client import error_detail
 
         # The obfuscation endpoints' 404/409/422 details already name the problem and the fix.
         if path.startswith("/v1/obfuscation/") and response.status_code in (404, 409, 422, 503):
-            detail = _detail(response)
+            detail = error_detail(response)
             if detail:
                 raise ServerError(f"{self.url}: {detail}")
         super()._raise_for_status(response, path)

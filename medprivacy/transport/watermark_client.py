@@ -3,6 +3,9 @@
 ``WatermarkClient`` is an ``InferenceClient`` (same TLS, token, timeouts, retries and one-line errors) with three
 more calls: ``classify`` (class probabilities per model), ``lesions`` (a lesion probability map) and
 ``optimize`` (the whole watermark search for one image, run on the server next to its models).
+
+It knows the wire and the HTTP contract only: turning pixels into what the classifiers see, or logos into RGBA, is
+the watermark package's (``medprivacy.watermark.blending``), which calls this client and is never imported here.
 """
 from __future__ import annotations
 
@@ -13,12 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ServerError
-from .client import RESPONSE_DTYPE_HEADER, InferenceClient
+from .client import InferenceClient, error_detail
+from .contract import (
+    RESPONSE_DTYPE_HEADER, WATERMARK_CLASSIFY_PATH, WATERMARK_LESIONS_PATH, WATERMARK_OPTIMIZE_PATH, WATERMARK_PREFIX,
+)
 from .wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor, encode_tensor_raw, to_float32
-
-CLASSIFY_PATH = "/v1/watermark/classify"
-LESIONS_PATH = "/v1/watermark/lesions"
-OPTIMIZE_PATH = "/v1/watermark/optimize"
 
 
 class WatermarkClient(InferenceClient):
@@ -41,7 +43,7 @@ class WatermarkClient(InferenceClient):
             raise InputError(f"images must have shape (N>0, 3, H, W) or (N>0, 1, H, W), got {images.shape}")
         body = encode_tensor(images, dtype=upload_dtype)
         params = {"models": ",".join(models)} if models else None
-        response = self._request("POST", CLASSIFY_PATH, data=body, params=params, headers={"Content-Type": CONTENT_TYPE})
+        response = self._request("POST", WATERMARK_CLASSIFY_PATH, data=body, params=params, headers={"Content-Type": CONTENT_TYPE})
         self._count(body, response)
         answer = self._json(response)
         if not isinstance(answer, dict) or not isinstance(answer.get("models"), dict):
@@ -54,7 +56,7 @@ class WatermarkClient(InferenceClient):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise InputError(f"the image must have shape (3, H, W) or (1, H, W), got {image.shape}")
         body = encode_tensor(image[None], dtype=upload_dtype)
-        response = self._request("POST", LESIONS_PATH, data=body, params={"model": model} if model else None,
+        response = self._request("POST", WATERMARK_LESIONS_PATH, data=body, params={"model": model} if model else None,
                                  headers={"Content-Type": CONTENT_TYPE, RESPONSE_DTYPE_HEADER: "float16"})
         self._count(body, response)
         if response.headers.get("Content-Type", "").split(";")[0].strip() != CONTENT_TYPE:
@@ -71,14 +73,15 @@ class WatermarkClient(InferenceClient):
         """Run the watermark search for one image on the server; returns its JSON answer.
 
         ``pixels``: the image exactly as protected, (H, W) or (H, W, 3), uint8 or uint16. ``logo``: RGBA uint8
-        (h, w, 4). ``mask``: optional lesion mask (H, W), nonzero = lesion. ``params``: the search parameters
+        (h, w, 4) (or gray / RGB: see ``logo_tensor``). ``mask``: optional lesion mask (H, W), nonzero = lesion.
+        ``params``: the search parameters
         (mode, lesions, models, weights, sl, population, generations, crossover_rate, step, local_iterations,
         alpha_range, alpha_step, mutation, seed, label, max_evaluations, mask_threshold, mask_params, window); None
         values are left out so the server's defaults apply.
         """
         document = {
             "image": _b64(exact_image_tensor(pixels)),
-            "logo": _b64(encode_tensor_raw(np.moveaxis(_rgba(logo), -1, 0)[None])),
+            "logo": _b64(logo_tensor(logo)),
             "params": {k: v for k, v in params.items() if v is not None},
         }
         if mask is not None:
@@ -94,7 +97,7 @@ class WatermarkClient(InferenceClient):
         if isinstance(limit, int) and len(body) > limit:
             raise ServerError(f"this image makes a {len(body)}-byte request, over the limit of {limit} bytes of {self.url}; "
                               "ask the operator to raise --max-request-mb")
-        response = self._request("POST", OPTIMIZE_PATH, data=body, headers={"Content-Type": "application/json"})
+        response = self._request("POST", WATERMARK_OPTIMIZE_PATH, data=body, headers={"Content-Type": "application/json"})
         self._count(body, response)
         answer = self._json(response)
         if not isinstance(answer, dict) or not isinstance(answer.get("params"), dict):
@@ -107,13 +110,11 @@ class WatermarkClient(InferenceClient):
 
     def _raise_for_status(self, response, path: str) -> None:
         # A 404 from a watermark endpoint means "this server lacks that model", which the server's detail says.
-        if response.status_code == 404 and path.startswith("/v1/watermark/"):
-            from .client import _detail
-
-            detail = _detail(response)
+        if response.status_code == 404 and path.startswith(WATERMARK_PREFIX):
+            detail = error_detail(response)
             if detail.startswith("watermark"):
                 raise ServerError(f"{self.url}: {detail}")
-        if response.status_code == 413 and path.startswith("/v1/watermark/"):
+        if response.status_code == 413 and path.startswith(WATERMARK_PREFIX):
             raise ServerError(f"request too large for {self.url}; send a smaller image or ask the operator to raise --max-request-mb")
         super()._raise_for_status(response, path)
 
@@ -131,18 +132,15 @@ def exact_image_tensor(pixels: np.ndarray) -> bytes:
     raise InputError(f"the image has pixel type {pixels.dtype}; MedLocker works on 8- or 16-bit unsigned pixels")
 
 
-def unit_image(pixels: np.ndarray, window=None) -> np.ndarray:
-    """Channel-first float32 (C, H, W) in [0, 1] of an 8/16-bit image, as the classifiers see it: the intensity
-    ``window`` (low, high) mapped to 0..1 (default: the pixel type's full range)."""
-    from ..medlocker.blending import unit_view
-
-    return unit_view(pixels, window)
-
-
-def _rgba(logo: np.ndarray) -> np.ndarray:
-    from ..medlocker.blending import as_rgba
-
-    return as_rgba(logo)
+def logo_tensor(logo: np.ndarray) -> bytes:
+    """Wire tensor (1, C, h, w) of an 8-bit logo with C = 1 to 4 channels (gray, gray+alpha, RGB, RGBA), as is: the
+    server turns it into RGBA exactly as the client's blending does (``watermark.blending.as_rgba``)."""
+    logo = np.asarray(logo)
+    planar = logo[None] if logo.ndim == 2 else np.moveaxis(logo, -1, 0) if logo.ndim == 3 else None
+    if logo.dtype != np.uint8 or planar is None or not 1 <= planar.shape[0] <= 4 or min(planar.shape[1:]) < 1:
+        raise InputError(f"the logo is {logo.dtype} {logo.shape}; give an 8-bit gray, RGB or RGBA picture "
+                         "(medprivacy.watermark.blending.as_rgba converts other ones)")
+    return encode_tensor_raw(np.ascontiguousarray(planar)[None])
 
 
 def _b64(data: bytes) -> str:

@@ -23,6 +23,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..quantization import LEVELS, to_codes, to_float32
+
+__all__ = [
+    "CONTENT_TYPE", "MAGIC", "WIRE_VERSION", "decode_tensor", "decode_tensor_raw", "encode_tensor", "encode_tensor_raw",
+    "to_float32",
+]
 
 MAGIC = b"MPXT"
 WIRE_VERSION = 1
@@ -37,7 +43,7 @@ ZLIB_LEVEL = 1
 
 _PREFIX = struct.Struct("<4sBI")
 _DTYPES = {"uint8": np.dtype("u1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-_UINT8_QUANTIZATION = {"scheme": "linear", "low": 0.0, "high": 1.0, "levels": 255}
+_UINT8_QUANTIZATION = {"scheme": "linear", "low": 0.0, "high": 1.0, "levels": LEVELS}
 _COMPRESSIONS = ("zlib", "none")
 #: Rounding to float16 adds up to half a unit in the last place; allow that much outside [0, 1] before refusing.
 _RANGE_SLACK = 1e-3
@@ -98,8 +104,7 @@ def _to_wire_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
                     f"uint8 encoding needs values in [0, 1] but got [{low:.4g}, {high:.4g}]; "
                     "normalise intensities first or send float16/float32"
                 )
-        scaled = np.rint(np.clip(array.astype(np.float32, copy=False), 0.0, 1.0) * 255.0)
-        return scaled.astype(np.uint8)
+        return to_codes(array)
     if dtype == "float16" and array.size and float(np.abs(array).max()) > float(np.finfo(np.float16).max):
         raise InputError("values exceed the float16 range (65504); rescale them or send float32")
     return array.astype(_DTYPES[dtype], copy=False)
@@ -176,15 +181,6 @@ def _inflate_exactly(payload: memoryview, expected: int) -> bytes:
         raise InputError("tensor payload is not valid zlib data; the data is corrupt") from None
     if len(out) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
         raise InputError(f"tensor payload decompresses to a different size than its header promises ({expected} bytes); the data is truncated or corrupt")
-    return out
-
-
-def to_float32(raw: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
-    """Map a raw wire array to float32; uint8 codes become values in [0, 1]."""
-    out = raw.astype(np.float32)
-    if (wire_dtype or raw.dtype.name) == "uint8":
-        # Dividing (not multiplying by 1/255) maps every code back to the float nearest k/255.
-        out /= np.float32(255.0)
     return out
 
 

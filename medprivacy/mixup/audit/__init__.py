@@ -94,7 +94,7 @@ def run_audit(
     report["seconds"] = round(time.perf_counter() - started, 1)
     shown = {"patient": prepared.volume, **{k: v for k, v in volumes.items() if k in ("template only", "strongest attack", "oracle")}}
     if out_json is not None:
-        from ..io import write_json
+        from ...files import write_json
 
         write_json(report, out_json)
     if out_png is not None:

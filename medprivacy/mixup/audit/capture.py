@@ -54,10 +54,10 @@ class CapturedUploads:
 
 
 def as_received(mixed: np.ndarray) -> np.ndarray:
-    """What the server decodes from the uint8 wire encoding of ``mixed``."""
-    from ...transport.wire import decode_tensor_raw, encode_tensor, to_float32
+    """What the server decodes from the uint8 wire encoding of ``mixed`` (its codes k/255, ``quantization``)."""
+    from ...quantization import to_codes, to_float32
 
-    return to_float32(decode_tensor_raw(encode_tensor(mixed, "uint8", compress=False))[0])
+    return to_float32(to_codes(mixed))
 
 
 def capture(prepared, bank, settings, rng: np.random.Generator, lambda_range=None) -> CapturedUploads:
@@ -85,7 +85,7 @@ def of_session(session, bank, batch: int = 64) -> CapturedUploads:
 
 def load_audit_dir(folder: str | Path) -> CapturedUploads:
     """The mixed patches a server saved with ``--audit-dir`` (``*-mixup.npy``, in arrival order)."""
-    from ...transport.wire import to_float32
+    from ...quantization import to_float32
 
     files = sorted(Path(folder).glob("*-mixup.npy"))
     if not files:

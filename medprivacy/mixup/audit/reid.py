@@ -8,12 +8,11 @@ the same anatomy. The same retrieval on the plain aligned scans is "no protectio
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-#: Re-identification subjects (never used in training, validation, calibration, the held-out Dice or by the attacker).
-REID_SEED_BASE = 950_000
+from ...data.synth import REID_SEED_BASE
+from ...files import write_atomically
+
 #: A second visit draws its scanner effects and head position from seed + this offset.
 SECOND_VISIT_OFFSET = 1_000_000
 
@@ -44,9 +43,8 @@ def visit_scan(subject: int, visit: int, patch_size):
     image, _ = to_scanner_space(synthesize_subject(seed, scan_seed=scan_seed), scanner_seed)
     prepared = prepare_scan(image, tuple(patch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, volume=prepared.volume.astype(np.float16))
-    os.replace(tmp, path)
+    # A cache: no fsync, a copy lost to a power cut is made again.
+    write_atomically(path, lambda tmp: np.savez_compressed(tmp, volume=prepared.volume.astype(np.float16)), sync=False)
     return prepared
 
 

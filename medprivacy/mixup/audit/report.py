@@ -11,7 +11,7 @@ def write_audit_png(volumes: dict, path: Path) -> None:
     intensities clipped to [0, 1]. Volumes are (Z, Y, X) on the model grid (LPS: flipped so superior is up)."""
     import SimpleITK as sitk
 
-    from ..io import write_atomically
+    from ...files import write_atomically
     from ..model_space import analysis_mask
     from ..patches import brain_bounding_box
 

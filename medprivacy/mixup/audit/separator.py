@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: The attacker's own seeds: synthetic patients and reference subjects that neither training (1000+), validation
-#: (800000+), calibration (860000+) nor held-out evaluation (900000+) use.
-ATTACKER_SUBJECT_SEED_BASE = 700_000
-ATTACKER_BANK_SEED_BASE = 720_000
+# The attacker's own seeds (synthetic patients, reference subjects) are ranges nothing else uses (data.synth).
+from ...data.synth import ATTACKER_BANK_SEED_BASE, ATTACKER_SUBJECT_SEED_BASE, VALIDATION_SEED_BASE
+
 MODEL_NAME = "attack-separator"
 MODEL_FILE = "attack_separator.safetensors"
 ARCH = {"name": "unet", "in_channels": 1, "out_channels": 1, "channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}
@@ -133,8 +132,6 @@ def train_separator(out_dir, iterations: int = 1500, batch_size: int = 4, crop: 
 def validate_separator(net, patch_size, bank, subjects: int = 1) -> dict:
     """L1 and PSNR of the separator's output against the scan part, next to the raw upload, on validation patients."""
     import torch
-
-    from ..train import VALIDATION_SEED_BASE
 
     seeds = [VALIDATION_SEED_BASE + 200 + i for i in range(subjects)]
     uploads, targets = TrainingMixtures(patch_size, seeds, np.random.default_rng(1), bank).batch(32)

@@ -26,7 +26,7 @@ DEMO_IMAGES = (
 )
 
 
-def run_medlocker_demo(url: str, out: Path, token_file: Path | None = None, mode: str = "keep-out",
+def run_watermark_demo(url: str, out: Path, token_file: Path | None = None, mode: str = "keep-out",
                        search: tuple[str, ...] = ("--seed", "0")) -> int:
     """Protect the demo images through ``url`` (logo placement ``mode``, ``search`` options of ``watermark protect``;
     default the paper's settings), unlock them, check the restoration is exact; 0 when it is."""
@@ -41,7 +41,7 @@ def run_medlocker_demo(url: str, out: Path, token_file: Path | None = None, mode
         return 0
     out.mkdir(parents=True, exist_ok=True)
     originals = write_demo_images(out / "originals")
-    secret, key = out / "demo.secret", out / "demo.medlocker-key"
+    secret, key = out / "demo.secret", out / "demo.watermark-key"
     # A demo run starts from scratch: a key can hold each image name once.
     for stale in (secret, key):
         stale.unlink(missing_ok=True)
@@ -101,7 +101,7 @@ def write_before_after_png(images: list[np.ndarray], path: Path, columns: int | 
     """Images side by side (``columns`` per row), each scaled to 8-bit RGB at its own full range, 4 px apart."""
     import SimpleITK as sitk
 
-    from ..mixup.io import write_atomically
+    from ..files import write_atomically
 
     columns = columns or len(images)
     tiles = [_display_rgb(image) for image in images]

@@ -593,6 +593,7 @@ def _write_dicom(path: Path, pixels: np.ndarray, seed: int, config: DataConfig) 
         raise InputError("writing DICOM examples needs pydicom; run 'pip install pydicom'") from None
 
     def uid(kind: str) -> str:
+        # The entropy string fixes the examples' UIDs; it keeps the method's old name so they stay the same.
         return generate_uid(entropy_srcs=["medprivacy-medlocker-example", kind, str(config.seed), str(seed)])
 
     meta = FileMetaDataset()

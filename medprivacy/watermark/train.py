@@ -1,6 +1,6 @@
 """Training of the MedLocker classifiers and lesion segmenter (``medprivacy watermark train``).
 
-One run, seeded, trains on the 2D lesion dataset of :mod:`medprivacy.medlocker.data`:
+One run, seeded, trains on the 2D lesion dataset of :mod:`medprivacy.watermark.data`:
 - four "lesion / no lesion" classifiers (ResNet18, DenseNet121, EfficientNet-B0, VGG-style CNN), cross-entropy, Adam;
 - a 2D U-Net lesion segmenter, Dice + cross-entropy, Adam.
 Every model gets its own seed stream (weights init, batch order, augmentation), so training a subset of them gives

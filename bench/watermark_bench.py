@@ -36,18 +36,18 @@ PAPER = {"sl": 4.0, "population": 50, "generations": 3, "crossover_rate": 0.9, "
 
 def key_size(count: int, size: int = 128, seed: int = 0) -> dict:
     """Bytes per image of one encrypted key (key-file KDF; a passphrase key differs only in the header's KDF id)."""
-    from medprivacy.medlocker import blending
-    from medprivacy.medlocker.data import DataConfig, make_split
-    from medprivacy.medlocker.keyfile import MedLockerKey, generate_key_file, save_key
+    from medprivacy.watermark import blending
+    from medprivacy.watermark.data import DataConfig, make_split
+    from medprivacy.watermark.keyfile import WatermarkKey, generate_key_file, save_key
 
     logo = blending.default_logo()
     split = make_split("test", count, DataConfig(size=(size, size)), dtype=np.uint8)
     rng = np.random.default_rng(seed)
     out = {}
-    with tempfile.TemporaryDirectory(prefix="medlocker-key-") as folder:
+    with tempfile.TemporaryDirectory(prefix="watermark-key-") as folder:
         secret = generate_key_file(Path(folder) / "secret")
         for kind in ("rgb", "gray"):
-            key = MedLockerKey()
+            key = WatermarkKey()
             for index, pixels in enumerate(split.images):
                 image = pixels if kind == "rgb" else np.ascontiguousarray(pixels[..., 0])
                 h, w = blending.fitted_size(image.shape, logo.shape)
@@ -72,7 +72,7 @@ class RawThroughput:
     def __init__(self, client, models_dir: Path, names: list[str], size, batch: int, chunk: int, threads: int = 0):
         import torch
 
-        from medprivacy.medlocker.models import load_watermark_models
+        from medprivacy.watermark.models import load_watermark_models
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -110,8 +110,8 @@ class RawThroughput:
 
 
 def searches(client, names: list[str], count: int, size, raw: RawThroughput, repeats: int, start: int = 0) -> dict:
-    from medprivacy.medlocker import blending
-    from medprivacy.medlocker.data import DataConfig, make_split
+    from medprivacy.watermark import blending
+    from medprivacy.watermark.data import DataConfig, make_split
 
     logo = blending.default_logo()
     split = make_split("test", count, DataConfig(size=size), start=start, dtype=np.uint8)
@@ -135,7 +135,7 @@ def searches(client, names: list[str], count: int, size, raw: RawThroughput, rep
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "medlocker_bench.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "watermark_bench.json")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "Resources" / "Models", help="served models (default Resources/Models)")
     parser.add_argument("--server", default=None, help="use this running server (serving --models-dir's models) instead of starting one")
     parser.add_argument("--images", type=int, default=8, help="held-out images searched with the paper's defaults (default 8)")
@@ -165,7 +165,7 @@ def main() -> int:
     for kind, row in results["key_size"].items():
         print(f"  {kind}: {row['bytes_per_image']:.0f} bytes/image (image itself {row['image_bytes']} bytes, logo {row['logo_size'][1]}x{row['logo_size'][0]})")
 
-    work = Path(tempfile.mkdtemp(prefix="medlocker-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="watermark-bench-"))
     process = None
     try:
         url = args.server
@@ -175,7 +175,7 @@ def main() -> int:
         info = client.info()
         classifiers = {n: d for n, d in sorted(info.get("models", {}).items()) if d.get("task") == "classify" and d.get("out_channels") in (None, 2)}
         if not classifiers:
-            print(f"medlocker_bench: error: {url} serves no two-class watermark classifier; train them first (medprivacy watermark train)", file=sys.stderr)
+            print(f"watermark_bench: error: {url} serves no two-class watermark classifier; train them first (medprivacy watermark train)", file=sys.stderr)
             return 2
         names = list(classifiers)
         size = tuple(int(v) for v in next(iter(classifiers.values()))["patch_size"])
@@ -192,7 +192,7 @@ def main() -> int:
                 line = next((line for line in status.read_text(encoding="utf-8").splitlines() if line.startswith("VmHWM")), None)
                 results["server_peak_rss_mb"] = int(line.split()[1]) / 1024 if line else None
     except MedPrivacyError as exc:
-        print(f"medlocker_bench: error: {exc}", file=sys.stderr)
+        print(f"watermark_bench: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if process is not None:

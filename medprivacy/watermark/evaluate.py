@@ -1,6 +1,6 @@
 """``medprivacy watermark eval``: the MedLocker paper's Tables 1-3 on held-out images, through a real server.
 
-Images. The held-out ``test`` split of :mod:`medprivacy.medlocker.data` (sample seeds 900000+, which training
+Images. The held-out ``test`` split of :mod:`medprivacy.watermark.data` (sample seeds 900000+, which training
 never optimises on; ``--split validation`` draws the validation seeds instead, for choosing settings such as the
 logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's ``/v1/info``, with
 their true labels (odd seed: lesion) and ground-truth lesion masks.
@@ -13,7 +13,7 @@ Every search is one ``/v1/watermark/optimize`` request per image and configurati
 class to move away from and the same search seed for every configuration of an image (``--seed`` + image index),
 so configurations start from the same random population. A search stops once every source model misclassifies
 (the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is re-rendered here from the
-returned (alpha, x, y) with the key code (``MedLockerKey.protect``) and classified by every classifier through
+returned (alpha, x, y) with the key code (``WatermarkKey.protect``) and classified by every classifier through
 ``/v1/watermark/classify``; all rates below use those predictions.
 
 Definitions (``A``: the attacked images; ``y``: true label; a model's prediction on an ensemble is the argmax of
@@ -36,8 +36,6 @@ trip of the key file) and compared with the original.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -57,7 +55,7 @@ ENSEMBLE = "ensemble"
 HELD_OUT_PREFIX = "ensemble-without-"
 TABLE3_PREFERRED = "wm-cls-resnet18"
 MUTATION_RANDOM_EQUAL = "random-equal-evaluations"
-REPORT_FORMAT = "medprivacy-medlocker-eval"
+REPORT_FORMAT = "medprivacy-watermark-eval"
 
 
 # --- rates -----------------------------------------------------------------------------------------------------
@@ -251,7 +249,7 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
 
     from . import blending, boxes
     from .data import SPLIT_SEED_BASES, DataConfig, make_split
-    from .keyfile import MedLockerKey
+    from .keyfile import WatermarkKey
 
     config.check()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -315,7 +313,7 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
 
     runs = plan_runs(names, config, table3_source)
     todo = [(im, run) for im in attacked for run in runs if _applies(run, im)]
-    key = MedLockerKey()
+    key = WatermarkKey()
     search = {k: v for k, v in config.search().items() if v is not None}
     bar = tqdm(total=len(todo), desc="watermark searches", unit="search", file=sys.stderr,
                disable=None if progress is None else not progress)
@@ -387,7 +385,7 @@ def _unlock_check(key, attacked: list[_Image]) -> dict[str, Any]:
     checked = exact = 0
     size = None
     if len(key):
-        with tempfile.TemporaryDirectory(prefix="medlocker-eval-") as folder:
+        with tempfile.TemporaryDirectory(prefix="watermark-eval-") as folder:
             secret = generate_key_file(Path(folder) / "secret")
             path = save_key(key, Path(folder) / "eval.mlkey", key_file=secret)
             size = path.stat().st_size
@@ -399,7 +397,7 @@ def _unlock_check(key, attacked: list[_Image]) -> dict[str, Any]:
                 exact += bool(restored.dtype == im.pixels.dtype and np.array_equal(restored, im.pixels))
     return {"checked": checked, "bit_exact": exact, "all_bit_exact": checked == exact,
             "key_file_bytes": size, "key_file_bytes_per_image": (size / checked) if checked else None,
-            "method": "MedLockerKey.protect with the found parameters, key encrypted with a key file (AES-GCM), "
+            "method": "WatermarkKey.protect with the found parameters, key encrypted with a key file (AES-GCM), "
                       "loaded back, keyfile.unlock, compared pixel by pixel with the original"}
 
 
@@ -591,7 +589,7 @@ def write_grid(path: Path, attacked: list[_Image], names: Sequence[str], table3_
     import SimpleITK as sitk
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..mixup.io import write_atomically
+    from ..files import write_atomically
 
     path = Path(path)
     lesion = [im for im in attacked if im.label == 1 and im.runs]
@@ -648,78 +646,3 @@ def write_grid(path: Path, attacked: list[_Image], names: Sequence[str], table3_
     array = np.asarray(canvas, dtype=np.uint8)
     write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(array, isVector=True), str(tmp)))
 
-
-# --- command line ----------------------------------------------------------------------------------------------
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_server_arguments
-
-    add_server_arguments(parser, 1800.0, "seconds to wait for each search")
-    parser.add_argument("--out", required=True, type=Path, help="report.json to write (atomically)")
-    parser.add_argument("--images", type=int, default=20, help="held-out test images to draw (default 20)")
-    parser.add_argument("--start", type=int, default=0, help="first image of the split (default 0)")
-    parser.add_argument("--split", choices=EVAL_SPLITS, default="test",
-                        help="images to draw: the held-out test split (default) or the validation split, to choose settings such as the logo")
-    parser.add_argument("--seed", type=int, default=0, help="search seed of the first image; image i uses seed + i (default 0)")
-    parser.add_argument("--data-seed", type=int, default=0, help="data seed the models were trained with (default 0)")
-    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default: the classifiers' input size)")
-    parser.add_argument("--attack", choices=ATTACK_SETS, default="all-correct",
-                        help="attack images every classifier gets right (the paper's protocol, default) or all images")
-    parser.add_argument("--models", default=None, help="comma-separated classifiers to evaluate (default: every two-class classifier)")
-    parser.add_argument("--no-held-out", action="store_true", help="skip the ensemble-of-the-others sources (one search per classifier per image)")
-    parser.add_argument("--no-table3", action="store_true", help="skip Table 3 (placement and mutation ablation)")
-    parser.add_argument("--table3-source", default=None, help=f"source of Table 3 (default {TABLE3_PREFERRED})")
-    parser.add_argument("--equal-budget-random", action="store_true",
-                        help="add a random-mutation row with as many evaluations as basin hopping (Ng*(Niter+1) generations)")
-    parser.add_argument("--lesions", choices=LESION_SOURCES, default="auto",
-                        help="Table 3 lesion boxes from the server's segmenter or the images' true masks (default auto: segmenter if served)")
-    parser.add_argument("--logo", type=Path, default=None, help="logo picture (default: the grey padlock on a dark plate)")
-    parser.add_argument("--sl", type=float, default=4.0, help="logo scale (default 4)")
-    parser.add_argument("--population", type=int, default=50, help="Np (default 50)")
-    parser.add_argument("--generations", type=int, default=3, help="Ng (default 3)")
-    parser.add_argument("--crossover-rate", type=float, default=0.9, help="CR (default 0.9)")
-    parser.add_argument("--step", type=int, default=10, help="s in pixels (default 10)")
-    parser.add_argument("--local-iterations", type=int, default=3, help="Niter (default 3)")
-    parser.add_argument("--alpha-min", type=float, default=100.0)
-    parser.add_argument("--alpha-max", type=float, default=255.0)
-    parser.add_argument("--max-evaluations", type=int, default=None, help="cap on candidates per search")
-    parser.add_argument("--grid", type=Path, default=None, help="PNG of examples: original / watermarked / lesion boxes")
-    parser.add_argument("--grid-images", type=int, default=4, help="images in the PNG grid (default 4)")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from ..cli import client_from_args
-    from ..mixup.io import write_json
-    from ..transport.watermark_client import WatermarkClient
-    from . import blending
-
-    for what, target in (("--out", args.out), ("--grid", args.grid)):
-        if target is not None and not Path(target).parent.is_dir():
-            raise InputError(f"the folder of {what} {target} does not exist; create it first")
-        if target is not None and Path(target).is_dir():
-            raise InputError(f"{what} {target} is a folder; give a file name")
-    config = EvalConfig(
-        images=args.images, start=args.start, split=args.split, seed=args.seed, data_seed=args.data_seed, size=args.size, attack=args.attack,
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
-        held_out=not args.no_held_out, table3=not args.no_table3, table3_source=args.table3_source,
-        equal_budget_random=args.equal_budget_random, lesions=args.lesions, sl=args.sl, population=args.population,
-        generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
-        local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max),
-        max_evaluations=args.max_evaluations, grid_images=args.grid_images,
-    )
-    config.check()
-    logo = blending.load_logo(args.logo) if args.logo is not None else None
-    client = client_from_args(args, WatermarkClient)
-    report = run_evaluation(client, config, logo=logo, grid=args.grid)
-    write_json(json.loads(json.dumps(report, default=_json_default)), args.out)
-    print(format_report(report))
-    print(f"report written to {args.out}" + (f", examples in {args.grid}" if args.grid else ""))
-    return 0
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -141,7 +141,7 @@ def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) ->
 
 # --- pixel types -----------------------------------------------------------------------------------------------
 
-def to_medlocker_pixels(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dtype]:
+def to_watermark_pixels(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dtype]:
     """(unsigned 8/16-bit pixels MedLocker works on, the array's own dtype); signed types are shifted (a bijection)."""
     dtype = array.dtype
     if dtype in _UNSIGNED:
@@ -153,7 +153,7 @@ def to_medlocker_pixels(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dt
 
 
 def to_file_pixels(pixels: np.ndarray, file_dtype: np.dtype) -> np.ndarray:
-    """The inverse of ``to_medlocker_pixels``: MedLocker's unsigned pixels back in the source's ``file_dtype``."""
+    """The inverse of ``to_watermark_pixels``: MedLocker's unsigned pixels back in the source's ``file_dtype``."""
     if file_dtype in _SIGNED:
         _, shift = _SIGNED[file_dtype]
         return (pixels.astype(np.int32) - shift).astype(file_dtype)
@@ -196,7 +196,7 @@ def _read_itk(path: Path, fmt: str) -> MedImage:
         array = array[0]
     components = source.GetNumberOfComponentsPerPixel()
     _check_2d(array, path.name, components)
-    pixels, file_dtype = to_medlocker_pixels(array, path.name)
+    pixels, file_dtype = to_watermark_pixels(array, path.name)
     return MedImage(path=path, format=fmt, pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=source, _slice_axis=sliced)
 
 
@@ -257,7 +257,7 @@ def _read_dicom(path: Path) -> MedImage:
                          "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     _check_2d(array, path.name, samples)
-    pixels, file_dtype = to_medlocker_pixels(np.asarray(array), path.name)
+    pixels, file_dtype = to_watermark_pixels(np.asarray(array), path.name)
     return MedImage(path=path, format="dicom", pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=dataset)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import build_watermark_models, free_port, launch_server
 from medprivacy.cli import main
-from medprivacy.medlocker.evaluate import (
+from medprivacy.watermark.evaluate import (
     ENSEMBLE, HELD_OUT_PREFIX, EvalConfig, attack_success_rate, ensemble_prediction, plan_runs, transfer_success_rate,
 )
 
@@ -63,7 +63,7 @@ def evaluated(servers, tmp_path_factory):
 
 def test_report_has_the_three_tables_keyed_by_source_target_and_method(evaluated):
     report, _ = evaluated
-    assert report["format"] == "medprivacy-medlocker-eval" and report["data"]["images"] == 4 and report["data"]["attacked"] == 4
+    assert report["format"] == "medprivacy-watermark-eval" and report["data"]["images"] == 4 and report["data"]["attacked"] == 4
     assert report["data"]["split"] == "test" and report["images"][0]["seed"] == 900_000
     assert list(report["table1"]) == [*NAMES, ENSEMBLE]
     for row in report["table1"].values():

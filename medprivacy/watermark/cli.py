@@ -2,7 +2,7 @@
 
 ``protect`` asks the server to search each image's watermark (``/v1/watermark/optimize``: the search runs next
 to the models), blends the logo locally into the exact pixels, writes the result in the input's own format
-(JPEG becomes PNG, see ``medlocker.io``) and records every image in one encrypted key, saved before each protected
+(JPEG becomes PNG, see ``watermark.io``) and records every image in one encrypted key, saved before each protected
 file is written, so an interrupted run never leaves an image the key cannot restore. Without labels (``--label``,
 ``--labels labels.csv``) each model is pushed away from its own answer on the clean image, and the report says so.
 ``unlock`` restores the originals bit for bit from that key; ``verify`` tells whether an image belongs to it
@@ -98,13 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(train)
     train.set_defaults(_watermark=run_train)
 
-    from .evaluate import add_eval_arguments, run_eval
-
     evaluate = sub.add_parser("eval", help="Tables 1-3 of the paper (white-box, transfer, placement/mutation) on held-out images",
                               description="Evaluate MedLocker through a server on held-out images: white-box ASR, transfer ASR, "
                                           "placement and mutation ablation, PSNR/SSIM, bit-exact unlock, example grid.")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(_watermark=run_eval)
+    _add_eval_arguments(evaluate)
+    evaluate.set_defaults(_watermark=_run_eval)
 
 
 def _add_credential_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +162,7 @@ def _protect(args) -> int:
         SearchSettings, check_classifiers, choose_lesion_source, classifier_labels, plan_protection, prepare_folders,
         protect_files, read_labels_csv, resolve_label, resolve_labels,
     )
-    from .keyfile import MedLockerKey
+    from .keyfile import WatermarkKey
 
     credentials = _credentials(args, confirm=not args.append)
     key_path = Path(args.key)
@@ -174,7 +172,7 @@ def _protect(args) -> int:
         raise InputError(f"the folder of --key {key_path} does not exist; create it first")
     if key_path.exists() and not args.append:
         raise InputError(f"key {key_path} already exists; pass --append to add these images to it, or choose a new key file")
-    key = _load_key(key_path, credentials) if key_path.exists() else MedLockerKey()
+    key = _load_key(key_path, credentials) if key_path.exists() else WatermarkKey()
     logo = blending.load_logo(args.logo) if args.logo is not None else blending.default_logo()
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     weights = _weights(args.weights, models)
@@ -317,3 +315,83 @@ def _new_key_file(args) -> int:
     path = generate_key_file(args.path)
     print(f"wrote a 32-byte secret to {path} (mode 0600); keep it safe: without it the keys it encrypts cannot be opened")
     return 0
+
+
+# --- eval: Tables 1-3 of the paper through a server (watermark.evaluate) ----------------------------------------------------------------------------------------------
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import ATTACK_SETS, EVAL_SPLITS, LESION_SOURCES, TABLE3_PREFERRED
+
+    add_server_arguments(parser, 1800.0, "seconds to wait for each search")
+    parser.add_argument("--out", required=True, type=Path, help="report.json to write (atomically)")
+    parser.add_argument("--images", type=int, default=20, help="held-out test images to draw (default 20)")
+    parser.add_argument("--start", type=int, default=0, help="first image of the split (default 0)")
+    parser.add_argument("--split", choices=EVAL_SPLITS, default="test",
+                        help="images to draw: the held-out test split (default) or the validation split, to choose settings such as the logo")
+    parser.add_argument("--seed", type=int, default=0, help="search seed of the first image; image i uses seed + i (default 0)")
+    parser.add_argument("--data-seed", type=int, default=0, help="data seed the models were trained with (default 0)")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="image size (default: the classifiers' input size)")
+    parser.add_argument("--attack", choices=ATTACK_SETS, default="all-correct",
+                        help="attack images every classifier gets right (the paper's protocol, default) or all images")
+    parser.add_argument("--models", default=None, help="comma-separated classifiers to evaluate (default: every two-class classifier)")
+    parser.add_argument("--no-held-out", action="store_true", help="skip the ensemble-of-the-others sources (one search per classifier per image)")
+    parser.add_argument("--no-table3", action="store_true", help="skip Table 3 (placement and mutation ablation)")
+    parser.add_argument("--table3-source", default=None, help=f"source of Table 3 (default {TABLE3_PREFERRED})")
+    parser.add_argument("--equal-budget-random", action="store_true",
+                        help="add a random-mutation row with as many evaluations as basin hopping (Ng*(Niter+1) generations)")
+    parser.add_argument("--lesions", choices=LESION_SOURCES, default="auto",
+                        help="Table 3 lesion boxes from the server's segmenter or the images' true masks (default auto: segmenter if served)")
+    parser.add_argument("--logo", type=Path, default=None, help="logo picture (default: the grey padlock on a dark plate)")
+    parser.add_argument("--sl", type=float, default=4.0, help="logo scale (default 4)")
+    parser.add_argument("--population", type=int, default=50, help="Np (default 50)")
+    parser.add_argument("--generations", type=int, default=3, help="Ng (default 3)")
+    parser.add_argument("--crossover-rate", type=float, default=0.9, help="CR (default 0.9)")
+    parser.add_argument("--step", type=int, default=10, help="s in pixels (default 10)")
+    parser.add_argument("--local-iterations", type=int, default=3, help="Niter (default 3)")
+    parser.add_argument("--alpha-min", type=float, default=100.0)
+    parser.add_argument("--alpha-max", type=float, default=255.0)
+    parser.add_argument("--max-evaluations", type=int, default=None, help="cap on candidates per search")
+    parser.add_argument("--grid", type=Path, default=None, help="PNG of examples: original / watermarked / lesion boxes")
+    parser.add_argument("--grid-images", type=int, default=4, help="images in the PNG grid (default 4)")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from ..files import write_json
+    from ..transport.watermark_client import WatermarkClient
+    from . import blending
+    from .evaluate import EvalConfig, format_report, run_evaluation
+
+    def json_default(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+    for what, target in (("--out", args.out), ("--grid", args.grid)):
+        if target is not None and not Path(target).parent.is_dir():
+            raise InputError(f"the folder of {what} {target} does not exist; create it first")
+        if target is not None and Path(target).is_dir():
+            raise InputError(f"{what} {target} is a folder; give a file name")
+    config = EvalConfig(
+        images=args.images, start=args.start, split=args.split, seed=args.seed, data_seed=args.data_seed, size=args.size, attack=args.attack,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
+        held_out=not args.no_held_out, table3=not args.no_table3, table3_source=args.table3_source,
+        equal_budget_random=args.equal_budget_random, lesions=args.lesions, sl=args.sl, population=args.population,
+        generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
+        local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max),
+        max_evaluations=args.max_evaluations, grid_images=args.grid_images,
+    )
+    config.check()
+    logo = blending.load_logo(args.logo) if args.logo is not None else None
+    client = client_from_args(args, WatermarkClient)
+    report = run_evaluation(client, config, logo=logo, grid=args.grid)
+    write_json(json.loads(json.dumps(report, default=json_default)), args.out)
+    print(format_report(report))
+    print(f"report written to {args.out}" + (f", examples in {args.grid}" if args.grid else ""))
+    return 0
+

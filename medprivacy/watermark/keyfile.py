@@ -41,6 +41,8 @@ from .blending import (
     logo_region, logo_sha256,
 )
 
+# The on-disk identifiers keep the method's name (MedLocker): every key already issued carries them, and a key
+# that no longer opens loses the originals it holds.
 MAGIC = b"MEDLOCKR"
 FORMAT_VERSION = 1
 MANIFEST_FORMAT = "medprivacy-medlocker-key"
@@ -98,7 +100,7 @@ class KeyEntry:
         }
 
 
-class MedLockerKey:
+class WatermarkKey:
     """The entries of a protected dataset, by image name, and the logos they use, by fingerprint."""
 
     def __init__(self) -> None:
@@ -165,7 +167,7 @@ class MedLockerKey:
         name = self._by_image.get(image_sha256(image))
         return self._entries[name] if name is not None else None
 
-    def subset(self, names: Iterable[str], include_originals: bool = True) -> "MedLockerKey":
+    def subset(self, names: Iterable[str], include_originals: bool = True) -> "WatermarkKey":
         """A key with only ``names`` (for a user); without original pixels if ``include_originals`` is False."""
         names = list(dict.fromkeys(names))
         missing = [n for n in names if n not in self._entries]
@@ -174,7 +176,7 @@ class MedLockerKey:
             raise InputError(f"{len(missing)} requested image(s) are not in this key: {shown}")
         if not names:
             raise InputError("a user key needs at least one image")
-        out = MedLockerKey()
+        out = WatermarkKey()
         for name in names:
             entry = self._entries[name]
             out._add(entry if include_originals else replace(entry, original=None), self._logos.get(entry.logo_sha256))
@@ -183,23 +185,23 @@ class MedLockerKey:
 
 # --- using a key -----------------------------------------------------------------------------------------------
 
-def _entry_for(image: np.ndarray, key: MedLockerKey | KeyEntry) -> KeyEntry:
+def _entry_for(image: np.ndarray, key: WatermarkKey | KeyEntry) -> KeyEntry:
     if not isinstance(image, np.ndarray):
         raise InputError(f"the image is a {type(image).__name__}, not a pixel array")
-    entry = key.find(image) if isinstance(key, MedLockerKey) else (key if key.image_sha256 == image_sha256(image) else None)
+    entry = key.find(image) if isinstance(key, WatermarkKey) else (key if key.image_sha256 == image_sha256(image) else None)
     if entry is None:
         raise InputError("this image is not protected by this key, or it was changed after protection (re-saved lossily, resized, edited)")
     return entry
 
 
-def verify(image: np.ndarray, key: MedLockerKey | KeyEntry) -> KeyEntry | None:
+def verify(image: np.ndarray, key: WatermarkKey | KeyEntry) -> KeyEntry | None:
     """The key entry this exact protected image belongs to, or None."""
-    if isinstance(key, MedLockerKey):
+    if isinstance(key, WatermarkKey):
         return key.find(image)
     return key if key.image_sha256 == image_sha256(image) else None
 
 
-def unlock(image: np.ndarray, key: MedLockerKey | KeyEntry) -> np.ndarray:
+def unlock(image: np.ndarray, key: WatermarkKey | KeyEntry) -> np.ndarray:
     """The original image, bit for bit, from a protected image and its key."""
     entry = _entry_for(image, key)
     if entry.original is None:
@@ -212,7 +214,7 @@ def unlock(image: np.ndarray, key: MedLockerKey | KeyEntry) -> np.ndarray:
     return restored
 
 
-def unlock_approximate(image: np.ndarray, key: MedLockerKey | KeyEntry, logo=None) -> tuple[np.ndarray, int]:
+def unlock_approximate(image: np.ndarray, key: WatermarkKey | KeyEntry, logo=None) -> tuple[np.ndarray, int]:
     """Remove the watermark from the parameters alone by inverse blending (paper eq. 9).
 
     Returns (restored image, number of pixels under the logo that are not exactly the original). A pixel is exact
@@ -222,7 +224,7 @@ def unlock_approximate(image: np.ndarray, key: MedLockerKey | KeyEntry, logo=Non
     """
     entry = _entry_for(image, key)
     if logo is None:
-        logo = key.logo(entry.logo_sha256) if isinstance(key, MedLockerKey) else None
+        logo = key.logo(entry.logo_sha256) if isinstance(key, WatermarkKey) else None
         if logo is None:
             raise InputError(f"approximate removal of {entry.name!r} needs the logo it was protected with; give the logo picture")
     elif logo_sha256(logo) != entry.logo_sha256:
@@ -262,11 +264,11 @@ def generate_key_file(path: str | os.PathLike, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path} already exists; keys encrypted with it would become unreadable if it were replaced (pass force to overwrite)")
-    _write_private(path, secrets.token_bytes(KEY_FILE_BYTES))
+    _write_key_file(path, secrets.token_bytes(KEY_FILE_BYTES))
     return path
 
 
-def save_key(key: MedLockerKey, path: str | os.PathLike, *, passphrase: str | bytes | None = None,
+def save_key(key: WatermarkKey, path: str | os.PathLike, *, passphrase: str | bytes | None = None,
              key_file: str | os.PathLike | None = None, scrypt_log2_n: int = SCRYPT_LOG2_N) -> Path:
     """Encrypt ``key`` to ``path`` (atomic, mode 0600) under a passphrase or a 32-byte key file."""
     return KeyWriter(path, passphrase=passphrase, key_file=key_file, scrypt_log2_n=scrypt_log2_n).save(key)
@@ -290,8 +292,8 @@ class KeyWriter:
         self._cost = (int(scrypt_log2_n), SCRYPT_R, SCRYPT_P) if self._kdf == KDF_SCRYPT else (0, 0, 0)
         self._aes_key = _derive(self._kdf, secret, self._salt, *self._cost)
 
-    def save(self, key: MedLockerKey) -> Path:
-        if not isinstance(key, MedLockerKey) or len(key) == 0:
+    def save(self, key: WatermarkKey) -> Path:
+        if not isinstance(key, WatermarkKey) or len(key) == 0:
             raise InputError("nothing to save: the key holds no protected image")
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -301,11 +303,11 @@ class KeyWriter:
             sealed = AESGCM(self._aes_key).encrypt(nonce, _pack(key), header)
         except OverflowError:
             raise InputError("the key is too large for one file (over 2 GiB); split the dataset across several keys") from None
-        _write_private(self.path, header + sealed)
+        _write_key_file(self.path, header + sealed)
         return self.path
 
 
-def load_key(path: str | os.PathLike, *, passphrase: str | bytes | None = None, key_file: str | os.PathLike | None = None) -> MedLockerKey:
+def load_key(path: str | os.PathLike, *, passphrase: str | bytes | None = None, key_file: str | os.PathLike | None = None) -> WatermarkKey:
     """Decrypt and check a key file; InputError on a wrong passphrase/key file or any modified byte."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -334,9 +336,9 @@ def load_key(path: str | os.PathLike, *, passphrase: str | bytes | None = None, 
     return _unpack(payload, path)
 
 
-def issue_user_key(key: MedLockerKey, names: Iterable[str], path: str | os.PathLike, *, passphrase: str | bytes | None = None,
+def issue_user_key(key: WatermarkKey, names: Iterable[str], path: str | os.PathLike, *, passphrase: str | bytes | None = None,
                    key_file: str | os.PathLike | None = None, include_originals: bool = True,
-                   scrypt_log2_n: int = SCRYPT_LOG2_N) -> MedLockerKey:
+                   scrypt_log2_n: int = SCRYPT_LOG2_N) -> WatermarkKey:
     """Save, under the user's own passphrase or key file, a key that holds only the images in ``names``."""
     user_key = key.subset(names, include_originals=include_originals)
     save_key(user_key, path, passphrase=passphrase, key_file=key_file, scrypt_log2_n=scrypt_log2_n)
@@ -378,7 +380,7 @@ def _derive(kdf: int, secret: bytes, salt: bytes, log2_n: int, r: int, p: int) -
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_HKDF_INFO).derive(secret)
 
 
-def _pack(key: MedLockerKey) -> bytes:
+def _pack(key: WatermarkKey) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     logos = {}
     for index, (fingerprint, logo) in enumerate(key._logos.items()):
@@ -399,13 +401,13 @@ def _pack(key: MedLockerKey) -> bytes:
     return buffer.getvalue()
 
 
-def _unpack(payload: bytes, path: Path) -> MedLockerKey:
+def _unpack(payload: bytes, path: Path) -> WatermarkKey:
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
             manifest = json.loads(archive["manifest"].tobytes().decode("utf-8"))
             if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
                 raise ValueError("unknown manifest format")
-            key = MedLockerKey()
+            key = WatermarkKey()
             logos = {fp: _checked_logo(archive[name], fp) for fp, name in manifest["logos"].items()}
             for item in manifest["entries"]:
                 entry = _checked_entry(item, archive)
@@ -446,7 +448,7 @@ def _checked_entry(item: dict, archive) -> KeyEntry:
     return entry
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_key_file(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the first byte, atomically, read back and flushed (a lost key loses data)."""
     if not path.parent.is_dir():
         raise InputError(f"output folder {path.parent} does not exist; create it first")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import build_watermark_models, free_port, start_server
 from medprivacy.cli import main
-from medprivacy.medlocker import io as mio
+from medprivacy.watermark import io as mio
 
 PASSPHRASE = "correct horse battery staple"
 SEARCH = ["--population", "4", "--generations", "1", "--local-iterations", "1", "--seed", "0"]
@@ -210,10 +210,10 @@ def test_dicom_with_fewer_stored_bits_gets_them_back_on_unlock(tmp_path):
 
 def test_demo_protects_and_exactly_restores_its_sample_images(server, tmp_path):
     """The MedLocker part of ``make demo``: DICOM, 8/16-bit PNG, RGB PNG and TIFF, protected then restored bit for bit."""
-    from medprivacy.medlocker.demo import DEMO_IMAGES, run_medlocker_demo
+    from medprivacy.watermark.demo import DEMO_IMAGES, run_watermark_demo
 
-    out = tmp_path / "medlocker"
-    assert run_medlocker_demo(server.url, out, mode="wap", search=tuple(SEARCH)) == 0
+    out = tmp_path / "watermark"
+    assert run_watermark_demo(server.url, out, mode="wap", search=tuple(SEARCH)) == 0
     originals = sorted(p.name for p in (out / "originals").iterdir() if not p.name.endswith(("_mask.png", ".json")))
     assert len(originals) == len(DEMO_IMAGES) and sorted(p.name for p in (out / "restored").iterdir()) == originals
     for name in originals:
@@ -224,4 +224,4 @@ def test_demo_protects_and_exactly_restores_its_sample_images(server, tmp_path):
     grid = mio.read_image(out / "before_after.png").pixels
     assert grid.ndim == 3 and grid.shape[0] > 256 * len(DEMO_IMAGES)
     # Run twice: the demo starts from a clean slate rather than refusing an existing key.
-    assert run_medlocker_demo(server.url, out, mode="wap", search=tuple(SEARCH)) == 0
+    assert run_watermark_demo(server.url, out, mode="wap", search=tuple(SEARCH)) == 0

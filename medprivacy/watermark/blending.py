@@ -174,7 +174,7 @@ def default_logo(size: int = 256, style: str = "badge") -> np.ndarray:
 
     Why the badge: classifiers trained to find lesions read a bright mark as one more lesion, so a white padlock
     flips "no lesion" images but can never hide a lesion; an opaque dark plate over a lesion reads as background.
-    On the validation split (``bench/medlocker_logo_ablation.py``) the badge raised ResNet18's white-box ASR with the
+    On the validation split (``bench/watermark_logo_ablation.py``) the badge raised ResNet18's white-box ASR with the
     paper's search settings from 63 % (outline) to 76 %.
     Drawn from signed distances (negative inside) so the edges are anti-aliased at any size.
     """

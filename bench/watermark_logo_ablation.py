@@ -4,7 +4,7 @@ The paper's ablation varies "the type of logo"; this is how MedLocker's default 
 `medprivacy serve` on 127.0.0.1 with Resources/Models and runs `medprivacy watermark eval --split validation`
 (images the test tables never see) once per logo, with the paper's search settings, on one source model
 (ResNet18 by default). Prints ASR on all attacked images and separately on lesion / no-lesion images, PSNR and
-mean alpha; writes bench/results/medlocker_logo_ablation.json. Figures, not pass/fail.
+mean alpha; writes bench/results/watermark_logo_ablation.json. Figures, not pass/fail.
 
 Candidates: ``badge`` (the default: grey padlock on an opaque near-black plate), ``outline`` (white padlock,
 transparent around it), ``plate-white`` (the white padlock on an opaque navy plate) and ``icon`` (the extension's
@@ -29,7 +29,7 @@ LOGOS = ("badge", "outline", "plate-white", "icon")
 def write_logos(folder: Path) -> dict[str, Path]:
     import SimpleITK as sitk
 
-    from medprivacy.medlocker import blending
+    from medprivacy.watermark import blending
 
     outline = blending.default_logo(256, "outline").astype(np.float64)
     opacity = outline[..., 3:4] / 255.0
@@ -49,7 +49,7 @@ def write_logos(folder: Path) -> dict[str, Path]:
 
 def summarize(report: dict, source: str) -> dict:
     """Table 1's row for ``source`` plus the same ASR on lesion and on no-lesion images apart."""
-    from medprivacy.medlocker.evaluate import attack_success_rate
+    from medprivacy.watermark.evaluate import attack_success_rate
 
     row = report["table1"][source]
     attacked = [im for im in report["images"] if im["attacked"]]
@@ -73,12 +73,12 @@ def main() -> int:
     parser.add_argument("--logos", default=",".join(LOGOS), help=f"comma-separated subset of {','.join(LOGOS)}")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "Resources" / "Models")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the server (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "medlocker_logo_ablation.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "watermark_logo_ablation.json")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
     from medprivacy.demo import start_local_server, stop_local_server
-    from medprivacy.mixup.io import write_json
+    from medprivacy.files import write_json
 
     wanted = [name.strip() for name in args.logos.split(",") if name.strip()]
     unknown = sorted(set(wanted) - set(LOGOS))
@@ -86,7 +86,7 @@ def main() -> int:
         parser.error(f"unknown logo(s) {', '.join(unknown)}; choose from {', '.join(LOGOS)}")
     if args.threads > 0:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="medlocker-logos-"))
+    work = Path(tempfile.mkdtemp(prefix="watermark-logos-"))
     logos = write_logos(work)
     process, url = start_local_server(work, extra_args=["--models-dir", str(args.models_dir)])
     results = {}

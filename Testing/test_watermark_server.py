@@ -16,9 +16,9 @@ import requests
 
 from conftest import CLASSIFIERS, LABELS, SIZE, build_watermark_models, open_and_token_servers
 from medprivacy.errors import AuthError, InputError, ServerError
-from medprivacy.medlocker import blending
-from medprivacy.medlocker.boxes import MaskParams, Placement, lesion_boxes
-from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor, unit_image
+from medprivacy.watermark import blending
+from medprivacy.watermark.boxes import MaskParams, Placement, lesion_boxes
+from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor
 from medprivacy.transport.wire import CONTENT_TYPE, encode_tensor, encode_tensor_raw
 
 #: The paper's search shape, shrunk to a few evaluations.
@@ -119,7 +119,7 @@ def test_info_lists_the_watermark_models_with_their_task(server):
 
 def test_classify_gives_probabilities_per_model_at_any_image_size(server):
     client = _client(server)
-    images = np.stack([unit_image(_rgb(seed=s)) for s in range(3)])
+    images = np.stack([blending.unit_view(_rgb(seed=s)) for s in range(3)])
     answer = client.classify(images)
     assert answer["count"] == 3 and set(answer["models"]) == {*CLASSIFIERS, "mine"}
     for name, result in answer["models"].items():
@@ -140,7 +140,7 @@ def test_user_torchscript_classifier_answers_like_the_file(server, wm_files):
     import torch
     import torch.nn.functional as F
 
-    images = np.stack([unit_image(_rgb(50, 70, seed=s)) for s in range(2)])
+    images = np.stack([blending.unit_view(_rgb(50, 70, seed=s)) for s in range(2)])
     answer = _client(server).classify(images, models=["mine"])
     net = torch.jit.load(str(wm_files[1]), map_location="cpu")
     sent = torch.from_numpy(np.rint(images * 255) / 255).float()  # what the uint8 upload carries
@@ -151,7 +151,7 @@ def test_user_torchscript_classifier_answers_like_the_file(server, wm_files):
 
 
 def test_lesions_give_a_probability_mask_at_the_image_size(server):
-    image = unit_image(_rgb(45, 61, seed=3))
+    image = blending.unit_view(_rgb(45, 61, seed=3))
     mask = _client(server).lesions(image)
     assert mask.shape == (45, 61) and mask.dtype == np.float32 and 0 <= mask.min() <= mask.max() <= 1
     response = _post(server, "/v1/watermark/lesions", encode_tensor(image[None]), headers={"X-MedPrivacy-Response-Dtype": "uint8"})
@@ -212,7 +212,7 @@ def test_optimize_is_seeded_and_reports_what_the_watermarked_image_gets(server):
     assert first["targets"] == {"wm-cls-resnet18": 1, "wm-cls-vit": 1}
     params = first["params"]
     protected, _ = blending.watermark(image, logo, params["alpha"], params["x"], params["y"], params["sl"])
-    classified = client.classify(unit_image(protected)[None], models=["wm-cls-resnet18", "wm-cls-vit"], upload_dtype="float16")
+    classified = client.classify(blending.unit_view(protected)[None], models=["wm-cls-resnet18", "wm-cls-vit"], upload_dtype="float16")
     objective = 0.0
     for name, weight in (("wm-cls-resnet18", 0.7), ("wm-cls-vit", 0.3)):
         after = np.array(first["after"][name]["probabilities"][0])
@@ -227,7 +227,7 @@ def test_without_a_label_each_model_moves_away_from_its_own_clean_answer(server)
     models = ["wm-cls-resnet18", "wm-cls-vit"]
     for seed in range(200):
         image = _rgb(40, 48, seed=seed)
-        clean = client.classify(unit_image(image)[None], models=models)["models"]
+        clean = client.classify(blending.unit_view(image)[None], models=models)["models"]
         answers = {m: clean[m]["predicted"][0] for m in models}
         if len(set(answers.values())) == 2:
             break
@@ -255,9 +255,9 @@ def test_optimize_with_the_server_segmenter_and_a_user_model(server):
 
 def test_incremental_rendering_matches_rendering_whole_images(wm_files):
     """The search scores candidates from the logo area alone; that must equal blend_batch + resize + classify."""
-    from medprivacy.medlocker.optimizer import ensemble_objective
+    from medprivacy.watermark.optimizer import ensemble_objective
     from medprivacy.server.app import ServerConfig, create_app
-    from medprivacy.server.watermark import _CandidateScorer
+    from medprivacy.server.watermark.scoring import CandidateScorer
 
     app = create_app(ServerConfig(models_dir=wm_files[0], device="cpu", inference_batch=5))
     wm = app.state.service.watermark
@@ -272,11 +272,11 @@ def test_incremental_rendering_matches_rendering_whole_images(wm_files):
         max_x, max_y = image.shape[1] - fitted.size[1], image.shape[0] - fitted.size[0]
         params = np.column_stack([rng.uniform(0, 255, 7), rng.integers(0, max_x + 1, 7), rng.integers(0, max_y + 1, 7)])
         params[0, 1:], params[1, 1:] = (0, 0), (max_x, max_y)  # both corners
-        scorer = _CandidateScorer(wm, models, image, fitted, window, threading.Event())
+        scorer = CandidateScorer(wm, models, image, fitted, window, threading.Event())
         scorer.target, scorer.weights = 1, np.array([0.5, 0.5])
         objective, _ = scorer(params.astype(np.float64))
         rendered = blending.blend_batch(image, fitted, params, window)
-        probs = wm._classify_array(models, np.stack([unit_image(r, window) for r in rendered]))
+        probs = wm.classify_array(models, np.stack([blending.unit_view(r, window) for r in rendered]))
         expected, _ = ensemble_objective(np.stack([probs[m.name] for m in models]), 1, [0.5, 0.5])
         np.testing.assert_allclose(objective, expected, atol=1e-5)
 
@@ -285,7 +285,7 @@ def test_incremental_rendering_matches_rendering_whole_images(wm_files):
 
 def test_token_is_required_when_set(servers):
     token_server = servers[1]
-    images = unit_image(_rgb())[None]
+    images = blending.unit_view(_rgb())[None]
     with pytest.raises(AuthError, match="requires a token"):
         _client(token_server, token=None).classify(images)
     with pytest.raises(AuthError, match="rejected the token"):

@@ -9,8 +9,8 @@ import pytest
 from scipy.ndimage import binary_dilation
 
 from medprivacy.errors import InputError
-from medprivacy.medlocker import models as wm_models
-from medprivacy.medlocker.data import (
+from medprivacy.watermark import models as wm_models
+from medprivacy.watermark.data import (
     SPLIT_CAPACITY,
     DataConfig,
     export_examples,
@@ -19,7 +19,7 @@ from medprivacy.medlocker.data import (
     render_sample,
     split_seeds,
 )
-from medprivacy.medlocker.train import (
+from medprivacy.watermark.train import (
     MANIFEST_KEY,
     WatermarkTrainConfig,
     add_train_arguments,

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from medprivacy.errors import InputError
-from medprivacy.medlocker.blending import (
+from medprivacy.watermark.blending import (
     as_rgba, blend, blend_batch, default_logo, fit_logo, fitted_size, load_logo, logo_sha256, unit_view, watermark,
 )
-from medprivacy.medlocker.boxes import Box, MaskParams, Placement, expand_box, lesion_boxes, merge_boxes
-from medprivacy.medlocker.keyfile import (
-    MedLockerKey, generate_key_file, issue_user_key, load_key, save_key, unlock, unlock_approximate, verify,
+from medprivacy.watermark.boxes import Box, MaskParams, Placement, expand_box, lesion_boxes, merge_boxes
+from medprivacy.watermark.keyfile import (
+    WatermarkKey, generate_key_file, issue_user_key, load_key, save_key, unlock, unlock_approximate, verify,
 )
-from medprivacy.medlocker.optimizer import ensemble_objective, optimize_watermark
+from medprivacy.watermark.optimizer import ensemble_objective, optimize_watermark
 
 #: Cheapest scrypt cost the key format accepts: these tests exercise the format, not the KDF's strength
 #: (one test runs the default cost).
@@ -51,7 +51,7 @@ def test_blend_then_unlock_is_bit_identical(kind, alpha, logo):
     fitted = fit_logo(logo, image.shape)
     h, w = fitted.size
     max_x, max_y = image.shape[1] - w, image.shape[0] - h
-    key = MedLockerKey()
+    key = WatermarkKey()
     # corners touch the image border; one position in the middle
     for index, (x, y) in enumerate([(0, 0), (max_x, max_y), (0, max_y), (max_x, 0), (17, 9)]):
         protected = key.protect(f"img{index}", image, logo, alpha, x, y)
@@ -101,7 +101,7 @@ def test_a_narrow_intensity_window_paints_the_logo_on_the_image_scale(tmp_path):
     assert np.all(dark[region] == 1000)
     unit = unit_view(dark, (1000, 3000))
     assert unit.shape == (1, 40, 40) and unit.min() == 0.0 and unit.max() == 1.0 and np.all(unit[0][region] == 0.0)
-    key = MedLockerKey()
+    key = WatermarkKey()
     protected = key.protect("ct", image, white, 180, 5, 6, window=window)
     np.testing.assert_array_equal(unlock(protected, key), image)
     save_key(key, tmp_path / "k.mlk", passphrase="pw", **FAST_KDF)
@@ -328,7 +328,7 @@ def test_without_a_label_each_model_is_scored_against_its_own_clean_answer():
 @pytest.fixture(scope="module")
 def protected_set(logo):
     rng = np.random.default_rng(11)
-    key = MedLockerKey()
+    key = WatermarkKey()
     originals, protected = {}, {}
     for index, kind in enumerate(["gray8", "gray16", "rgb", "gray8"]):
         image = random_image(kind, rng, (48, 64))
@@ -416,7 +416,7 @@ def test_verify_recognises_only_the_protected_image(protected_set):
 def test_inverse_blending_counts_the_pixels_it_cannot_restore(logo):
     rng = np.random.default_rng(5)
     image = random_image("gray8", rng, (96, 96))
-    key = MedLockerKey()
+    key = WatermarkKey()
     protected = key.protect("x", image, logo, 255, 10, 20)
     entry = key["x"]
     opacity = fit_logo(logo, image.shape).opacity
@@ -432,7 +432,7 @@ def test_inverse_blending_counts_the_pixels_it_cannot_restore(logo):
     with pytest.raises(InputError, match="not the logo"):
         unlock_approximate(protected, key, logo=default_logo(64))
 
-    gentle = MedLockerKey()
+    gentle = WatermarkKey()
     faint = gentle.protect("y", image, logo, 1, 0, 0)  # nearly invisible watermark: eq. 9 is almost exact
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -490,7 +490,7 @@ def test_bad_inputs_give_one_line_errors(logo):
         Placement("keep-out", (64, 64), (16, 16), [Box(0, 0, 64, 64)])
     with pytest.raises(InputError, match="crossover rate"):
         optimize_watermark(lambda p: (np.zeros(len(p)), np.zeros(len(p), bool)), Placement("wap", (64, 64), (16, 16)), crossover_rate=2)
-    key = MedLockerKey()
+    key = WatermarkKey()
     key.protect("a", image, logo, 150, 0, 0)
     with pytest.raises(InputError, match="already in this key"):
         key.protect("a", image, logo, 150, 0, 0)
@@ -504,8 +504,8 @@ def test_intensity_window_of_files(tmp_path):
     import pydicom
     import SimpleITK as sitk
 
-    from medprivacy.medlocker import io as mio
-    from medprivacy.medlocker.data import DataConfig, _write_dicom
+    from medprivacy.watermark import io as mio
+    from medprivacy.watermark.data import DataConfig, _write_dicom
 
     gray = np.random.default_rng(0).integers(0, 4096, (32, 32)).astype(np.uint16)
     _write_dicom(tmp_path / "mr.dcm", gray, 7, DataConfig())

@@ -22,8 +22,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "Resources" / "Models")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the server (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "medlocker_eval.json")
-    parser.add_argument("--grid", type=Path, default=ROOT / "bench" / "results" / "medlocker_eval_examples.png")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "watermark_eval.json")
+    parser.add_argument("--grid", type=Path, default=ROOT / "bench" / "results" / "watermark_eval_examples.png")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more `medprivacy watermark eval` options")
     args = parser.parse_args()
 
@@ -32,7 +32,7 @@ def main() -> int:
 
     if args.threads > 0:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="medlocker-eval-"))
+    work = Path(tempfile.mkdtemp(prefix="watermark-eval-"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     process, url = start_local_server(work, extra_args=["--models-dir", str(args.models_dir)])
     try:

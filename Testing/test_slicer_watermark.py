@@ -18,7 +18,7 @@ pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 
 import slicer_support  # noqa: E402  (Testing/ is on sys.path: pytest's rootdir-relative import of this file)
 from conftest import free_port, start_server  # noqa: E402
 
-MedLockerWatermark = slicer_support.load_module(slicer_support.MEDLOCKER_MODULE_DIR)
+MedLockerWatermark = slicer_support.load_module(slicer_support.WATERMARK_MODULE_DIR)
 
 
 class _Case(MedLockerWatermark.MedLockerWatermarkTestMixin, unittest.TestCase):
@@ -88,9 +88,9 @@ def test_module_file_loads_without_qt_or_heavy_imports():
     # are absent (not stubbed) without Qt, and the module file hands out the Lib's own objects.
     code = (
         "import sys, slicer_support\n"
-        "sys.path.insert(0, str(slicer_support.MEDLOCKER_MODULE_DIR))\n"
+        "sys.path.insert(0, str(slicer_support.WATERMARK_MODULE_DIR))\n"
         "import MedLockerWatermarkLib\n"
-        "m = slicer_support.load_module(slicer_support.MEDLOCKER_MODULE_DIR)\n"
+        "m = slicer_support.load_module(slicer_support.WATERMARK_MODULE_DIR)\n"
         "assert not m._HAVE_APP and not hasattr(m, 'MedLockerWatermarkWidget')\n"
         "for name in MedLockerWatermarkLib.__all__:\n"
         "    assert getattr(m, name) is getattr(MedLockerWatermarkLib, name), name\n"
@@ -107,7 +107,7 @@ def test_module_file_loads_without_qt_or_heavy_imports():
 
 
 def test_every_lib_file_and_resource_is_packaged():
-    module_dir = slicer_support.MEDLOCKER_MODULE_DIR
+    module_dir = slicer_support.WATERMARK_MODULE_DIR
     cmake = (module_dir / "CMakeLists.txt").read_text(encoding="utf-8")
     lib_files = sorted(path.name for path in (module_dir / "MedLockerWatermarkLib").glob("*.py"))
     assert lib_files and all(f"${{MODULE_NAME}}Lib/{name}" in cmake for name in lib_files), lib_files
@@ -123,7 +123,7 @@ def test_ui_file_names_every_widget_the_module_uses():
     import re
     import xml.etree.ElementTree as ElementTree
 
-    module_dir = slicer_support.MEDLOCKER_MODULE_DIR
+    module_dir = slicer_support.WATERMARK_MODULE_DIR
     names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (module_dir / "MedLockerWatermark.py").read_text(encoding="utf-8")))
     assert used and not used - names, sorted(used - names)
