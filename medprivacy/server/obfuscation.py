@@ -257,7 +257,7 @@ class ObfuscationService:
             job.progress = dict(state, fraction=round(state["step"] / state["steps"], 4))
 
         result = train_classifier(job.frames, job.labels, job.classes, job.settings, device=self.service.device,
-                                  progress=progress, cancel=job.cancel.is_set, lock=self.service._inference_lock)
+                                  progress=progress, cancel=job.cancel.is_set, lock=self.service.inference_lock)
         model = TrainedModel(f"obf-{secrets.token_hex(6)}", list(job.classes), list(job.frames.shape[1:]), job.key_id,
                              result.arch, {k: v for k, v in result.metrics.items() if k != "history"},
                              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), job.name, net=result.net.eval())
@@ -370,7 +370,7 @@ class ObfuscationService:
                                   f"{model.frame_size[1]}x{model.frame_size[0]}; obfuscate them with the same key folder as its training frames")
         self._audit("obfuscation-classify", frames)
         started = time.perf_counter()
-        with self.service._inference_lock:
+        with self.service.inference_lock:
             probabilities = predict_probabilities(self._network(model), frames, self.service.device, self.service.config.inference_batch)
         log.info("obfuscation classify: %d frames with %s in %.2f s", len(frames), model.id, time.perf_counter() - started)
         return {"model": model.id, "classes": list(model.classes), "count": int(len(frames)),
