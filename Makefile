@@ -70,10 +70,10 @@ eval-obfuscation: env
 tradeoff-obfuscation: env
 	$(BIN)/python bench/obfuscation_tradeoff.py
 
-# What a curious server recovers from the default level's uploads of the demo brain (attacks on 96 sampled uploads per
-# scan, re-identification among 10 subjects scanned twice; about an hour on two cores).
+# What a curious server recovers from the default level's uploads of the demo brain (attacks on 48 sampled uploads,
+# 16 per re-identification scan, among 10 subjects scanned twice; about an hour on two cores).
 audit: env
-	$(BIN)/medprivacy mixup audit --seeded-key --seed 0 --sample 96 --out bench/results/mixup_audit.json --png bench/results/mixup_audit.png
+	$(BIN)/medprivacy mixup audit --seeded-key --seed 0 --sample 48 --reid-sample 16 --pairing-queries 2 --out bench/results/mixup_audit.json --png bench/results/mixup_audit.png
 
 privacy-curve: env
 	$(BIN)/python bench/mixup_privacy_curve.py
