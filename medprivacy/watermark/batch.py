@@ -312,14 +312,18 @@ def protect_files(
             except BaseException:
                 key.remove(path.name)
                 raise
+            before = _file_identity(target)
             try:
                 mio.write_image(image, protected, target)
             except BaseException:
-                key.remove(path.name)
-                if len(key):
-                    _try_save(writer, key)
-                elif not key_existed:
-                    key_path.unlink(missing_ok=True)  # a key for no image at all would only mislead
+                # A stop (SIGTERM) can land after the atomic rename put the new file in place; then the entry must
+                # stay, since only it restores that file. Roll back only when the target is still what it was.
+                if _file_identity(target) == before:
+                    key.remove(path.name)
+                    if len(key):
+                        _try_save(writer, key)
+                    elif not key_existed:
+                        key_path.unlink(missing_ok=True)  # a key for no image at all would only mislead
                 raise
             done += 1
             if on_image is not None:
@@ -332,6 +336,15 @@ def protect_files(
     if progress is not None:
         progress(f"protected {done} image(s); key saved", 1.0)
     return done
+
+
+def _file_identity(path: Path):
+    """(inode, mtime) of ``path``, or None if absent: an atomic rename onto it changes the inode."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _try_save(writer, key) -> None:
