@@ -505,10 +505,11 @@ def test_intensity_window_of_files(tmp_path):
     import SimpleITK as sitk
 
     from medprivacy.watermark import io as mio
-    from medprivacy.watermark.data import DataConfig, _write_dicom
+    from medprivacy.watermark.data import DataConfig
+    from medprivacy.watermark.examples import write_dicom_example
 
     gray = np.random.default_rng(0).integers(0, 4096, (32, 32)).astype(np.uint16)
-    _write_dicom(tmp_path / "mr.dcm", gray, 7, DataConfig())
+    write_dicom_example(tmp_path / "mr.dcm", gray, 7, DataConfig())
     assert mio.read_image(tmp_path / "mr.dcm").window == (0, 4095)  # WC 2048 / WW 4096
     ds = pydicom.dcmread(tmp_path / "mr.dcm")
     del ds.WindowCenter, ds.WindowWidth

@@ -14,9 +14,8 @@ import pytest
 
 from conftest import build_watermark_models, free_port, launch_server
 from medprivacy.cli import main
-from medprivacy.watermark.evaluate import (
-    ENSEMBLE, HELD_OUT_PREFIX, EvalConfig, attack_success_rate, ensemble_prediction, plan_runs, transfer_success_rate,
-)
+from medprivacy.watermark.eval_plan import ENSEMBLE, HELD_OUT_PREFIX, EvalConfig, plan_runs
+from medprivacy.watermark.eval_rates import attack_success_rate, ensemble_prediction, transfer_success_rate
 
 NAMES = ["wm-cls-resnet18", "wm-cls-densenet121", "wm-cls-efficientnet-b0", "wm-cls-vit"]
 TINY_SEARCH = ["--population", "4", "--generations", "1", "--local-iterations", "1", "--attack", "all"]

@@ -13,12 +13,12 @@ from medprivacy.watermark import models as wm_models
 from medprivacy.watermark.data import (
     SPLIT_CAPACITY,
     DataConfig,
-    export_examples,
     label_of,
     make_split,
     render_sample,
     split_seeds,
 )
+from medprivacy.watermark.examples import export_examples
 from medprivacy.watermark.train import (
     MANIFEST_KEY,
     WatermarkTrainConfig,

@@ -49,7 +49,7 @@ def write_logos(folder: Path) -> dict[str, Path]:
 
 def summarize(report: dict, source: str) -> dict:
     """Table 1's row for ``source`` plus the same ASR on lesion and on no-lesion images apart."""
-    from medprivacy.watermark.evaluate import attack_success_rate
+    from medprivacy.watermark.eval_rates import attack_success_rate
 
     row = report["table1"][source]
     attacked = [im for im in report["images"] if im["attacked"]]

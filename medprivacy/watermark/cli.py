@@ -320,7 +320,7 @@ def _new_key_file(args) -> int:
 # --- eval: Tables 1-3 of the paper through a server (watermark.evaluate) ----------------------------------------------------------------------------------------------
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluate import ATTACK_SETS, EVAL_SPLITS, LESION_SOURCES, TABLE3_PREFERRED
+    from .eval_plan import ATTACK_SETS, EVAL_SPLITS, LESION_SOURCES, TABLE3_PREFERRED
 
     add_server_arguments(parser, 1800.0, "seconds to wait for each search")
     parser.add_argument("--out", required=True, type=Path, help="report.json to write (atomically)")
@@ -363,7 +363,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..files import write_json
     from ..transport.watermark_client import WatermarkClient
     from . import blending
-    from .evaluate import EvalConfig, format_report, run_evaluation
+    from .eval_plan import EvalConfig
+    from .eval_report import format_report
+    from .evaluate import run_evaluation
 
     def json_default(value):
         if isinstance(value, np.generic):

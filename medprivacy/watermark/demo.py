@@ -82,7 +82,8 @@ def run_watermark_demo(url: str, out: Path, token_file: Path | None = None, mode
 
 def write_demo_images(folder: Path) -> list[Path]:
     """The DEMO_IMAGES as files (their lesion masks next to them as *_mask.png); returns the image paths."""
-    from .data import DataConfig, export_examples
+    from .data import DataConfig
+    from .examples import export_examples
 
     shutil.rmtree(folder, ignore_errors=True)
     index = export_examples(folder, DataConfig(size=DEMO_SIZE), per_source=2, split="test")
