@@ -19,13 +19,9 @@ from medprivacy.watermark.data import (
     split_seeds,
 )
 from medprivacy.watermark.examples import export_examples
-from medprivacy.watermark.train import (
-    MANIFEST_KEY,
-    WatermarkTrainConfig,
-    add_train_arguments,
-    run_train,
-    train_watermark_models,
-)
+from medprivacy.watermark.train import add_train_arguments, run_train, train_watermark_models
+from medprivacy.watermark.train_manifest import MANIFEST_KEY
+from medprivacy.watermark.train_plans import WatermarkTrainConfig
 from medprivacy.nets import build_network, file_sha256, load_manifest, load_model
 from medprivacy.nets.registry import write_manifest
 
