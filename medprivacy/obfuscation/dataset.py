@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CancelledError, InputError
-from .io import READ_SUFFIXES, read_frames
+from ..imageio import has_suffix_of
+from .io import READ_FORMATS, read_frames
 
 
 @dataclass
@@ -30,8 +31,7 @@ class LabelledFiles:
 
 
 def _readable(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and any(name.endswith(s) for s in READ_SUFFIXES)
+    return path.is_file() and not path.name.startswith(".") and has_suffix_of(path, READ_FORMATS)
 
 
 def dataset_files(dataset: str | os.PathLike) -> LabelledFiles:

@@ -20,11 +20,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import write_atomically
+from ..imageio import dicom_pixels, file_format, known_suffix, read_dicom, read_itk
 
-READ_SUFFIXES = {
-    ".png": "png", ".tif": "tiff", ".tiff": "tiff", ".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd",
-    ".nhdr": "nrrd", ".dcm": "dicom", ".dicom": "dicom",
-}
+#: The formats ObfuscationPrivacy reads (``imageio.has_suffix_of`` picks their files out of a folder).
+READ_FORMATS = ("png", "tiff", "nifti", "nrrd", "dicom")
 #: Largest accepted frame side and frame count: larger files are mistakes, not angiograms.
 MAX_SIDE = 8192
 MAX_FRAMES = 10_000
@@ -53,19 +52,8 @@ class Frames:
 
 
 def frame_format(path: str | os.PathLike) -> str:
-    path = Path(path)
-    name = path.name.lower()
-    for suffix in sorted(READ_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return READ_SUFFIXES[suffix]
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(132)[128:] == b"DICM":
-                return "dicom"
-    except OSError:
-        pass
-    raise InputError(f"{path.name}: unsupported format; ObfuscationPrivacy reads PNG, TIFF, DICOM (single or multi-frame), "
-                     "NIfTI (.nii, .nii.gz) and NRRD")
+    return file_format(path, READ_FORMATS, "ObfuscationPrivacy reads PNG, TIFF, DICOM (single or multi-frame), "
+                                           "NIfTI (.nii, .nii.gz) and NRRD")
 
 
 def read_frames(path: str | os.PathLike) -> Frames:
@@ -91,17 +79,10 @@ def _check(pixels: np.ndarray, name: str) -> None:
         raise InputError(f"{name} has pixels of type {pixels.dtype}; give gray intensities")
 
 
-_ITK_IO = {"png": "PNGImageIO", "tiff": "TIFFImageIO", "nifti": "NiftiImageIO", "nrrd": "NrrdImageIO"}
-
-
 def _read_itk(path: Path, fmt: str) -> Frames:
     import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(str(path), imageIO=_ITK_IO[fmt])
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); the file is damaged or not a {fmt.upper()} image") from None
+    image = read_itk(path, fmt)
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise InputError(f"{path.name} has {components} components per pixel (colour); ObfuscationPrivacy works on gray frames, "
@@ -125,25 +106,10 @@ def _read_itk(path: Path, fmt: str) -> Frames:
 
 
 def _read_dicom(path: Path) -> Frames:
-    try:
-        import pydicom
-    except ImportError:
-        raise InputError("reading DICOM needs the pydicom package; install it with 'pip install pydicom'") from None
-    try:
-        dataset = pydicom.dcmread(str(path))
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InputError(f"cannot read {path.name} as DICOM ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
-    if "PixelData" not in dataset:
-        raise InputError(f"{path.name} is a DICOM file without an image (no Pixel Data); give an image instance")
+    dataset = read_dicom(path)
     if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
         raise InputError(f"{path.name} is a colour DICOM; ObfuscationPrivacy works on gray frames")
-    try:
-        array = np.asarray(dataset.pixel_array)
-    except Exception as exc:  # pydicom raises many types for missing decoders and broken pixel data
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", "unknown transfer syntax")
-        raise InputError(f"cannot decode the pixels of {path.name} ({name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                         "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
+    array = dicom_pixels(dataset, path.name)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     array = array.reshape((frames,) + array.shape[-2:]) if array.ndim == 3 or frames > 1 else array[None]
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
@@ -171,11 +137,8 @@ def output_name(path: str | os.PathLike) -> str:
     else (TIFF, DICOM, NRRD, multi-frame PNG) becomes NRRD, which keeps the geometry and carries no patient data."""
     path = Path(path)
     fmt = frame_format(path)
-    name = path.name
-    for suffix in sorted(READ_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    suffix = known_suffix(path.name)
+    name = path.name[: -len(suffix)] if suffix is not None else path.name
     if fmt == "png":
         return name + ".png"
     if fmt == "nifti":

@@ -35,14 +35,15 @@ def shipped_vae_spec(models_dir=None):
 
 def site_frames(paths: list, frame_size) -> np.ndarray:
     """The normalised model-size frames of the site's own files or folders (for fine-tuning the VAE)."""
-    from .io import READ_SUFFIXES, read_frames
+    from ..imageio import has_suffix_of
+    from .io import READ_FORMATS, read_frames
     from .transform import normalise, resize
 
     files = []
     for path in map(Path, paths):
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                            and any(p.name.lower().endswith(s) for s in READ_SUFFIXES))
+                            and has_suffix_of(p, READ_FORMATS))
         elif path.is_file():
             files.append(path)
         else:

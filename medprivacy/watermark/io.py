@@ -32,12 +32,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..files import check_file_integrity, write_atomically
+from ..imageio import ITK_IMAGE_IO, dicom_pixels, file_format, read_dicom, read_itk
 
 FORMATS = ("png", "jpeg", "tiff", "nifti", "dicom")
-_SUFFIXES = {
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff",
-    ".nii": "nifti", ".nii.gz": "nifti", ".dcm": "dicom", ".dicom": "dicom",
-}
 #: Signed pixel types and the shift that maps them onto the unsigned type MedLocker works on.
 _SIGNED = {np.dtype(np.int8): (np.dtype(np.uint8), 128), np.dtype(np.int16): (np.dtype(np.uint16), 32768)}
 _UNSIGNED = (np.dtype(np.uint8), np.dtype(np.uint16))
@@ -79,19 +76,7 @@ class MedImage:
 
 def image_format(path: str | os.PathLike) -> str:
     """The format of ``path`` from its name, or from the DICOM preamble for a file without a known suffix."""
-    path = Path(path)
-    name = path.name.lower()
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return _SUFFIXES[suffix]
-    # PACS exports often have no suffix at all; the 'DICM' marker after the 128-byte preamble identifies them.
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(132)[128:] == b"DICM":
-                return "dicom"
-    except OSError:
-        pass
-    raise InputError(f"{path.name}: unsupported image format; MedLocker reads PNG, JPEG, TIFF, NIfTI (.nii/.nii.gz) and DICOM")
+    return file_format(path, FORMATS, "MedLocker reads PNG, JPEG, TIFF, NIfTI (.nii/.nii.gz) and DICOM")
 
 
 def output_name(path: str | os.PathLike) -> str:
@@ -173,18 +158,11 @@ def _check_2d(array: np.ndarray, name: str, components: int) -> None:
 
 # --- PNG, JPEG, TIFF, NIfTI through SimpleITK -----------------------------------------------------------------
 
-_ITK_IO = {"png": "PNGImageIO", "jpeg": "JPEGImageIO", "tiff": "TIFFImageIO", "nifti": "NiftiImageIO"}
-
-
 def _read_itk(path: Path, fmt: str) -> MedImage:
     import SimpleITK as sitk
 
     check_file_integrity(path)
-    try:
-        source = sitk.ReadImage(str(path), imageIO=_ITK_IO[fmt])
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); the file is damaged or not a {fmt.upper()} image") from None
+    source = read_itk(path, fmt)
     sliced = False
     if source.GetDimension() == 3 and fmt == "nifti" and source.GetSize()[2] == 1:
         sliced = True
@@ -213,7 +191,7 @@ def _write_itk(image: MedImage, stored: np.ndarray, path: Path, verify) -> None:
 
     def write(tmp: Path) -> None:
         writer = sitk.ImageFileWriter()
-        writer.SetImageIO(_ITK_IO[fmt])
+        writer.SetImageIO(ITK_IMAGE_IO[fmt])
         writer.SetFileName(str(tmp))
         writer.SetUseCompression(True)  # lossless for every format written here (PNG, TIFF, NIfTI .gz)
         try:
@@ -226,38 +204,18 @@ def _write_itk(image: MedImage, stored: np.ndarray, path: Path, verify) -> None:
 
 # --- DICOM through pydicom -------------------------------------------------------------------------------------
 
-def _pydicom():
-    try:
-        import pydicom
-    except ImportError:
-        raise InputError("reading DICOM needs the pydicom package; install it with 'pip install pydicom'") from None
-    return pydicom
-
-
 def _read_dicom(path: Path) -> MedImage:
-    pydicom = _pydicom()
-    try:
-        dataset = pydicom.dcmread(str(path))
-    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InputError(f"cannot read {path.name} as DICOM ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
-    if "PixelData" not in dataset:
-        raise InputError(f"{path.name} is a DICOM file without an image (no Pixel Data); give an image instance")
+    dataset = read_dicom(path)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise InputError(f"{path.name} is a 3D DICOM with {frames} frames; MedLocker protects single 2D images, export one frame")
     photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":
         raise InputError(f"{path.name} is a palette-colour DICOM; watermarking palette indices would be meaningless, convert it to RGB")
-    try:
-        array = dataset.pixel_array
-    except Exception as exc:  # pydicom raises many types for missing decoders and broken pixel data
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", "unknown transfer syntax")
-        raise InputError(f"cannot decode the pixels of {path.name} ({name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                         "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
+    array = dicom_pixels(dataset, path.name)
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     _check_2d(array, path.name, samples)
-    pixels, file_dtype = to_watermark_pixels(np.asarray(array), path.name)
+    pixels, file_dtype = to_watermark_pixels(array, path.name)
     return MedImage(path=path, format="dicom", pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=dataset)
 
 
