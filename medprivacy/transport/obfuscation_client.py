@@ -14,13 +14,16 @@ import numpy as np
 
 from ..errors import CancelledError, InputError, ServerError
 from .client import Cancel, InferenceClient, cancel_check
+from .contract import (
+    OBFUSCATION_CLASSIFY_PATH,
+    OBFUSCATION_JOBS_PATH,
+    OBFUSCATION_KEY_ID_HEADER,
+    OBFUSCATION_MODELS_PATH,
+    OBFUSCATION_PREFIX,
+    OBFUSCATION_TRAIN_PATH,
+)
 from .wire import CONTENT_TYPE, encode_tensor_raw
 
-TRAIN_PATH = "/v1/obfuscation/train"
-JOBS_PATH = "/v1/obfuscation/jobs"
-MODELS_PATH = "/v1/obfuscation/models"
-CLASSIFY_PATH = "/v1/obfuscation/classify"
-KEY_ID_HEADER = "X-MedPrivacy-Key-Id"
 FINISHED = ("done", "failed", "cancelled")
 
 
@@ -42,21 +45,21 @@ class ObfuscationClient(InferenceClient):
         if isinstance(limit, int) and len(body) > limit:
             raise ServerError(f"the training set makes a {len(body)}-byte request, over the limit of {limit} bytes of {self.url}; "
                               "send fewer frames or ask the operator to raise --max-request-mb")
-        response = self._request("POST", TRAIN_PATH, data=body, headers={"Content-Type": "application/json"})
+        response = self._request("POST", OBFUSCATION_TRAIN_PATH, data=body, headers={"Content-Type": "application/json"})
         self._count(body, response)
-        return self._answer(response, "job", TRAIN_PATH)
+        return self._answer(response, "job", OBFUSCATION_TRAIN_PATH)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._answer(self._request("GET", f"{JOBS_PATH}/{job_id}"), "status", JOBS_PATH)
+        return self._answer(self._request("GET", f"{OBFUSCATION_JOBS_PATH}/{job_id}"), "status", OBFUSCATION_JOBS_PATH)
 
     def jobs(self) -> list[dict[str, Any]]:
-        return list(self._answer(self._request("GET", JOBS_PATH), "jobs", JOBS_PATH)["jobs"])
+        return list(self._answer(self._request("GET", OBFUSCATION_JOBS_PATH), "jobs", OBFUSCATION_JOBS_PATH)["jobs"])
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._answer(self._request("DELETE", f"{JOBS_PATH}/{job_id}"), "status", JOBS_PATH)
+        return self._answer(self._request("DELETE", f"{OBFUSCATION_JOBS_PATH}/{job_id}"), "status", OBFUSCATION_JOBS_PATH)
 
     def models(self) -> list[dict[str, Any]]:
-        return list(self._answer(self._request("GET", MODELS_PATH), "models", MODELS_PATH)["models"])
+        return list(self._answer(self._request("GET", OBFUSCATION_MODELS_PATH), "models", OBFUSCATION_MODELS_PATH)["models"])
 
     def wait(self, job_id: str, progress: Callable[[dict], Any] | None = None, cancel: Cancel = None,
              poll: float = 1.0, timeout: float | None = None) -> dict[str, Any]:
@@ -90,10 +93,10 @@ class ObfuscationClient(InferenceClient):
         probabilities, classes = [], None
         for start in range(0, len(frames), batch):
             body = encode_tensor_raw(frames[start:start + batch, None])
-            response = self._request("POST", CLASSIFY_PATH, data=body, params={"model": model},
-                                     headers={"Content-Type": CONTENT_TYPE, KEY_ID_HEADER: key_id})
+            response = self._request("POST", OBFUSCATION_CLASSIFY_PATH, data=body, params={"model": model},
+                                     headers={"Content-Type": CONTENT_TYPE, OBFUSCATION_KEY_ID_HEADER: key_id})
             self._count(body, response)
-            answer = self._answer(response, "probabilities", CLASSIFY_PATH)
+            answer = self._answer(response, "probabilities", OBFUSCATION_CLASSIFY_PATH)
             classes = answer.get("classes")
             probabilities.extend(answer["probabilities"])
         array = np.asarray(probabilities, dtype=np.float64)
@@ -115,7 +118,7 @@ class ObfuscationClient(InferenceClient):
         from .client import error_detail
 
         # The obfuscation endpoints' 404/409/422 details already name the problem and the fix.
-        if path.startswith("/v1/obfuscation/") and response.status_code in (404, 409, 422, 503):
+        if path.startswith(OBFUSCATION_PREFIX) and response.status_code in (404, 409, 422, 503):
             detail = error_detail(response)
             if detail:
                 raise ServerError(f"{self.url}: {detail}")

@@ -1,34 +1,5 @@
-"""ObfuscationPrivacy endpoints: train a classifier on obfuscated frames as a background job, and classify with it.
-
-The server never sees a readable frame: clients send uint8 codes made with their site key (``medprivacy.obfuscation``),
-plus the key's public ``key_id`` so that frames from another key are refused instead of silently misclassified.
-A trained model is bound to the key of its training frames.
-
-Endpoints (same bearer token, size limit, API-version header and one-line JSON errors as the rest of the server):
-
-``POST /v1/obfuscation/train``
-    JSON ``{"frames": <base64 wire tensor (N, 1, H, W) or (N, H, W) uint8>, "labels": [int, ...], "classes":
-    [name, ...], "key_id": "...", "name": "optional label", "params": {"steps", "batch_size", "learning_rate",
-    "validation_fraction", "seed"}}``. Checks everything it can at once (one class only, label out of range, frame
-    size, limits) and answers 202 ``{"job": id, "status": "queued", ...}``. Jobs run one at a time, in the order
-    received, on the server's device; they do not depend on the request, so a client that disconnects (or crashes)
-    loses nothing: it asks for the job again later.
-``GET /v1/obfuscation/jobs`` and ``GET /v1/obfuscation/jobs/{id}``
-    State (queued, running, done, failed, cancelled), progress (step, steps, loss, validation accuracy), the model
-    id when done, a one-line error when failed.
-``DELETE /v1/obfuscation/jobs/{id}``
-    Cancel: a queued job never starts, a running one stops at its next step.
-``GET /v1/obfuscation/models``
-    The trained models: id, classes, frame size, key id, validation accuracy, training frames, created.
-``POST /v1/obfuscation/classify?model=ID``
-    Body: a wire tensor (N, 1, H, W) or (N, H, W) uint8; header ``X-MedPrivacy-Key-Id``. Answer: ``{"model",
-    "classes", "probabilities": [[...], ...], "predicted": [...]}``.
-
-Storage: trained models live in memory and are gone when the server stops, unless the operator gives
-``--model-store DIR``: then each finished model is written there (safetensors + JSON, atomically, 0600 in a 0700
-folder) and loaded again at the next start. Nothing a client sends is written anywhere, except the audit copy
-(``--audit-dir``) an operator asks for.
-"""
+"""The obfuscation service: training jobs run one at a time on a worker thread, trained models classify frames
+from the key they were trained on. The request checks answer one-line HTTP errors (``schema.RequestError``)."""
 from __future__ import annotations
 
 import base64
@@ -46,33 +17,41 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
-from ..errors import CancelledError, InputError, MedPrivacyError
-from ..files import write_atomically
-from ..transport.wire import CONTENT_TYPE, decode_tensor_raw
-from .schema import MAX_SEED, Name, NoQuery, RequestModel, parse_object, parse_query
-from .schema import RequestError as _HTTPError
+from ...errors import CancelledError, InputError, MedPrivacyError
+from ...transport.contract import (
+    OBFUSCATION_CLASSIFY_PATH,
+    OBFUSCATION_JOBS_PATH,
+    OBFUSCATION_KEY_ID_HEADER,
+    OBFUSCATION_MODELS_PATH,
+    OBFUSCATION_TRAIN_PATH,
+)
+from ...transport.wire import decode_tensor_raw
+from ..schema import MAX_SEED, RequestModel, parse_object
+from ..schema import RequestError as _HTTPError
+from .store import ModelStore, TrainedModel
 
 log = logging.getLogger("medprivacy.server")
 
-TRAIN_PATH = "/v1/obfuscation/train"
-JOBS_PATH = "/v1/obfuscation/jobs"
-MODELS_PATH = "/v1/obfuscation/models"
-CLASSIFY_PATH = "/v1/obfuscation/classify"
-KEY_ID_HEADER = "X-MedPrivacy-Key-Id"
 MIN_SIDE, MAX_SIDE = 16, 512
 MAX_CLASSES = 64
 #: Finished jobs are kept for status queries; the oldest are forgotten beyond this many.
 KEEP_FINISHED_JOBS = 100
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
-_MODEL_ID_RE = re.compile(r"^obf-[0-9a-f]{12}$")
 _TRAIN_KEYS = {"frames", "labels", "classes", "key_id", "name", "params"}
 _PARAM_KEYS = {"steps", "batch_size", "learning_rate", "validation_fraction", "seed"}
-MODEL_FORMAT = "medprivacy-obfuscation-model"
+
+
+class ObfuscationTrainParams(RequestModel):
+    """The training parameters a client may choose; the server's --max-steps style limits apply on top."""
+
+    steps: Optional[int] = Field(None, ge=1, le=100_000)  # None: the server's default
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
+    validation_fraction: float = Field(0.1, ge=0, lt=0.5)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
 
 
 @dataclass
@@ -81,26 +60,6 @@ class ObfuscationLimits:
     max_steps: int = 20_000
     max_queued_jobs: int = 4
     default_steps: int = 1500
-
-
-@dataclass
-class TrainedModel:
-    id: str
-    classes: list
-    frame_size: list
-    key_id: str
-    arch: dict
-    metrics: dict
-    created: str
-    name: str = ""
-    net: Any = field(default=None, repr=False)
-    state: dict | None = field(default=None, repr=False)  # weights not yet on the device (loaded from the store)
-
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "classes": list(self.classes), "frame_size": list(self.frame_size),
-                "key_id": self.key_id, "created": self.created,
-                "validation_accuracy": self.metrics.get("validation_accuracy"),
-                "train_frames": self.metrics.get("train_frames"), "validation_frames": self.metrics.get("validation_frames")}
 
 
 @dataclass
@@ -138,64 +97,23 @@ class ObfuscationService:
     def __init__(self, service, model_store: Path | None = None, limits: ObfuscationLimits | None = None):
         self.service = service
         self.limits = limits or ObfuscationLimits()
-        self.model_store = Path(model_store) if model_store is not None else None
-        self.models: dict[str, TrainedModel] = {}
+        self.model_store = ModelStore(model_store) if model_store is not None else None
+        self.models: dict[str, TrainedModel] = self.model_store.load() if self.model_store is not None else {}
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._lock = threading.Lock()  # jobs and models dicts
         self._wake = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
         self._stopping = False
-        if self.model_store is not None:
-            self._open_store()
-
-    # -- model store ------------------------------------------------------------------------------------------
-    def _open_store(self) -> None:
-        store = self.model_store
-        if store.exists() and not store.is_dir():
-            raise InputError(f"--model-store {store} is a file; give a folder")
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for meta_path in sorted(store.glob("obf-*.json")):
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                if meta.get("format") != MODEL_FORMAT or not _MODEL_ID_RE.match(str(meta.get("id"))):
-                    raise ValueError("not a MedPrivacy obfuscation model")
-                weights = store / f"{meta['id']}.safetensors"
-                from ..nets.registry import file_sha256
-
-                if file_sha256(weights) != meta["sha256"]:
-                    raise ValueError("weights do not match their sha256")
-                model = TrainedModel(meta["id"], list(meta["classes"]), list(meta["frame_size"]), str(meta["key_id"]),
-                                     dict(meta["arch"]), dict(meta.get("metrics", {})), str(meta.get("created", "")),
-                                     str(meta.get("name", "")))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("model store: skipping %s (%s)", meta_path.name, exc)
-                continue
-            self.models[model.id] = model
-        if self.models:
-            log.info("model store %s: %d obfuscation model(s)", store, len(self.models))
-
-    def _store(self, model: TrainedModel, state: dict) -> None:
-        from safetensors.torch import save
-
-        from ..nets.registry import file_sha256
-
-        store = self.model_store
-        weights = store / f"{model.id}.safetensors"
-        _write_private(weights, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
-        meta = {"format": MODEL_FORMAT, "version": 1, "id": model.id, "name": model.name, "classes": model.classes,
-                "frame_size": model.frame_size, "key_id": model.key_id, "arch": model.arch, "metrics": model.metrics,
-                "created": model.created, "sha256": file_sha256(weights)}
-        _write_private(store / f"{model.id}.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
     def _network(self, model: TrainedModel):
         """The model's network on the device (caller holds the inference lock)."""
         if model.net is None:
             from safetensors.torch import load_file
 
-            from ..obfuscation.classifier import build_code_classifier
+            from ...obfuscation.classifier import build_code_classifier
 
             net = build_code_classifier(model.arch)
-            net.load_state_dict(load_file(str(self.model_store / f"{model.id}.safetensors"), device="cpu"))
+            net.load_state_dict(load_file(str(self.model_store.weights(model.id)), device="cpu"))
             model.net = net.to(self.service.device).eval()
         return model.net
 
@@ -248,7 +166,7 @@ class ObfuscationService:
                 del self.jobs[old.id]
 
     def _run(self, job: Job) -> None:
-        from ..obfuscation.classifier import train_classifier
+        from ...obfuscation.classifier import train_classifier
 
         log.info("obfuscation job %s: training on %d frames %s, classes %s, %d steps", job.id, len(job.frames),
                  "x".join(map(str, job.frames.shape[1:])), ", ".join(job.classes), job.settings.steps)
@@ -262,7 +180,7 @@ class ObfuscationService:
                              result.arch, {k: v for k, v in result.metrics.items() if k != "history"},
                              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), job.name, net=result.net.eval())
         if self.model_store is not None:
-            self._store(model, result.net.state_dict())
+            self.model_store.save(model, result.net.state_dict())
         with self._lock:
             self.models[model.id] = model
             job.model = model.id
@@ -271,7 +189,7 @@ class ObfuscationService:
 
     # -- requests ---------------------------------------------------------------------------------------------
     def submit(self, body: bytes) -> dict[str, Any]:
-        from ..obfuscation.classifier import TrainSettings, check_dataset
+        from ...obfuscation.classifier import TrainSettings, check_dataset
 
         document = _json_object(body, "{\"frames\": ..., \"labels\": [...], \"classes\": [...], \"key_id\": ...}")
         unknown = set(document) - _TRAIN_KEYS
@@ -353,7 +271,7 @@ class ObfuscationService:
             return {"models": [m.describe() for m in self.models.values()], "model_store": self.model_store is not None}
 
     def classify(self, body: bytes, model_id: str | None, key_id: str | None) -> dict[str, Any]:
-        from ..obfuscation.classifier import predict_probabilities
+        from ...obfuscation.classifier import predict_probabilities
 
         model = self._model(model_id)
         given = _key_id(key_id, header=True)
@@ -409,7 +327,7 @@ class ObfuscationService:
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
-            return {"endpoints": {"train": TRAIN_PATH, "jobs": JOBS_PATH, "models": MODELS_PATH, "classify": CLASSIFY_PATH},
+            return {"endpoints": {"train": OBFUSCATION_TRAIN_PATH, "jobs": OBFUSCATION_JOBS_PATH, "models": OBFUSCATION_MODELS_PATH, "classify": OBFUSCATION_CLASSIFY_PATH},
                     "models": len(self.models), "model_store": self.model_store is not None,
                     "max_train_frames": self.limits.max_train_frames, "max_steps": self.limits.max_steps,
                     "default_steps": self.limits.default_steps}
@@ -439,72 +357,8 @@ def _b64_tensor(text: str, name: str, max_elements: int):
 
 
 def _key_id(value, header: bool = False) -> str:
-    where = f"the {KEY_ID_HEADER} header" if header else "key_id"
+    where = f"the {OBFUSCATION_KEY_ID_HEADER} header" if header else "key_id"
     if not isinstance(value, str) or not _KEY_ID_RE.match(value.strip()):
         raise _HTTPError(422, f"{where} must be the key's id (hex, from 'medprivacy obfuscate keygen'); "
                               "every request names the key its frames were obfuscated with")
     return value.strip()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Owner-only and never half-written: a restarted server reloads these; the temporary name ends in .tmp so a
-    # listing of *.json never picks one up.
-    write_atomically(path, lambda tmp: tmp.write_bytes(data), mode=0o600, temporary_suffix=".tmp")
-
-
-class ObfuscationTrainParams(RequestModel):
-    """The training parameters a client may choose; the server's --max-steps style limits apply on top."""
-
-    steps: Optional[int] = Field(None, ge=1, le=100_000)  # None: the server's default
-    batch_size: int = Field(32, ge=1, le=1024)
-    learning_rate: float = Field(2e-3, gt=0, le=1)
-    validation_fraction: float = Field(0.1, ge=0, lt=0.5)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-
-
-class ObfuscationClassifyQuery(RequestModel):
-    model: Optional[Name] = None  # missing: a one-line 422 naming GET /v1/obfuscation/models
-
-
-def add_obfuscation_routes(app, service, *, require_token, check_api_version, read_body) -> None:
-    """Register the ObfuscationPrivacy endpoints on ``app``; the dependencies are the server's own checks."""
-    obf: ObfuscationService = service.obfuscation
-
-    @app.post(TRAIN_PATH, dependencies=[Depends(require_token)])
-    async def obfuscation_train(request: Request) -> JSONResponse:
-        check_api_version(request)
-        parse_query(request.query_params, NoQuery)
-        body = await read_body(request, "application/json")
-        return JSONResponse(await run_in_threadpool(obf.submit, body), status_code=202)
-
-    @app.get(JOBS_PATH, dependencies=[Depends(require_token)])
-    async def obfuscation_jobs(request: Request) -> JSONResponse:
-        check_api_version(request)
-        parse_query(request.query_params, NoQuery)
-        return JSONResponse(obf.list_jobs())
-
-    @app.get(JOBS_PATH + "/{job_id}", dependencies=[Depends(require_token)])
-    async def obfuscation_job(request: Request, job_id: str) -> JSONResponse:
-        check_api_version(request)
-        parse_query(request.query_params, NoQuery)
-        return JSONResponse(obf.job(job_id))
-
-    @app.delete(JOBS_PATH + "/{job_id}", dependencies=[Depends(require_token)])
-    async def obfuscation_cancel(request: Request, job_id: str) -> JSONResponse:
-        check_api_version(request)
-        parse_query(request.query_params, NoQuery)
-        return JSONResponse(obf.cancel(job_id))
-
-    @app.get(MODELS_PATH, dependencies=[Depends(require_token)])
-    async def obfuscation_models(request: Request) -> JSONResponse:
-        check_api_version(request)
-        parse_query(request.query_params, NoQuery)
-        return JSONResponse(obf.list_models())
-
-    @app.post(CLASSIFY_PATH, dependencies=[Depends(require_token)])
-    async def obfuscation_classify(request: Request) -> JSONResponse:
-        check_api_version(request)
-        query = parse_query(request.query_params, ObfuscationClassifyQuery)
-        body = await read_body(request, CONTENT_TYPE)
-        answer = await run_in_threadpool(obf.classify, body, query.model, request.headers.get(KEY_ID_HEADER))
-        return JSONResponse(answer)
