@@ -37,16 +37,14 @@ import datetime
 import ipaddress
 import os
 import secrets
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from medprivacy.server.local import LocalServer, launch_local_server, option_value
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +52,6 @@ TINY_PATCH = [16, 16, 16]
 TINY_LABELS = {"0": "Background", "1": "CSF", "2": "Gray matter", "3": "White matter"}
 TINY_ARCH = {"name": "unet", "in_channels": 1, "out_channels": 4, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
 SERVER_START_TIMEOUT = 90.0
-
-
-SERVE_COMMAND = [sys.executable, "-m", "medprivacy.cli", "serve"]
 
 
 def build_tiny_models(directory: Path, names: tuple[str, ...] = ("mixup-seg", "plain-seg"), seed: int = 0) -> Path:
@@ -78,19 +73,10 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (the server binds it right after; a clash is very unlikely)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
-class ServerHandle:
-    url: str
-    process: subprocess.Popen
-    args: list[str]
-    log_path: Path
+class ServerHandle(LocalServer):
+    """A ``LocalServer`` with what the tests gave it: token, CA bundle, audit folder, working and temporary folders."""
+
     token: str | None = field(default=None, repr=False)
     ca_bundle: Path | None = None
     audit_dir: Path | None = None
@@ -106,71 +92,18 @@ class ServerHandle:
         kwargs.setdefault("retries", 0)
         return InferenceClient(self.url, **kwargs)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def audit_files(self) -> list[Path]:
         return sorted(self.audit_dir.glob("*.npy")) if self.audit_dir else []
 
     def stop(self) -> None:
-        # uvicorn waits for open keep-alive connections (a TLS one until its 30 s shutdown timeout) after the
-        # first SIGTERM; a second one makes it quit at once.
-        for signal_count in range(2):
-            if self.process.poll() is not None:
-                break
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=3 if signal_count == 0 else 10)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        super().stop()
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
 
     def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> "ServerHandle":
-        """Block until /v1/health answers; on failure stop the server and raise RuntimeError with its log."""
-        import requests
-
-        poll = requests.Session()
-        poll.trust_env = False  # no proxy for 127.0.0.1
-        # Readiness only: the certificate is checked by the tests themselves through the real client.
-        verify = str(self.ca_bundle) if self.ca_bundle is not None else False
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with status {self.process.returncode}:\n{self.log()}")
-                try:
-                    if poll.get(f"{self.url}/v1/health", timeout=1.0, verify=verify).status_code == 200:
-                        return self
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not answer /v1/health within {timeout:.0f} s:\n{self.log()}")
-                time.sleep(0.1)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            poll.close()
-
-    def __enter__(self) -> "ServerHandle":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-def _option(args: list[str], name: str) -> str | None:
-    for index, arg in enumerate(args):
-        if arg == name and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
+        """Block until /v1/health answers; on failure stop the server and raise ServerError with its log."""
+        return super().wait_ready(timeout, ca_bundle=self.ca_bundle)
 
 
 def launch_server(
@@ -198,28 +131,15 @@ def launch_server(
         token_file.write_text(token + "\n")
         token_file.chmod(0o600)
         args += ["--token-file", str(token_file)]
-    port = free_port()
-    args += ["--port", str(port)]
-    host = _option(args, "--host") or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"  # a wildcard bind is reachable through loopback
-    if ":" in host:
-        host = f"[{host}]"
-    scheme = "https" if _option(args, "--ssl-certfile") else "http"
-    audit = _option(args, "--audit-dir")
+    audit = option_value(args, "--audit-dir")
 
     child_env = {k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"}
     # One thread per server: several servers and the test process share few cores.
     child_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": child_env.get("OMP_NUM_THREADS", "1")})
     child_env.update(env or {})
-    log_path = scratch_dir / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [*SERVE_COMMAND, *args], stdout=log_file, stderr=subprocess.STDOUT, env=child_env,
-            cwd=str(cwd) if cwd is not None else None,
-        )
+    server = launch_local_server(args, scratch_dir / "server.log", env=child_env, cwd=cwd)
     return ServerHandle(
-        url=f"{scheme}://{host}:{port}", process=process, args=args, log_path=log_path, token=token,
+        server.url, server.process, server.args, server.log_path, errors_with_log=True, token=token,
         ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
         audit_dir=Path(audit) if audit else None, cwd=Path(cwd) if cwd is not None else None,
         tmpdir=Path(env["TMPDIR"]) if env and "TMPDIR" in env else None, _scratch=scratch,

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO_ROOT, build_watermark_models, free_port, start_server
+from conftest import REPO_ROOT, build_watermark_models, start_server
+from medprivacy.server.local import free_port
 from faults import read_only_folder, small_disk
 from medprivacy.cli import main
 from medprivacy.errors import InputError

@@ -14,6 +14,7 @@ the server and in the Slicer logic; the transport knows the wire and the HTTP co
 ``mixup`` and ``watermark``, do not import each other. Lazy imports inside functions count like the others: they
 hide a dependency, they do not remove it. No module imports another's private (underscored) names, and no import
 loop exists among the package's modules. No module imports Slicer, Qt or VTK.
+No file of the package is longer than ``MAX_LINES`` (issue 13): a longer one mixes concerns.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from pathlib import Path
 from conftest import REPO_ROOT
 
 PACKAGE = "medprivacy"
+#: The longest a file of the core package may be (issue 13): past it, a file holds more than one concern.
+MAX_LINES = 500
 
 #: Module (or package prefix) -> layer; the longest matching prefix wins.
 LAYER_OF = {
@@ -35,6 +38,7 @@ LAYER_OF = {
     "medprivacy.cancellation": "foundation",
     "medprivacy.consent": "foundation",
     "medprivacy.jobs": "foundation",
+    "medprivacy.imageio": "foundation",
     "medprivacy.data": "data",
     "medprivacy.nets": "networks",
     "medprivacy.transport": "transport",
@@ -228,6 +232,17 @@ def test_no_module_imports_another_modules_private_names():
     assert not problems, "private names used across modules (make them public or move them):\n  " + "\n  ".join(problems)
 
 
+def files_over_the_line_limit(root: Path, limit: int = MAX_LINES) -> list[str]:
+    return [f"{path.relative_to(root).as_posix()}: {count} lines"
+            for path in sorted((root / PACKAGE).rglob("*.py"))
+            for count in [len(path.read_text(encoding="utf-8").splitlines())] if count > limit]
+
+
+def test_no_package_file_is_over_the_line_limit():
+    long_files = files_over_the_line_limit(REPO_ROOT)
+    assert not long_files, f"split these along their concerns (at most {MAX_LINES} lines a file):\n  " + "\n  ".join(long_files)
+
+
 def test_the_checks_see_what_they_guard_against(tmp_path):
     """Each check fails on a tiny package that breaks its rule, so a passing run means something."""
     package = tmp_path / PACKAGE
@@ -249,3 +264,6 @@ def test_the_checks_see_what_they_guard_against(tmp_path):
     assert import_loops(tmp_path) == [
         ["medprivacy.mixup.pipeline", "medprivacy.transport.client", "medprivacy.watermark.blending"],
         ["medprivacy.server.app", "medprivacy.server.watermark"]]
+    (package / "mixup" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    (package / "mixup" / "short.py").write_text("x = 1\n" * MAX_LINES)
+    assert files_over_the_line_limit(tmp_path) == [f"medprivacy/mixup/long.py: {MAX_LINES + 1} lines"]

@@ -115,7 +115,7 @@ def test_cli_segment_bad_input_gives_one_line(case, expected, shipped_server, sm
         image = tmp_path / "slice.png"
         sitk.WriteImage(sitk.Image(64, 64, sitk.sitkUInt8) + 5, str(image))
     elif case == "unreachable":
-        from conftest import free_port
+        from medprivacy.server.local import free_port
 
         server = f"http://127.0.0.1:{free_port()}"
     elif case == "no-key":

@@ -11,7 +11,8 @@ import stat
 import numpy as np
 import pytest
 
-from conftest import OBF_SIZE, free_port, start_server
+from conftest import OBF_SIZE, start_server
+from medprivacy.server.local import free_port
 from medprivacy.cli import main
 from medprivacy.obfuscation import data
 

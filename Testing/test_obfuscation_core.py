@@ -177,6 +177,8 @@ def _write_dicom(path, pixels: np.ndarray, multiframe: bool) -> None:
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, generate_uid
 
+    from medprivacy.imageio import save_dicom
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -193,11 +195,7 @@ def _write_dicom(path, pixels: np.ndarray, multiframe: bool) -> None:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = np.ascontiguousarray(pixels if multiframe else pixels[0], dtype="<u2").tobytes()
-    try:
-        ds.save_as(str(path), enforce_file_format=True)
-    except TypeError:  # pydicom 2.x
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(str(path), write_like_original=False)
+    save_dicom(ds, path)
 
 
 def test_runs_from_every_format_keep_order_and_field_of_view_and_lose_all_metadata(obfuscator, tmp_path):

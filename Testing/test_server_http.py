@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import SERVE_COMMAND, TINY_LABELS, TINY_PATCH, free_port, launch_server
+from conftest import TINY_LABELS, TINY_PATCH, launch_server
+from medprivacy.server.local import SERVE_COMMAND, free_port
 from medprivacy import API_VERSION, __version__
 from medprivacy.errors import AuthError, InputError, ServerError
 from medprivacy.transport import wire

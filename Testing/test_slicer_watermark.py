@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
 
 import slicer_support  # noqa: E402  (Testing/ is on sys.path: pytest's rootdir-relative import of this file)
-from conftest import free_port, start_server  # noqa: E402
+from conftest import start_server  # noqa: E402
+from medprivacy.server.local import free_port  # noqa: E402
 
 MedLockerWatermark = slicer_support.load_module(slicer_support.WATERMARK_MODULE_DIR)
 

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import build_watermark_models, free_port, start_server
+from conftest import build_watermark_models, start_server
+from medprivacy.server.local import free_port
 from medprivacy.cli import main
 from medprivacy.watermark import io as mio
 

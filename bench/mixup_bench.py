@@ -132,7 +132,7 @@ def main() -> int:
         print(json.dumps(child(*args.child)))
         return 0
 
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
     from medprivacy.mixup.bank import generate_bank
 
     work = Path(tempfile.mkdtemp(prefix="mixup-bench-"))
@@ -140,7 +140,8 @@ def main() -> int:
     make_volume(volume)
     key_dir = work / "key"
     patch_size = generate_bank(key_dir).patch_size
-    process, url = start_local_server(work, extra_args=["--enable-baseline"])
+    server = start_local_server(["--host", "127.0.0.1", "--enable-baseline"], work / "server.log")
+    process, url = server.process, server.url
     results: dict = {"volume": "256x256x256, 1 mm, oblique, held-out synthetic brain from the MNI152 T1"}
     try:
         for mode in ("plain", "private k=1", "private k=8", "private k=16"):
@@ -154,7 +155,7 @@ def main() -> int:
         }
         results["server_peak_rss_mb"] = _peak_rss_mb(process.pid)
     finally:
-        stop_local_server(process)
+        server.stop()
 
     results["leakage_upload_vs_its_patient_patch_r"] = leakage(str(key_dir), str(volume))
 

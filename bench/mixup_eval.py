@@ -22,20 +22,21 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
     from medprivacy.mixup.bank import generate_bank
 
     work = Path(tempfile.mkdtemp(prefix="mixup-eval-"))
     generate_bank(work / "key")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    process, url = start_local_server(work, extra_args=["--enable-baseline"])
+    server = start_local_server(["--host", "127.0.0.1", "--enable-baseline"], work / "server.log")
+    url = server.url
     try:
         command = [sys.executable, "-m", "medprivacy.cli", "mixup", "eval", "--synthetic", str(args.subjects), "--server", url,
                    "--key-dir", str(work / "key"), "--tta", str(args.tta), "--out", str(args.out)]
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:
-        stop_local_server(process)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
     from medprivacy.mixup.audit import run_audit
     from medprivacy.mixup.bank import generate_bank
     from medprivacy.mixup.evaluate import evaluate
@@ -62,7 +62,8 @@ def main() -> int:
     key_dir = work / "key"
     bank = generate_bank(key_dir)  # one fresh key, as a new site makes it, shared by every setting
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    process, url = start_local_server(work, extra_args=["--enable-baseline"])
+    server = start_local_server(["--host", "127.0.0.1", "--enable-baseline"], work / "server.log")
+    url = server.url
     try:
         client = InferenceClient(url)
         for name, setting in settings.items():
@@ -88,7 +89,7 @@ def main() -> int:
             args.out.write_text(json.dumps(results, indent=1))
             print(_line(name, entry), flush=True)
     finally:
-        stop_local_server(process)
+        server.stop()
     return 0
 
 

@@ -80,7 +80,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
     from medprivacy.obfuscation.key import SiteKey
     from medprivacy.obfuscation.keygen import create_site_key
     from medprivacy.obfuscation.transform import BATCH, Obfuscator
@@ -109,7 +109,8 @@ def main() -> int:
     print(f"client: {args.frames / big_seconds:.1f} frames/s from 512x512 12-bit, {args.frames / small_seconds:.1f} frames/s "
           f"from {size[0]}x{size[1]} prepared frames", flush=True)
 
-    process, url = start_local_server(work, extra_args=["--models-dir", str(args.models_dir)])
+    server = start_local_server(["--host", "127.0.0.1", "--models-dir", str(args.models_dir)], work / "server.log")
+    process, url = server.process, server.url
     try:
         client = ObfuscationClient(url, read_timeout=600)
         train = obfuscator.obfuscate(angiography_frames(64, 128, start=10_000))
@@ -149,7 +150,7 @@ def main() -> int:
                   f"{row['bytes_per_original_pixel']:.4f} bytes per original 512x512 pixel", flush=True)
         results["server_peak_rss_mb"] = vm_hwm_mb(str(process.pid))
     finally:
-        stop_local_server(process)
+        server.stop()
 
     # In a fresh process, so that the figure is the run's own peak, not this process's earlier work.
     child = subprocess.run([sys.executable, __file__, "--run-memory", str(key.directory), "--run-frames", str(args.run_frames),

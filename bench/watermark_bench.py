@@ -155,7 +155,7 @@ def main() -> int:
         # The server child inherits these; torch reads them when it starts. This process sets torch directly.
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
     from medprivacy.errors import MedPrivacyError
     from medprivacy.transport.watermark_client import WatermarkClient
 
@@ -170,7 +170,8 @@ def main() -> int:
     try:
         url = args.server
         if url is None:
-            process, url = start_local_server(work, extra_args=["--models-dir", str(args.models_dir), "--inference-batch", str(args.inference_batch)])
+            server = start_local_server(["--host", "127.0.0.1", "--models-dir", str(args.models_dir), "--inference-batch", str(args.inference_batch)], work / "server.log")
+            process, url = server.process, server.url
         client = WatermarkClient(url, read_timeout=3600)
         info = client.info()
         classifiers = {n: d for n, d in sorted(info.get("models", {}).items()) if d.get("task") == "classify" and d.get("out_channels") in (None, 2)}
@@ -196,7 +197,7 @@ def main() -> int:
         return 2
     finally:
         if process is not None:
-            stop_local_server(process)
+            server.stop()
     results["client_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     search = results["search"]

@@ -28,13 +28,14 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
 
     if args.threads > 0:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="watermark-eval-"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    process, url = start_local_server(work, extra_args=["--models-dir", str(args.models_dir)])
+    server = start_local_server(["--host", "127.0.0.1", "--models-dir", str(args.models_dir)], work / "server.log")
+    url = server.url
     try:
         extra = [a for a in args.extra if a != "--"]
         command = [sys.executable, "-m", "medprivacy.cli", "watermark", "eval", "--server", url, "--images", str(args.images),
@@ -42,7 +43,7 @@ def main() -> int:
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:
-        stop_local_server(process)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.demo import start_local_server, stop_local_server
+    from medprivacy.server.local import start_local_server
     from medprivacy.files import write_json
 
     wanted = [name.strip() for name in args.logos.split(",") if name.strip()]
@@ -88,7 +88,8 @@ def main() -> int:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="watermark-logos-"))
     logos = write_logos(work)
-    process, url = start_local_server(work, extra_args=["--models-dir", str(args.models_dir)])
+    server = start_local_server(["--host", "127.0.0.1", "--models-dir", str(args.models_dir)], work / "server.log")
+    url = server.url
     results = {}
     try:
         for name in wanted:
@@ -106,7 +107,7 @@ def main() -> int:
                   f"{rate_text(r['by_label']['lesion']['asr'])} %, no lesion {rate_text(r['by_label']['no_lesion']['asr'])} %, "
                   f"PSNR {r['psnr']:.1f} dB, mean alpha {r['mean_alpha']:.0f}", flush=True)
     finally:
-        stop_local_server(process)
+        server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json({"split": "validation", "images": args.images, "source": args.source,
                 "search": "paper defaults: sl=4, Np=50, Ng=3, CR=0.9, s=10, Niter=3, alpha in [100, 255]; WAP",

@@ -11,14 +11,12 @@ tissue maps carried through the same warp, so the demo can print Dice. The MedLo
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, ServerError
+from .errors import InputError
 
 DEMO_SEED = 900_999  # held-out: outside training, validation and evaluation seeds
 
@@ -55,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         url = args.server
         if url is None:
-            server, url = start_local_server(args.out, args.port)
+            from .server.local import start_local_server
+
+            server = start_local_server(["--host", "127.0.0.1"], args.out / "server.log", port=args.port)
+            url = server.url
+            print(f"local inference server on {url} (log: {server.log_path})")
         client = InferenceClient(url)
         print(client.check_connection())
         status = _segment_and_report(client, bank, image_path, label_path, args)
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return status
     finally:
         if server is not None:
-            stop_local_server(server, timeout=15)
+            server.stop()
 
 
 def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) -> int:
@@ -123,44 +125,6 @@ def write_sample_brain(folder: Path) -> tuple[Path, Path]:
         write_image(image, image_path)
         write_labelmap(labels, label_path)
     return image_path, label_path
-
-
-def start_local_server(folder: Path, port: int = 0, extra_args: list[str] | None = None):
-    """A ``medprivacy serve`` child process on 127.0.0.1; returns (process, url) once it answers."""
-    from .transport import InferenceClient
-
-    if port == 0:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "medprivacy.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])], stdout=log, stderr=subprocess.STDOUT)
-    client = InferenceClient(url, connect_timeout=1.0, retries=0)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerError(f"the local server exited (code {process.returncode}); see {folder / 'server.log'}")
-        try:
-            client.health()
-            print(f"local inference server on {url} (log: {folder / 'server.log'})")
-            return process, url
-        except ServerError:
-            time.sleep(0.5)
-    process.kill()
-    raise ServerError(f"the local server did not start within 120 s; see {folder / 'server.log'}")
-
-
-def stop_local_server(process, timeout: float = 30.0) -> None:
-    """Stop a ``start_local_server`` child: terminate, and kill it if it has not exited within ``timeout`` s."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def write_overlay_png(image, labelmap, path: Path) -> None:

@@ -98,3 +98,12 @@ def dicom_pixels(dataset, name: str) -> np.ndarray:
         syntax_name = getattr(syntax, "name", "unknown transfer syntax")
         raise InputError(f"cannot decode the pixels of {name} ({syntax_name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
                          "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
+
+
+def save_dicom(dataset, path: str | os.PathLike) -> None:
+    """Write a new ``dataset`` as a standard DICOM file (preamble and file meta), under pydicom 2 and 3 alike."""
+    try:
+        dataset.save_as(str(path), enforce_file_format=True)  # pydicom >= 3
+    except TypeError:  # pydicom 2.x (Python 3.9)
+        dataset.is_little_endian, dataset.is_implicit_VR = True, False
+        dataset.save_as(str(path), write_like_original=False)

@@ -16,7 +16,7 @@ from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported
 from medprivacy.errors import InputError, MedPrivacyError
 from medprivacy.labels import TISSUE_SEGMENTS
 
-from .geometry import LPS_TO_RAS, copy_volume_geometry, geometry_3d, ijk_to_ras, vtk_matrix
+from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, copy_volume_geometry, geometry_3d, ijk_to_ras, vtk_matrix
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
 UNMIX_MODES = ("learned", "naive")

@@ -10,7 +10,7 @@ import vtk
 from medprivacy.errors import InputError
 from medprivacy.labels import TISSUE_SEGMENTS
 
-from .geometry import LPS_TO_RAS, ijk_to_ras
+from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, ijk_to_ras
 from .logic import MixupPrivacyLogic
 
 

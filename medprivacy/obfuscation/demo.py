@@ -115,6 +115,8 @@ def write_run_dicom(path: Path, pixels: np.ndarray) -> None:
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, generate_uid
 
+    from ..imageio import save_dicom
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["medprivacy-obfuscation-demo", path.name])
@@ -130,11 +132,7 @@ def write_run_dicom(path: Path, pixels: np.ndarray) -> None:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    try:
-        ds.save_as(str(path), enforce_file_format=True)  # pydicom >= 3
-    except TypeError:  # pydicom 2.x (Python 3.9)
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(str(path), write_like_original=False)
+    save_dicom(ds, path)
 
 
 def write_before_after(paths: list, key_dir: Path, target: Path) -> None:

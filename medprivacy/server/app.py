@@ -5,7 +5,7 @@ clinical deployment needs) and ``plain-seg`` (a baseline on unmixed patches, ser
 ``enable_baseline`` because whoever calls it sends readable images). Entries with task "classify" or
 "segment-lesion" are the MedLocker models behind ``/v1/watermark/*`` (see the ``watermark`` package beside this
 file). ObfuscationPrivacy needs no shipped model: clients upload obfuscated frames and the server trains their
-classifiers (``/v1/obfuscation/*``, see obfuscation.py).
+classifiers (``/v1/obfuscation/*``, see the ``obfuscation`` package).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..imageio import save_dicom
 from ..quantization import to_codes
 from .data import MRI_SOURCES, SPLIT_CAPACITY, DataConfig, label_of, render_sample, split_seeds
 
@@ -106,8 +107,4 @@ def write_dicom_example(path: Path, pixels: np.ndarray, seed: int, config: DataC
     ds.WindowCenter = 2048
     ds.WindowWidth = 4096
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    try:
-        ds.save_as(str(path), enforce_file_format=True)  # pydicom >= 3
-    except TypeError:  # pydicom 2.x (Python 3.9)
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(str(path), write_like_original=False)
+    save_dicom(ds, path)
