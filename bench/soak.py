@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,31 +46,17 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-def start_server(models_dir: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    from medprivacy.transport.client import InferenceClient
+def start_server(models_dir: Path, log_path: Path, extra: list[str]):
+    """A local server for the soak (``medprivacy.server.local``), answering /v1/health, or SystemExit with its log."""
+    from medprivacy.errors import MedPrivacyError
+    from medprivacy.server.local import launch_local_server
 
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"}
-    command = [sys.executable, "-m", "medprivacy.cli", "serve", "--port", str(port), "--models-dir", str(models_dir),
-               "--log-level", "warning", *extra]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with status {process.returncode}:\n{log_path.read_text(errors='replace')}")
-        try:
-            InferenceClient(url, retries=0, connect_timeout=1).health()
-            return process, url
-        except Exception:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("server did not start within 180 s")
+    server = launch_local_server(["--models-dir", str(models_dir), "--log-level", "warning", *extra], log_path, env=env, cwd=ROOT)
+    try:
+        return server.wait_ready(180)
+    except MedPrivacyError as exc:
+        raise SystemExit(f"{exc}:\n{log_path.read_text(errors='replace')}") from None
 
 
 class Client(threading.Thread):
@@ -133,10 +118,10 @@ def main(argv=None) -> int:
     from medprivacy.transport.watermark_client import WatermarkClient
 
     scratch = tempfile.TemporaryDirectory(prefix="medprivacy-soak-")
-    process = None
+    server = None
     if args.url is None:
-        process, url = start_server(args.models_dir, Path(scratch.name) / "server.log", args.server_arg)
-        pid = process.pid
+        server = start_server(args.models_dir, Path(scratch.name) / "server.log", args.server_arg)
+        url, pid = server.url, server.process.pid
     else:
         url, pid = args.url, args.server_pid
     try:
@@ -170,13 +155,9 @@ def main(argv=None) -> int:
         if pid is not None and rss_mib(pid) is not None:
             samples.append((time.monotonic() - started, rss_mib(pid)))
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        log_text = (Path(scratch.name) / "server.log").read_text(errors="replace") if process is not None else ""
+        if server is not None:
+            server.stop()
+        log_text = server.log() if server is not None else ""
         scratch.cleanup()
 
     def rss_at(seconds: float) -> float | None:
