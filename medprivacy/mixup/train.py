@@ -312,7 +312,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
         subjects = [synthetic_subject_normalized(s, config.deformation) for s in loader]
         validation = [synthetic_subject_normalized(VALIDATION_SEED_BASE + i, config.deformation) for i in range(config.validation_subjects)]
         data_description = (
-            f"{len(subjects)} synthetic subjects from the MNI152 2009c template (nilearn), seeds {seeds[0]}..{seeds[-1]}, "
+            f"{len(subjects)} synthetic subjects from the MNI152 2009a template (Resources/Template), seeds {seeds[0]}..{seeds[-1]}, "
             f"random affine + smooth elastic deformation, bias field, gamma, noise; validation seeds from {VALIDATION_SEED_BASE}"
         )
 

@@ -2,8 +2,8 @@
 
 No labelled lesion data ships offline, so the anatomy is real and the lesions are synthetic:
 
-``mni152``      axial, coronal and sagittal slices of the MNI152 2009 T1 template (the file inside nilearn's
-                package, read as :mod:`medprivacy.data.template` does), random rotation/scale/shift, smooth elastic
+``mni152``      axial, coronal and sagittal slices of the MNI152 2009 T1 template (the file shipped in
+                Resources/Template, read by :mod:`medprivacy.data.template`), random rotation/scale/shift, smooth elastic
                 warp, bias field, gamma, Rician noise and blur. Lesions are tumour-like: hyperintense, hypointense
                 or ring-enhancing (bright rim, dark necrotic core) blobs with irregular soft edges and texture,
                 centred in brain parenchyma.
@@ -65,7 +65,7 @@ class DataConfig:
 
     def describe(self) -> str:
         names = {
-            "mni152": "MNI152 2009 T1 slices (nilearn package data; axial/coronal/sagittal, affine + elastic warp, "
+            "mni152": "MNI152 2009 T1 slices (Resources/Template; axial/coronal/sagittal, affine + elastic warp, "
             "bias field, gamma, Rician noise, blur) with tumour-like hyper-/hypointense/ring-enhancing lesions",
             "retina": "scikit-image retina() fundus photograph (random FOV crops/zooms, rotation, flips, colour "
             "jitter, blur, noise) with exudate/haemorrhage/cotton-wool-like lesions",
