@@ -134,7 +134,7 @@ def test_description_file_follows_the_catalog_entry_schema(description):
     text = DESCRIPTION_FILE.read_bytes()
     assert b"\r" not in text, "MedPrivacy.json must use LF line endings only"
     # The index's pre-commit formats entries with prettier: two-space indent, one array item per line, final newline.
-    assert text.decode("utf-8") == json.dumps(description, indent=2) + "\n", "format MedPrivacy.json as json.dumps(indent=2)"
+    assert text.decode("utf-8") == json.dumps(description, indent=2) + "\n", "format it as json.dumps(indent=2) writes"
     missing = SCHEMA_REQUIRED - set(description)
     unknown = set(description) - set(SCHEMA_TYPES)
     assert not missing and not unknown, f"missing keys {sorted(missing)}, keys the schema forbids {sorted(unknown)}"
@@ -203,7 +203,8 @@ def test_repository_stays_under_the_index_size_limit():
         listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the tracked files are unknown")
-    size = sum((REPO_ROOT / name).stat().st_size for name in listed.decode().split("\0") if name and (REPO_ROOT / name).is_file())
+    paths = [REPO_ROOT / name for name in listed.decode().split("\0") if name]
+    size = sum(path.stat().st_size for path in paths if path.is_file())
     assert size < REPOSITORY_SIZE_LIMIT, f"tracked files take {size / 2**20:.1f} MiB; the index refuses over 100 MB"
 
 
@@ -223,13 +224,15 @@ def shipped_scripts(cmake) -> list[str]:
     call = package_copy(cmake)
     variable = re.fullmatch(r"\$\{(\w+)\}", call["SCRIPTS"][0])
     assert variable, "SCRIPTS should be the variable filled by file(GLOB_RECURSE)"
-    globs = [arguments for name, arguments in cmake if name == "file" and arguments[:2] == ["GLOB_RECURSE", variable.group(1)]]
+    globs = [arguments for name, arguments in cmake
+             if name == "file" and arguments[:2] == ["GLOB_RECURSE", variable.group(1)]]
     assert len(globs) == 1, f"{variable.group(1)} should come from one file(GLOB_RECURSE)"
     options = globs[0][2:]
     # RELATIVE to the source folder (the paths SOURCE_DIR resolves), and re-globbed on every build.
     assert options[:2] == ["RELATIVE", "${CMAKE_CURRENT_SOURCE_DIR}"] and "CONFIGURE_DEPENDS" in options
     assert call["SOURCE_DIR"] == ["${CMAKE_CURRENT_SOURCE_DIR}"]
-    patterns = [o.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "") for o in options if o.startswith("${CMAKE_CURRENT_SOURCE_DIR}/")]
+    source = "${CMAKE_CURRENT_SOURCE_DIR}/"
+    patterns = [option[len(source):] for option in options if option.startswith(source)]
     assert patterns and all(p.endswith("/*.py") for p in patterns), patterns
     files = sorted({path.relative_to(REPO_ROOT).as_posix() for pattern in patterns
                     for path in (REPO_ROOT / pattern[:-len("/*.py")]).rglob("*.py")})
@@ -254,13 +257,13 @@ def test_core_package_is_copied_at_build_time_not_configure_time(cmake):
 
 def test_client_gets_the_whole_core_but_no_server_code(cmake):
     shipped = shipped_scripts(cmake)
-    assert not [f for f in shipped if f.startswith("medprivacy/server/")], "the client must not install medprivacy/server"
-    expected = sorted(p.relative_to(REPO_ROOT).as_posix() for folder in ("medprivacy", "MedPrivacySlicerCommon")
-                      for p in (REPO_ROOT / folder).rglob("*.py") if not p.relative_to(REPO_ROOT).as_posix().startswith("medprivacy/server/"))
-    assert shipped == expected
-    # Only .py files are globbed: a data file added to the client's package would be silently left out.
-    data = [p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "medprivacy").rglob("*")
-            if p.is_file() and p.suffix not in {".py", ".pyc"} and "server" not in p.relative_to(REPO_ROOT / "medprivacy").parts[:1]]
+    server = "medprivacy/server/"
+    assert not [f for f in shipped if f.startswith(server)], "the client must not install medprivacy/server"
+    every = [p.relative_to(REPO_ROOT).as_posix() for folder in ("medprivacy", "MedPrivacySlicerCommon")
+             for p in (REPO_ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert shipped == sorted(f for f in every if f.endswith(".py") and not f.startswith(server))
+    # Only .py files are globbed: a data file added to the client's code would be silently left out.
+    data = [f for f in every if not f.endswith(".py") and not f.startswith(server)]
     assert not data, f"add these files to the RESOURCES of the package copy in CMakeLists.txt: {data}"
 
 
@@ -286,7 +289,8 @@ def test_client_gets_only_the_client_weights(cmake):
 # --- what the Slicer modules can reach ----------------------------------------------------------------------------
 
 def slicer_side_entry_points(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
-    """medprivacy modules the Slicer-side code imports, or starts by name (``python -m medprivacy.x``): module -> where."""
+    """medprivacy modules the Slicer-side code imports or starts by name (``python -m medprivacy.x``), each with
+    the first place that does."""
     entries: dict[str, str] = {}
     for folder in folders:
         for path in sorted((root / folder).rglob("*.py")):
@@ -325,9 +329,11 @@ def reachable_from_slicer(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
 
 def test_slicer_modules_never_reach_the_server_code():
     reached = reachable_from_slicer(REPO_ROOT)
-    assert "medprivacy.mixup.pipeline" in reached and "medprivacy.watermark.keyfile" in reached  # the walk sees the core
-    server = {module: where for module, where in reached.items() if module == "medprivacy.server" or module.startswith("medprivacy.server.")}
-    assert not server, f"the client extension does not ship medprivacy/server, but the Slicer modules reach it: {server}"
+    # The walk sees the core (the Libs import these lazily, inside functions).
+    assert "medprivacy.mixup.pipeline" in reached and "medprivacy.watermark.keyfile" in reached
+    server = {module: where for module, where in reached.items()
+              if module == "medprivacy.server" or module.startswith("medprivacy.server.")}
+    assert not server, f"the client extension does not ship medprivacy/server, but the Slicer side reaches it: {server}"
 
 
 def test_reachability_sees_lazy_imports_and_modules_started_by_name(tmp_path):
@@ -341,7 +347,8 @@ def test_reachability_sees_lazy_imports_and_modules_started_by_name(tmp_path):
     (package / "worker" / "main.py").write_text("")
     module = tmp_path / "MixupPrivacy"
     module.mkdir()
-    (module / "MixupPrivacy.py").write_text('ARGS = ["-m", "medprivacy.worker.main"]\n\ndef apply():\n    import medprivacy.transport.client\n')
+    (module / "MixupPrivacy.py").write_text(
+        'ARGS = ["-m", "medprivacy.worker.main"]\n\ndef apply():\n    import medprivacy.transport.client\n')
     reached = reachable_from_slicer(tmp_path, folders=("MixupPrivacy",))
     assert reached["medprivacy.server.app"] == "MixupPrivacy/MixupPrivacy.py (line 4)"
     assert reached["medprivacy.worker.main"] == "MixupPrivacy/MixupPrivacy.py (line 1)"
