@@ -169,13 +169,19 @@ def private_imports(root: Path) -> list[str]:
             if name.startswith("_") and not name.startswith("__") and imp.target != imp.source]
 
 
-def import_loops(root: Path) -> list[list[str]]:
-    """Strongly connected groups of two or more modules (Tarjan), each sorted; lazy imports included."""
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (lazy imports included); every module of the package is a key."""
     imports, _ = _imports(root)
     graph: dict[str, set[str]] = {name: set() for name in _modules(root)}
     for imp in imports:
         if imp.target in graph and imp.target != imp.source:
             graph[imp.source].add(imp.target)
+    return graph
+
+
+def import_loops(root: Path) -> list[list[str]]:
+    """Strongly connected groups of two or more modules (Tarjan), each sorted; lazy imports included."""
+    graph = import_graph(root)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []

@@ -56,12 +56,6 @@ def test_both_widgets_use_the_shared_mixin_instead_of_a_copy(name):
                            for node in ast.walk(guarded[0]))
 
 
-def test_extension_installs_the_shared_package_beside_the_core():
-    cmake = (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert "DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/MedPrivacySlicerCommon" in cmake
-    assert "file(COPY ${CMAKE_CURRENT_SOURCE_DIR}/MedPrivacySlicerCommon" in cmake
-
-
 def test_libs_make_the_shared_package_importable_without_its_qt_part():
     # The modules' own no-Qt load tests (test_slicer_logic.py, test_slicer_watermark.py) cover the Libs importing it.
     pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")

@@ -131,7 +131,24 @@ def write_overlay_png(image, labelmap, path: Path) -> None:
     """Axial, coronal and sagittal mid-slices of the scan with the tissue overlay, at true aspect ratio."""
     import SimpleITK as sitk
 
-    from .labels import TISSUE_SEGMENTS
+    planes = [tissue_overlay(gray, labels) for gray, labels in anatomical_planes(image, labelmap)]
+    height = max(rgb.shape[0] for rgb in planes)
+    panels = []
+    for rgb in planes:
+        padded = np.zeros((height, rgb.shape[1], 3))
+        padded[: rgb.shape[0]] = rgb
+        panels.append(padded)
+        panels.append(np.zeros((height, 4, 3)))
+    mosaic = (np.concatenate(panels[:-1], axis=1) * 255).astype(np.uint8)
+    from .files import write_atomically
+
+    write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(mosaic, isVector=True), str(tmp)))
+
+
+def anatomical_planes(image, labelmap) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(gray in [0, 1], labels) of the axial, coronal and sagittal mid-slices through the scan's centre, on a 1 mm
+    grid in the template's orientation, superior and anterior up."""
+    import SimpleITK as sitk
 
     # Resample onto a 1 mm grid in the template orientation so the three panels are anatomical planes.
     from .data.template import load_template
@@ -149,23 +166,19 @@ def write_overlay_png(image, labelmap, path: Path) -> None:
     gray = np.clip(gray / np.percentile(gray[gray > 0], 99.5), 0, 1)
     z, y, x = (s // 2 for s in gray.shape)
     # Template grid is LPS-oriented (i → left, j → posterior, k → superior): flip so superior/anterior are up.
-    planes = [
+    return [
         (gray[z][::-1, :], labels[z][::-1, :]),
         (gray[:, y][::-1, :], labels[:, y][::-1, :]),
         (gray[:, :, x][::-1, ::-1], labels[:, :, x][::-1, ::-1]),
     ]
-    height = max(p[0].shape[0] for p in planes)
-    panels = []
-    for plane, plane_labels in planes:
-        rgb = np.repeat(plane[..., None], 3, axis=2)
-        for value, (_, color) in TISSUE_SEGMENTS.items():
-            where = plane_labels == value
-            rgb[where] = 0.4 * rgb[where] + 0.6 * np.array(color)
-        padded = np.zeros((height, rgb.shape[1], 3))
-        padded[: rgb.shape[0]] = rgb
-        panels.append(padded)
-        panels.append(np.zeros((height, 4, 3)))
-    mosaic = (np.concatenate(panels[:-1], axis=1) * 255).astype(np.uint8)
-    from .files import write_atomically
 
-    write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(mosaic, isVector=True), str(tmp)))
+
+def tissue_overlay(gray: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1]: the gray slice with each tissue label tinted in its segment colour."""
+    from .labels import TISSUE_SEGMENTS
+
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    for value, (_, color) in TISSUE_SEGMENTS.items():
+        where = labels == value
+        rgb[where] = 0.4 * rgb[where] + 0.6 * np.array(color)
+    return rgb
