@@ -27,12 +27,13 @@ SLICER_DISTRIBUTIONS = (
     "torch", "numpy", "SimpleITK", "requests", "scipy", "pydicom", "Pillow", "packaging", "urllib3", "certifi",
     "idna", "charset-normalizer", "cryptography", "cffi", "six", "typing-extensions",
 )
-#: Top-level import names that come with Slicer or the PyTorch extension; a module may import them without
-#: listing them. (qt, ctk, vtk, slicer, mrml and sitkUtils are the application's own.)
+#: Top-level import names that come with Slicer or the PyTorch extension (PyTorchUtils, imported only to install
+#: torch, under ImportError); a module may import them without listing them. (qt, ctk, vtk, slicer, mrml and
+#: sitkUtils are the application's own.)
 SLICER_IMPORTS = frozenset({
     "torch", "numpy", "SimpleITK", "sitkUtils", "requests", "scipy", "pydicom", "PIL", "packaging", "urllib3",
     "certifi", "idna", "charset_normalizer", "six", "typing_extensions", "vtk", "qt", "ctk", "slicer", "mrml",
-    "PythonQt",
+    "PythonQt", "PyTorchUtils",
 })
 
 

@@ -7,7 +7,6 @@ from MedPrivacySlicerCommon.dependencies import MONAI, Package
 PACKAGES = (
     MONAI,
     Package("safetensors", ">=0.4"),
-    Package("cryptography", ">=41"),
     Package("tqdm", ">=4.60"),
 )
 NEEDS_TORCH = True

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import enum
 import os
+from typing import Annotated
 
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 from medprivacy.errors import InputError
 from medprivacy.mixup.privacy import LEVELS
@@ -56,7 +57,7 @@ class MixupPrivacyParameterNode:
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     privacy: PrivacyLevel = PrivacyLevel.STANDARD
     #: Mixed copies per patch; follows the privacy level (each level was measured at its own count).
-    tta: int = LEVELS[PRIVACY_LEVELS[0]].tta
+    tta: Annotated[int, WithinRange(1, 32)] = LEVELS[PRIVACY_LEVELS[0]].tta
     unmix: UnmixMode = UnmixMode.LEARNED
     showUploaded: bool = False
     showRebuild: bool = False

@@ -11,6 +11,5 @@ PACKAGES = (
     MONAI,
     Package("safetensors", ">=0.4"),
     Package("cryptography", ">=41"),
-    Package("tqdm", ">=4.60"),
 )
 NEEDS_TORCH = True
