@@ -39,6 +39,16 @@ class PanelTestMixin:
                 else:
                     settings.remove(key)
 
+    @contextlib.contextmanager
+    def panel_on_fake_logic(self, panel_class, logic):
+        """A panel on ``logic``, with nothing to install, cleaned up and the user's settings put back afterwards."""
+        with self.user_settings_kept(panel_class.moduleName):
+            panel = panel_class(logic, installer=lambda: True)
+            try:
+                yield panel
+            finally:
+                panel.cleanup()
+
     def consent_to(self, panel, url: str) -> None:
         """Record consent for ``url`` as the user's answer to the upload prompt would (inside
         ``user_settings_kept``)."""

@@ -16,13 +16,16 @@ stored.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import queue
+import sys
 from typing import Any, Callable
 
 import qt
 import slicer
+from slicer.i18n import tr as _
 import vtk
 
 from medprivacy.consent import consented_servers, normalized_server_url, with_consent
@@ -30,12 +33,6 @@ from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 from medprivacy.jobs import BackgroundJob
 
 from .dependencies import ensure_installed, install_running
-
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer before translations existed
-    def _(text):
-        return text
 
 
 class ServerJobPanel(qt.QWidget):
@@ -45,8 +42,6 @@ class ServerJobPanel(qt.QWidget):
     moduleName = ""
     #: Its title, used in the dependency prompt.
     moduleTitle = ""
-    #: The folder holding ``UI/<moduleName>.ui``.
-    resourceDir = ""
     #: Shown as the example when the server URL is empty, and restored when nothing is stored.
     defaultServerUrl = ""
     #: The module's ``Package`` list and whether it needs torch (``<Module>Lib/dependencies.py``).
@@ -54,6 +49,10 @@ class ServerJobPanel(qt.QWidget):
     needsTorch = False
     #: The module's ``parameterNodeWrapper`` class.
     parameterNodeClass: Any = None
+    #: For a module with a private key folder (``ui.keyDirectoryPathLineEdit``): the core module that defines
+    #: ``default_key_dir()`` and the name of its constant naming the key's file.
+    keyModule = ""
+    keyFileConstant = ""
 
     def __init__(self, logic, installer: Callable[[], bool] | None = None, parent=None) -> None:
         """``logic`` satisfies the module's logic protocol; ``installer`` replaces the dependency install step
@@ -69,7 +68,7 @@ class ServerJobPanel(qt.QWidget):
 
         layout = qt.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        uiWidget = slicer.util.loadUI(os.path.join(self.resourceDir, "UI", f"{self.moduleName}.ui"))
+        uiWidget = slicer.util.loadUI(os.path.join(self.resourceDir(), "UI", f"{self.moduleName}.ui"))
         uiWidget.setMRMLScene(slicer.mrmlScene)
         layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -83,9 +82,16 @@ class ServerJobPanel(qt.QWidget):
             slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, lambda *_a: self.initializeParameterNode()),
         ]
         self._restoreServerSettings()
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self._saveServerSettings)
         self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", self._saveServerSettings)
+
+    @classmethod
+    def resourceDir(cls) -> str:
+        """The module's ``Resources`` folder, beside its Lib (where the subclass is defined)."""
+        libDir = os.path.dirname(os.path.abspath(sys.modules[cls.__module__].__file__))
+        return os.path.join(os.path.dirname(libDir), "Resources")
 
     def cleanup(self) -> None:
         """Called by the module widget's ``cleanup`` (module unloaded, or reloaded in developer mode)."""
@@ -155,6 +161,47 @@ class ServerJobPanel(qt.QWidget):
             raise InputError("enter the server URL, e.g. " + self.defaultServerUrl)
         self._saveServerSettings()
         return url, self.ui.tokenLineEdit.text.strip() or None, self.ui.caBundlePathLineEdit.currentPath or None
+
+    def onTestConnection(self) -> None:
+        def start():
+            url, token, caBundle = self._connection()
+            if not self._ensureDependencies():
+                return
+            logic = self.logic
+            self._startJob(_("Connection test"),
+                           lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
+                           lambda description: self._setStatus(self._connectedText(description)))
+
+        self._guarded(_("Could not test the connection."), start)
+
+    def _connectedText(self, description: str) -> str:
+        return description
+
+    # -- private keys ----------------------------------------------------------------------------------------
+
+    def _restoreKeyDirectory(self) -> None:
+        self.ui.keyDirectoryPathLineEdit.currentPath = self.userSetting("KeyDirectory") or self._defaultKeyDir()
+
+    def _defaultKeyDir(self) -> str:
+        try:
+            module = importlib.import_module(self.keyModule)
+        except ImportError:  # dependencies not installed yet: the user picks a folder or installs first
+            return ""
+        return str(module.default_key_dir())
+
+    def _startKeyGeneration(self, keyDir: str, replaceQuestion: str, work, doneText: str,
+                            onDone: Callable[[], None] = lambda: None) -> None:
+        """Generate a key in ``keyDir`` in a job: ``work(keyDir, replace, progress, cancel)``. A key already there
+        is replaced only after ``replaceQuestion`` is answered yes."""
+        if not self._ensureDependencies():
+            return
+        keyFile = getattr(importlib.import_module(self.keyModule), self.keyFileConstant)  # needs the dependencies
+        replace = os.path.isfile(os.path.join(keyDir, keyFile))
+        if replace and not slicer.util.confirmYesNoDisplay(replaceQuestion.format(folder=keyDir)):
+            return
+        self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
+        self._startJob(_("Key generation"), lambda progress, cancel: work(keyDir, replace, progress, cancel),
+                       lambda _result: (onDone(), self._setStatus(doneText.format(folder=keyDir))))
 
     # -- consent, once per server --------------------------------------------------------------------------
 

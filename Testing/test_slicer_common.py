@@ -25,7 +25,8 @@ COMMON_DIR = slicer_support.REPO_ROOT / "MedPrivacySlicerCommon"
 SHARED_METHODS = {
     "initializeParameterNode", "setParameterNode", "_restoreServerSettings", "_saveServerSettings", "_connection",
     "_confirmUpload", "_ensureDependencies", "_installDependencies", "onCancel", "_guarded", "_startJob", "_stopJob",
-    "_pollJob", "_showUserError", "_setStatus", "userSetting", "setUserSetting", "cleanup",
+    "_pollJob", "_showUserError", "_setStatus", "userSetting", "setUserSetting", "cleanup", "onTestConnection",
+    "resourceDir", "_defaultKeyDir", "_restoreKeyDirectory", "_startKeyGeneration",
 }
 MODULES = ("MixupPrivacy", "MedLockerWatermark", "ObfuscationPrivacy")
 #: The only things a panel keeps in QSettings: per-user, not per-scene.
@@ -162,7 +163,7 @@ def test_in_app_test_runs_the_panel_on_the_fake_logic(name):
     mixin = _class(_tree(_lib(name) / "testing.py"), f"{name}TestMixin")
     check = next(node for node in mixin.body if getattr(node, "name", "") == "check_panel_on_fake_logic")
     body = ast.unparse(check)
-    assert f"Fake{name}Logic(scene)" in body and "installer=lambda: True" in body and "panel.cleanup()" in body
+    assert f"Fake{name}Logic(scene)" in body and f"self.panel_on_fake_logic({name}Panel, logic)" in body
 
 
 def test_extension_installs_the_shared_package_beside_the_core():

@@ -481,44 +481,40 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
 
         url = "http://127.0.0.1:9"  # never contacted: the fake logic answers
         logic = FakeMedLockerWatermarkLogic(scene)
-        with self.user_settings_kept(MedLockerWatermarkPanel.moduleName):
-            panel = MedLockerWatermarkPanel(logic, installer=lambda: True)
-            try:
-                parameters = panel.parameterNode
-                self.assertFalse(panel.ui.protectButton.enabled, "Protect without an input image")
-                self.assertFalse(panel.ui.unlockButton.enabled)
-                volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
-                parameters.inputVolume = volume
-                self.assertTrue(panel.ui.protectButton.enabled)
-                panel.ui.lesionSourceComboBox.currentIndex = LESION_SOURCES.index("segmentation")
-                self.assertEqual(parameters.lesionSource, "segmentation")
-                self.assertTrue(panel.ui.segmentationSelector.enabled)
-                panel.ui.lesionSourceComboBox.currentIndex = LESION_SOURCES.index("none")
-                parameters.population = 7
-                self.assertEqual(panel.ui.populationSpinBox.value, 7)
+        with self.panel_on_fake_logic(MedLockerWatermarkPanel, logic) as panel:
+            parameters = panel.parameterNode
+            self.assertFalse(panel.ui.protectButton.enabled, "Protect without an input image")
+            self.assertFalse(panel.ui.unlockButton.enabled)
+            volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
+            parameters.inputVolume = volume
+            self.assertTrue(panel.ui.protectButton.enabled)
+            panel.ui.lesionSourceComboBox.currentIndex = LESION_SOURCES.index("segmentation")
+            self.assertEqual(parameters.lesionSource, "segmentation")
+            self.assertTrue(panel.ui.segmentationSelector.enabled)
+            panel.ui.lesionSourceComboBox.currentIndex = LESION_SOURCES.index("none")
+            parameters.population = 7
+            self.assertEqual(panel.ui.populationSpinBox.value, 7)
 
-                panel.ui.serverUrlLineEdit.text = url
-                panel.ui.refreshModelsButton.click()
-                self.wait_until_idle(panel)
-                table = panel.ui.modelsTableWidget
-                self.assertEqual(table.rowCount, 2)
-                table.item(1, 0).setCheckState(qt.Qt.Unchecked)  # keep cls-a only
+            panel.ui.serverUrlLineEdit.text = url
+            panel.ui.refreshModelsButton.click()
+            self.wait_until_idle(panel)
+            table = panel.ui.modelsTableWidget
+            self.assertEqual(table.rowCount, 2)
+            table.item(1, 0).setCheckState(qt.Qt.Unchecked)  # keep cls-a only
 
-                self.consent_to(panel, url)
-                panel.ui.protectButton.click()
-                self.assertFalse(panel.ui.protectButton.enabled, "Protect stays enabled while the job runs")
-                self.wait_until_idle(panel)
-                compute = [call for call in logic.calls if call[0] == "compute_protection"]
-                self.assertEqual(len(compute), 1)
-                _name, image, sent_url, settings, source = compute[0]
-                self.assertEqual((image, sent_url, source), ("image", url, "none"))
-                self.assertEqual((settings.models, settings.population, settings.seed), (["cls-a"], 7, None))
-                self.assertIn("1 image(s)", panel.ui.keyStatusLabel.text)
-                self.assertIn("fake prediction", panel.ui.predictionsTextEdit.toPlainText())
+            self.consent_to(panel, url)
+            panel.ui.protectButton.click()
+            self.assertFalse(panel.ui.protectButton.enabled, "Protect stays enabled while the job runs")
+            self.wait_until_idle(panel)
+            compute = [call for call in logic.calls if call[0] == "compute_protection"]
+            self.assertEqual(len(compute), 1)
+            _name, image, sent_url, settings, source = compute[0]
+            self.assertEqual((image, sent_url, source), ("image", url, "none"))
+            self.assertEqual((settings.models, settings.population, settings.seed), (["cls-a"], 7, None))
+            self.assertIn("1 image(s)", panel.ui.keyStatusLabel.text)
+            self.assertIn("fake prediction", panel.ui.predictionsTextEdit.toPlainText())
 
-                parameters.unlockVolume = volume
-                self.assertTrue(panel.ui.unlockButton.enabled)
-                panel.ui.unlockButton.click()
-                self.assertEqual(logic.calls[-1], ("unlock", volume.GetID(), None))
-            finally:
-                panel.cleanup()
+            parameters.unlockVolume = volume
+            self.assertTrue(panel.ui.unlockButton.enabled)
+            panel.ui.unlockButton.click()
+            self.assertEqual(logic.calls[-1], ("unlock", volume.GetID(), None))

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import qt
 import slicer
+from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
 from medprivacy.errors import InputError
@@ -18,11 +19,6 @@ from .dependencies import NEEDS_TORCH, PACKAGES
 from .logic import DEFAULT_MODE, DEFAULT_SERVER_URL, LESION_SOURCES, MODES, MedLockerWatermarkLogic
 from .protocols import MedLockerWatermarkLogicProtocol
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer before translations existed
-    def _(text):
-        return text
 
 _MODEL_USE, _MODEL_NAME, _MODEL_WEIGHT = range(3)
 
@@ -55,7 +51,6 @@ class MedLockerWatermarkParameterNode:
 class MedLockerWatermarkPanel(ServerJobPanel):
     moduleName = "MedLockerWatermark"
     moduleTitle = "MedLocker Watermark"
-    resourceDir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources")
     defaultServerUrl = DEFAULT_SERVER_URL
     packages = PACKAGES
     needsTorch = NEEDS_TORCH
@@ -64,7 +59,7 @@ class MedLockerWatermarkPanel(ServerJobPanel):
     def __init__(self, logic: MedLockerWatermarkLogicProtocol | None = None, installer=None, parent=None) -> None:
         ServerJobPanel.__init__(self, logic or MedLockerWatermarkLogic(slicer.mrmlScene), installer, parent)
         for button, action in (
-            (self.ui.testConnectionButton, self.onTestConnection), (self.ui.refreshModelsButton, self.onRefreshModels),
+            (self.ui.refreshModelsButton, self.onRefreshModels),
             (self.ui.currentSliceButton, self.onUseCurrentSlice), (self.ui.protectButton, self.onProtect),
             (self.ui.exportKeyButton, self.onExportKey), (self.ui.loadKeyButton, self.onLoadKey),
             (self.ui.newKeyButton, self.onNewKey), (self.ui.newKeyFileButton, self.onNewKeyFile),
@@ -130,18 +125,6 @@ class MedLockerWatermarkPanel(ServerJobPanel):
         return self.logic.load_logo(self.ui.logoPathLineEdit.currentPath or None)
 
     # -- server --------------------------------------------------------------------------------------------
-
-    def onTestConnection(self) -> None:
-        def start():
-            url, token, caBundle = self._connection()
-            if not self._ensureDependencies():
-                return
-            logic = self.logic
-            self._startJob(_("Connection test"),
-                           lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
-                           self._setStatus)
-
-        self._guarded(_("Could not test the connection."), start)
 
     def onRefreshModels(self) -> None:
         def start():

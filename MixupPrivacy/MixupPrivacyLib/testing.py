@@ -269,42 +269,38 @@ class MixupPrivacyTestMixin(PanelTestMixin):
 
         url = "http://127.0.0.1:9"  # never contacted: the fake logic answers
         logic = FakeMixupPrivacyLogic(scene)
-        with self.user_settings_kept(MixupPrivacyPanel.moduleName):
-            panel = MixupPrivacyPanel(logic, installer=lambda: True)
-            try:
-                parameters = panel.parameterNode
-                self.assertFalse(panel.ui.applyButton.enabled, "Apply without an input volume")
-                volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
-                parameters.inputVolume = volume
-                self.assertIs(panel.ui.inputSelector.currentNode(), volume)
-                self.assertTrue(panel.ui.applyButton.enabled)
+        with self.panel_on_fake_logic(MixupPrivacyPanel, logic) as panel:
+            parameters = panel.parameterNode
+            self.assertFalse(panel.ui.applyButton.enabled, "Apply without an input volume")
+            volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
+            parameters.inputVolume = volume
+            self.assertIs(panel.ui.inputSelector.currentNode(), volume)
+            self.assertTrue(panel.ui.applyButton.enabled)
 
-                # A level picked in the GUI reaches the node and brings the count it was measured at.
-                panel.ui.privacyComboBox.currentIndex = PRIVACY_LEVELS.index("strong")
-                self.assertEqual(parameters.privacy, PrivacyLevel.STRONG)
-                self.assertEqual(parameters.tta, LEVELS["strong"].tta)
-                panel.ui.ttaSpinBox.value = 3
-                parameters.showUploaded = True
-                self.assertTrue(panel.ui.showUploadedCheckBox.checked)
+            # A level picked in the GUI reaches the node and brings the count it was measured at.
+            panel.ui.privacyComboBox.currentIndex = PRIVACY_LEVELS.index("strong")
+            self.assertEqual(parameters.privacy, PrivacyLevel.STRONG)
+            self.assertEqual(parameters.tta, LEVELS["strong"].tta)
+            panel.ui.ttaSpinBox.value = 3
+            parameters.showUploaded = True
+            self.assertTrue(panel.ui.showUploadedCheckBox.checked)
 
-                panel.ui.serverUrlLineEdit.text = url
-                self.consent_to(panel, url)
-                panel.ui.applyButton.click()
-                self.assertFalse(panel.ui.applyButton.enabled, "Apply stays enabled while the job runs")
-                self.assertTrue(panel.ui.cancelButton.enabled)
-                self.wait_until_idle(panel)
-                compute = [call for call in logic.calls if call[0] == "compute"]
-                self.assertEqual(len(compute), 1)
-                _name, image, sent_url, options = compute[0]
-                self.assertEqual((image, sent_url), ("image", url))
-                self.assertEqual((options["privacy"], options["tta"], options["keep_uploaded"]), ("strong", 3, True))
-                self.assertEqual(logic.calls[-1][:4], ("apply_result", "result", volume.GetID(), True))
-                self.assertIsNotNone(parameters.outputSegmentation)
-                self.assertIn(parameters.outputSegmentation.GetName(), panel.ui.statusLabel.text)
-                self.assertTrue(panel.ui.applyButton.enabled)
+            panel.ui.serverUrlLineEdit.text = url
+            self.consent_to(panel, url)
+            panel.ui.applyButton.click()
+            self.assertFalse(panel.ui.applyButton.enabled, "Apply stays enabled while the job runs")
+            self.assertTrue(panel.ui.cancelButton.enabled)
+            self.wait_until_idle(panel)
+            compute = [call for call in logic.calls if call[0] == "compute"]
+            self.assertEqual(len(compute), 1)
+            _name, image, sent_url, options = compute[0]
+            self.assertEqual((image, sent_url), ("image", url))
+            self.assertEqual((options["privacy"], options["tta"], options["keep_uploaded"]), ("strong", 3, True))
+            self.assertEqual(logic.calls[-1][:4], ("apply_result", "result", volume.GetID(), True))
+            self.assertIsNotNone(parameters.outputSegmentation)
+            self.assertIn(parameters.outputSegmentation.GetName(), panel.ui.statusLabel.text)
+            self.assertTrue(panel.ui.applyButton.enabled)
 
-                panel.ui.testConnectionButton.click()
-                self.wait_until_idle(panel)
-                self.assertIn("fake server", panel.ui.statusLabel.text)
-            finally:
-                panel.cleanup()
+            panel.ui.testConnectionButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn("fake server", panel.ui.statusLabel.text)

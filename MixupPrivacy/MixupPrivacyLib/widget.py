@@ -9,6 +9,7 @@ import os
 from typing import Annotated
 
 import slicer
+from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 from medprivacy.errors import InputError
@@ -18,12 +19,6 @@ from MedPrivacySlicerCommon.widgets import ServerJobPanel
 from .dependencies import NEEDS_TORCH, PACKAGES
 from .logic import DEFAULT_SERVER_URL, PRIVACY_LEVELS, UNMIX_MODES, MixupPrivacyLogic
 from .protocols import MixupPrivacyLogicProtocol
-
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer before translations existed
-    def _(text):
-        return text
 
 
 class PrivacyLevel(enum.Enum):
@@ -66,20 +61,20 @@ class MixupPrivacyParameterNode:
 class MixupPrivacyPanel(ServerJobPanel):
     moduleName = "MixupPrivacy"
     moduleTitle = "Mixup Privacy"
-    resourceDir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources")
     defaultServerUrl = DEFAULT_SERVER_URL
     packages = PACKAGES
     needsTorch = NEEDS_TORCH
+    keyModule = "medprivacy.mixup.bank"
+    keyFileConstant = "BANK_FILE"
     parameterNodeClass = MixupPrivacyParameterNode
 
     def __init__(self, logic: MixupPrivacyLogicProtocol | None = None, installer=None, parent=None) -> None:
         ServerJobPanel.__init__(self, logic or MixupPrivacyLogic(slicer.mrmlScene), installer, parent)
         self._privacy = None
-        self.ui.keyDirectoryPathLineEdit.currentPath = self.userSetting("KeyDirectory") or self._defaultKeyDir()
+        self._restoreKeyDirectory()
         self.ui.keyDirectoryPathLineEdit.connect(
             "currentPathChanged(QString)", lambda path: self.setUserSetting("KeyDirectory", path))
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
-        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.ui.generateKeyButton.connect("clicked(bool)", self.onGenerateKey)
         self._setStatus(_("Ready."))
         self.initializeParameterNode()
@@ -95,6 +90,9 @@ class MixupPrivacyPanel(ServerJobPanel):
         self._privacy = None  # a new or reloaded scene keeps its own count
         ServerJobPanel.initializeParameterNode(self)
 
+    def _connectedText(self, description: str) -> str:
+        return _("Connected: {description}").format(description=description)
+
     def _onParameterNodeModified(self) -> None:
         parameters = self.parameterNode
         if parameters is not None and parameters.privacy != self._privacy:
@@ -102,14 +100,6 @@ class MixupPrivacyPanel(ServerJobPanel):
                 parameters.tta = LEVELS[parameters.privacy.value].tta
             self._privacy = parameters.privacy
         self._updateButtons()
-
-    @staticmethod
-    def _defaultKeyDir() -> str:
-        try:
-            from medprivacy.mixup.bank import default_key_dir
-        except ImportError:  # dependencies not installed yet: the user picks a folder or installs first
-            return ""
-        return str(default_key_dir())
 
     # -- actions -------------------------------------------------------------------------------------------
 
@@ -139,42 +129,18 @@ class MixupPrivacyPanel(ServerJobPanel):
 
         self._guarded(_("Could not start the private segmentation."), start)
 
-    def onTestConnection(self) -> None:
-        def start():
-            url, token, caBundle = self._connection()
-            if not self._ensureDependencies():
-                return
-            logic = self.logic
-            self._startJob(
-                _("Connection test"),
-                lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
-                lambda description: self._setStatus(_("Connected: {description}").format(description=description)),
-            )
-
-        self._guarded(_("Could not test the connection."), start)
-
     def onGenerateKey(self) -> None:
         def start():
             keyDir = self.ui.keyDirectoryPathLineEdit.currentPath or self._defaultKeyDir()
             if not keyDir:
                 raise InputError("choose a folder for the private key")
-            if not self._ensureDependencies():
-                return
-            from medprivacy.mixup.bank import BANK_FILE
-
-            replace = os.path.isfile(os.path.join(keyDir, BANK_FILE))
-            if replace and not slicer.util.confirmYesNoDisplay(
-                _("{folder} already holds a private key. Replace it with a new one? Segmentations made with the "
-                  "old key stay valid.").format(folder=keyDir)
-            ):
-                return
-            self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
             logic = self.logic
-            self._startJob(
-                _("Key generation"),
-                lambda progress, cancel: logic.generate_key(keyDir, progress=progress, force=replace),
-                lambda _bank: self._setStatus(_("Private key stored in {folder}.").format(folder=keyDir)),
-            )
+            self._startKeyGeneration(
+                keyDir,
+                _("{folder} already holds a private key. Replace it with a new one? Segmentations made with the old "
+                  "key stay valid."),
+                lambda folder, replace, progress, cancel: logic.generate_key(folder, progress=progress, force=replace),
+                _("Private key stored in {folder}."))
 
         self._guarded(_("Could not generate the key."), start)
 

@@ -277,41 +277,37 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
 
         url = "http://127.0.0.1:9"  # never contacted: the fake logic answers
         logic = FakeObfuscationPrivacyLogic(scene)
-        with self.user_settings_kept(ObfuscationPrivacyPanel.moduleName), tempfile.TemporaryDirectory() as folder:
-            panel = ObfuscationPrivacyPanel(logic, installer=lambda: True)
-            try:
-                parameters = panel.parameterNode
-                panel.ui.keyDirectoryPathLineEdit.currentPath = folder
-                self.assertEqual(panel.ui.keyStatusLabel.text, "fake key")
-                self.assertFalse(panel.ui.obfuscateButton.enabled, "Obfuscate without input frames")
-                run = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "run")
-                parameters.inputNode = run
-                self.assertIs(panel.ui.inputSelector.currentNode(), run)
-                self.assertTrue(panel.ui.obfuscateButton.enabled)
-                self.assertFalse(panel.ui.classifyButton.enabled, "Classify without a model")
+        with self.panel_on_fake_logic(ObfuscationPrivacyPanel, logic) as panel, tempfile.TemporaryDirectory() as folder:
+            parameters = panel.parameterNode
+            panel.ui.keyDirectoryPathLineEdit.currentPath = folder
+            self.assertEqual(panel.ui.keyStatusLabel.text, "fake key")
+            self.assertFalse(panel.ui.obfuscateButton.enabled, "Obfuscate without input frames")
+            run = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "run")
+            parameters.inputNode = run
+            self.assertIs(panel.ui.inputSelector.currentNode(), run)
+            self.assertTrue(panel.ui.obfuscateButton.enabled)
+            self.assertFalse(panel.ui.classifyButton.enabled, "Classify without a model")
 
-                panel.ui.obfuscateButton.click()
-                self.assertFalse(panel.ui.obfuscateButton.enabled, "Obfuscate stays enabled while the job runs")
-                self.wait_until_idle(panel)
-                self.assertEqual(logic.calls[-1], ("frames_to_node", 2))
-                self.assertIn("key-id", panel.ui.statusLabel.text)
+            panel.ui.obfuscateButton.click()
+            self.assertFalse(panel.ui.obfuscateButton.enabled, "Obfuscate stays enabled while the job runs")
+            self.wait_until_idle(panel)
+            self.assertEqual(logic.calls[-1], ("frames_to_node", 2))
+            self.assertIn("key-id", panel.ui.statusLabel.text)
 
-                panel.ui.serverUrlLineEdit.text = url
-                panel.ui.refreshModelsButton.click()
-                self.wait_until_idle(panel)
-                self.assertTrue(panel.ui.classifyButton.enabled)
-                self.consent_to(panel, url)
-                panel.ui.classifyButton.click()
-                self.wait_until_idle(panel)
-                self.assertIn(("classify_frames", (2, 4, 4), url, "m1"), logic.calls)
-                self.assertEqual(logic.calls[-1], ("results_table", "run classification", ["0", "1"]))
+            panel.ui.serverUrlLineEdit.text = url
+            panel.ui.refreshModelsButton.click()
+            self.wait_until_idle(panel)
+            self.assertTrue(panel.ui.classifyButton.enabled)
+            self.consent_to(panel, url)
+            panel.ui.classifyButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn(("classify_frames", (2, 4, 4), url, "m1"), logic.calls)
+            self.assertEqual(logic.calls[-1], ("results_table", "run classification", ["0", "1"]))
 
-                panel.ui.trainStepsSpinBox.value = 12
-                parameters.trainName = "tiny"
-                self.assertEqual((parameters.trainSteps, panel.ui.trainNameLineEdit.text), (12, "tiny"))
-                panel.ui.datasetPathLineEdit.currentPath = folder
-                panel.ui.trainButton.click()
-                self.wait_until_idle(panel)
-                self.assertIn(("train_from_folder", folder, url, 12, "tiny"), logic.calls)
-            finally:
-                panel.cleanup()
+            panel.ui.trainStepsSpinBox.value = 12
+            parameters.trainName = "tiny"
+            self.assertEqual((parameters.trainSteps, panel.ui.trainNameLineEdit.text), (12, "tiny"))
+            panel.ui.datasetPathLineEdit.currentPath = folder
+            panel.ui.trainButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn(("train_from_folder", folder, url, 12, "tiny"), logic.calls)

@@ -8,6 +8,7 @@ import os
 from typing import Annotated, Union
 
 import slicer
+from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 
 from medprivacy.errors import InputError, MedPrivacyError
@@ -16,12 +17,6 @@ from MedPrivacySlicerCommon.widgets import ServerJobPanel
 from .dependencies import NEEDS_TORCH, PACKAGES
 from .logic import DEFAULT_SERVER_URL, DEFAULT_TRAIN_STEPS, NodeFrames, ObfuscationPrivacyLogic
 from .protocols import ObfuscationPrivacyLogicProtocol
-
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer before translations existed
-    def _(text):
-        return text
 
 
 @parameterNodeWrapper
@@ -37,17 +32,18 @@ class ObfuscationPrivacyParameterNode:
 class ObfuscationPrivacyPanel(ServerJobPanel):
     moduleName = "ObfuscationPrivacy"
     moduleTitle = "Obfuscation Privacy"
-    resourceDir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources")
     defaultServerUrl = DEFAULT_SERVER_URL
     packages = PACKAGES
     needsTorch = NEEDS_TORCH
+    keyModule = "medprivacy.obfuscation.key"
+    keyFileConstant = "KEY_FILE"
     parameterNodeClass = ObfuscationPrivacyParameterNode
 
     def __init__(self, logic: ObfuscationPrivacyLogicProtocol | None = None, installer=None, parent=None) -> None:
         ServerJobPanel.__init__(self, logic or ObfuscationPrivacyLogic(slicer.mrmlScene), installer, parent)
-        self.ui.keyDirectoryPathLineEdit.currentPath = self.userSetting("KeyDirectory") or self._defaultKeyDir()
+        self._restoreKeyDirectory()
         for button, action in (
-            (self.ui.testConnectionButton, self.onTestConnection), (self.ui.generateKeyButton, self.onGenerateKey),
+            (self.ui.generateKeyButton, self.onGenerateKey),
             (self.ui.obfuscateButton, self.onObfuscate), (self.ui.refreshModelsButton, self.onRefreshModels),
             (self.ui.classifyButton, self.onClassify), (self.ui.trainButton, self.onTrain),
         ):
@@ -62,14 +58,6 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
                 "trainName": self.ui.trainNameLineEdit}
 
     # -- key -----------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _defaultKeyDir() -> str:
-        try:
-            from medprivacy.obfuscation.key import default_key_dir
-        except ImportError:  # dependencies not installed yet: the user picks a folder or installs first
-            return ""
-        return str(default_key_dir())
 
     def _keyDir(self) -> str:
         keyDir = self.ui.keyDirectoryPathLineEdit.currentPath
@@ -90,23 +78,14 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
     def onGenerateKey(self) -> None:
         def start():
             keyDir = self.ui.keyDirectoryPathLineEdit.currentPath or self._defaultKeyDir()
-            if not self._ensureDependencies():
-                return
-            from medprivacy.obfuscation.key import KEY_FILE
-
-            replace = os.path.isfile(os.path.join(keyDir, KEY_FILE))
-            if replace and not slicer.util.confirmYesNoDisplay(
-                _("{folder} already holds an obfuscation key. Models trained on frames made with it will not "
-                  "understand frames made with a new key. Replace it anyway?").format(folder=keyDir)
-            ):
-                return
-            self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
             logic = self.logic
-            self._startJob(
-                _("Key generation"),
-                lambda progress, cancel: logic.generate_key(keyDir, force=replace, progress=progress, cancel=cancel),
-                lambda description: (self._onKeyChanged(),
-                                     self._setStatus(_("Key stored in {folder}.").format(folder=keyDir))))
+            self._startKeyGeneration(
+                keyDir,
+                _("{folder} already holds an obfuscation key. Models trained on frames made with it will not "
+                  "understand frames made with a new key. Replace it anyway?"),
+                lambda folder, replace, progress, cancel: logic.generate_key(folder, force=replace, progress=progress,
+                                                                             cancel=cancel),
+                _("Key stored in {folder}."), onDone=self._onKeyChanged)
 
         self._guarded(_("Could not generate the key."), start)
 
@@ -134,18 +113,6 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
                           "receive.").format(count=len(codes), key=keyId, name=node.GetName()))
 
     # -- server --------------------------------------------------------------------------------------------
-
-    def onTestConnection(self) -> None:
-        def start():
-            url, token, caBundle = self._connection()
-            if not self._ensureDependencies():
-                return
-            logic = self.logic
-            self._startJob(_("Connection test"),
-                           lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
-                           self._setStatus)
-
-        self._guarded(_("Could not test the connection."), start)
 
     def onRefreshModels(self) -> None:
         def start():
