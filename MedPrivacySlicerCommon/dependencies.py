@@ -181,7 +181,8 @@ def ensure_installed(module_title: str, packages: Sequence[Package], needs_torch
     importlib.invalidate_caches()
     still = [package.name for package in missing_packages(missing)]
     if still:
-        raise MedPrivacyError(f"{', '.join(still)} still cannot be imported after installing; restart Slicer and try again")
+        raise MedPrivacyError(
+            f"{', '.join(still)} still cannot be imported after installing; restart Slicer and try again")
     return True
 
 
@@ -205,9 +206,11 @@ def _pip_install(missing: Sequence[Package]) -> None:
 
     from medprivacy.errors import MedPrivacyError
 
-    # Slicer 5.12 and later (``slicer.packaging``) show their own progress dialog (and an error dialog) around pip; earlier ones only
-    # block, so a wait cursor says that something runs. Either way the cursor is back before our error dialog.
+    # Slicer 5.12 and later (``slicer.packaging``) show their own progress dialog (and an error dialog) around
+    # pip; earlier ones only block, so a wait cursor says that something runs. Either way the cursor is back
+    # before our error dialog.
     ownDialog = importlib.util.find_spec("slicer.packaging") is not None
+    importlib.invalidate_caches()  # the PyTorch extension may just have installed torch (MONAI follows it)
     handle, constraintsPath = tempfile.mkstemp(prefix="medprivacy-constraints-", suffix=".txt")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as constraints:

@@ -57,7 +57,7 @@ class ServerJobPanel(qt.QWidget):
     def __init__(self, logic, installer: Callable[[], bool] | None = None, parent=None) -> None:
         """``logic`` satisfies the module's logic protocol; ``installer`` replaces the dependency install step
         (tests pass one that reports everything installed)."""
-        qt.QWidget.__init__(self, parent)
+        super().__init__(parent)
         self.logic = logic
         self._installer = installer or self._installDependencies
         self._job: BackgroundJob | None = None

@@ -32,9 +32,9 @@ except ImportError:  # slicer-core: no application, so no module, widget or test
     _HAVE_APP = False
 
 __all__ = [
-    "BackgroundJob", "DEFAULT_SERVER_URL", "DEFAULT_TRAIN_STEPS", "NEEDS_TORCH", "NodeFrames", "ObfuscationPrivacyLogic",
-    "ObfuscationPrivacyTestMixin", "PACKAGES", "normalized_server_url", "CancelledError", "InputError",
-    "MedPrivacyError",
+    "BackgroundJob", "DEFAULT_SERVER_URL", "DEFAULT_TRAIN_STEPS", "NEEDS_TORCH", "NodeFrames",
+    "ObfuscationPrivacyLogic", "ObfuscationPrivacyTestMixin", "PACKAGES", "normalized_server_url", "CancelledError",
+    "InputError", "MedPrivacyError",
 ]
 
 if _HAVE_APP:

@@ -106,7 +106,8 @@ def test_parameter_node_fields_each_bind_a_real_control(name):
     tree = _tree(_lib(name) / "widget.py")
     wrapper, fields = _parameter_fields(tree)
     panel = _class(tree, f"{name}Panel")
-    assigned = {ast.unparse(node.targets[0]): ast.unparse(node.value) for node in panel.body if isinstance(node, ast.Assign)}
+    assigned = {ast.unparse(node.targets[0]): ast.unparse(node.value)
+                for node in panel.body if isinstance(node, ast.Assign)}
     assert assigned["parameterNodeClass"] == wrapper
     mapping_function = next(node for node in panel.body if getattr(node, "name", "") == "parameterNodeGuiMapping")
     mapping = next(node for node in ast.walk(mapping_function) if isinstance(node, ast.Dict))
@@ -120,11 +121,12 @@ def test_parameter_node_fields_each_bind_a_real_control(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_only_per_user_things_go_to_qsettings(name):
-    sources = [(_lib(name) / "widget.py").read_text(encoding="utf-8"), (COMMON_DIR / "widgets.py").read_text(encoding="utf-8")]
+    sources = [path.read_text(encoding="utf-8") for path in (_lib(name) / "widget.py", COMMON_DIR / "widgets.py")]
     keys = set()
     for source in sources:
         for call in (node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)):
-            if ast.unparse(call.func).endswith(("userSetting", "setUserSetting")) and isinstance(call.args[0], ast.Constant):
+            if ast.unparse(call.func).endswith(("userSetting", "setUserSetting")):
+                assert isinstance(call.args[0], ast.Constant), ast.unparse(call)  # a fixed key, to be checked here
                 keys.add(call.args[0].value)
     assert keys and keys <= USER_SETTINGS, sorted(keys - USER_SETTINGS)
 
@@ -149,7 +151,7 @@ def test_logic_protocol_covers_what_the_panel_calls_and_real_and_fake_logic_prov
     widget = (_lib(name) / "widget.py").read_text(encoding="utf-8")
     used = {node.attr for node in ast.walk(ast.parse(widget))
             if isinstance(node, ast.Attribute) and ast.unparse(node.value) in ("self.logic", "logic")}
-    assert used and used <= declared, f"the panel calls logic members its Protocol does not declare: {sorted(used - declared)}"
+    assert used and used <= declared, f"the panel calls logic members its Protocol lacks: {sorted(used - declared)}"
     real = _members(_class(_tree(_lib(name) / "logic.py"), f"{name}Logic"))
     assert declared <= real, f"{name}Logic lacks {sorted(declared - real)}"
     fake = _members(_class(_tree(_lib(name) / "testing.py"), f"Fake{name}Logic"))
@@ -159,7 +161,8 @@ def test_logic_protocol_covers_what_the_panel_calls_and_real_and_fake_logic_prov
 @pytest.mark.parametrize("name", MODULES)
 def test_in_app_test_runs_the_panel_on_the_fake_logic(name):
     test = _class(_tree(slicer_support.REPO_ROOT / name / f"{name}.py"), f"{name}Test")
-    assert "self.test_panel_on_fake_logic" in ast.unparse(next(n for n in test.body if getattr(n, "name", "") == "runTest"))
+    run = next(node for node in test.body if getattr(node, "name", "") == "runTest")
+    assert "self.test_panel_on_fake_logic" in ast.unparse(run)
     mixin = _class(_tree(_lib(name) / "testing.py"), f"{name}TestMixin")
     check = next(node for node in mixin.body if getattr(node, "name", "") == "check_panel_on_fake_logic")
     body = ast.unparse(check)

@@ -36,7 +36,6 @@ NOT_ACTIONS = {"testing.py"}
 def _imports(path: Path) -> list[tuple[str, int]]:
     """(absolute module name, line) of every import in ``path``; relative ones resolved against its package."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    package = _package_of(path)
     nodes = tree.body if path.name in NOT_ACTIONS else ast.walk(tree)
     found = []
     for node in nodes:
@@ -44,6 +43,7 @@ def _imports(path: Path) -> list[tuple[str, int]]:
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
+                package = _package_of(path)
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
@@ -113,15 +113,11 @@ def third_party_imports(module_name: str) -> dict[str, list[str]]:
     return found
 
 
-def _import_names(package: dependencies.Package) -> set[str]:
-    return {package.module}
-
-
 @pytest.mark.parametrize("name", MODULES)
 def test_every_third_party_import_of_the_actions_is_installed_or_comes_with_slicer(name):
     sys.path.insert(0, str(ROOT / name))
     lib = importlib.import_module(f"{name}Lib.dependencies")
-    listed = set().union(*(_import_names(package) for package in lib.PACKAGES))
+    listed = {package.module for package in lib.PACKAGES}
     if lib.NEEDS_TORCH:
         listed.add("torch")
     found = third_party_imports(name)
@@ -138,14 +134,10 @@ def test_the_walk_sees_lazy_imports_and_skips_find_spec(tmp_path):
     # The walk must count an import inside a function (how the core defers heavy packages) and must not count a
     # package name that is only looked up.
     source = tmp_path / "probe.py"
-    source.write_text("import importlib.util\n\ndef f():\n    import einops\n    return importlib.util.find_spec('nilearn')\n")
-    names = {module for module, _line in _imports_of_file(source)}
+    source.write_text("import importlib.util\n\n\ndef f():\n    import einops\n\n"
+                      "    return importlib.util.find_spec('nilearn')\n")
+    names = {module for module, _line in _imports(source)}
     assert "einops" in names and "nilearn" not in names
-
-
-def _imports_of_file(path: Path):
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    return [(alias.name, node.lineno) for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -101,7 +101,8 @@ def test_ui_file_names_every_widget_the_module_uses():
 
     module_dir = slicer_support.OBFUSCATION_MODULE_DIR
     names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "ObfuscationPrivacy.ui").iter("widget")}
-    used = set(re.findall(r"\bui\.(\w+)", (module_dir / "ObfuscationPrivacyLib" / "widget.py").read_text(encoding="utf-8")))
+    panel = (module_dir / "ObfuscationPrivacyLib" / "widget.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"\bui\.(\w+)", panel))
     # The shared panel (ServerJobPanel) reaches these on every module's UI.
     used |= {"statusLabel", "progressBar", "cancelButton", "serverUrlLineEdit", "tokenLineEdit", "caBundlePathLineEdit"}
     assert used and not used - names, sorted(used - names)

@@ -125,5 +125,6 @@ def test_ui_file_names_every_widget_the_module_uses():
 
     module_dir = slicer_support.WATERMARK_MODULE_DIR
     names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").iter("widget")}
-    used = set(re.findall(r"\bui\.(\w+)", (module_dir / "MedLockerWatermarkLib" / "widget.py").read_text(encoding="utf-8")))
+    panel = (module_dir / "MedLockerWatermarkLib" / "widget.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"\bui\.(\w+)", panel))
     assert used and not used - names, sorted(used - names)

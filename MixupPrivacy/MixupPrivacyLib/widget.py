@@ -96,9 +96,9 @@ class MixupPrivacyPanel(ServerJobPanel):
     def _onParameterNodeModified(self) -> None:
         parameters = self.parameterNode
         if parameters is not None and parameters.privacy != self._privacy:
-            if self._privacy is not None:  # a level the user picks brings the count it was measured at
-                parameters.tta = LEVELS[parameters.privacy.value].tta
-            self._privacy = parameters.privacy
+            previous, self._privacy = self._privacy, parameters.privacy
+            if previous is not None:  # a level the user picks brings the count it was measured at
+                parameters.tta = LEVELS[self._privacy.value].tta
         self._updateButtons()
 
     # -- actions -------------------------------------------------------------------------------------------
