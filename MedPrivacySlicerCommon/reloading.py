@@ -11,9 +11,9 @@ import sys
 from typing import Sequence
 
 #: This package's files, in the order they import each other (later ones import earlier ones).
-COMMON_ORDER = ("dependencies", "reloading", "mrml_geometry", "widgets")
+COMMON_ORDER = ("dependencies", "reloading", "mrml_geometry", "worker", "widgets", "testing")
 #: A module Lib's files in the same order; files a Lib does not have are skipped.
-LIB_ORDER = ("dependencies", "protocols", "geometry", "logic", "testing", "widget")
+LIB_ORDER = ("dependencies", "protocols", "geometry", "worker", "logic", "testing", "widget")
 
 
 def reload_package(package: str, order: Sequence[str]) -> list[str]:

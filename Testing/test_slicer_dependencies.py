@@ -85,6 +85,14 @@ def _is_stdlib(top: str) -> bool:
     return stdlib in origin.parents and "site-packages" not in origin.parts
 
 
+def _dependency_list(name: str):
+    """``<name>Lib/dependencies.py``, loaded on its own (the Lib package itself needs slicer)."""
+    spec = importlib.util.spec_from_file_location(f"_{name}_dependencies", ROOT / name / f"{name}Lib" / "dependencies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def third_party_imports(module_name: str) -> dict[str, list[str]]:
     """Top-level third-party package -> the places ("file:line") that import it, from ``module_name``'s actions."""
     lib = ROOT / module_name / f"{module_name}Lib"
@@ -115,8 +123,7 @@ def third_party_imports(module_name: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_third_party_import_of_the_actions_is_installed_or_comes_with_slicer(name):
-    sys.path.insert(0, str(ROOT / name))
-    lib = importlib.import_module(f"{name}Lib.dependencies")
+    lib = _dependency_list(name)
     listed = {package.module for package in lib.PACKAGES}
     if lib.NEEDS_TORCH:
         listed.add("torch")
@@ -143,8 +150,7 @@ def test_the_walk_sees_lazy_imports_and_skips_find_spec(tmp_path):
 @pytest.mark.parametrize("name", MODULES)
 def test_dependency_lists_name_nothing_the_actions_do_not_import(name):
     # A stale entry makes every user download a package for nothing.
-    sys.path.insert(0, str(ROOT / name))
-    lib = importlib.import_module(f"{name}Lib.dependencies")
+    lib = _dependency_list(name)
     found = third_party_imports(name)
     unused = sorted(package.name for package in lib.PACKAGES if package.module not in found)
     assert not unused, f"{name}Lib/dependencies.py lists packages its actions never import: {unused}"
@@ -187,3 +193,24 @@ def test_pip_never_gets_a_slicer_package_and_monai_comes_without_its_dependencie
                  if not argument.startswith("-") and argument != str(constraints)}
     assert not requested & {name.lower() for name in dependencies.SLICER_DISTRIBUTIONS}
     assert dependencies.pip_argument_lists([], str(constraints)) == []
+
+
+def test_nothing_missing_means_no_prompt_and_no_pip():
+    # Everything the Mixup module needs is installed here (torch too), so the step returns before any dialog: on
+    # slicer-core a dialog or pip call would fail, there being no application.
+    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
+    lib = _dependency_list("MixupPrivacy")
+    calls = []
+    assert dependencies.ensure_installed("Mixup Privacy", lib.PACKAGES, lib.NEEDS_TORCH, lambda: calls.append(1))
+    assert not calls and not dependencies.install_running()
+
+
+def test_a_second_install_while_one_runs_is_refused_in_one_line(monkeypatch):
+    pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
+    from medprivacy.errors import InputError
+
+    monkeypatch.setattr(dependencies, "_install_running", True)
+    assert dependencies.install_running()
+    with pytest.raises(InputError) as raised:
+        dependencies.ensure_installed("Mixup Privacy", [dependencies.Package("medprivacy-no-such-package")], False)
+    assert "being installed" in str(raised.value) and "\n" not in str(raised.value)
