@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -94,11 +95,13 @@ def test_panel_lives_in_the_lib_on_the_shared_base_with_an_injected_logic(name):
     assert "qt.QSettings" not in source, "per-user settings go through userSetting; panel state is the parameter node"
 
 
-def _parameter_fields(tree: ast.Module) -> tuple[str, set[str]]:
+def _parameter_fields(tree: ast.Module) -> tuple[str, dict[str, str]]:
+    """The parameterNodeWrapper class's name and its fields' annotations."""
     wrapped = [node for node in tree.body if isinstance(node, ast.ClassDef)
                and any(ast.unparse(decorator) == "parameterNodeWrapper" for decorator in node.decorator_list)]
     assert len(wrapped) == 1, "one parameterNodeWrapper class per panel"
-    return wrapped[0].name, {node.target.id for node in wrapped[0].body if isinstance(node, ast.AnnAssign)}
+    return wrapped[0].name, {node.target.id: ast.unparse(node.annotation)
+                             for node in wrapped[0].body if isinstance(node, ast.AnnAssign)}
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -111,12 +114,19 @@ def test_parameter_node_fields_each_bind_a_real_control(name):
     assert assigned["parameterNodeClass"] == wrapper
     mapping_function = next(node for node in panel.body if getattr(node, "name", "") == "parameterNodeGuiMapping")
     mapping = next(node for node in ast.walk(mapping_function) if isinstance(node, ast.Dict))
-    keys = {key.value for key in mapping.keys}
-    controls = {ast.unparse(value).split(".")[-1] for value in mapping.values}
-    assert keys == fields, (sorted(fields - keys), sorted(keys - fields))
+    bound = {key.value: ast.unparse(value).split(".")[-1] for key, value in zip(mapping.keys, mapping.values)}
+    assert set(bound) == set(fields), (sorted(set(fields) - set(bound)), sorted(set(bound) - set(fields)))
     ui = slicer_support.REPO_ROOT / name / "Resources" / "UI" / f"{name}.ui"
-    names = {element.get("name") for element in ElementTree.parse(ui).iter("widget")}
-    assert controls <= names, sorted(controls - names)
+    widgets = {element.get("name"): element for element in ElementTree.parse(ui).iter("widget")}
+    assert set(bound.values()) <= set(widgets), sorted(set(bound.values()) - set(widgets))
+    # A node parameter sets its combo box's nodeTypes from its type: they must stay what the .ui offers.
+    for field, annotation in fields.items():
+        node_types = set(re.findall(r"slicer\.(vtkMRML\w+)", annotation))
+        if node_types:
+            combo = widgets[bound[field]]
+            offered = {string.text for prop in combo.findall("property") if prop.get("name") == "nodeTypes"
+                       for string in prop.iter("string")}
+            assert node_types == offered, (field, sorted(node_types), sorted(offered))
 
 
 @pytest.mark.parametrize("name", MODULES)

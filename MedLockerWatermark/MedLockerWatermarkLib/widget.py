@@ -5,7 +5,7 @@ Server work runs in a ``BackgroundJob`` (``ServerJobPanel``); results are put in
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
@@ -28,7 +28,8 @@ class MedLockerWatermarkParameterNode:
     """The panel's state, saved with the scene; ranges are the controls' own. (Server URL and CA bundle are per
     user: QSettings. Passphrase, key file and folders are asked each session.)"""
 
-    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    #: Greyscale or colour (RGB vector) volume; the combo box's nodeTypes are these exactly.
+    inputVolume: Union[slicer.vtkMRMLScalarVolumeNode, slicer.vtkMRMLVectorVolumeNode]
     sliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
     mode: Annotated[str, Choice(list(MODES))] = DEFAULT_MODE
     lesionSource: Annotated[str, Choice(list(LESION_SOURCES))] = LESION_SOURCES[0]
@@ -43,7 +44,7 @@ class MedLockerWatermarkParameterNode:
     alphaMax: Annotated[float, WithinRange(0.0, 255.0)] = 255.0
     #: -1: a fresh random search each time.
     seed: Annotated[int, WithinRange(-1, 2147483647)] = -1
-    unlockVolume: slicer.vtkMRMLScalarVolumeNode
+    unlockVolume: Union[slicer.vtkMRMLScalarVolumeNode, slicer.vtkMRMLVectorVolumeNode]
     unlockSliceIndex: Annotated[int, WithinRange(0, 100000)] = 0
     appendToKey: bool = False
 
