@@ -87,7 +87,8 @@ def _is_stdlib(top: str) -> bool:
 
 def _dependency_list(name: str):
     """``<name>Lib/dependencies.py``, loaded on its own (the Lib package itself needs slicer)."""
-    spec = importlib.util.spec_from_file_location(f"_{name}_dependencies", ROOT / name / f"{name}Lib" / "dependencies.py")
+    path = ROOT / name / f"{name}Lib" / "dependencies.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}_dependencies", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -4,7 +4,6 @@ Server work runs in a ``BackgroundJob`` (``ServerJobPanel``); results are put in
 """
 from __future__ import annotations
 
-import os
 from typing import Annotated, Union
 
 import qt

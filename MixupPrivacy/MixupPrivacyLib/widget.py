@@ -5,7 +5,6 @@ Network and model work run in a ``BackgroundJob`` (``ServerJobPanel``); results 
 from __future__ import annotations
 
 import enum
-import os
 from typing import Annotated
 
 import slicer
