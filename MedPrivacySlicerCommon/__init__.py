@@ -1,7 +1,9 @@
-"""Widget code shared by the MedPrivacy scripted modules (MixupPrivacy, MedLockerWatermark).
+"""Code the MedPrivacy scripted modules (MixupPrivacy, MedLockerWatermark, ObfuscationPrivacy) share: the panel base
+(``widgets``, needs Qt), the dependency install step (``dependencies``), ``onReload`` (``reloading``), panel-test
+helpers (``testing``) and MRML geometry (``mrml_geometry``).
 
 Kept out of the core package, which never imports Qt or Slicer. This package file imports nothing, so the modules'
-Libs can check that it is on ``sys.path`` without Qt; ``widgets`` needs the application (Qt and ``slicer.util``)
-and is imported only inside the module files' ``if _HAVE_APP:`` guard. Installed next to the scripted modules, like
-``medprivacy`` (top-level CMakeLists.txt).
+Libs can check that it is on ``sys.path`` without Qt; ``widgets`` is imported only by the Libs' ``widget.py``, which
+the module files import only where the application is. Installed next to the scripted modules, like ``medprivacy``
+(top-level CMakeLists.txt).
 """

@@ -1,78 +1,207 @@
-"""What both MedPrivacy widgets do the same way: run core calls in a ``BackgroundJob`` polled by a Qt timer, report
-status, progress and errors, read the server box (URL, token, CA bundle) and ask once per server before uploading.
+"""What every MedPrivacy module panel does the same way: load the module's UI, keep its state in a parameter node,
+run core calls in a ``BackgroundJob`` polled by a Qt timer, report status, progress and errors, read the server box
+(URL, token, CA bundle), ask once per server before uploading, and run the shared dependency install step.
 
-Needs the application (Qt, ``slicer.util``): import it only where ``qt`` imports (the module files' app guard).
-A widget mixes ``ServerJobWidgetMixin`` in before ``ScriptedLoadableModuleWidget``, sets ``settingsPrefix`` and
-``defaultServerUrl``, implements ``_updateButtons`` and ``_uploadConsentPrompt``, and calls ``_initJobState`` (in
-``__init__``), ``_setupJobTimer`` (in ``setup``) and ``_stopJob`` (in ``cleanup``). Its ``.ui`` must have
-``statusLabel``, ``progressBar``, ``cancelButton``, ``serverUrlLineEdit``, ``tokenLineEdit`` and
-``caBundlePathLineEdit``. Where the two modules word a message differently, the hook methods below carry the
-difference (``_cancellingText``, ``_cancelledText``).
+Needs the application (Qt, ``slicer.util``, ``slicer.parameterNodeWrapper``): only the Libs' ``widget.py`` files
+import it, and the module files import those only where ``slicer.ScriptedLoadableModule`` exists.
+
+A module panel subclasses ``ServerJobPanel``, sets the class attributes below, builds its connections in
+``__init__`` after calling the base one, then calls ``initializeParameterNode``; it implements ``_updateButtons``
+(reading ``self.busy``) and ``_uploadConsentPrompt``. Its ``.ui`` must have ``statusLabel``, ``progressBar``,
+``cancelButton``, ``serverUrlLineEdit``, ``tokenLineEdit`` and ``caBundlePathLineEdit``.
+
+Per-user things (server URL, CA bundle, key folders, servers consented to) live in ``QSettings``; the rest of the
+panel (selected nodes, options) lives in the parameter node, so it is saved with the scene. The token is never
+stored.
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import queue
+import sys
 from typing import Any, Callable
 
 import qt
 import slicer
+from slicer.i18n import tr as _
+import vtk
 
 from medprivacy.consent import consented_servers, normalized_server_url, with_consent
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 from medprivacy.jobs import BackgroundJob
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer before translations existed
-    def _(text):
-        return text
+from .dependencies import ensure_installed, install_running
 
 
-class ServerJobWidgetMixin:
-    """Job plumbing, status line and server box of a MedPrivacy module widget (see the module docstring)."""
+class ServerJobPanel(qt.QWidget):
+    """The shared part of a MedPrivacy module panel (see the module docstring)."""
 
-    #: QSettings key prefix of the module, e.g. ``"MixupPrivacy/"``.
-    settingsPrefix = ""
+    #: The Slicer module's name: UI file, QSettings prefix and parameter node singleton tag.
+    moduleName = ""
+    #: Its title, used in the dependency prompt.
+    moduleTitle = ""
     #: Shown as the example when the server URL is empty, and restored when nothing is stored.
     defaultServerUrl = ""
+    #: The module's ``Package`` list and whether it needs torch (``<Module>Lib/dependencies.py``).
+    packages: tuple = ()
+    needsTorch = False
+    #: The module's ``parameterNodeWrapper`` class.
+    parameterNodeClass: Any = None
+    #: For a module with a private key folder (``ui.keyDirectoryPathLineEdit``): the core module that defines
+    #: ``default_key_dir()`` and the name of its constant naming the key's file.
+    keyModule = ""
+    keyFileConstant = ""
 
-    # -- lifecycle -----------------------------------------------------------------------------------------
-
-    def _initJobState(self) -> None:
+    def __init__(self, logic, installer: Callable[[], bool] | None = None, parent=None) -> None:
+        """``logic`` satisfies the module's logic protocol; ``installer`` replaces the dependency install step
+        (tests pass one that reports everything installed)."""
+        super().__init__(parent)
+        self.logic = logic
+        self._installer = installer or self._installDependencies
         self._job: BackgroundJob | None = None
         self._jobDone: Callable[[Any], None] | None = None
-        self._pollTimer = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._parameterNodeObserver = None
 
-    def _setupJobTimer(self) -> None:
+        layout = qt.QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        uiWidget = slicer.util.loadUI(os.path.join(self.resourceDir(), "UI", f"{self.moduleName}.ui"))
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self._pollJob)
+        # A closed scene loses the parameter node's values: reconnect the GUI to the reset node afterwards.
+        self._sceneObservers = [
+            slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, lambda *_a: self.setParameterNode(None)),
+            slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, lambda *_a: self.initializeParameterNode()),
+        ]
+        self._restoreServerSettings()
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self._saveServerSettings)
+        self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", self._saveServerSettings)
 
-    def _stopJob(self) -> None:
-        # The worker owns no Qt object; cancelling lets it stop at its next check, its result is dropped.
-        if self._job is not None:
-            self._job.cancel()
-        self._job = None
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
+    @classmethod
+    def resourceDir(cls) -> str:
+        """The module's ``Resources`` folder, beside its Lib (where the subclass is defined)."""
+        libDir = os.path.dirname(os.path.abspath(sys.modules[cls.__module__].__file__))
+        return os.path.join(os.path.dirname(libDir), "Resources")
 
-    # -- server box (never the token) ----------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Called by the module widget's ``cleanup`` (module unloaded, or reloaded in developer mode)."""
+        self._stopJob()
+        self.setParameterNode(None)
+        for tag in self._sceneObservers:
+            slicer.mrmlScene.RemoveObserver(tag)
+        self._sceneObservers = []
+
+    # -- parameter node ------------------------------------------------------------------------------------
+
+    @property
+    def parameterNode(self):
+        return self._parameterNode
+
+    def parameterNodeGuiMapping(self) -> dict[str, Any]:
+        """Parameter name -> widget, for ``connectParametersToGui``."""
+        raise NotImplementedError
+
+    def initializeParameterNode(self) -> None:
+        """Wrap the module's singleton parameter node (created on first use, like ScriptedLoadableModuleLogic's
+        ``getParameterNode``) and connect it to the panel."""
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+            node.UnRegister(None)  # owned by the Python variable now
+            node.SetSingletonTag(self.moduleName)
+            node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+            node = slicer.mrmlScene.AddNode(node)
+        node.SetAttribute("ModuleName", self.moduleName)  # a closed scene drops it
+        self.setParameterNode(self.parameterNodeClass(node))
+        self._onParameterNodeModified()
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNode.parameterNode.RemoveObserver(self._parameterNodeObserver)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectParametersToGui(self.parameterNodeGuiMapping())
+            self._parameterNodeObserver = parameterNode.parameterNode.AddObserver(
+                vtk.vtkCommand.ModifiedEvent, lambda *_a: self._onParameterNodeModified())
+
+    def _onParameterNodeModified(self) -> None:
+        """Called when the parameter node (or a node it references) changes."""
+        self._updateButtons()
+
+    # -- server box (per user, never the token) ------------------------------------------------------------
+
+    def userSetting(self, name: str, default: str = "") -> str:
+        return slicer.util.settingsValue(f"{self.moduleName}/{name}", default)
+
+    def setUserSetting(self, name: str, value) -> None:
+        qt.QSettings().setValue(f"{self.moduleName}/{name}", value)
 
     def _restoreServerSettings(self) -> None:
-        settingsValue = slicer.util.settingsValue
-        self.ui.serverUrlLineEdit.text = settingsValue(self.settingsPrefix + "ServerUrl", self.defaultServerUrl)
-        self.ui.caBundlePathLineEdit.currentPath = settingsValue(self.settingsPrefix + "CaBundle", "")
+        self.ui.serverUrlLineEdit.text = self.userSetting("ServerUrl", self.defaultServerUrl)
+        self.ui.caBundlePathLineEdit.currentPath = self.userSetting("CaBundle")
 
-    def _saveServerSettings(self, settings) -> None:
-        settings.setValue(self.settingsPrefix + "ServerUrl", self.ui.serverUrlLineEdit.text.strip())
-        settings.setValue(self.settingsPrefix + "CaBundle", self.ui.caBundlePathLineEdit.currentPath)
+    def _saveServerSettings(self, *_args) -> None:
+        self.setUserSetting("ServerUrl", self.ui.serverUrlLineEdit.text.strip())
+        self.setUserSetting("CaBundle", self.ui.caBundlePathLineEdit.currentPath)
 
     def _connection(self) -> tuple[str, str | None, str | None]:
         url = self.ui.serverUrlLineEdit.text.strip()
         if not url:
             raise InputError("enter the server URL, e.g. " + self.defaultServerUrl)
+        self._saveServerSettings()
         return url, self.ui.tokenLineEdit.text.strip() or None, self.ui.caBundlePathLineEdit.currentPath or None
+
+    def onTestConnection(self) -> None:
+        def start():
+            url, token, caBundle = self._connection()
+            if not self._ensureDependencies():
+                return
+            logic = self.logic
+            self._startJob(_("Connection test"),
+                           lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
+                           lambda description: self._setStatus(self._connectedText(description)))
+
+        self._guarded(_("Could not test the connection."), start)
+
+    def _connectedText(self, description: str) -> str:
+        return description
+
+    # -- private keys ----------------------------------------------------------------------------------------
+
+    def _restoreKeyDirectory(self) -> None:
+        self.ui.keyDirectoryPathLineEdit.currentPath = self.userSetting("KeyDirectory") or self._defaultKeyDir()
+
+    def _defaultKeyDir(self) -> str:
+        try:
+            module = importlib.import_module(self.keyModule)
+        except ImportError:  # dependencies not installed yet: the user picks a folder or installs first
+            return ""
+        return str(module.default_key_dir())
+
+    def _startKeyGeneration(self, keyDir: str, replaceQuestion: str, work, doneText: str,
+                            onDone: Callable[[], None] = lambda: None) -> None:
+        """Generate a key in ``keyDir`` in a job: ``work(keyDir, replace, progress, cancel)``. A key already there
+        is replaced only after ``replaceQuestion`` is answered yes."""
+        if not self._ensureDependencies():
+            return
+        keyFile = getattr(importlib.import_module(self.keyModule), self.keyFileConstant)  # needs the dependencies
+        replace = os.path.isfile(os.path.join(keyDir, keyFile))
+        if replace and not slicer.util.confirmYesNoDisplay(replaceQuestion.format(folder=keyDir)):
+            return
+        self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
+        self._startJob(_("Key generation"), lambda progress, cancel: work(keyDir, replace, progress, cancel),
+                       lambda _result: (onDone(), self._setStatus(doneText.format(folder=keyDir))))
 
     # -- consent, once per server --------------------------------------------------------------------------
 
@@ -82,18 +211,30 @@ class ServerJobWidgetMixin:
 
     def _confirmUpload(self, url: str) -> bool:
         # Stored as JSON text (medprivacy.consent), under the server's normalized URL.
-        key = self.settingsPrefix + "ConsentedServers"
-        stored = slicer.util.settingsValue(key, "[]")
+        stored = self.userSetting("ConsentedServers", "[]")
         server = normalized_server_url(url)
         if server in consented_servers(stored):
             return True
         question, windowTitle = self._uploadConsentPrompt(server)
         if not slicer.util.confirmYesNoDisplay(question, windowTitle=windowTitle):
             return False
-        qt.QSettings().setValue(key, with_consent(stored, url))
+        self.setUserSetting("ConsentedServers", with_consent(stored, url))
         return True
 
+    # -- dependencies --------------------------------------------------------------------------------------
+
+    def _ensureDependencies(self) -> bool:
+        return self._installer()
+
+    def _installDependencies(self) -> bool:
+        return ensure_installed(self.moduleTitle, self.packages, self.needsTorch, busy_changed=self._updateButtons)
+
     # -- job plumbing --------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A job of this panel, or a dependency install of any MedPrivacy module, is running."""
+        return self._job is not None or install_running()
 
     def _cancellingText(self) -> str:
         return _("Cancelling...")
@@ -108,8 +249,11 @@ class ServerJobWidgetMixin:
             self._setStatus(self._cancellingText())
 
     def _guarded(self, message: str, action: Callable[[], None]) -> None:
-        """User mistakes (MedPrivacyError) get one line; anything else is a bug and keeps its traceback."""
-        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+        """User mistakes (MedPrivacyError) get one line; anything else is a bug and keeps its traceback.
+
+        No wait cursor: actions may open dialogs (consent, file choosers, the install prompt), which must show the
+        normal cursor; long work runs in a job, with the progress bar."""
+        with slicer.util.tryWithErrorDisplay(message):
             try:
                 action()
             except MedPrivacyError as exc:
@@ -124,6 +268,13 @@ class ServerJobWidgetMixin:
         self._setStatus(_("{title}...").format(title=title))
         self._updateButtons()
         self._pollTimer.start()
+
+    def _stopJob(self) -> None:
+        # The worker owns no Qt object; cancelling lets it stop at its next check, its result is dropped.
+        if self._job is not None:
+            self._job.cancel()
+        self._job = None
+        self._pollTimer.stop()
 
     def _pollJob(self) -> None:
         job = self._job

@@ -96,13 +96,14 @@ def test_every_lib_file_and_resource_is_packaged():
 
 
 def test_ui_file_names_every_widget_the_module_uses():
-    # The widget reaches its controls as self.ui.<objectName>; a renamed control only fails inside Slicer.
+    # The panel reaches its controls as self.ui.<objectName>; a renamed control only fails inside Slicer.
     import re
     import xml.etree.ElementTree as ElementTree
 
     module_dir = slicer_support.OBFUSCATION_MODULE_DIR
     names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "ObfuscationPrivacy.ui").iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", (module_dir / "ObfuscationPrivacy.py").read_text(encoding="utf-8")))
-    # The shared widget mixin reaches these on every module's UI.
+    panel = (module_dir / "ObfuscationPrivacyLib" / "widget.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"\bui\.(\w+)", panel))
+    # The shared panel (ServerJobPanel) reaches these on every module's UI.
     used |= {"statusLabel", "progressBar", "cancelButton", "serverUrlLineEdit", "tokenLineEdit", "caBundlePathLineEdit"}
     assert used and not used - names, sorted(used - names)

@@ -22,7 +22,7 @@ except ImportError:
 
 from medprivacy.jobs import BackgroundJob  # noqa: E402  (the core's qt-free worker, shared with MixupPrivacy)
 
-from .dependencies import PIP_IMPORT_NAMES, PIP_REQUIREMENTS  # noqa: E402
+from .dependencies import NEEDS_TORCH, PACKAGES  # noqa: E402
 from .logic import (  # noqa: E402
     DEFAULT_MODE,
     DEFAULT_SERVER_URL,
@@ -44,8 +44,8 @@ __all__ = [
     "MODES",
     "MedLockerWatermarkLogic",
     "MedLockerWatermarkTestMixin",
-    "PIP_IMPORT_NAMES",
-    "PIP_REQUIREMENTS",
+    "NEEDS_TORCH",
+    "PACKAGES",
     "ProtectionResult",
     "SliceImage",
     "describe_predictions",

@@ -1,11 +1,10 @@
-"""Python packages the module needs beyond what Slicer ships; the widget installs them after the user agrees.
+"""Python packages MedLockerWatermark needs beyond what Slicer ships; ``MedPrivacySlicerCommon.dependencies``
+installs them after the user agrees (keep in sync with pyproject.toml).
 
-The MedLocker client needs no torch: the models run on the server. numpy, scipy, requests, SimpleITK and pydicom
-come with Slicer and must not be replaced by pip, since Slicer's own builds are used.
-"""
+The MedLocker client needs no torch: the models run on the server."""
 from __future__ import annotations
 
-#: Keep in sync with pyproject.toml.
-PIP_REQUIREMENTS = "cryptography>=41"
-#: Import names of ``PIP_REQUIREMENTS``, to tell without importing them whether they are installed.
-PIP_IMPORT_NAMES = ("cryptography",)
+from MedPrivacySlicerCommon.dependencies import Package
+
+PACKAGES = (Package("cryptography", ">=41"),)
+NEEDS_TORCH = False

@@ -15,6 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from medprivacy.errors import CancelledError, InputError, ServerError
+from MedPrivacySlicerCommon.testing import PanelTestMixin
 
 from .logic import MedLockerWatermarkLogic, ijk_to_ras, voxel_array
 
@@ -32,7 +33,86 @@ def tiny_search(**overrides):
     return SearchSettings(**options)
 
 
-class MedLockerWatermarkTestMixin:
+class FakeProtection:
+    """What ``FakeMedLockerWatermarkLogic.apply_protection`` returns, shaped like ``ProtectionResult``."""
+
+    def __init__(self, name, output_node) -> None:
+        self.name, self.output_node = name, output_node
+
+    def prediction_lines(self) -> list[str]:
+        return ["fake prediction"]
+
+
+class FakeMedLockerWatermarkLogic:
+    """Stands in for ``MedLockerWatermarkLogic`` (``protocols.MedLockerWatermarkLogicProtocol``) in the panel's
+    in-app tests: records each call and answers at once, without a server."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        self.calls: list[tuple] = []
+        self.key: list[str] = []
+        self.key_path = None
+        self.unsaved = 0
+
+    def slice_count(self, volume_node) -> int:
+        return 1
+
+    def slice_index_at(self, volume_node, ras) -> int:
+        return 0
+
+    def load_logo(self, path=None):
+        return "logo"
+
+    def prepare_protection(self, volume_node, slice_index=None, logo=None, settings=None, lesion_source="server",
+                           segmentation_node=None, segment_ids=None):
+        if volume_node is None:
+            raise InputError("no input image: select one")
+        self.calls.append(("prepare_protection", volume_node.GetID(), slice_index, lesion_source))
+        return "image", logo, settings, None
+
+    def compute_protection(self, image, logo, settings, url, token=None, ca_bundle=None, lesion_source="server",
+                           mask=None, progress=None, cancel=None):
+        self.calls.append(("compute_protection", image, url, settings, lesion_source))
+        return "computed"
+
+    def apply_protection(self, computed, reference_node, name=None):
+        self.calls.append(("apply_protection", computed, reference_node.GetID()))
+        self.key.append("protected")
+        self.unsaved += 1
+        return FakeProtection("protected", self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "protected"))
+
+    def test_connection(self, url, token=None, ca_bundle=None) -> str:
+        self.calls.append(("test_connection", url))
+        return "fake server"
+
+    def list_models(self, url, token=None, ca_bundle=None):
+        self.calls.append(("list_models", url))
+        return {"cls-a": {}, "cls-b": {}}, {}
+
+    def export_key(self, path, passphrase=None, key_file=None, **options):
+        self.calls.append(("export_key", path))
+
+    def load_key(self, path, passphrase=None, key_file=None):
+        self.calls.append(("load_key", path))
+
+    def new_key(self) -> None:
+        self.key, self.unsaved = [], 0
+
+    def generate_key_file(self, path):
+        self.calls.append(("generate_key_file", path))
+
+    def verify(self, volume_node, slice_index=None):
+        self.calls.append(("verify", volume_node.GetID(), slice_index))
+
+    def unlock(self, volume_node, slice_index=None, name=None):
+        self.calls.append(("unlock", volume_node.GetID(), slice_index))
+        return self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "restored")
+
+    def protect_folder(self, input_dir, output_dir, key_path, url, **options):
+        self.calls.append(("protect_folder", input_dir, output_dir, key_path, url, options))
+
+
+class MedLockerWatermarkTestMixin(PanelTestMixin):
     """Test bodies that take the scene (and a server URL) to work in; the host class must be a ``unittest.TestCase``.
 
     No method name here contains "test": ``ScriptedLoadableModuleTest`` runs every such method, and these need
@@ -378,3 +458,63 @@ class MedLockerWatermarkTestMixin:
         with self.assertRaises(InputError) as raised:
             logic.protect_folder(folder / "empty", folder / "out4", folder / "k.mlkey", url, passphrase=PASSPHRASE)
         self.assert_one_line(raised.exception, "holds no")
+
+    def check_all_with_server(self, scene, url: str, set_up) -> None:
+        """Every server body, each after ``set_up`` (the in-app test's scene reset)."""
+        import tempfile
+
+        for check in (self.check_protect_unlock_bit_exact, self.check_dataset_folder):
+            set_up()
+            with tempfile.TemporaryDirectory() as folder:
+                check(scene, url, folder)
+        for check in (self.check_volume_slice, self.check_keep_out_respects_segmentation, self.check_server_lesions):
+            set_up()
+            check(scene, url)
+
+    def check_panel_on_fake_logic(self, scene) -> None:
+        """The panel (application only) on ``FakeMedLockerWatermarkLogic``: parameter node <-> GUI, buttons follow
+        the state, and Protect hands the panel's search settings and ticked models to the logic."""
+        import qt
+
+        from .logic import LESION_SOURCES
+        from .widget import MedLockerWatermarkPanel
+
+        url = "http://127.0.0.1:9"  # never contacted: the fake logic answers
+        logic = FakeMedLockerWatermarkLogic(scene)
+        with self.panel_on_fake_logic(MedLockerWatermarkPanel, logic) as panel:
+            parameters = panel.parameterNode
+            self.assertFalse(panel.ui.protectButton.enabled, "Protect without an input image")
+            self.assertFalse(panel.ui.unlockButton.enabled)
+            volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
+            parameters.inputVolume = volume
+            self.assertTrue(panel.ui.protectButton.enabled)
+            panel.ui.lesionSourceComboBox.currentIndex = LESION_SOURCES.index("segmentation")
+            self.assertEqual(parameters.lesionSource, "segmentation")
+            self.assertTrue(panel.ui.segmentationSelector.enabled)
+            panel.ui.lesionSourceComboBox.currentIndex = LESION_SOURCES.index("none")
+            parameters.population = 7
+            self.assertEqual(panel.ui.populationSpinBox.value, 7)
+
+            panel.ui.serverUrlLineEdit.text = url
+            panel.ui.refreshModelsButton.click()
+            self.wait_until_idle(panel)
+            table = panel.ui.modelsTableWidget
+            self.assertEqual(table.rowCount, 2)
+            table.item(1, 0).setCheckState(qt.Qt.Unchecked)  # keep cls-a only
+
+            self.consent_to(panel, url)
+            panel.ui.protectButton.click()
+            self.assertFalse(panel.ui.protectButton.enabled, "Protect stays enabled while the job runs")
+            self.wait_until_idle(panel)
+            compute = [call for call in logic.calls if call[0] == "compute_protection"]
+            self.assertEqual(len(compute), 1)
+            _name, image, sent_url, settings, source = compute[0]
+            self.assertEqual((image, sent_url, source), ("image", url, "none"))
+            self.assertEqual((settings.models, settings.population, settings.seed), (["cls-a"], 7, None))
+            self.assertIn("1 image(s)", panel.ui.keyStatusLabel.text)
+            self.assertIn("fake prediction", panel.ui.predictionsTextEdit.toPlainText())
+
+            parameters.unlockVolume = volume
+            self.assertTrue(panel.ui.unlockButton.enabled)
+            panel.ui.unlockButton.click()
+            self.assertEqual(logic.calls[-1], ("unlock", volume.GetID(), None))

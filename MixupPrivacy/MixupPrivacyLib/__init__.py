@@ -22,7 +22,7 @@ except ImportError:
 
 from medprivacy.jobs import BackgroundJob  # noqa: E402  (shared with MedLockerWatermark; qt-free, so in the core)
 
-from .dependencies import PIP_IMPORT_NAMES, PIP_REQUIREMENTS  # noqa: E402
+from .dependencies import NEEDS_TORCH, PACKAGES  # noqa: E402
 from .logic import DEFAULT_SERVER_URL, PRIVACY_LEVELS, UNMIX_MODES, MixupPrivacyLogic, normalized_server_url  # noqa: E402
 from .testing import MixupPrivacyTestMixin  # noqa: E402
 
@@ -31,8 +31,8 @@ __all__ = [
     "DEFAULT_SERVER_URL",
     "MixupPrivacyLogic",
     "MixupPrivacyTestMixin",
-    "PIP_IMPORT_NAMES",
-    "PIP_REQUIREMENTS",
+    "NEEDS_TORCH",
+    "PACKAGES",
     "PRIVACY_LEVELS",
     "UNMIX_MODES",
     "normalized_server_url",

@@ -9,12 +9,47 @@ import vtk
 
 from medprivacy.errors import InputError
 from medprivacy.labels import TISSUE_SEGMENTS
+from MedPrivacySlicerCommon.testing import PanelTestMixin
 
 from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, ijk_to_ras
-from .logic import MixupPrivacyLogic
+from .logic import PRIVACY_LEVELS, MixupPrivacyLogic
 
 
-class MixupPrivacyTestMixin:
+class FakeMixupPrivacyLogic:
+    """Stands in for ``MixupPrivacyLogic`` (``protocols.MixupPrivacyLogicProtocol``) in the panel's in-app tests:
+    records each call and answers at once, without a server or a key."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        self.calls: list[tuple] = []
+        self.last_uploaded_node = None
+        self.last_rebuild_node = None
+
+    def volume_node_to_sitk(self, volume_node):
+        if volume_node is None:
+            raise InputError("no input volume: select one")
+        self.calls.append(("volume_node_to_sitk", volume_node.GetID()))
+        return "image"
+
+    def test_connection(self, url, token=None, ca_bundle=None):
+        self.calls.append(("test_connection", url, token, ca_bundle))
+        return "fake server"
+
+    def generate_key(self, key_dir, progress=None, force=False, **options):
+        self.calls.append(("generate_key", key_dir, force))
+
+    def compute(self, input_sitk, url, progress=None, cancel=None, **options):
+        self.calls.append(("compute", input_sitk, url, options))
+        if progress is not None:
+            progress("halfway", 0.5)
+        return "result"
+
+    def apply_result(self, result, input_node, output_segmentation_node=None, show_uploaded=False):
+        self.calls.append(("apply_result", result, input_node.GetID(), show_uploaded))
+        return output_segmentation_node or self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segments")
+
+
+class MixupPrivacyTestMixin(PanelTestMixin):
     """Test bodies that take the scene to work in; the host class must be a ``unittest.TestCase``.
 
     No method name here contains "test": ``ScriptedLoadableModuleTest`` runs every such method, and these need a
@@ -211,3 +246,61 @@ class MixupPrivacyTestMixin:
         target_rows = {row.tobytes() for row in target_codes}
         self.assertFalse(any(row.astype(np.uint8).tobytes() in target_rows for row in rows),
                          "the server received an unmixed patch of the scan")
+
+    def check_private_segmentation_end_to_end_from_environment(self, scene, url):
+        """``check_private_segmentation_end_to_end`` with the options the in-app test reads from the environment."""
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.check_private_segmentation_end_to_end(
+                scene, url, os.path.join(folder, "key"),
+                audit_dir=os.environ.get("MIXUPPRIVACY_TEST_AUDIT_DIR") or None,
+                token=os.environ.get("MEDPRIVACY_TOKEN") or None,
+                unmix=os.environ.get("MIXUPPRIVACY_TEST_UNMIX", "naive"),
+            )
+
+    def check_panel_on_fake_logic(self, scene):
+        """The panel (application only) on ``FakeMixupPrivacyLogic``: parameter node <-> GUI, buttons follow the
+        state, and Apply hands the panel's options to the logic and its result to the scene."""
+        from medprivacy.mixup.privacy import LEVELS
+
+        from .widget import MixupPrivacyPanel, PrivacyLevel
+
+        url = "http://127.0.0.1:9"  # never contacted: the fake logic answers
+        logic = FakeMixupPrivacyLogic(scene)
+        with self.panel_on_fake_logic(MixupPrivacyPanel, logic) as panel:
+            parameters = panel.parameterNode
+            self.assertFalse(panel.ui.applyButton.enabled, "Apply without an input volume")
+            volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
+            parameters.inputVolume = volume
+            self.assertIs(panel.ui.inputSelector.currentNode(), volume)
+            self.assertTrue(panel.ui.applyButton.enabled)
+
+            # A level picked in the GUI reaches the node and brings the count it was measured at.
+            panel.ui.privacyComboBox.currentIndex = PRIVACY_LEVELS.index("strong")
+            self.assertEqual(parameters.privacy, PrivacyLevel.STRONG)
+            self.assertEqual(parameters.tta, LEVELS["strong"].tta)
+            panel.ui.ttaSpinBox.value = 3
+            parameters.showUploaded = True
+            self.assertTrue(panel.ui.showUploadedCheckBox.checked)
+
+            panel.ui.serverUrlLineEdit.text = url
+            self.consent_to(panel, url)
+            panel.ui.applyButton.click()
+            self.assertFalse(panel.ui.applyButton.enabled, "Apply stays enabled while the job runs")
+            self.assertTrue(panel.ui.cancelButton.enabled)
+            self.wait_until_idle(panel)
+            compute = [call for call in logic.calls if call[0] == "compute"]
+            self.assertEqual(len(compute), 1)
+            _name, image, sent_url, options = compute[0]
+            self.assertEqual((image, sent_url), ("image", url))
+            self.assertEqual((options["privacy"], options["tta"], options["keep_uploaded"]), ("strong", 3, True))
+            self.assertEqual(logic.calls[-1][:4], ("apply_result", "result", volume.GetID(), True))
+            self.assertIsNotNone(parameters.outputSegmentation)
+            self.assertIn(parameters.outputSegmentation.GetName(), panel.ui.statusLabel.text)
+            self.assertTrue(panel.ui.applyButton.enabled)
+
+            panel.ui.testConnectionButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn("fake server", panel.ui.statusLabel.text)

@@ -22,7 +22,7 @@ except ImportError:
 
 from medprivacy.jobs import BackgroundJob  # noqa: E402  (the core's qt-free worker, shared with the other modules)
 
-from .dependencies import PIP_IMPORT_NAMES, PIP_REQUIREMENTS  # noqa: E402
+from .dependencies import NEEDS_TORCH, PACKAGES  # noqa: E402
 from .logic import DEFAULT_SERVER_URL, DEFAULT_TRAIN_STEPS, NodeFrames, ObfuscationPrivacyLogic, normalized_server_url  # noqa: E402
 from .testing import ObfuscationPrivacyTestMixin  # noqa: E402
 
@@ -33,7 +33,7 @@ __all__ = [
     "NodeFrames",
     "ObfuscationPrivacyLogic",
     "ObfuscationPrivacyTestMixin",
-    "PIP_IMPORT_NAMES",
-    "PIP_REQUIREMENTS",
+    "NEEDS_TORCH",
+    "PACKAGES",
     "normalized_server_url",
 ]

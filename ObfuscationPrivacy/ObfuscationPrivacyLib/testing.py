@@ -17,11 +17,64 @@ import vtk
 from vtk.util import numpy_support
 
 from medprivacy.errors import CancelledError, InputError, ServerError
+from MedPrivacySlicerCommon.testing import PanelTestMixin
 
-from .logic import ObfuscationPrivacyLogic, ijk_to_ras, volume_voxels
+from .logic import NodeFrames, ObfuscationPrivacyLogic, ijk_to_ras, volume_voxels
 
 
-class ObfuscationPrivacyTestMixin:
+class FakeObfuscationPrivacyLogic:
+    """Stands in for ``ObfuscationPrivacyLogic`` (``protocols.ObfuscationPrivacyLogicProtocol``) in the panel's
+    in-app tests: records each call and answers at once, without a key, weights or a server."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        self.calls: list[tuple] = []
+
+    def describe_key(self, key_dir) -> str:
+        return "fake key"
+
+    def generate_key(self, key_dir, force=False, vae_from=None, progress=None, cancel=None) -> str:
+        self.calls.append(("generate_key", key_dir, force))
+        return "fake key"
+
+    def node_to_frames(self, node):
+        if node is None:
+            raise InputError("no input frames: select a volume or a sequence")
+        self.calls.append(("node_to_frames", node.GetID()))
+        return NodeFrames(pixels=np.zeros((2, 4, 4), np.uint8), ijk_to_ras=np.eye(4), transform_id=None,
+                          name=node.GetName(), sequence=False, index_values=["0", "1"])
+
+    def frames_to_node(self, codes, source, name=None):
+        self.calls.append(("frames_to_node", len(codes)))
+        return self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "obfuscated")
+
+    def obfuscate_frames(self, pixels, key_dir, progress=None):
+        self.calls.append(("obfuscate_frames", pixels.shape, key_dir))
+        return np.zeros_like(pixels), "key-id"
+
+    def test_connection(self, url, token=None, ca_bundle=None) -> str:
+        self.calls.append(("test_connection", url))
+        return "fake server"
+
+    def list_models(self, url, token=None, ca_bundle=None, key_dir=None) -> list:
+        self.calls.append(("list_models", url, key_dir))
+        return [{"id": "m1", "classes": ["a", "b"], "validation_accuracy": 0.5}]
+
+    def classify_frames(self, pixels, key_dir, url, model, token=None, ca_bundle=None, progress=None, cancel=None):
+        self.calls.append(("classify_frames", pixels.shape, url, model))
+        return {"model": model, "classes": ["a", "b"], "predicted": ["a", "b"], "probabilities": [[1, 0], [0, 1]]}
+
+    def train_from_folder(self, dataset, key_dir, url, token=None, ca_bundle=None, steps=None, name=None,
+                          progress=None, cancel=None) -> dict:
+        self.calls.append(("train_from_folder", dataset, url, steps, name))
+        return {"model": "m2", "progress": {"validation_accuracy": 0.75}}
+
+    def results_table(self, answer, name="Obfuscated classification", frame_labels=None):
+        self.calls.append(("results_table", name, list(frame_labels)))
+        return self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+
+
+class ObfuscationPrivacyTestMixin(PanelTestMixin):
     """Test bodies that take the scene (and a server URL, a folder, the models folder); the host class must be a
     ``unittest.TestCase``. No method name here contains "test": ``ScriptedLoadableModuleTest`` runs every such
     method, and these need arguments. Volumes carry an oblique direction, anisotropic spacing and an origin."""
@@ -207,3 +260,54 @@ class ObfuscationPrivacyTestMixin:
             self.assertEqual(client.job(job_id)["status"], "cancelled")
         finally:
             client.close()
+
+    def in_temporary_folder(self, check, *arguments) -> None:
+        """``check(*arguments, folder)`` with a fresh temporary folder (the in-app test's bodies)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            check(*arguments, folder)
+
+    def check_panel_on_fake_logic(self, scene) -> None:
+        """The panel (application only) on ``FakeObfuscationPrivacyLogic``: parameter node <-> GUI, buttons follow
+        the state and the key folder, and Train/Classify hand the panel's options to the logic."""
+        import tempfile
+
+        from .widget import ObfuscationPrivacyPanel
+
+        url = "http://127.0.0.1:9"  # never contacted: the fake logic answers
+        logic = FakeObfuscationPrivacyLogic(scene)
+        with self.panel_on_fake_logic(ObfuscationPrivacyPanel, logic) as panel, tempfile.TemporaryDirectory() as folder:
+            parameters = panel.parameterNode
+            panel.ui.keyDirectoryPathLineEdit.currentPath = folder
+            self.assertEqual(panel.ui.keyStatusLabel.text, "fake key")
+            self.assertFalse(panel.ui.obfuscateButton.enabled, "Obfuscate without input frames")
+            run = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "run")
+            parameters.inputNode = run
+            self.assertIs(panel.ui.inputSelector.currentNode(), run)
+            self.assertTrue(panel.ui.obfuscateButton.enabled)
+            self.assertFalse(panel.ui.classifyButton.enabled, "Classify without a model")
+
+            panel.ui.obfuscateButton.click()
+            self.assertFalse(panel.ui.obfuscateButton.enabled, "Obfuscate stays enabled while the job runs")
+            self.wait_until_idle(panel)
+            self.assertEqual(logic.calls[-1], ("frames_to_node", 2))
+            self.assertIn("key-id", panel.ui.statusLabel.text)
+
+            panel.ui.serverUrlLineEdit.text = url
+            panel.ui.refreshModelsButton.click()
+            self.wait_until_idle(panel)
+            self.assertTrue(panel.ui.classifyButton.enabled)
+            self.consent_to(panel, url)
+            panel.ui.classifyButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn(("classify_frames", (2, 4, 4), url, "m1"), logic.calls)
+            self.assertEqual(logic.calls[-1], ("results_table", "run classification", ["0", "1"]))
+
+            panel.ui.trainStepsSpinBox.value = 12
+            parameters.trainName = "tiny"
+            self.assertEqual((parameters.trainSteps, panel.ui.trainNameLineEdit.text), (12, "tiny"))
+            panel.ui.datasetPathLineEdit.currentPath = folder
+            panel.ui.trainButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn(("train_from_folder", folder, url, 12, "tiny"), logic.calls)
