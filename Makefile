@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A pinned CPU build: an unpinned torch pulls several GB of CUDA wheels. Override on a GPU box if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test bench bench-watermark bench-obfuscation train eval eval-watermark eval-obfuscation tradeoff-obfuscation audit privacy-curve clean
+.PHONY: env demo test lint-fix bench bench-watermark bench-obfuscation train eval eval-watermark eval-obfuscation tradeoff-obfuscation audit privacy-curve clean
 
 env: $(STAMP)
 
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 demo: env
 	$(BIN)/medprivacy demo --out out/demo
 
+# Applies ruff's safe fixes and the formatter (what make test checks).
+lint-fix: env
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Lint and format check first (seconds), then the tests.
 test: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: env
