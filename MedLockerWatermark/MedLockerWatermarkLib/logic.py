@@ -28,6 +28,7 @@ from vtk.util import numpy_support
 
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
+from medprivacy.watermark.batch import describe_predictions  # noqa: F401  (re-exported for the widget)
 from medprivacy.watermark.boxes import DEFAULT_MODE, MODES  # noqa: F401  (re-exported for the widget)
 from MedPrivacySlicerCommon.mrml_geometry import ijk_to_ras, vtk_matrix
 
@@ -95,27 +96,6 @@ class DatasetResult:
     output_dir: Path
     key_path: Path
     reports: list[str] = field(default_factory=list)
-
-
-def describe_predictions(answer: dict[str, Any]) -> list[str]:
-    """One line per source model, top class before -> after, and a summary line; for the GUI and logs."""
-    params = answer["params"]
-    verdict = "every model fooled" if answer.get("fooled") else "not every model fooled"
-    lines = [f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
-             f"{answer.get('evaluations', '?')} evaluations"]
-    if "target_source" in answer:
-        from medprivacy.watermark.batch import describe_target
-
-        lines.append(f"target: {describe_target(answer)}")
-    for name in answer.get("models", []):
-        lines.append(f"{name}: {_top(answer['before'][name])} -> {_top(answer['after'][name])}")
-    return lines
-
-
-def _top(prediction: dict[str, Any]) -> str:
-    index = prediction["predicted"][0]
-    label = prediction["labels"].get(str(index), f"class {index}")
-    return f"{label} {prediction['probabilities'][0][index]:.2f}"
 
 
 def _node_label(node) -> str:
@@ -525,45 +505,19 @@ class MedLockerWatermarkLogic:
         images finished so far. ``append`` adds to an existing key (opened with the same credentials).
         """
         from medprivacy.watermark import batch
-        from medprivacy.watermark.keyfile import WatermarkKey, load_key
 
         credentials = {"passphrase": passphrase} if passphrase else {"key_file": key_file} if key_file else None
-        if credentials is None:
-            raise InputError("the dataset key needs a passphrase or a key file")
-        if scrypt_log2_n is not None and "passphrase" in credentials:
+        if credentials is not None and scrypt_log2_n is not None and "passphrase" in credentials:
             credentials["scrypt_log2_n"] = scrypt_log2_n
-        key_path, output_dir = Path(key_path), Path(output_dir)
-        if key_path.is_dir():
-            raise InputError(f"the key {key_path} is a folder; give a file name for the key")
-        if not key_path.parent.is_dir():
-            raise InputError(f"the folder of the key {key_path} does not exist; create it first")
-        if key_path.exists() and not append:
-            raise InputError(f"key {key_path} already exists; choose a new key file or add the images to it")
-        settings = settings or batch.SearchSettings()
-        opening = {k: v for k, v in credentials.items() if k != "scrypt_log2_n"}
-        key = load_key(key_path, **opening) if key_path.exists() else WatermarkKey()
         logo = self.load_logo(None) if logo is None else logo
-        images = batch.image_files(input_dir)
-        if output_dir.resolve() == Path(input_dir).resolve():
-            raise InputError("the output folder is the input folder; choose another one so the originals stay untouched")
-        if progress:
-            progress(f"checking {len(images)} image(s)", 0.0)
-        jobs = batch.plan_protection(images, output_dir, key, logo, settings.sl, overwrite, key_label=f"key {key_path}")
-        batch.prepare_folders(output_dir, key_path)  # a read-only or full folder: one line now, not after the searches
-        reports: list[str] = []
         client = self.client(url, token, ca_bundle)
         try:
-            info = batch.check_classifiers(client, settings.models)
-            source = batch.choose_lesion_source(settings.mode, lesions, info, note=reports.append)
-
-            def report(path, target, _image, answer) -> None:
-                reports.append(f"{path.name} -> {target.name}: " + "; ".join(describe_predictions(answer)))
-
-            done = batch.protect_files(jobs, client, key, logo, settings, source, key_path, credentials,
-                                       progress=progress, cancel=cancel, on_image=report, on_partial_save=reports.append)
+            done, reports = batch.protect_folder(input_dir, output_dir, key_path, client, credentials, logo, settings,
+                                                 lesions, append=append, overwrite=overwrite, progress=progress,
+                                                 cancel=cancel)
         finally:
             client.close()
-        return DatasetResult(protected=done, output_dir=output_dir, key_path=key_path, reports=reports)
+        return DatasetResult(protected=done, output_dir=Path(output_dir), key_path=Path(key_path), reports=reports)
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
