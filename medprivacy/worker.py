@@ -27,8 +27,10 @@ Out: one JSON object per line on stdout (anything else the libraries print goes 
 ``server`` (unreachable, refused, wrong token), ``cancelled`` or ``internal`` (a bug: its traceback goes to stderr).
 
 Cancel: SIGTERM (or Ctrl-C). The worker stops at once, removes every output it wrote in this run (temporary files
-are never left: outputs are written then renamed) and reports ``cancelled``. The exception is ``watermark-folder``,
-whose key on disk always restores the images already written (``watermark.batch``), so those are kept.
+are never left: outputs are written then renamed) and reports ``cancelled``. Two tasks differ: ``watermark-folder``
+keeps the images already written, since its key on disk always restores them (``watermark.batch``), and
+``obfuscation-train`` stops at its next check (one per file, then one per poll) so that it cancels the server's
+training job on the way out.
 
 Exit code: 0 the result was reported; 1 the task failed (an error line was reported); 2 it was cancelled.
 """
@@ -38,6 +40,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -53,6 +56,12 @@ PROGRESS_INTERVAL_S = 0.1
 
 class Terminated(BaseException):
     """SIGTERM, raised where the worker is, so that the stack unwinds and temporary files are removed."""
+
+
+#: Set by SIGTERM. A task that must clean up elsewhere first (a training job on the server) sets ``cooperative``;
+#: SIGTERM then only sets the flag, and the core call's ``cancel`` check raises CancelledError at its next check.
+_cancel_requested = threading.Event()
+_cooperative = threading.Event()
 
 
 class Reporter:
@@ -97,6 +106,7 @@ class Task:
         self.server = dict(request.get("server") or {})
         self.options = dict(request.get("options") or {})
         self.progress = reporter.progress
+        self.cancelled = _cancel_requested.is_set
         self.written: list[Path] = []
 
     def path(self, group: str, name: str, required: bool = True) -> Path | None:
@@ -161,7 +171,7 @@ def _mixup_segment(task: Task) -> dict[str, Any]:
     tta = task.options.get("tta")
     result = segment_private(image, client, bank, privacy=task.options.get("privacy"), tta=None if tta is None else int(tta),
                              unmix=task.options.get("unmix", "learned"), seed=task.options.get("seed"),
-                             keep_uploaded=uploaded_path is not None, progress=task.progress)
+                             keep_uploaded=uploaded_path is not None, progress=task.progress, cancel=task.cancelled)
     outputs: dict[str, Any] = {"stats": result.stats}
     if rebuild_path is not None:
         from .mixup.audit.attack import server_rebuild
@@ -189,7 +199,12 @@ def _watermark_folder(task: Task) -> dict[str, Any]:
     if passphrase and task.options.get("scrypt_log2_n") is not None:
         credentials["scrypt_log2_n"] = int(task.options["scrypt_log2_n"])
     logo_path = task.options.get("logo")
-    logo = blending.load_logo(logo_path) if logo_path else blending.default_logo()
+    if logo_path and str(logo_path).endswith(".npy"):  # a logo the app already holds as pixels
+        import numpy as np
+
+        logo = blending.as_rgba(np.load(logo_path, allow_pickle=False))
+    else:
+        logo = blending.load_logo(logo_path) if logo_path else blending.default_logo()
     settings = batch.SearchSettings(**(task.options.get("settings") or {}))
     client = task.client(WatermarkClient)
     try:
@@ -272,8 +287,29 @@ def _obfuscation_classify(task: Task) -> dict[str, Any]:
         answer = client.classify(codes, model, key_id)
     finally:
         client.close()
-    return {"classes": list(answer["classes"]), "probabilities": answer["probabilities"], "predicted": answer["predicted"],
-            "key_id": key_id}
+    return {"model": model, "classes": list(answer["classes"]), "probabilities": answer["probabilities"],
+            "predicted": answer["predicted"], "key_id": key_id}
+
+
+def _obfuscation_train(task: Task) -> dict[str, Any]:
+    from .obfuscation.dataset import train_on_server
+    from .obfuscation.key import SiteKey
+    from .transport.obfuscation_client import ObfuscationClient
+
+    dataset, key_dir = task.options.get("dataset"), task.options.get("key_dir")
+    if not dataset:
+        raise InputError("choose the dataset folder (one subfolder per class)")
+    if not key_dir:
+        raise InputError("choose the obfuscation key folder, or generate a key")
+    key = SiteKey.load(key_dir)
+    client = task.client(ObfuscationClient)
+    _cooperative.set()  # a Cancel must reach the server's job: the core cancels it at its next check
+    try:
+        job = train_on_server(dataset, key, client, int(task.options.get("steps") or 1500), task.options.get("name") or "",
+                              task.progress, task.cancelled)
+    finally:
+        client.close()
+    return {"job": job}
 
 
 TASKS: dict[str, Callable[[Task], dict[str, Any]]] = {
@@ -283,6 +319,7 @@ TASKS: dict[str, Callable[[Task], dict[str, Any]]] = {
     "obfuscation-keygen": _obfuscation_keygen,
     "obfuscation-apply": _obfuscation_apply,
     "obfuscation-classify": _obfuscation_classify,
+    "obfuscation-train": _obfuscation_train,
 }
 #: Tasks whose partial outputs stay on a stop, because they are complete and consistent by design.
 KEEPS_PARTIAL_OUTPUTS = {"watermark-folder"}
@@ -326,8 +363,10 @@ def _remove(paths: list[Path]) -> None:
             pass
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+def _on_sigterm(signum, frame) -> None:
+    _cancel_requested.set()
+    if not _cooperative.is_set():
+        raise Terminated()
 
 
 def run(argv: list[str], stdin=None, stdout=None) -> int:
@@ -362,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return run(sys.argv[1:] if argv is None else argv, stdout=protocol)
 
 

@@ -519,6 +519,53 @@ class MedLockerWatermarkLogic:
             client.close()
         return DatasetResult(protected=done, output_dir=Path(output_dir), key_path=Path(key_path), reports=reports)
 
+    def folder_request(self, input_dir, output_dir, key_path, url: str, *, key_file=None, ca_bundle: str | None = None,
+                       logo_path=None, settings=None, lesions: str = "auto", append: bool = False,
+                       overwrite: bool = False, scrypt_log2_n: int | None = None) -> dict:
+        """The worker request of ``protect_folder`` (the passphrase travels in the environment, never here)."""
+        from dataclasses import asdict
+
+        from medprivacy.watermark.batch import SearchSettings
+
+        options = {"key_file": str(key_file) if key_file else None, "logo": str(logo_path) if logo_path else None,
+                   "settings": asdict(settings or SearchSettings()), "lesions": lesions, "append": bool(append),
+                   "overwrite": bool(overwrite), "scrypt_log2_n": scrypt_log2_n}
+        return {"task": "watermark-folder", "inputs": {"folder": str(input_dir)},
+                "outputs": {"folder": str(output_dir), "key": str(key_path)},
+                "server": {"url": url, "ca_bundle": ca_bundle or None, "timeout": self.client_options.get("read_timeout")},
+                "options": options}
+
+    def protect_folder_in_worker(self, input_dir, output_dir, key_path, url: str, *, passphrase: str | None = None,
+                                 key_file=None, token: str | None = None, ca_bundle: str | None = None, logo=None,
+                                 settings=None, lesions: str = "auto", append: bool = False, overwrite: bool = False,
+                                 scrypt_log2_n: int | None = None, progress: Progress | None = None,
+                                 cancel: Cancel | None = None) -> DatasetResult:
+        """``protect_folder`` in a worker process (same arguments and result; blocks, so a ``BackgroundJob`` can call
+        it). Cancel terminates the worker between two writes; the key still restores every image written."""
+        import shutil
+        import tempfile
+
+        from medprivacy.worker import PASSPHRASE_ENV
+        from MedPrivacySlicerCommon.worker import run_worker
+
+        folder = Path(tempfile.mkdtemp(prefix="medprivacy-watermark-"))
+        try:
+            logo_path = None
+            if logo is not None and not isinstance(logo, (str, os.PathLike)):
+                logo_path = folder / "logo.npy"
+                np.save(logo_path, np.asarray(logo), allow_pickle=False)
+            elif logo is not None:
+                logo_path = logo
+            request = self.folder_request(input_dir, output_dir, key_path, url, key_file=key_file, ca_bundle=ca_bundle,
+                                          logo_path=logo_path, settings=settings, lesions=lesions, append=append,
+                                          overwrite=overwrite, scrypt_log2_n=scrypt_log2_n)
+            env = {PASSPHRASE_ENV: passphrase} if passphrase else None
+            outputs = run_worker(request, progress, cancel, token=token, env=env)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return DatasetResult(protected=int(outputs["protected"]), output_dir=Path(outputs["folder"]),
+                             key_path=Path(outputs["key"]), reports=list(outputs.get("reports") or []))
+
     # -- checks ---------------------------------------------------------------------------------------------------
 
     @staticmethod
