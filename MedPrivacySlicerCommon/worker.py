@@ -184,10 +184,11 @@ class SubprocessWorker:
 
     @property
     def running(self) -> bool:
-        return not self.protocol.done
+        """True until the process has exited and its outcome was dispatched (the result may come a little earlier)."""
+        return self.process is not None and not (self.protocol.done and self.process.poll() is not None)
 
     def poll(self, timeout: float = 0.0) -> bool:
-        """Dispatch what arrived (waiting up to ``timeout`` s for the first); True while the outcome is pending."""
+        """Dispatch what arrived (waiting up to ``timeout`` s for the first); True until the process has ended."""
         try:
             kind, line = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
             while True:
@@ -200,11 +201,11 @@ class SubprocessWorker:
                 kind, line = self._events.get_nowait()
         except queue.Empty:
             pass
-        if not self.protocol.done and self._closed >= {"out", "err"}:
-            self.protocol.finish(self.process.wait())
-        if self.protocol.done:
+        exited = self._closed >= {"out", "err"} and self.process.poll() is not None  # never wait: this runs on a GUI tick
+        if exited:
+            self.protocol.finish(self.process.returncode)  # a worker that died without an answer
             self._cleanup()
-        return not self.protocol.done
+        return not exited
 
     def wait(self, cancel: Callable[[], bool] | None = None, interval: float = 0.05) -> None:
         while self.poll(interval):
@@ -227,8 +228,6 @@ class SubprocessWorker:
     def _cleanup(self) -> None:
         if self._killer is not None:
             self._killer.cancel()
-        if self.process is not None:
-            self.process.wait()
         if self._request_path is not None:
             self._request_path.unlink(missing_ok=True)
             self._request_path = None
