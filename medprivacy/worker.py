@@ -264,7 +264,11 @@ def _save_array(task: Task, name: str, array) -> str:
     from .files import write_atomically
 
     path = task.path("outputs", name)
-    write_atomically(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array), allow_pickle=False), temporary_suffix=".part")
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream:  # a file object: given a name, np.save would append ".npy" to it
+            np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
+
+    write_atomically(path, write, temporary_suffix=".part")
     task.wrote(path)
     return str(path)
 
