@@ -59,7 +59,8 @@ class WorkerProtocol:
 
     def feed_stderr(self, data: bytes) -> None:
         text = bytes(data).decode("utf-8", errors="replace")
-        self.stderr_tail = (self.stderr_tail + [line for line in text.splitlines() if line.strip()])[-STDERR_TAIL_LINES:]
+        lines = [line for line in text.splitlines() if line.strip()]
+        self.stderr_tail = (self.stderr_tail + lines)[-STDERR_TAIL_LINES:]
 
     def finish(self, exit_code: int | None) -> None:
         if self._buffer:
@@ -95,7 +96,8 @@ class WorkerProtocol:
             if self.on_result is not None:
                 self.on_result(dict(message.get("outputs") or {}))
         elif event == "error":
-            self._finish_error(str(message.get("message") or "the worker failed"), str(message.get("kind") or "internal"))
+            self._finish_error(str(message.get("message") or "the worker failed"),
+                               str(message.get("kind") or "internal"))
 
     def _finish_error(self, message: str, kind: str) -> None:
         self.done = True
@@ -201,7 +203,8 @@ class SubprocessWorker:
                 kind, line = self._events.get_nowait()
         except queue.Empty:
             pass
-        exited = self._closed >= {"out", "err"} and self.process.poll() is not None  # never wait: this runs on a GUI tick
+        # Never wait for the process here: poll runs on the GUI's tick.
+        exited = self._closed >= {"out", "err"} and self.process.poll() is not None
         if exited:
             self.protocol.finish(self.process.returncode)  # a worker that died without an answer
             self._cleanup()

@@ -128,7 +128,8 @@ def test_obfuscation_in_worker_equals_in_process(scene, tiny_obfuscation_models_
     assert description == logic.describe_key(tmp_path / "key")
     frames = ObfuscationPrivacyTestMixin.angiography_run(3)
     stages = []
-    codes, key_id = logic.obfuscate_frames_in_worker(frames, tmp_path / "key", lambda text, fraction: stages.append(fraction))
+    codes, key_id = logic.obfuscate_frames_in_worker(frames, tmp_path / "key",
+                                                     lambda text, fraction: stages.append(fraction))
     expected, expected_id = logic.obfuscate_frames(frames, tmp_path / "key")
     np.testing.assert_array_equal(codes, expected)
     assert key_id == expected_id and stages

@@ -76,7 +76,8 @@ def brain_file(tmp_path_factory) -> Path:
 def segment_request(server, key_dir, brain_file, out: Path, tta: int = 2, **extra) -> dict:
     return {"task": "mixup-segment", "inputs": {"image": str(brain_file)},
             "outputs": {"labelmap": str(out / "labelmap.nrrd"), **extra},
-            "server": {"url": server.url}, "options": {"key_dir": str(key_dir), "tta": tta, "unmix": "naive", "seed": 0}}
+            "server": {"url": server.url},
+            "options": {"key_dir": str(key_dir), "tta": tta, "unmix": "naive", "seed": 0}}
 
 
 def test_progress_arrives_before_a_valid_result(live_server, key_dir, brain_file, tmp_path):
@@ -98,7 +99,8 @@ def test_progress_arrives_before_a_valid_result(live_server, key_dir, brain_file
     assert outputs["labelmap"] == str(tmp_path / "labelmap.nrrd") and outputs["stats"]["patches_sent"] > 0
     labels, brain = sitk.ReadImage(outputs["labelmap"]), sitk.ReadImage(str(brain_file))
     assert labels.GetSize() == brain.GetSize()
-    assert np.allclose(labels.GetOrigin(), brain.GetOrigin()) and np.allclose(labels.GetDirection(), brain.GetDirection())
+    assert np.allclose(labels.GetOrigin(), brain.GetOrigin())
+    assert np.allclose(labels.GetDirection(), brain.GetDirection())
     values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
     assert values <= {0} | set(TISSUE_SEGMENTS) and len(values) > 1
     uploaded = sitk.ReadImage(outputs["uploaded"])
@@ -215,7 +217,8 @@ def test_protocol_parser_handles_split_lines_noise_and_a_silent_death():
     protocol.feed_stderr(b"Fatal Python error: Segmentation fault\n")
     protocol.finish(-11)
     kind, _, (message, error_kind) = recorder.outcome()
-    assert (kind, error_kind) == ("error", "internal") and "exit code -11" in message and "Segmentation fault" in message
+    assert (kind, error_kind) == ("error", "internal")
+    assert "exit code -11" in message and "Segmentation fault" in message
 
 
 def _gil_holding_loop(poll, running, limit_s: float, tick_s: float = 0.010) -> tuple[int, float, float]:

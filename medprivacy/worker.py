@@ -82,7 +82,8 @@ class Reporter:
         if message == self._last_message and not final and now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress, self._last_message = now, message
-        self.emit("progress", fraction=None if fraction is None else max(0.0, min(1.0, float(fraction))), message=str(message))
+        clamped = None if fraction is None else max(0.0, min(1.0, float(fraction)))
+        self.emit("progress", fraction=clamped, message=str(message))
 
 
 def _jsonable(value):
@@ -132,7 +133,8 @@ class Task:
         url = (self.server.get("url") or "").strip()
         if not url:
             raise InputError("the request names no server URL; enter the server URL")
-        options = {"token_file": self.server.get("token_file") or None, "ca_bundle": self.server.get("ca_bundle") or None}
+        options = {"token_file": self.server.get("token_file") or None,
+                   "ca_bundle": self.server.get("ca_bundle") or None}
         if self.server.get("timeout"):
             options["read_timeout"] = float(self.server["timeout"])
         return client_class(url, **options)
@@ -169,7 +171,8 @@ def _mixup_segment(task: Task) -> dict[str, Any]:
     bank = ReferenceBank.load(task.options.get("key_dir") or None)
     client = task.client()
     tta = task.options.get("tta")
-    result = segment_private(image, client, bank, privacy=task.options.get("privacy"), tta=None if tta is None else int(tta),
+    result = segment_private(image, client, bank, privacy=task.options.get("privacy"),
+                             tta=None if tta is None else int(tta),
                              unmix=task.options.get("unmix", "learned"), seed=task.options.get("seed"),
                              keep_uploaded=uploaded_path is not None, progress=task.progress, cancel=task.cancelled)
     outputs: dict[str, Any] = {"stats": result.stats}
@@ -214,7 +217,8 @@ def _watermark_folder(task: Task) -> dict[str, Any]:
             overwrite=bool(task.options.get("overwrite")), progress=task.progress)
     finally:
         client.close()
-    return {"protected": done, "folder": str(task.outputs["folder"]), "key": str(task.outputs["key"]), "reports": reports}
+    return {"protected": done, "folder": str(task.outputs["folder"]), "key": str(task.outputs["key"]),
+            "reports": reports}
 
 
 def _obfuscation_keygen(task: Task) -> dict[str, Any]:
@@ -238,7 +242,8 @@ def _load_frames(task: Task):
     try:
         frames = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise InputError(f"input frames {path} are not a readable .npy array ({str(exc).splitlines()[0]}); export them again") from None
+        raise InputError(f"input frames {path} are not a readable .npy array ({str(exc).splitlines()[0]}); "
+                         "export them again") from None
     if frames.ndim != 3:
         raise InputError(f"input frames {path} hold a {frames.ndim}-D array; expected (frames, height, width)")
     return frames
@@ -309,8 +314,8 @@ def _obfuscation_train(task: Task) -> dict[str, Any]:
     client = task.client(ObfuscationClient)
     _cooperative.set()  # a Cancel must reach the server's job: the core cancels it at its next check
     try:
-        job = train_on_server(dataset, key, client, int(task.options.get("steps") or 1500), task.options.get("name") or "",
-                              task.progress, task.cancelled)
+        job = train_on_server(dataset, key, client, int(task.options.get("steps") or 1500),
+                              task.options.get("name") or "", task.progress, task.cancelled)
     finally:
         client.close()
     return {"job": job}
@@ -390,7 +395,8 @@ def run(argv: list[str], stdin=None, stdout=None) -> int:
             _remove(task.written)
         if kind == "internal":
             traceback.print_exc(file=sys.stderr)
-            message = f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); see the log"
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            message = f"internal error ({type(exc).__name__}: {detail}); see the log"
         elif kind == "cancelled":
             message = str(exc).splitlines()[0] if isinstance(exc, CancelledError) and str(exc) else "cancelled"
         else:

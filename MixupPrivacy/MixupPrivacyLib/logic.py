@@ -315,8 +315,8 @@ class MixupPrivacyLogic:
             outputs["uploaded"] = str(folder / "uploaded.nrrd")
         if rebuild:
             outputs["rebuild"] = str(folder / "rebuild.nrrd")
-        options = {"key_dir": str(key_dir) if key_dir else None, "tta": None if tta is None else int(tta), "unmix": unmix,
-                   "seed": seed, "privacy": privacy}
+        options = {"key_dir": str(key_dir) if key_dir else None, "tta": None if tta is None else int(tta),
+                   "unmix": unmix, "seed": seed, "privacy": privacy}
         return {"task": "mixup-segment", "inputs": {"image": str(input_path)}, "outputs": outputs,
                 "server": {"url": url, "ca_bundle": ca_bundle or None}, "options": options}
 
