@@ -284,18 +284,22 @@ class QProcessWorker:
             self.process.kill()
 
     def _on_stdout(self) -> None:
-        self.protocol.feed(self.process.readAllStandardOutput().data())
+        self.protocol.feed(_as_bytes(self.process.readAllStandardOutput()))
 
     def _on_stderr(self) -> None:
-        data = self.process.readAllStandardError().data()
-        self.protocol.feed_stderr(data)
         import logging
 
-        logging.info("MedPrivacy worker: %s", bytes(data).decode("utf-8", errors="replace").rstrip())
+        data = _as_bytes(self.process.readAllStandardError())
+        self.protocol.feed_stderr(data)
+        logging.info("MedPrivacy worker: %s", data.decode("utf-8", errors="replace").rstrip())
 
     def _on_finished(self, exit_code, _status=None) -> None:
+        import qt
+
         self._on_stdout()
-        self.protocol.finish(int(exit_code))
+        # The exit code means nothing after a crash (a kill, a segfault): Qt's docs, QProcess::exitCode.
+        crashed = self.process.exitStatus() == qt.QProcess.CrashExit
+        self.protocol.finish(None if crashed else int(exit_code))
         self._cleanup()
 
     def _on_process_error(self, error) -> None:
@@ -312,9 +316,18 @@ class QProcessWorker:
             self._request_path = None
 
 
+def _as_bytes(data) -> bytes:
+    """A QByteArray (PythonQt) or bytes as bytes."""
+    raw = data.data() if hasattr(data, "data") else data
+    return raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
+
+
 def start_worker(request: dict[str, Any], on_progress: Progress | None = None, on_result: OnResult | None = None,
                  on_error: OnError | None = None, token: str | None = None, env: dict[str, str] | None = None):
-    """Start one worker: through ``QProcess`` in the application, ``subprocess`` elsewhere (then call ``poll``)."""
+    """Start one worker: through ``QProcess`` in the application, ``subprocess`` elsewhere (then call ``poll``).
+
+    Keep the returned object until its outcome arrives: a collected ``QProcess`` takes its process down with it.
+    """
     worker_class = QProcessWorker if in_slicer_app() else SubprocessWorker
     return worker_class(request, on_progress, on_result, on_error, env=worker_environment(token, env)).start()
 

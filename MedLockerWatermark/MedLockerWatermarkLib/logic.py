@@ -10,7 +10,8 @@ The alternative, a copy of the whole 3D volume with one slice replaced, would ha
 unprotected, and the key fingerprints one 2D image anyway. ``unlock`` likewise gives a new single-slice volume.
 
 Threads: the ``compute_*`` and ``protect_folder`` methods touch no MRML and no state of this object except through
-their arguments, so the widget runs them in a ``BackgroundJob``; everything else belongs on the main thread.
+their arguments, so the widget runs them in a ``BackgroundJob``; ``protect_folder_in_worker`` (same arguments and
+result) runs the folder in a worker process (``medprivacy.worker``). Everything else belongs on the main thread.
 Heavy modules (requests, scipy, cryptography, SimpleITK) are imported inside functions, so that Slicer lists the
 module before its dependencies are installed.
 """

@@ -52,7 +52,9 @@ class MixupPrivacyLogic:
 
     Everything here takes its scene from the constructor (never ``slicer.mrmlScene``), so it runs the same in the
     application and on slicer-core. ``compute`` touches no MRML and no shared state and may run in a worker thread;
-    all other methods create or read MRML nodes and belong on the main thread.
+    ``compute_in_worker`` and ``generate_key_in_worker`` do the same work in a worker process (``medprivacy.worker``,
+    which keeps Slicer responsive) and ``start_segmentation`` runs ``run``'s whole path that way without blocking.
+    All other methods create or read MRML nodes and belong on the main thread.
     """
 
     def __init__(self, scene=None) -> None:
@@ -354,8 +356,8 @@ class MixupPrivacyLogic:
                            show_rebuild: bool = False, on_progress=None, on_done=None, on_error=None):
         """Start ``run`` in a worker process and return at once (main thread): the input node is exported to a
         temporary file, and when the worker answers its result goes into the scene like ``run``'s, then
-        ``on_done(segmentation_node)``; failures reach ``on_error(message, kind)``. Returns the worker (``cancel()``;
-        outside the application call its ``poll()`` to receive the callbacks)."""
+        ``on_done(segmentation_node)``; failures reach ``on_error(message, kind)``. Returns the worker: keep it until
+        then (``cancel()`` stops it; outside the application call its ``poll()`` to receive the callbacks)."""
         from medprivacy.mixup.io import write_image
         from MedPrivacySlicerCommon.worker import start_worker
 

@@ -8,8 +8,9 @@ moves inside the same corner, directions and parent transform are kept. It holds
 computer.
 
 Threads: ``generate_key``, ``obfuscate_frames``, ``classify_codes`` and ``train_from_folder`` touch no MRML and no
-state of this object, so the widget runs them in a ``BackgroundJob`` (and a later version in a worker process);
-everything else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
+state of this object, so the widget runs them in a ``BackgroundJob``; their ``*_in_worker`` twins (same arguments
+and results) run the work in a worker process (``medprivacy.worker``), which keeps Slicer responsive. Everything
+else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
 """
 from __future__ import annotations
 
