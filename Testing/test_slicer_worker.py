@@ -136,3 +136,39 @@ def test_obfuscation_in_worker_equals_in_process(scene, tiny_obfuscation_models_
     with pytest.raises(MixupPrivacy.InputError) as raised:
         logic.obfuscate_frames_in_worker(frames, tmp_path / "no-key-here")
     assert "\n" not in str(raised.value)
+
+
+def test_obfuscation_training_and_classification_in_worker(scene, tiny_obfuscation_models_dir, tmp_path):
+    from ObfuscationPrivacyLib.testing import ObfuscationPrivacyTestMixin
+
+    mixin = ObfuscationPrivacyTestMixin()
+    logic = ObfuscationPrivacy.ObfuscationPrivacyLogic(scene, tiny_obfuscation_models_dir)
+    key_dir = mixin.key_folder(tmp_path, tiny_obfuscation_models_dir)
+    dataset = mixin.write_dataset(tmp_path)
+    with start_server([], models_dir=tiny_obfuscation_models_dir) as server:
+        stages = []
+        job = logic.train_from_folder_in_worker(dataset, key_dir, server.url, steps=8,
+                                                progress=lambda text, fraction: stages.append(fraction))
+        assert job["status"] == "done" and job["model"].startswith("obf-") and stages and max(stages) <= 1.0
+        frames = mixin.angiography_run(3)
+        there = logic.classify_frames_in_worker(frames, key_dir, server.url, job["model"])
+        here = logic.classify_frames(frames, key_dir, server.url, job["model"])
+        assert there["classes"] == here["classes"] == ["LCA", "RCA"]
+        np.testing.assert_allclose(there["probabilities"], here["probabilities"], atol=1e-6)
+
+        # Cancel (SIGTERM) while the server trains: the worker cancels the job there before it exits.
+        polls = []
+        with pytest.raises(MixupPrivacy.CancelledError):
+            logic.train_from_folder_in_worker(
+                dataset, key_dir, server.url, steps=20000,
+                progress=lambda text, fraction: polls.append(text.startswith("training on the server")),
+                cancel=lambda: sum(polls) >= 2)
+        client = logic.client(server.url)
+        try:
+            job_id = client.jobs()[-1]["job"]
+            deadline = time.monotonic() + 60
+            while client.job(job_id)["status"] not in ("cancelled", "done", "failed") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.job(job_id)["status"] == "cancelled"
+        finally:
+            client.close()
