@@ -23,7 +23,8 @@ Out: one JSON object per line on stdout (anything else the libraries print goes 
     {"event": "result", "outputs": {"labelmap": "/tmp/out.nrrd", "stats": {...}}}                  # last, on success
     {"event": "error", "message": "one line naming the problem and the fix", "kind": "input"}      # last, on failure
 
-``fraction`` is null when the stage cannot tell how far along it is. ``kind`` is ``input`` (bad input or option),
+``fraction`` is null when the stage cannot tell how far along it is; progress comes at most ten times a second
+(and always at fraction 1). ``kind`` is ``input`` (bad input or option),
 ``server`` (unreachable, refused, wrong token), ``cancelled`` or ``internal`` (a bug: its traceback goes to stderr).
 
 Cancel: SIGTERM (or Ctrl-C). The worker stops at once, removes every output it wrote in this run (temporary files
@@ -73,13 +74,22 @@ class Reporter:
         self._last_message = None
 
     def emit(self, event: str, **fields: Any) -> None:
-        self._stream.write(json.dumps({"event": event, **fields}, default=_jsonable) + "\n")
-        self._stream.flush()
+        line = json.dumps({"event": event, **fields}, default=_jsonable) + "\n"
+        # A SIGTERM in the middle of a write would leave half a line for the app to parse: hold it until the end.
+        blocking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            self._stream.write(line)
+            self._stream.flush()
+        finally:
+            if blocking:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
     def progress(self, message: str, fraction: float | None = None) -> None:
         now = time.monotonic()
         final = fraction is not None and fraction >= 1.0
-        if message == self._last_message and not final and now - self._last_progress < PROGRESS_INTERVAL_S:
+        if self._last_message is not None and not final and now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress, self._last_message = now, message
         clamped = None if fraction is None else max(0.0, min(1.0, float(fraction)))
