@@ -53,6 +53,7 @@ LAYER_OF = {
     "medprivacy.watermark.demo": "applications",
     "medprivacy.obfuscation.cli": "applications",
     "medprivacy.obfuscation.demo": "applications",
+    "medprivacy.worker": "applications",
 }
 
 #: Layer -> the layers it may import (its own included).

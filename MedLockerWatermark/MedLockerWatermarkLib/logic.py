@@ -10,7 +10,8 @@ The alternative, a copy of the whole 3D volume with one slice replaced, would ha
 unprotected, and the key fingerprints one 2D image anyway. ``unlock`` likewise gives a new single-slice volume.
 
 Threads: the ``compute_*`` and ``protect_folder`` methods touch no MRML and no state of this object except through
-their arguments, so the widget runs them in a ``BackgroundJob``; everything else belongs on the main thread.
+their arguments, so the widget runs them in a ``BackgroundJob``; ``protect_folder_in_worker`` (same arguments and
+result) runs the folder in a worker process (``medprivacy.worker``). Everything else belongs on the main thread.
 Heavy modules (requests, scipy, cryptography, SimpleITK) are imported inside functions, so that Slicer lists the
 module before its dependencies are installed.
 """
@@ -28,6 +29,7 @@ from vtk.util import numpy_support
 
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
+from medprivacy.watermark.batch import describe_predictions  # noqa: F401  (re-exported for the widget)
 from medprivacy.watermark.boxes import DEFAULT_MODE, MODES  # noqa: F401  (re-exported for the widget)
 from MedPrivacySlicerCommon.mrml_geometry import ijk_to_ras, vtk_matrix
 
@@ -95,27 +97,6 @@ class DatasetResult:
     output_dir: Path
     key_path: Path
     reports: list[str] = field(default_factory=list)
-
-
-def describe_predictions(answer: dict[str, Any]) -> list[str]:
-    """One line per source model, top class before -> after, and a summary line; for the GUI and logs."""
-    params = answer["params"]
-    verdict = "every model fooled" if answer.get("fooled") else "not every model fooled"
-    lines = [f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
-             f"{answer.get('evaluations', '?')} evaluations"]
-    if "target_source" in answer:
-        from medprivacy.watermark.batch import describe_target
-
-        lines.append(f"target: {describe_target(answer)}")
-    for name in answer.get("models", []):
-        lines.append(f"{name}: {_top(answer['before'][name])} -> {_top(answer['after'][name])}")
-    return lines
-
-
-def _top(prediction: dict[str, Any]) -> str:
-    index = prediction["predicted"][0]
-    label = prediction["labels"].get(str(index), f"class {index}")
-    return f"{label} {prediction['probabilities'][0][index]:.2f}"
 
 
 def _node_label(node) -> str:
@@ -525,45 +506,66 @@ class MedLockerWatermarkLogic:
         images finished so far. ``append`` adds to an existing key (opened with the same credentials).
         """
         from medprivacy.watermark import batch
-        from medprivacy.watermark.keyfile import WatermarkKey, load_key
 
         credentials = {"passphrase": passphrase} if passphrase else {"key_file": key_file} if key_file else None
-        if credentials is None:
-            raise InputError("the dataset key needs a passphrase or a key file")
-        if scrypt_log2_n is not None and "passphrase" in credentials:
+        if credentials is not None and scrypt_log2_n is not None and "passphrase" in credentials:
             credentials["scrypt_log2_n"] = scrypt_log2_n
-        key_path, output_dir = Path(key_path), Path(output_dir)
-        if key_path.is_dir():
-            raise InputError(f"the key {key_path} is a folder; give a file name for the key")
-        if not key_path.parent.is_dir():
-            raise InputError(f"the folder of the key {key_path} does not exist; create it first")
-        if key_path.exists() and not append:
-            raise InputError(f"key {key_path} already exists; choose a new key file or add the images to it")
-        settings = settings or batch.SearchSettings()
-        opening = {k: v for k, v in credentials.items() if k != "scrypt_log2_n"}
-        key = load_key(key_path, **opening) if key_path.exists() else WatermarkKey()
         logo = self.load_logo(None) if logo is None else logo
-        images = batch.image_files(input_dir)
-        if output_dir.resolve() == Path(input_dir).resolve():
-            raise InputError("the output folder is the input folder; choose another one so the originals stay untouched")
-        if progress:
-            progress(f"checking {len(images)} image(s)", 0.0)
-        jobs = batch.plan_protection(images, output_dir, key, logo, settings.sl, overwrite, key_label=f"key {key_path}")
-        batch.prepare_folders(output_dir, key_path)  # a read-only or full folder: one line now, not after the searches
-        reports: list[str] = []
         client = self.client(url, token, ca_bundle)
         try:
-            info = batch.check_classifiers(client, settings.models)
-            source = batch.choose_lesion_source(settings.mode, lesions, info, note=reports.append)
-
-            def report(path, target, _image, answer) -> None:
-                reports.append(f"{path.name} -> {target.name}: " + "; ".join(describe_predictions(answer)))
-
-            done = batch.protect_files(jobs, client, key, logo, settings, source, key_path, credentials,
-                                       progress=progress, cancel=cancel, on_image=report, on_partial_save=reports.append)
+            done, reports = batch.protect_folder(input_dir, output_dir, key_path, client, credentials, logo, settings,
+                                                 lesions, append=append, overwrite=overwrite, progress=progress,
+                                                 cancel=cancel)
         finally:
             client.close()
-        return DatasetResult(protected=done, output_dir=output_dir, key_path=key_path, reports=reports)
+        return DatasetResult(protected=done, output_dir=Path(output_dir), key_path=Path(key_path), reports=reports)
+
+    def folder_request(self, input_dir, output_dir, key_path, url: str, *, key_file=None, ca_bundle: str | None = None,
+                       logo_path=None, settings=None, lesions: str = "auto", append: bool = False,
+                       overwrite: bool = False, scrypt_log2_n: int | None = None) -> dict:
+        """The worker request of ``protect_folder`` (the passphrase travels in the environment, never here)."""
+        from dataclasses import asdict
+
+        from medprivacy.watermark.batch import SearchSettings
+
+        options = {"key_file": str(key_file) if key_file else None, "logo": str(logo_path) if logo_path else None,
+                   "settings": asdict(settings or SearchSettings()), "lesions": lesions, "append": bool(append),
+                   "overwrite": bool(overwrite), "scrypt_log2_n": scrypt_log2_n}
+        return {"task": "watermark-folder", "inputs": {"folder": str(input_dir)},
+                "outputs": {"folder": str(output_dir), "key": str(key_path)},
+                "server": {"url": url, "ca_bundle": ca_bundle or None, "timeout": self.client_options.get("read_timeout")},
+                "options": options}
+
+    def protect_folder_in_worker(self, input_dir, output_dir, key_path, url: str, *, passphrase: str | None = None,
+                                 key_file=None, token: str | None = None, ca_bundle: str | None = None, logo=None,
+                                 settings=None, lesions: str = "auto", append: bool = False, overwrite: bool = False,
+                                 scrypt_log2_n: int | None = None, progress: Progress | None = None,
+                                 cancel: Cancel | None = None) -> DatasetResult:
+        """``protect_folder`` in a worker process (same arguments and result; blocks, so a ``BackgroundJob`` can call
+        it). Cancel terminates the worker between two writes; the key still restores every image written."""
+        import shutil
+        import tempfile
+
+        from medprivacy.worker import PASSPHRASE_ENV
+        from MedPrivacySlicerCommon.worker import run_worker
+
+        folder = Path(tempfile.mkdtemp(prefix="medprivacy-watermark-"))
+        try:
+            logo_path = None
+            if logo is not None and not isinstance(logo, (str, os.PathLike)):
+                logo_path = folder / "logo.npy"
+                np.save(logo_path, np.asarray(logo), allow_pickle=False)
+            elif logo is not None:
+                logo_path = logo
+            request = self.folder_request(input_dir, output_dir, key_path, url, key_file=key_file, ca_bundle=ca_bundle,
+                                          logo_path=logo_path, settings=settings, lesions=lesions, append=append,
+                                          overwrite=overwrite, scrypt_log2_n=scrypt_log2_n)
+            env = {PASSPHRASE_ENV: passphrase} if passphrase else None
+            outputs = run_worker(request, progress, cancel, token=token, env=env)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return DatasetResult(protected=int(outputs["protected"]), output_dir=Path(outputs["folder"]),
+                             key_path=Path(outputs["key"]), reports=list(outputs.get("reports") or []))
 
     # -- checks ---------------------------------------------------------------------------------------------------
 

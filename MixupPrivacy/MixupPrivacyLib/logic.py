@@ -5,7 +5,12 @@ is converted.
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import slicer
@@ -27,6 +32,17 @@ PRIVACY_LEVELS = ("standard", "strong", "paper")  # the combo box order; the fir
 _SEGMENT_IDS = {label: "MixupPrivacy_" + name.replace(" ", "_") for label, (name, _color) in TISSUE_SEGMENTS.items()}
 
 
+@dataclass
+class WorkerSegmentation:
+    """What a worker process's private segmentation brings back: what ``apply_result`` needs, read from its files
+    (the run's secrets, ``session``, stay in the worker)."""
+
+    labelmap: Any
+    uploaded: Any = None
+    server_rebuild: Any = None
+    stats: dict = field(default_factory=dict)
+
+
 def _node_label(node) -> str:
     return repr(node.GetName()) if node is not None and node.GetName() else "the selected volume"
 
@@ -36,7 +52,9 @@ class MixupPrivacyLogic:
 
     Everything here takes its scene from the constructor (never ``slicer.mrmlScene``), so it runs the same in the
     application and on slicer-core. ``compute`` touches no MRML and no shared state and may run in a worker thread;
-    all other methods create or read MRML nodes and belong on the main thread.
+    ``compute_in_worker`` and ``generate_key_in_worker`` do the same work in a worker process (``medprivacy.worker``,
+    which keeps Slicer responsive) and ``start_segmentation`` runs ``run``'s whole path that way without blocking.
+    All other methods create or read MRML nodes and belong on the main thread.
     """
 
     def __init__(self, scene=None) -> None:
@@ -284,6 +302,115 @@ class MixupPrivacyLogic:
             keep_uploaded=show_uploaded, progress=progress, cancel=cancel, seed=seed, privacy=privacy, rebuild=show_rebuild,
         )
         return self.apply_result(result, input_node, output_segmentation_node, show_uploaded=show_uploaded)
+
+    # -- the same work in a worker process (medprivacy.worker): the GUI stays responsive -------------------------
+
+    def segmentation_request(self, input_path, folder, url: str, ca_bundle: str | None = None, key_dir=None,
+                             tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
+                             seed: int | None = None, privacy: str | None = None, rebuild: bool = False) -> dict:
+        """The worker request of a private segmentation of the file ``input_path``, its outputs in ``folder``."""
+        if unmix not in UNMIX_MODES:
+            raise InputError(f"unmixing mode must be one of {', '.join(UNMIX_MODES)}, not {unmix!r}")
+        folder = Path(folder)
+        outputs = {"labelmap": str(folder / "labelmap.nrrd")}
+        if keep_uploaded:
+            outputs["uploaded"] = str(folder / "uploaded.nrrd")
+        if rebuild:
+            outputs["rebuild"] = str(folder / "rebuild.nrrd")
+        options = {"key_dir": str(key_dir) if key_dir else None, "tta": None if tta is None else int(tta),
+                   "unmix": unmix, "seed": seed, "privacy": privacy}
+        return {"task": "mixup-segment", "inputs": {"image": str(input_path)}, "outputs": outputs,
+                "server": {"url": url, "ca_bundle": ca_bundle or None}, "options": options}
+
+    @staticmethod
+    def read_worker_segmentation(outputs: dict) -> WorkerSegmentation:
+        import SimpleITK as sitk
+
+        def read(name):
+            return sitk.ReadImage(outputs[name]) if outputs.get(name) else None
+
+        return WorkerSegmentation(read("labelmap"), read("uploaded"), read("rebuild"), dict(outputs.get("stats") or {}))
+
+    def compute_in_worker(self, input_sitk, url: str, token: str | None = None, ca_bundle: str | None = None,
+                          key_dir=None, tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
+                          progress: Callable[[str, float | None], None] | None = None,
+                          cancel: Callable[[], bool] | None = None, seed: int | None = None, privacy: str | None = None,
+                          rebuild: bool = False) -> WorkerSegmentation:
+        """``compute`` in a worker process (same arguments, a result ``apply_result`` takes); blocks, touches no
+        MRML, so a ``BackgroundJob`` can call it. Cancel terminates the worker."""
+        from medprivacy.mixup.io import write_image
+        from MedPrivacySlicerCommon.worker import run_worker
+
+        folder = Path(tempfile.mkdtemp(prefix="medprivacy-mixup-"))
+        try:
+            write_image(input_sitk, folder / "input.nrrd")
+            request = self.segmentation_request(folder / "input.nrrd", folder, url, ca_bundle, key_dir, tta, unmix,
+                                                keep_uploaded, seed, privacy, rebuild)
+            return self.read_worker_segmentation(run_worker(request, progress, cancel, token=token))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def start_segmentation(self, input_node, url: str, token: str | None = None, ca_bundle: str | None = None,
+                           key_dir=None, tta: int | None = None, unmix: str = "learned", output_segmentation_node=None,
+                           show_uploaded: bool = False, seed: int | None = None, privacy: str | None = None,
+                           show_rebuild: bool = False, on_progress=None, on_done=None, on_error=None):
+        """Start ``run`` in a worker process and return at once (main thread): the input node is exported to a
+        temporary file, and when the worker answers its result goes into the scene like ``run``'s, then
+        ``on_done(segmentation_node)``; failures reach ``on_error(message, kind)``. Returns the worker: keep it until
+        then (``cancel()`` stops it; outside the application call its ``poll()`` to receive the callbacks)."""
+        from medprivacy.mixup.io import write_image
+        from MedPrivacySlicerCommon.worker import start_worker
+
+        image = self.volume_node_to_sitk(input_node)  # validates the input before anything starts
+        input_id = input_node.GetID()
+        output_id = output_segmentation_node.GetID() if output_segmentation_node is not None else None
+        folder = Path(tempfile.mkdtemp(prefix="medprivacy-mixup-"))
+
+        def finished(outputs):
+            try:
+                node = self.scene.GetNodeByID(input_id)
+                if node is None:
+                    raise InputError("the input volume was removed from the scene before the result arrived")
+                output = self.scene.GetNodeByID(output_id) if output_id else None
+                segmentation = self.apply_result(self.read_worker_segmentation(outputs), node, output, show_uploaded)
+            except Exception as exc:  # a Qt callback: every outcome must reach on_error, or the GUI waits forever
+                if not isinstance(exc, MedPrivacyError):
+                    logging.exception("loading the worker's segmentation failed")
+                failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                       "input" if isinstance(exc, MedPrivacyError) else "internal")
+                return
+            shutil.rmtree(folder, ignore_errors=True)
+            if on_done is not None:
+                on_done(segmentation)
+
+        def failed(message, kind):
+            shutil.rmtree(folder, ignore_errors=True)
+            if on_error is not None:
+                on_error(message, kind)
+
+        try:
+            write_image(image, folder / "input.nrrd")
+            request = self.segmentation_request(folder / "input.nrrd", folder, url, ca_bundle, key_dir, tta, unmix,
+                                                show_uploaded, seed, privacy, show_rebuild)
+            return start_worker(request, on_progress, finished, failed, token=token)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def generate_key_in_worker(self, key_dir, progress: Callable[[str, float | None], None] | None = None,
+                               force: bool = False, cancel: Callable[[], bool] | None = None, **options):
+        """``generate_key`` in a worker process (blocks; a ``BackgroundJob`` can call it); returns the key."""
+        from medprivacy.mixup.bank import ReferenceBank
+        from MedPrivacySlicerCommon.worker import run_worker
+
+        outputs = run_worker(self.key_request(key_dir, force, **options), progress, cancel)
+        return ReferenceBank.load(outputs["key_dir"])
+
+    @staticmethod
+    def key_request(key_dir, force: bool = False, **options) -> dict:
+        """The worker request of ``generate_key`` (``options``: subjects, patches, patch_size)."""
+        return {"task": "mixup-keygen", "options": {"key_dir": str(key_dir) if key_dir else None, "force": bool(force),
+                                                     **{k: v for k, v in options.items() if v is not None}}}
 
     # -- checks --------------------------------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ moves inside the same corner, directions and parent transform are kept. It holds
 computer.
 
 Threads: ``generate_key``, ``obfuscate_frames``, ``classify_codes`` and ``train_from_folder`` touch no MRML and no
-state of this object, so the widget runs them in a ``BackgroundJob`` (and a later version in a worker process);
-everything else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
+state of this object, so the widget runs them in a ``BackgroundJob``; their ``*_in_worker`` twins (same arguments
+and results) run the work in a worker process (``medprivacy.worker``), which keeps Slicer responsive. Everything
+else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
 """
 from __future__ import annotations
 
@@ -254,40 +255,76 @@ class ObfuscationPrivacyLogic:
                           cancel: Cancel | None = None) -> dict:
         """Obfuscate a labelled dataset (folder per class, or CSV) and train on the server; cancel cancels the job
         there too. Returns the finished job (its ``model`` is the new model id)."""
-        from medprivacy.obfuscation.dataset import dataset_files, obfuscate_dataset
+        from medprivacy.obfuscation.dataset import dataset_files, train_on_server
         from medprivacy.obfuscation.key import SiteKey
-        from medprivacy.obfuscation.transform import Obfuscator
 
         if not dataset:
             raise InputError("choose the dataset folder (one subfolder per class)")
-        files = dataset_files(dataset)
+        dataset_files(dataset)  # a bad dataset is named before the key or the server
         if not key_dir:
             raise InputError("choose the obfuscation key folder, or generate a key")
         key = SiteKey.load(key_dir)
         client = self.client(url, token, ca_bundle)
         try:
-            client.info()
-
-            def stage(text, fraction):
-                if progress is not None:
-                    progress(text, 0.3 * (fraction or 0.0))
-
-            codes, labels = obfuscate_dataset(files, Obfuscator(key), progress=stage, cancel=cancel)
-            if progress is not None:
-                progress(f"uploading {len(codes)} obfuscated frames", 0.3)
-            job = client.submit_training(codes, labels, files.classes, key.key_id, name=name, steps=int(steps))
-
-            def follow(state):
-                if progress is not None:
-                    done = state.get("progress") or {}
-                    fraction = float(done.get("fraction") or 0.0)
-                    accuracy = done.get("validation_accuracy")
-                    text = f"training on the server: step {done.get('step', 0)}/{done.get('steps', steps)}"
-                    progress(text + (f", validation accuracy {accuracy:.3f}" if accuracy is not None else ""), 0.3 + 0.7 * fraction)
-
-            return client.wait(job["job"], progress=follow, cancel=cancel, poll=0.5)
+            return train_on_server(dataset, key, client, steps, name, progress, cancel)
         finally:
             client.close()
+
+    # -- the same work in a worker process (medprivacy.worker): the GUI stays responsive -------------------------
+    # Same arguments and results as the methods above; each blocks until the worker answers (a ``BackgroundJob``
+    # calls it), and ``cancel`` terminates the worker.
+
+    def _run_in_worker(self, task: str, options: dict, progress=None, cancel=None, frames=None, url=None, token=None,
+                       ca_bundle=None) -> dict:
+        import shutil
+        import tempfile
+
+        from MedPrivacySlicerCommon.worker import run_worker
+
+        folder = Path(tempfile.mkdtemp(prefix="medprivacy-obfuscation-"))
+        try:
+            request = {"task": task, "inputs": {}, "outputs": {}, "options": options,
+                       "server": {"url": url, "ca_bundle": ca_bundle or None}}
+            if frames is not None:
+                np.save(folder / "frames.npy", np.ascontiguousarray(frames), allow_pickle=False)
+                request["inputs"]["frames"] = str(folder / "frames.npy")
+                request["outputs"]["codes"] = str(folder / "codes.npy")
+            outputs = run_worker(request, progress, cancel, token=token)
+            if outputs.get("codes"):
+                outputs["codes"] = np.load(outputs["codes"], allow_pickle=False)
+            return outputs
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def generate_key_in_worker(self, key_dir, force: bool = False, vae_from=None, progress: Progress | None = None,
+                               cancel: Cancel | None = None) -> str:
+        options = {"key_dir": str(key_dir) if key_dir else None, "force": bool(force), "vae_from": vae_from,
+                   "models_dir": str(self.models_dir) if self.models_dir else None}
+        return self._run_in_worker("obfuscation-keygen", options, progress, cancel)["description"]
+
+    def obfuscate_frames_in_worker(self, pixels: np.ndarray, key_dir, progress: Progress | None = None,
+                                   cancel: Cancel | None = None) -> tuple[np.ndarray, str]:
+        outputs = self._run_in_worker("obfuscation-apply", {"key_dir": str(key_dir) if key_dir else None}, progress,
+                                      cancel, frames=pixels)
+        return outputs["codes"], outputs["key_id"]
+
+    def classify_frames_in_worker(self, pixels: np.ndarray, key_dir, url: str, model: str, token: str | None = None,
+                                  ca_bundle: str | None = None, progress: Progress | None = None,
+                                  cancel: Cancel | None = None) -> dict:
+        options = {"key_dir": str(key_dir) if key_dir else None, "model": model}
+        answer = self._run_in_worker("obfuscation-classify", options, progress, cancel, frames=pixels, url=url,
+                                     token=token, ca_bundle=ca_bundle)
+        answer["probabilities"] = np.asarray(answer["probabilities"], dtype=np.float64)
+        answer["predicted"] = np.asarray(answer["predicted"])
+        return answer
+
+    def train_from_folder_in_worker(self, dataset, key_dir, url: str, token: str | None = None,
+                                    ca_bundle: str | None = None, steps: int = DEFAULT_TRAIN_STEPS, name: str = "",
+                                    progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
+        options = {"dataset": str(dataset) if dataset else None, "key_dir": str(key_dir) if key_dir else None,
+                   "steps": int(steps), "name": name}
+        return self._run_in_worker("obfuscation-train", options, progress, cancel, url=url, token=token,
+                                   ca_bundle=ca_bundle)["job"]
 
     # -- results (main thread) ----------------------------------------------------------------------------------
 

@@ -97,3 +97,33 @@ def obfuscate_dataset(files: LabelledFiles, obfuscator, progress: Callable[[str,
         codes.append(obfuscator.obfuscate(frames.pixels))
         labels.append(np.full(frames.count, label, dtype=np.int64))
     return np.concatenate(codes), np.concatenate(labels)
+
+
+def train_on_server(dataset: str | os.PathLike, key, client, steps: int, name: str = "",
+                    progress: Callable[[str, float], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+    """Obfuscate a labelled dataset (folder per class, or CSV) under the site ``key`` here, train a model on the
+    server (an ``ObfuscationClient``) and follow the job; a cancel cancels the job there too. Returns the finished job
+    (its ``model`` is the new model id). The Slicer logic and the worker process share this path."""
+    from .transform import Obfuscator
+
+    files = dataset_files(dataset)
+    client.info()
+
+    def stage(text, fraction):
+        if progress is not None:
+            progress(text, 0.3 * (fraction or 0.0))
+
+    codes, labels = obfuscate_dataset(files, Obfuscator(key), progress=stage, cancel=cancel)
+    if progress is not None:
+        progress(f"uploading {len(codes)} obfuscated frames", 0.3)
+    job = client.submit_training(codes, labels, files.classes, key.key_id, name=name, steps=int(steps))
+
+    def follow(state):
+        if progress is not None:
+            done = state.get("progress") or {}
+            fraction = float(done.get("fraction") or 0.0)
+            accuracy = done.get("validation_accuracy")
+            text = f"training on the server: step {done.get('step', 0)}/{done.get('steps', steps)}"
+            progress(text + (f", validation accuracy {accuracy:.3f}" if accuracy is not None else ""), 0.3 + 0.7 * fraction)
+
+    return client.wait(job["job"], progress=follow, cancel=cancel, poll=0.5)

@@ -354,3 +354,66 @@ def _try_save(writer, key) -> None:
         writer.save(key)
     except Exception:
         pass
+
+
+def describe_predictions(answer: dict[str, Any]) -> list[str]:
+    """One line per source model, top class before -> after, and a summary line; for the GUI, the worker and logs."""
+    params = answer["params"]
+    verdict = "every model fooled" if answer.get("fooled") else "not every model fooled"
+    lines = [f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
+             f"{answer.get('evaluations', '?')} evaluations"]
+    if "target_source" in answer:
+        lines.append(f"target: {describe_target(answer)}")
+    for name in answer.get("models", []):
+        lines.append(f"{name}: {_top(answer['before'][name])} -> {_top(answer['after'][name])}")
+    return lines
+
+
+def _top(prediction: dict[str, Any]) -> str:
+    index = prediction["predicted"][0]
+    label = prediction["labels"].get(str(index), f"class {index}")
+    return f"{label} {prediction['probabilities'][0][index]:.2f}"
+
+
+def protect_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, key_path: str | os.PathLike, client,
+                   credentials: dict[str, Any] | None, logo: np.ndarray, settings: SearchSettings | None = None,
+                   lesions: str = "auto", append: bool = False, overwrite: bool = False,
+                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> tuple[int, list[str]]:
+    """Protect every image file of ``input_dir`` into ``output_dir`` and one key at ``key_path``: the folder workflow
+    of the Slicer logic and the worker process. Returns (images protected, one report line per image and note).
+
+    ``credentials``: ``{"passphrase": ...}`` (optionally with ``scrypt_log2_n``) or ``{"key_file": ...}``.
+    ``append`` adds to an existing key (opened with the same credentials). Every input is checked before the
+    server works; on a cancel or an error the key still holds the images finished so far.
+    """
+    from .keyfile import WatermarkKey, load_key
+
+    if not credentials:
+        raise InputError("the dataset key needs a passphrase or a key file")
+    key_path, output_dir = Path(key_path), Path(output_dir)
+    if key_path.is_dir():
+        raise InputError(f"the key {key_path} is a folder; give a file name for the key")
+    if not key_path.parent.is_dir():
+        raise InputError(f"the folder of the key {key_path} does not exist; create it first")
+    if key_path.exists() and not append:
+        raise InputError(f"key {key_path} already exists; choose a new key file or add the images to it")
+    settings = settings or SearchSettings()
+    opening = {k: v for k, v in credentials.items() if k != "scrypt_log2_n"}
+    key = load_key(key_path, **opening) if key_path.exists() else WatermarkKey()
+    images = image_files(input_dir)
+    if output_dir.resolve() == Path(input_dir).resolve():
+        raise InputError("the output folder is the input folder; choose another one so the originals stay untouched")
+    if progress:
+        progress(f"checking {len(images)} image(s)", 0.0)
+    jobs = plan_protection(images, output_dir, key, logo, settings.sl, overwrite, key_label=f"key {key_path}")
+    prepare_folders(output_dir, key_path)  # a read-only or full folder: one line now, not after the searches
+    reports: list[str] = []
+    info = check_classifiers(client, settings.models)
+    source = choose_lesion_source(settings.mode, lesions, info, note=reports.append)
+
+    def report(path, target, _image, answer) -> None:
+        reports.append(f"{path.name} -> {target.name}: " + "; ".join(describe_predictions(answer)))
+
+    done = protect_files(jobs, client, key, logo, settings, source, key_path, credentials,
+                         progress=progress, cancel=cancel, on_image=report, on_partial_save=reports.append)
+    return done, reports
