@@ -43,10 +43,10 @@ __all__ = [
 
 if _HAVE_APP:
     import slicer
+    from slicer.i18n import tr as _, translate
+
     from MedLockerWatermarkLib.widget import MedLockerWatermarkPanel
     from MedPrivacySlicerCommon.reloading import reload_packages
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
 
     class MedLockerWatermark(ScriptedLoadableModule):
         def __init__(self, parent):

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import qt
 import slicer
-from slicer.i18n import tr as _
 import vtk
+from slicer.i18n import tr as _
 
 from medprivacy.consent import consented_servers, normalized_server_url, with_consent
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
@@ -298,7 +298,7 @@ class ServerJobPanel(qt.QWidget):
             if kind == "done":
                 self.ui.progressBar.value = 100
                 self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
-                              lambda: onDone(payload))
+                              lambda onDone=onDone, payload=payload: onDone(payload))
             elif isinstance(payload, CancelledError):
                 self.ui.progressBar.value = 0
                 self._setStatus(self._cancelledText(job.title, payload))

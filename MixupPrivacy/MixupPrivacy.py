@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401
+
 # MixupPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable (hence F401: re-exports).
 from MixupPrivacyLib import (  # noqa: F401
     DEFAULT_SERVER_URL,
@@ -20,7 +22,6 @@ from MixupPrivacyLib import (  # noqa: F401
     MixupPrivacyTestMixin,
     normalized_server_url,
 )
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401
 
 try:
     from slicer.ScriptedLoadableModule import (
@@ -35,10 +36,10 @@ except ImportError:  # slicer-core: no application, so no module, widget or test
 
 if _HAVE_APP:
     import slicer
+    from slicer.i18n import tr as _, translate
+
     from MedPrivacySlicerCommon.reloading import reload_packages
     from MixupPrivacyLib.widget import MixupPrivacyPanel
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
 
     class MixupPrivacy(ScriptedLoadableModule):
         def __init__(self, parent):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError
+
 # ObfuscationPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable.
 from ObfuscationPrivacyLib import (
     DEFAULT_SERVER_URL,
@@ -18,7 +20,6 @@ from ObfuscationPrivacyLib import (
     ObfuscationPrivacyTestMixin,
     normalized_server_url,
 )
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 
 try:
     from slicer.ScriptedLoadableModule import (
@@ -39,10 +40,10 @@ __all__ = [
 
 if _HAVE_APP:
     import slicer
+    from slicer.i18n import tr as _, translate
+
     from MedPrivacySlicerCommon.reloading import reload_packages
     from ObfuscationPrivacyLib.widget import ObfuscationPrivacyPanel
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
 
     class ObfuscationPrivacy(ScriptedLoadableModule):
         def __init__(self, parent):

@@ -101,7 +101,7 @@ class ServerHandle(LocalServer):
             self._scratch.cleanup()
             self._scratch = None
 
-    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> "ServerHandle":
+    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> ServerHandle:
         """Block until /v1/health answers; on failure stop the server and raise ServerError with its log."""
         return super().wait_ready(timeout, ca_bundle=self.ca_bundle)
 

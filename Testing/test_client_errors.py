@@ -13,11 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-
 from conftest import TINY_PATCH
-from medprivacy.server.local import free_port
+
 from medprivacy import API_VERSION
 from medprivacy.errors import AuthError, CancelledError, InputError, ServerError, VersionMismatchError
+from medprivacy.server.local import free_port
 from medprivacy.transport.client import InferenceClient
 
 

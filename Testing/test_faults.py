@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import REPO_ROOT, build_watermark_models, start_server
-from medprivacy.server.local import free_port
 from faults import read_only_folder, small_disk
+
 from medprivacy.cli import main
 from medprivacy.errors import InputError
+from medprivacy.server.local import free_port
 from medprivacy.watermark import io as mio
 
 SEARCH = ["--mode", "wap", "--population", "4", "--generations", "1", "--local-iterations", "1", "--seed", "0"]

@@ -10,11 +10,11 @@ import stat
 
 import numpy as np
 import pytest
-
 from conftest import OBF_SIZE, start_server
-from medprivacy.server.local import free_port
+
 from medprivacy.cli import main
 from medprivacy.obfuscation import data
+from medprivacy.server.local import free_port
 
 
 @pytest.fixture(scope="module")

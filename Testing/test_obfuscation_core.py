@@ -12,12 +12,17 @@ import stat
 
 import numpy as np
 import pytest
-
 from conftest import OBF_SIZE
+
 from medprivacy.errors import InputError
-from medprivacy.obfuscation import attacks, data
-from medprivacy.obfuscation import io as oio
-from medprivacy.obfuscation.classifier import TrainSettings, binary_metrics, check_dataset, predict_probabilities, train_classifier
+from medprivacy.obfuscation import attacks, data, io as oio
+from medprivacy.obfuscation.classifier import (
+    TrainSettings,
+    binary_metrics,
+    check_dataset,
+    predict_probabilities,
+    train_classifier,
+)
 from medprivacy.obfuscation.dataset import dataset_files, obfuscate_dataset
 from medprivacy.obfuscation.key import KEY_FILE, VAE_FILE, MappingParams, SiteKey, random_mapping
 from medprivacy.obfuscation.keygen import create_site_key, default_params

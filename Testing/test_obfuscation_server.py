@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 import requests
-
 from conftest import open_and_token_servers, start_server
+
 from medprivacy.errors import AuthError, CancelledError, ServerError
 from medprivacy.transport.obfuscation_client import ObfuscationClient
 from medprivacy.transport.wire import CONTENT_TYPE, encode_tensor_raw

@@ -20,12 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import requests
-
 from conftest import REPO_ROOT, TINY_PATCH, build_tiny_models, build_watermark_models, launch_server
 from faults import glibc_heaps
-from medprivacy.watermark import blending
+
 from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor
 from medprivacy.transport.wire import CONTENT_TYPE, MAGIC, encode_tensor, encode_tensor_raw
+from medprivacy.watermark import blending
 
 STALL_TIMEOUT = 2.0
 FUZZ_REQUESTS = 800

@@ -9,11 +9,11 @@ import threading
 import numpy as np
 import pytest
 import requests
-
 from conftest import TINY_LABELS, TINY_PATCH, launch_server
-from medprivacy.server.local import SERVE_COMMAND, free_port
+
 from medprivacy import API_VERSION, __version__
 from medprivacy.errors import AuthError, InputError, ServerError
+from medprivacy.server.local import SERVE_COMMAND, free_port
 from medprivacy.transport import wire
 from medprivacy.transport.client import InferenceClient
 
@@ -280,6 +280,7 @@ def test_serve_refuses_a_busy_port(tiny_models_dir, live_server):
 
 def test_missing_model_is_refused_at_startup(tmp_path):
     from conftest import build_tiny_models
+
     from medprivacy.server import ServerConfig, create_app
 
     build_tiny_models(tmp_path, names=("mixup-seg",))

@@ -18,7 +18,6 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-
 import slicer_support
 
 COMMON_DIR = slicer_support.REPO_ROOT / "MedPrivacySlicerCommon"

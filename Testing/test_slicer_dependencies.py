@@ -17,7 +17,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
 import slicer_support
 
 ROOT = slicer_support.REPO_ROOT

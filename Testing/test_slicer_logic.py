@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
 
 import slicer_support  # noqa: E402  (Testing/ is on sys.path: pytest's rootdir-relative import of this file)
+
 from medprivacy.jobs import BackgroundJob  # noqa: E402
 
 MixupPrivacy = slicer_support.load_module()

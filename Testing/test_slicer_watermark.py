@@ -17,6 +17,7 @@ pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 
 
 import slicer_support  # noqa: E402  (Testing/ is on sys.path: pytest's rootdir-relative import of this file)
 from conftest import start_server  # noqa: E402
+
 from medprivacy.server.local import free_port  # noqa: E402
 
 MedLockerWatermark = slicer_support.load_module(slicer_support.WATERMARK_MODULE_DIR)

@@ -14,6 +14,7 @@ pytest.importorskip("slicer", reason="slicer-core is not installed (pip install 
 
 import slicer_support  # noqa: E402
 from conftest import start_server  # noqa: E402
+
 from medprivacy.labels import TISSUE_SEGMENTS  # noqa: E402
 
 MixupPrivacy = slicer_support.load_module()
@@ -97,9 +98,9 @@ def test_start_segmentation_loads_the_result_into_the_scene_and_cancel_adds_noth
 def test_watermark_folder_in_worker(tiny_watermark_models_dir, tmp_path):
     import SimpleITK as sitk
 
+    from MedLockerWatermarkLib.testing import PASSPHRASE, TEST_SCRYPT_LOG2_N, MedLockerWatermarkTestMixin, tiny_search
     from medprivacy.watermark import io as mio
     from medprivacy.watermark.keyfile import load_key, unlock
-    from MedLockerWatermarkLib.testing import PASSPHRASE, TEST_SCRYPT_LOG2_N, MedLockerWatermarkTestMixin, tiny_search
 
     inputs = tmp_path / "in"
     inputs.mkdir()

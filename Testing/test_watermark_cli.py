@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import build_watermark_models, start_server
-from medprivacy.server.local import free_port
+
 from medprivacy.cli import main
+from medprivacy.server.local import free_port
 from medprivacy.watermark import io as mio
 
 PASSPHRASE = "correct horse battery staple"
@@ -39,7 +39,7 @@ def images(tmp_path_factory):
     sitk.WriteImage(sitk.GetImageFromArray(camera), str(folder / "camera.png"))
     sitk.WriteImage(sitk.GetImageFromArray(camera.astype(np.uint16) * 257), str(folder / "camera16.tif"))
     sitk.WriteImage(sitk.GetImageFromArray(retina, isVector=True), str(folder / "fundus.jpg"))
-    ct = sitk.GetImageFromArray((camera.astype(np.int16) * 8 - 1024))
+    ct = sitk.GetImageFromArray(camera.astype(np.int16) * 8 - 1024)
     ct.SetSpacing((0.7, 0.7))
     sitk.WriteImage(ct, str(folder / "slice.nii.gz"))
     paths = sorted(folder.iterdir())
@@ -92,7 +92,7 @@ def test_protect_unlock_round_trip_keeps_format_and_pixels(server, images, tmp_p
     for path in images:
         back = mio.read_image(restored / mio.output_name(path))
         original = mio.read_image(path)
-        assert back.format == (("png" if original.format == "jpeg" else original.format)) and back.file_dtype == original.file_dtype
+        assert back.format == ("png" if original.format == "jpeg" else original.format) and back.file_dtype == original.file_dtype
         np.testing.assert_array_equal(back.pixels, original.pixels)
     if (restored / "mr.dcm").exists():
         import pydicom

@@ -11,11 +11,27 @@ import pytest
 
 from medprivacy.errors import InputError
 from medprivacy.watermark.blending import (
-    as_rgba, blend, blend_batch, default_logo, fit_logo, fitted_size, load_logo, logo_sha256, unit_view, watermark,
+    as_rgba,
+    blend,
+    blend_batch,
+    default_logo,
+    fit_logo,
+    fitted_size,
+    load_logo,
+    logo_sha256,
+    unit_view,
+    watermark,
 )
 from medprivacy.watermark.boxes import Box, MaskParams, Placement, expand_box, lesion_boxes, merge_boxes
 from medprivacy.watermark.keyfile import (
-    WatermarkKey, generate_key_file, issue_user_key, load_key, save_key, unlock, unlock_approximate, verify,
+    WatermarkKey,
+    generate_key_file,
+    issue_user_key,
+    load_key,
+    save_key,
+    unlock,
+    unlock_approximate,
+    verify,
 )
 from medprivacy.watermark.optimizer import ensemble_objective, optimize_watermark
 

@@ -11,10 +11,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import build_watermark_models, launch_server
-from medprivacy.server.local import free_port
+
 from medprivacy.cli import main
+from medprivacy.server.local import free_port
 from medprivacy.watermark.eval_plan import ENSEMBLE, HELD_OUT_PREFIX, EvalConfig, plan_runs
 from medprivacy.watermark.eval_rates import attack_success_rate, ensemble_prediction, transfer_success_rate
 

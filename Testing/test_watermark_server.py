@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
 from conftest import CLASSIFIERS, LABELS, SIZE, build_watermark_models, open_and_token_servers
+
 from medprivacy.errors import AuthError, InputError, ServerError
-from medprivacy.watermark import blending
-from medprivacy.watermark.boxes import MaskParams, Placement, lesion_boxes
 from medprivacy.transport.watermark_client import WatermarkClient, exact_image_tensor
 from medprivacy.transport.wire import CONTENT_TYPE, encode_tensor, encode_tensor_raw
+from medprivacy.watermark import blending
+from medprivacy.watermark.boxes import MaskParams, Placement, lesion_boxes
 
 #: The paper's search shape, shrunk to a few evaluations.
 FAST = {"population": 4, "generations": 1, "local_iterations": 1}
@@ -255,9 +255,9 @@ def test_optimize_with_the_server_segmenter_and_a_user_model(server):
 
 def test_incremental_rendering_matches_rendering_whole_images(wm_files):
     """The search scores candidates from the logo area alone; that must equal blend_batch + resize + classify."""
-    from medprivacy.watermark.optimizer import ensemble_objective
     from medprivacy.server.app import ServerConfig, create_app
     from medprivacy.server.watermark.scoring import CandidateScorer
+    from medprivacy.watermark.optimizer import ensemble_objective
 
     app = create_app(ServerConfig(models_dir=wm_files[0], device="cpu", inference_batch=5))
     wm = app.state.service.watermark

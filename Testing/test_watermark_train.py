@@ -9,6 +9,8 @@ import pytest
 from scipy.ndimage import binary_dilation
 
 from medprivacy.errors import InputError
+from medprivacy.nets import build_network, file_sha256, load_manifest, load_model
+from medprivacy.nets.registry import write_manifest
 from medprivacy.watermark import models as wm_models
 from medprivacy.watermark.data import (
     SPLIT_CAPACITY,
@@ -22,8 +24,6 @@ from medprivacy.watermark.examples import export_examples
 from medprivacy.watermark.train import add_train_arguments, run_train, train_watermark_models
 from medprivacy.watermark.train_manifest import MANIFEST_KEY
 from medprivacy.watermark.train_plans import WatermarkTrainConfig
-from medprivacy.nets import build_network, file_sha256, load_manifest, load_model
-from medprivacy.nets.registry import write_manifest
 
 SMALL = DataConfig(size=(48, 48))
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, free_port
 
 sys.path.insert(0, str(REPO_ROOT))  # MedPrivacySlicerCommon, as a source checkout added to Slicer has it
-from MedPrivacySlicerCommon.worker import SubprocessWorker, WorkerProtocol, run_worker, worker_environment  # noqa: E402
 from medprivacy.errors import CancelledError, InputError, ServerError  # noqa: E402
 from medprivacy.labels import TISSUE_SEGMENTS  # noqa: E402
+from MedPrivacySlicerCommon.worker import SubprocessWorker, WorkerProtocol, run_worker, worker_environment  # noqa: E402
 
 
 class Recorder:

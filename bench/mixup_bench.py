@@ -132,8 +132,8 @@ def main() -> int:
         print(json.dumps(child(*args.child)))
         return 0
 
-    from medprivacy.server.local import start_local_server
     from medprivacy.mixup.bank import generate_bank
+    from medprivacy.server.local import start_local_server
 
     work = Path(tempfile.mkdtemp(prefix="mixup-bench-"))
     volume = work / "brain_256.nii.gz"

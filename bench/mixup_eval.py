@@ -22,8 +22,8 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.server.local import start_local_server
     from medprivacy.mixup.bank import generate_bank
+    from medprivacy.server.local import start_local_server
 
     work = Path(tempfile.mkdtemp(prefix="mixup-eval-"))
     generate_bank(work / "key")

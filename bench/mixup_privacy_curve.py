@@ -48,11 +48,11 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.server.local import start_local_server
     from medprivacy.mixup.audit import run_audit
     from medprivacy.mixup.bank import generate_bank
     from medprivacy.mixup.evaluate import evaluate
     from medprivacy.mixup.privacy import DEFAULT_LEVEL, privacy_settings
+    from medprivacy.server.local import start_local_server
     from medprivacy.transport import InferenceClient
 
     settings = {name: privacy_settings(name) for name in args.settings.split(",") if name}

@@ -80,10 +80,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from medprivacy.server.local import start_local_server
     from medprivacy.obfuscation.key import SiteKey
     from medprivacy.obfuscation.keygen import create_site_key
     from medprivacy.obfuscation.transform import BATCH, Obfuscator
+    from medprivacy.server.local import start_local_server
     from medprivacy.transport.obfuscation_client import ObfuscationClient
 
     results: dict = {"settings": {"frames": args.frames, "frame_size": [512, 512], "bits": 12, "threads": args.threads,

@@ -65,8 +65,8 @@ class Client(threading.Thread):
         self.index, self.url, self.deadline, self.info, self.kinds, self.results = index, url, deadline, info, kinds, results
 
     def run(self) -> None:
-        from medprivacy.watermark import blending
         from medprivacy.transport.watermark_client import WatermarkClient
+        from medprivacy.watermark import blending
 
         rng = np.random.default_rng(1000 + self.index)
         client = WatermarkClient(self.url, retries=0, read_timeout=600)

@@ -155,8 +155,8 @@ def main() -> int:
         # The server child inherits these; torch reads them when it starts. This process sets torch directly.
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
 
-    from medprivacy.server.local import start_local_server
     from medprivacy.errors import MedPrivacyError
+    from medprivacy.server.local import start_local_server
     from medprivacy.transport.watermark_client import WatermarkClient
 
     results: dict = {"settings": {**PAPER, "images": args.images, "quick": args.quick, "threads": args.threads or "torch default"}}

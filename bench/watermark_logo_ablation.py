@@ -77,8 +77,8 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from medprivacy.server.local import start_local_server
     from medprivacy.files import write_json
+    from medprivacy.server.local import start_local_server
 
     wanted = [name.strip() for name in args.logos.split(",") if name.strip()]
     unknown = sorted(set(wanted) - set(LOGOS))

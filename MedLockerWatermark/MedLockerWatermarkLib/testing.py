@@ -245,7 +245,7 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
             node = self.make_volume(scene, voxels, kind, rgb=kind == "rgb")
             stages = []
             result = logic.protect(node, url, settings=tiny_search(mode="wap"), lesion_source="none",
-                                   progress=lambda text, fraction=None: stages.append(text))
+                                   progress=lambda text, fraction=None, stages=stages: stages.append(text))
             self.assertTrue(stages)
             nodes[kind] = (node, result)
             entry = logic.key[result.name]
@@ -377,9 +377,9 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
 
     def check_server_lesions(self, scene, url: str):
         """Lesions from the server's segmenter: the overlay is the very mask the search was constrained by."""
-        from medprivacy.watermark.boxes import MaskParams, lesion_boxes
         from medprivacy.transport.watermark_client import WatermarkClient
         from medprivacy.watermark.blending import unit_view
+        from medprivacy.watermark.boxes import MaskParams, lesion_boxes
 
         logic = MedLockerWatermarkLogic(scene)
         pixels = self.sample_pixels("rgb", shape=(64, 64))

@@ -18,7 +18,6 @@ from .dependencies import NEEDS_TORCH, PACKAGES
 from .logic import DEFAULT_MODE, DEFAULT_SERVER_URL, LESION_SOURCES, MODES, MedLockerWatermarkLogic
 from .protocols import MedLockerWatermarkLogicProtocol
 
-
 _MODEL_USE, _MODEL_NAME, _MODEL_WEIGHT = range(3)
 
 

@@ -20,7 +20,6 @@ from vtk.util import numpy_support
 from medprivacy.consent import normalized_server_url  # noqa: F401  (re-exported: the widget remembers consent by it)
 from medprivacy.errors import InputError, MedPrivacyError
 from medprivacy.labels import TISSUE_SEGMENTS
-
 from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, copy_volume_geometry, geometry_3d, ijk_to_ras, vtk_matrix
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"

@@ -9,9 +9,9 @@ import vtk
 
 from medprivacy.errors import InputError
 from medprivacy.labels import TISSUE_SEGMENTS
+from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, ijk_to_ras
 from MedPrivacySlicerCommon.testing import PanelTestMixin
 
-from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, ijk_to_ras
 from .logic import PRIVACY_LEVELS, MixupPrivacyLogic
 
 

@@ -14,7 +14,6 @@ else belongs on the main thread. Heavy modules (torch, MONAI, requests) are impo
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

@@ -37,7 +37,7 @@ def template_dir() -> Path:
 class Template:
     """Template arrays in SimpleITK/numpy (z, y, x) order, intensities and probabilities scaled to [0, 1]."""
 
-    image: "object"  # SimpleITK.Image of the T1, carries the model grid geometry
+    image: object  # SimpleITK.Image of the T1, carries the model grid geometry
     t1: np.ndarray
     gm: np.ndarray
     wm: np.ndarray

@@ -49,7 +49,7 @@ class ReferenceBank:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     @classmethod
-    def load(cls, key_dir: str | os.PathLike | None = None) -> "ReferenceBank":
+    def load(cls, key_dir: str | os.PathLike | None = None) -> ReferenceBank:
         directory = Path(key_dir) if key_dir is not None else default_key_dir()
         path = directory / BANK_FILE
         if not path.is_file():

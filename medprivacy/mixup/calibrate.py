@@ -111,7 +111,7 @@ def fit_decision_weights(scores: list[np.ndarray], truths: list[np.ndarray], pas
     logs = [np.log(np.maximum(s, 1e-6)) for s in scores]
 
     def dice_with(log_factors):
-        return _dice_means([np.argmax(l + log_factors[:, None], axis=0) for l in logs], truths)
+        return _dice_means([np.argmax(logit + log_factors[:, None], axis=0) for logit in logs], truths)
 
     log_factors = np.zeros(NUM_CLASSES)
     before = best = dice_with(log_factors)

@@ -158,8 +158,8 @@ def _keygen(args) -> int:
 
 
 def _segment(args) -> int:
-    from .bank import ReferenceBank
     from ..files import check_writable_folder
+    from .bank import ReferenceBank
     from .io import check_labelmap_path, plausibility_warnings, read_image, write_image, write_labelmap
     from .pipeline import segment_private
 

@@ -31,7 +31,7 @@ class PatchGrid:
     starts: tuple[tuple[int, int, int], ...]
 
     @classmethod
-    def over_box(cls, volume_shape, box, patch_size) -> "PatchGrid":
+    def over_box(cls, volume_shape, box, patch_size) -> PatchGrid:
         if any(p > s for p, s in zip(patch_size, volume_shape)):
             raise ValueError(f"patch size {tuple(patch_size)} larger than the volume {tuple(volume_shape)}")
         per_axis = [_axis_starts(a, b, p, n) for (a, b), p, n in zip(box, patch_size, volume_shape)]
@@ -39,7 +39,7 @@ class PatchGrid:
         return cls(tuple(volume_shape), tuple(patch_size), starts)
 
     @classmethod
-    def tiling(cls, volume_shape, box, patch_size, offset=(0, 0, 0)) -> "PatchGrid":
+    def tiling(cls, volume_shape, box, patch_size, offset=(0, 0, 0)) -> PatchGrid:
         """Patches every patch size along each axis, from ``offset`` voxels before the box's corner until the box is
         covered; a patch that would cross the volume's edge is moved inside it."""
         if any(p > s for p, s in zip(patch_size, volume_shape)):
@@ -52,7 +52,7 @@ class PatchGrid:
         return cls(tuple(volume_shape), tuple(patch_size), starts)
 
     @classmethod
-    def lattice(cls, volume_shape, box, patch_size, offset, mask: np.ndarray | None = None) -> "PatchGrid":
+    def lattice(cls, volume_shape, box, patch_size, offset, mask: np.ndarray | None = None) -> PatchGrid:
         """Patches every patch size along each axis, the first one ``offset`` voxels before the box's corner, never
         moved: patches may reach past the volume's edge (that part is padding), so no two patches of two lattices
         cover the same voxels unless the offsets are equal. With ``mask``, patches holding none of it are left out."""
@@ -111,7 +111,7 @@ class PatchGrid:
             total[:, ~covered] = np.asarray(background, dtype=np.float32).reshape(channels, 1)
         return total
 
-    def touching(self, mask: np.ndarray) -> "PatchGrid":
+    def touching(self, mask: np.ndarray) -> PatchGrid:
         """The same grid without the patches that hold no voxel of ``mask`` (nothing there is ever kept)."""
         starts = tuple(start for i, start in enumerate(self.starts) if mask[self.slices(i)].any())
         return PatchGrid(self.volume_shape, self.patch_size, starts)

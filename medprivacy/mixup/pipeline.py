@@ -15,7 +15,18 @@ import numpy as np
 from ..cancellation import cancel_check
 from ..errors import CancelledError, InputError, VersionMismatchError
 from ..labels import NUM_CLASSES
-from .mixing import DEFAULT_LAMBDA_RANGE, MixPlan, copy_weights, mix, naive_unmix, one_hot, orient, orient_rows, plan_mixing, unorient
+from .mixing import (
+    DEFAULT_LAMBDA_RANGE,
+    MixPlan,
+    copy_weights,
+    mix,
+    naive_unmix,
+    one_hot,
+    orient,
+    orient_rows,
+    plan_mixing,
+    unorient,
+)
 from .patches import PatchGrid, ScoreAccumulator
 from .privacy import PrivacySettings, privacy_settings
 from .warp import SecretWarp, secret_warp
@@ -49,7 +60,7 @@ class PrivateSegmentation:
     labelmap: object  # SimpleITK uint8 image on the input's exact grid: 0 bg, 1 CSF, 2 GM, 3 WM
     uploaded: object | None  # SimpleITK float image of the first TTA copy's mixed patches on the model grid
     stats: dict = field(default_factory=dict)
-    session: "UploadSession | None" = None  # the run's secrets (client memory only): what was sent and how
+    session: UploadSession | None = None  # the run's secrets (client memory only): what was sent and how
 
 
 def prepare_scan(image, patch_size: tuple[int, int, int]) -> PreparedScan:

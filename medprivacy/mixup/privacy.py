@@ -38,7 +38,7 @@ class PrivacySettings:
     scan_warp: float
     decoy_fraction: float
 
-    def with_changes(self, **changes) -> "PrivacySettings":
+    def with_changes(self, **changes) -> PrivacySettings:
         """The same settings with some fields changed (the level is then named 'custom' unless given)."""
         changes.setdefault("level", "custom")
         return replace(self, **changes)

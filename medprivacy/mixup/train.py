@@ -69,7 +69,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def preset(cls, name: str) -> "TrainConfig":
+    def preset(cls, name: str) -> TrainConfig:
         if name == "cpu-small":
             return cls()
         if name == "gpu-paper":

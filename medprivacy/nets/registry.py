@@ -47,7 +47,7 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_json(cls, name: str, data: dict[str, Any]) -> "ModelSpec":
+    def from_json(cls, name: str, data: dict[str, Any]) -> ModelSpec:
         known = {"file", "sha256", "arch", "role", "patch_size", "labels"}
         return cls(
             name=name,
@@ -107,9 +107,8 @@ def build_network(arch: dict[str, Any]):
 
         return DenseNet121(**{"spatial_dims": 2, "in_channels": 3, "out_channels": 2, **kwargs})
     if name == "efficientnet-b0":
-        from monai.networks.nets import EfficientNetBN
-
         import torch
+        from monai.networks.nets import EfficientNetBN
 
         params = {"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "pretrained": False, **kwargs}
         net = EfficientNetBN("efficientnet-b0", **params)

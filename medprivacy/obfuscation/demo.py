@@ -26,10 +26,9 @@ DEMO_SEED = 901_000
 
 def run_obfuscation_demo(url: str, out: Path, token_file: Path | None = None) -> int:
     from ..cli import main
+    from ..nets.registry import load_manifest
     from ..transport.obfuscation_client import ObfuscationClient
     from .keygen import VAE_MODEL
-
-    from ..nets.registry import load_manifest
 
     if VAE_MODEL not in load_manifest().get("models", {}):
         print(f"ObfuscationPrivacy: no {VAE_MODEL} in the model manifest; train it with `medprivacy obfuscate train-models` "

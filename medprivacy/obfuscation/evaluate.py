@@ -18,7 +18,6 @@ baseline + 0.05 and vessel Dice at most 0.3 for the strongest attack of each thr
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -145,7 +144,7 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
 def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
     from .classifier import DEFAULT_ARCH, TrainSettings, binary_metrics, predict_probabilities, train_classifier
     from .data import TASKS, make_split
-    from .transform import resize, normalise
+    from .transform import normalise, resize
 
     classes = list(TASKS[config.task])
     progress(f"utility: rendering {config.train_frames} training and {config.test_frames} test angiograms")
@@ -179,8 +178,17 @@ def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
 def _privacy(config, domain, public, key, obfuscator, vae, vae_spec, params, models_dir, device, progress):
     import torch
 
-    from .attacks import (AttackSettings, build_attack_net, estimate_table, lut_attack, reconstruct, scores,
-                          train_attack, vessel_mask, window_attack)
+    from .attacks import (
+        AttackSettings,
+        build_attack_net,
+        estimate_table,
+        lut_attack,
+        reconstruct,
+        scores,
+        train_attack,
+        vessel_mask,
+        window_attack,
+    )
     from .train import public_frames
     from .transform import obfuscate_with, vae_sample
 
@@ -323,7 +331,7 @@ def write_grid(examples: dict, path: Path) -> None:
     from ..files import write_atomically
 
     rows = []
-    for domain, shown in examples.items():
+    for shown in examples.values():
         b_names = [k for k in shown if k.startswith("b-keyfit")] or [k for k in shown if k.startswith("b-")]
         columns = list(GRID_COLUMNS) + b_names[-1:] + (["oracle"] if "oracle" in shown else [])
         for i in range(len(shown["original"])):

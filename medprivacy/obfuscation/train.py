@@ -61,9 +61,8 @@ class ObfuscationTrainConfig:
         return replace(config, **overrides)
 
     def mapping(self):
-        from .keygen import default_params
-
         from .key import MappingParams
+        from .keygen import default_params
 
         base = default_params(frame_size=(self.size, self.size))
         return MappingParams(**{**asdict(base), **self.params, "frame_size": (self.size, self.size)}).check()

@@ -32,7 +32,14 @@ from ..errors import InputError
 from ..files import WriteError, os_error_reason, write_atomically
 from ..nets import resolve_device
 from ..transport.contract import (
-    API_HEADER, API_VERSION, BASELINE_PATH, HEALTH_PATH, INFO_PATH, MIXUP_PATH, RESPONSE_DTYPE_HEADER, RESPONSE_DTYPES,
+    API_HEADER,
+    API_VERSION,
+    BASELINE_PATH,
+    HEALTH_PATH,
+    INFO_PATH,
+    MIXUP_PATH,
+    RESPONSE_DTYPE_HEADER,
+    RESPONSE_DTYPES,
 )
 from ..transport.wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor_raw
 from .schema import NoQuery, RequestError as _HTTPError, parse_query

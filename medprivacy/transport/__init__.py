@@ -5,7 +5,15 @@ it, so code that only encodes tensors does not pay for importing requests.
 """
 from __future__ import annotations
 
-from .wire import CONTENT_TYPE, WIRE_VERSION, decode_tensor, decode_tensor_raw, encode_tensor, encode_tensor_raw, to_float32
+from .wire import (
+    CONTENT_TYPE,
+    WIRE_VERSION,
+    decode_tensor,
+    decode_tensor_raw,
+    encode_tensor,
+    encode_tensor_raw,
+    to_float32,
+)
 
 __all__ = ["CONTENT_TYPE", "WIRE_VERSION", "decode_tensor", "decode_tensor_raw", "encode_tensor", "encode_tensor_raw", "to_float32", "InferenceClient"]
 

@@ -115,7 +115,7 @@ class InferenceClient:
     def close(self) -> None:
         self._session.close()
 
-    def __enter__(self) -> "InferenceClient":
+    def __enter__(self) -> InferenceClient:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -18,7 +18,11 @@ import numpy as np
 from ..errors import InputError, ServerError
 from .client import InferenceClient, error_detail
 from .contract import (
-    RESPONSE_DTYPE_HEADER, WATERMARK_CLASSIFY_PATH, WATERMARK_LESIONS_PATH, WATERMARK_OPTIMIZE_PATH, WATERMARK_PREFIX,
+    RESPONSE_DTYPE_HEADER,
+    WATERMARK_CLASSIFY_PATH,
+    WATERMARK_LESIONS_PATH,
+    WATERMARK_OPTIMIZE_PATH,
+    WATERMARK_PREFIX,
 )
 from .wire import CONTENT_TYPE, decode_tensor_raw, encode_tensor, encode_tensor_raw, to_float32
 

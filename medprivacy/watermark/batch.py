@@ -20,7 +20,11 @@ import numpy as np
 from ..errors import CancelledError, InputError
 from .boxes import DEFAULT_MODE
 from .optimizer import (
-    DEFAULT_ALPHA_BOUNDS, DEFAULT_CROSSOVER_RATE, DEFAULT_GENERATIONS, DEFAULT_LOCAL_ITERATIONS, DEFAULT_POPULATION,
+    DEFAULT_ALPHA_BOUNDS,
+    DEFAULT_CROSSOVER_RATE,
+    DEFAULT_GENERATIONS,
+    DEFAULT_LOCAL_ITERATIONS,
+    DEFAULT_POPULATION,
     DEFAULT_STEP,
 )
 
@@ -99,8 +103,7 @@ def check_target(source: Path, target: Path, overwrite: bool) -> None:
 def plan_protection(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, key, logo, sl: float,
                     overwrite: bool = False, key_label: str = "the key") -> list[tuple[Path, Path]]:
     """(input, output) per image after checking every input: readable, watermarkable, logo fits, name unused."""
-    from . import blending
-    from . import io as mio
+    from . import blending, io as mio
 
     jobs, names = [], {}
     for path in images:

@@ -57,15 +57,15 @@ class Box(NamedTuple):
     def area(self) -> int:
         return self.w * self.h
 
-    def intersection(self, other: "Box") -> int:
+    def intersection(self, other: Box) -> int:
         return max(0, min(self.x1, other.x1) - max(self.x, other.x)) * max(0, min(self.y1, other.y1) - max(self.y, other.y))
 
-    def iou(self, other: "Box") -> float:
+    def iou(self, other: Box) -> float:
         inter = self.intersection(other)
         union = self.area + other.area - inter
         return inter / union if union > 0 else 0.0
 
-    def union(self, other: "Box") -> "Box":
+    def union(self, other: Box) -> Box:
         x, y = min(self.x, other.x), min(self.y, other.y)
         return Box(x, y, max(self.x1, other.x1) - x, max(self.y1, other.y1) - y)
 
@@ -84,7 +84,7 @@ class MaskParams:
     gamma: float = PAPER_GAMMA
 
     @classmethod
-    def for_image(cls, shape) -> "MaskParams":
+    def for_image(cls, shape) -> MaskParams:
         """The paper's parameters scaled from its 4288 x 2848 photographs to an image of ``shape``.
 
         Lengths (kernel) scale with the square root of the pixel count, areas with the pixel count; the
@@ -204,7 +204,7 @@ class Placement:
                              "use a larger sl (smaller logo), keep-in or wap placement")
 
     @classmethod
-    def from_mask(cls, mode: str, mask, logo_size, params: MaskParams | None = None) -> "Placement":
+    def from_mask(cls, mode: str, mask, logo_size, params: MaskParams | None = None) -> Placement:
         """Placement for an image whose lesion mask is ``mask`` (same height and width); ``mask`` unused for "wap"."""
         mode = normalize_mode(mode)
         mask = check_mask(mask)

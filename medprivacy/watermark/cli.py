@@ -28,8 +28,13 @@ PASSPHRASE_ENV = "MEDPRIVACY_KEY_PASSPHRASE"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .boxes import DEFAULT_MODE, MODES
     from .optimizer import (
-        DEFAULT_ALPHA_BOUNDS, DEFAULT_CROSSOVER_RATE, DEFAULT_GENERATIONS, DEFAULT_LOCAL_ITERATIONS, DEFAULT_POPULATION,
-        DEFAULT_STEP, MUTATIONS,
+        DEFAULT_ALPHA_BOUNDS,
+        DEFAULT_CROSSOVER_RATE,
+        DEFAULT_GENERATIONS,
+        DEFAULT_LOCAL_ITERATIONS,
+        DEFAULT_POPULATION,
+        DEFAULT_STEP,
+        MUTATIONS,
     )
 
     sub = parser.add_subparsers(dest="watermark_command", required=True)
@@ -159,8 +164,16 @@ def _load_key(path: Path, credentials: dict):
 def _protect(args) -> int:
     from . import blending
     from .batch import (
-        SearchSettings, check_classifiers, choose_lesion_source, classifier_labels, plan_protection, prepare_folders,
-        protect_files, read_labels_csv, resolve_label, resolve_labels,
+        SearchSettings,
+        check_classifiers,
+        choose_lesion_source,
+        classifier_labels,
+        plan_protection,
+        prepare_folders,
+        protect_files,
+        read_labels_csv,
+        resolve_label,
+        resolve_labels,
     )
     from .keyfile import WatermarkKey
 

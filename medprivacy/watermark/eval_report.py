@@ -10,6 +10,7 @@ import numpy as np
 from .eval_plan import ENSEMBLE, HELD_OUT_PREFIX, MUTATION_RANDOM_EQUAL, REPORT_FORMAT, EvalImage
 from .eval_rates import attack_success_rate, ensemble_prediction, transfer_success_rate
 
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None

@@ -37,8 +37,19 @@ import numpy as np
 from ..errors import InputError
 from ..files import write_bytes_atomically
 from .blending import (
-    DEFAULT_SL, SUPPORTED_DTYPES, as_rgba, blend, blend_terms, check_alpha, check_image, check_window, composite, dtype_max, fit_logo,
-    logo_region, logo_sha256,
+    DEFAULT_SL,
+    SUPPORTED_DTYPES,
+    as_rgba,
+    blend,
+    blend_terms,
+    check_alpha,
+    check_image,
+    check_window,
+    composite,
+    dtype_max,
+    fit_logo,
+    logo_region,
+    logo_sha256,
 )
 
 # The on-disk identifiers keep the method's name (MedLocker): every key already issued carries them, and a key
@@ -167,7 +178,7 @@ class WatermarkKey:
         name = self._by_image.get(image_sha256(image))
         return self._entries[name] if name is not None else None
 
-    def subset(self, names: Iterable[str], include_originals: bool = True) -> "WatermarkKey":
+    def subset(self, names: Iterable[str], include_originals: bool = True) -> WatermarkKey:
         """A key with only ``names`` (for a user); without original pixels if ``include_originals`` is False."""
         names = list(dict.fromkeys(names))
         missing = [n for n in names if n not in self._entries]

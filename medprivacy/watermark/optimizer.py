@@ -192,7 +192,7 @@ def optimize_watermark(
         pop = random_individuals(population)
         pop_obj = evaluate(pop)
         record()
-        for generation in range(1, generations + 1):
+        for generation in range(1, generations + 1):  # noqa: B007 -- record() reads it through the closure
             if mutation == "basin-hopping":
                 mutant, mutant_obj = pop.copy(), pop_obj.copy()
                 for _ in range(local_iterations):

@@ -27,7 +27,6 @@ from .train_loop import train_classifier, train_segmenter
 from .train_manifest import write_record
 from .train_plans import PRESETS, TARGET_ACCURACY, WatermarkTrainConfig, parse_families, plan_for
 
-
 # ------------------------------------------------------------------------------------------------ training
 
 def train_watermark_models(config: WatermarkTrainConfig, out_dir: str | os.PathLike, progress: bool = True,

@@ -36,7 +36,7 @@ class CapturedUploads:
     def __len__(self) -> int:
         return len(self.uploads)
 
-    def sample(self, count: int | None, rng: np.random.Generator) -> "CapturedUploads":
+    def sample(self, count: int | None, rng: np.random.Generator) -> CapturedUploads:
         """A random ``count`` of the real uploads (decoys dropped: the attacker cannot tell them apart, so sampling
         only real ones favours it), with their truth; all of them when ``count`` is None or not smaller.
 

@@ -114,7 +114,7 @@ class TemplateMatcher:
         torch = self._torch
         radius = self.coarse
         low = [max(s + self.pad - radius, 0) for s in start]
-        window = self.volume[tuple(slice(l, min(l + self.patch + 2 * radius, n)) for l, n in zip(low, self.volume.shape))]
+        window = self.volume[tuple(slice(start, min(start + self.patch + 2 * radius, n)) for start, n in zip(low, self.volume.shape))]
         valid = tuple(w - self.patch + 1 for w in window.shape)
         if min(valid) < 1:
             return (-2.0, start, code)
@@ -123,7 +123,7 @@ class TemplateMatcher:
         scores = _ncc_maps(torch.from_numpy(np.ascontiguousarray(window)), turned, valid)[0]
         index = int(torch.argmax(scores))
         offset = np.unravel_index(index, valid)
-        return (float(scores.flatten()[index]), tuple(int(l + o - self.pad) for l, o in zip(low, offset)), code)
+        return (float(scores.flatten()[index]), tuple(int(start + o - self.pad) for start, o in zip(low, offset)), code)
 
 
 def place_all(uploads: np.ndarray, volume: np.ndarray, orientations: int, lattice=(), progress=None) -> Placement:

@@ -28,8 +28,7 @@ from ...transport.contract import (
     OBFUSCATION_TRAIN_PATH,
 )
 from ...transport.wire import decode_tensor_raw
-from ..schema import MAX_SEED, RequestModel, parse_object
-from ..schema import RequestError as _HTTPError
+from ..schema import MAX_SEED, RequestError as _HTTPError, RequestModel, parse_object
 from .store import ModelStore, TrainedModel
 
 log = logging.getLogger("medprivacy.server")
