@@ -1,7 +1,6 @@
-"""MedLockerWatermark: visible adversarial watermarks that make unauthorised AI models misread an image, removable
-bit for bit with a key (Pu et al., MedLocker). This file only declares the module: the panel is in
-``MedLockerWatermarkLib.widget``, the logic and test bodies in ``MedLockerWatermarkLib`` (also runs on slicer-core,
-where only the Lib's names below are defined here, re-exported for scripts and Slicer's generic tests)."""
+"""MedLockerWatermark: visible adversarial watermarks that make AI models misread an image, removable bit for bit with
+a key (Pu et al., MedLocker). Declares the module only: the panel is in ``MedLockerWatermarkLib.widget``, logic and
+test bodies in ``MedLockerWatermarkLib`` (on slicer-core only the Lib's names below are defined, re-exported)."""
 from __future__ import annotations
 
 import os
@@ -22,6 +21,8 @@ from MedLockerWatermarkLib import (
     describe_predictions,
     normalized_server_url,
 )
+
+# isort: split
 from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 
 try:
@@ -30,7 +31,6 @@ try:
         ScriptedLoadableModuleTest,
         ScriptedLoadableModuleWidget,
     )
-
     _HAVE_APP = True
 except ImportError:  # slicer-core: no application, so no module, widget or test class (nothing is stubbed)
     _HAVE_APP = False

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401
-
 # MixupPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable (hence F401: re-exports).
 from MixupPrivacyLib import (  # noqa: F401
     DEFAULT_SERVER_URL,
@@ -22,6 +20,9 @@ from MixupPrivacyLib import (  # noqa: F401
     MixupPrivacyTestMixin,
     normalized_server_url,
 )
+
+# isort: split
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401
 
 try:
     from slicer.ScriptedLoadableModule import (

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError
-
 # ObfuscationPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable.
 from ObfuscationPrivacyLib import (
     DEFAULT_SERVER_URL,
@@ -20,6 +18,9 @@ from ObfuscationPrivacyLib import (
     ObfuscationPrivacyTestMixin,
     normalized_server_url,
 )
+
+# isort: split
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 
 try:
     from slicer.ScriptedLoadableModule import (

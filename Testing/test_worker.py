@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT
+
+from medprivacy.server.local import free_port
 
 sys.path.insert(0, str(REPO_ROOT))  # MedPrivacySlicerCommon, as a source checkout added to Slicer has it
 from medprivacy.errors import CancelledError, InputError, ServerError  # noqa: E402
