@@ -95,32 +95,6 @@ def test_start_segmentation_loads_the_result_into_the_scene_and_cancel_adds_noth
     assert _our_temporary_folders() == before
 
 
-def test_watermark_folder_in_worker(tiny_watermark_models_dir, tmp_path):
-    import SimpleITK as sitk
-
-    from MedLockerWatermarkLib.testing import PASSPHRASE, TEST_SCRYPT_LOG2_N, MedLockerWatermarkTestMixin, tiny_search
-    from medprivacy.watermark import io as mio
-    from medprivacy.watermark.keyfile import load_key, unlock
-
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    originals = {"a.png": MedLockerWatermarkTestMixin.sample_pixels("gray8")[0],
-                 "b.png": MedLockerWatermarkTestMixin.sample_pixels("rgb")[0]}
-    for name, pixels in originals.items():
-        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3), str(inputs / name))
-    logic = MedLockerWatermark.MedLockerWatermarkLogic(slicer_support.make_scene().scene)
-    with start_server([], models_dir=tiny_watermark_models_dir) as server:
-        stages = []
-        result = logic.protect_folder_in_worker(
-            inputs, tmp_path / "out", tmp_path / "set.mlkey", server.url, passphrase=PASSPHRASE,
-            settings=tiny_search(mode="wap"), scrypt_log2_n=TEST_SCRYPT_LOG2_N, logo=logic.load_logo(None),
-            progress=lambda text, fraction: stages.append(fraction))
-    assert result.protected == 2 and len(result.reports) == 2 and stages[-1] == 1.0
-    key = load_key(tmp_path / "set.mlkey", passphrase=PASSPHRASE)
-    for name, pixels in originals.items():
-        np.testing.assert_array_equal(unlock(mio.read_image(tmp_path / "out" / name).pixels, key), pixels)
-
-
 def test_obfuscation_in_worker_equals_in_process(scene, tiny_obfuscation_models_dir, tmp_path):
     from ObfuscationPrivacyLib.testing import ObfuscationPrivacyTestMixin
 

@@ -10,8 +10,9 @@ The alternative, a copy of the whole 3D volume with one slice replaced, would ha
 unprotected, and the key fingerprints one 2D image anyway. ``unlock`` likewise gives a new single-slice volume.
 
 Threads: the ``compute_*`` and ``protect_folder`` methods touch no MRML and no state of this object except through
-their arguments, so the widget runs them in a ``BackgroundJob``; ``protect_folder_in_worker`` (same arguments and
-result) runs the folder in a worker process (``medprivacy.worker``). Everything else belongs on the main thread.
+their arguments, so the widget runs them in a ``BackgroundJob`` (the worker process has a ``watermark-folder`` task,
+but calling it from here would make every MedLocker install pull the worker's Mixup dependencies, torch included,
+until the worker's tasks are split per feature). Everything else belongs on the main thread.
 Heavy modules (requests, scipy, cryptography, SimpleITK) are imported inside functions, so that Slicer lists the
 module before its dependencies are installed.
 """
@@ -519,53 +520,6 @@ class MedLockerWatermarkLogic:
         finally:
             client.close()
         return DatasetResult(protected=done, output_dir=Path(output_dir), key_path=Path(key_path), reports=reports)
-
-    def folder_request(self, input_dir, output_dir, key_path, url: str, *, key_file=None, ca_bundle: str | None = None,
-                       logo_path=None, settings=None, lesions: str = "auto", append: bool = False,
-                       overwrite: bool = False, scrypt_log2_n: int | None = None) -> dict:
-        """The worker request of ``protect_folder`` (the passphrase travels in the environment, never here)."""
-        from dataclasses import asdict
-
-        from medprivacy.watermark.batch import SearchSettings
-
-        options = {"key_file": str(key_file) if key_file else None, "logo": str(logo_path) if logo_path else None,
-                   "settings": asdict(settings or SearchSettings()), "lesions": lesions, "append": bool(append),
-                   "overwrite": bool(overwrite), "scrypt_log2_n": scrypt_log2_n}
-        return {"task": "watermark-folder", "inputs": {"folder": str(input_dir)},
-                "outputs": {"folder": str(output_dir), "key": str(key_path)},
-                "server": {"url": url, "ca_bundle": ca_bundle or None, "timeout": self.client_options.get("read_timeout")},
-                "options": options}
-
-    def protect_folder_in_worker(self, input_dir, output_dir, key_path, url: str, *, passphrase: str | None = None,
-                                 key_file=None, token: str | None = None, ca_bundle: str | None = None, logo=None,
-                                 settings=None, lesions: str = "auto", append: bool = False, overwrite: bool = False,
-                                 scrypt_log2_n: int | None = None, progress: Progress | None = None,
-                                 cancel: Cancel | None = None) -> DatasetResult:
-        """``protect_folder`` in a worker process (same arguments and result; blocks, so a ``BackgroundJob`` can call
-        it). Cancel terminates the worker between two writes; the key still restores every image written."""
-        import shutil
-        import tempfile
-
-        from medprivacy.worker import PASSPHRASE_ENV
-        from MedPrivacySlicerCommon.worker import run_worker
-
-        folder = Path(tempfile.mkdtemp(prefix="medprivacy-watermark-"))
-        try:
-            logo_path = None
-            if logo is not None and not isinstance(logo, (str, os.PathLike)):
-                logo_path = folder / "logo.npy"
-                np.save(logo_path, np.asarray(logo), allow_pickle=False)
-            elif logo is not None:
-                logo_path = logo
-            request = self.folder_request(input_dir, output_dir, key_path, url, key_file=key_file, ca_bundle=ca_bundle,
-                                          logo_path=logo_path, settings=settings, lesions=lesions, append=append,
-                                          overwrite=overwrite, scrypt_log2_n=scrypt_log2_n)
-            env = {PASSPHRASE_ENV: passphrase} if passphrase else None
-            outputs = run_worker(request, progress, cancel, token=token, env=env)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return DatasetResult(protected=int(outputs["protected"]), output_dir=Path(outputs["folder"]),
-                             key_path=Path(outputs["key"]), reports=list(outputs.get("reports") or []))
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
