@@ -372,3 +372,13 @@ def tiny_obfuscation_models_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-obf-models")
     build_tiny_models(directory)
     return build_obfuscation_models(directory)
+
+
+@pytest.fixture
+def scene():
+    """A fresh MRML scene from slicer-core (the Slicer logic tests' scene), closed after the test."""
+    import slicer_support
+
+    core_scene = slicer_support.make_scene()
+    yield core_scene.scene
+    core_scene.close()

@@ -33,13 +33,6 @@ def case() -> _Case:
     return _Case()
 
 
-@pytest.fixture
-def scene():
-    core_scene = slicer_support.make_scene()
-    yield core_scene.scene
-    core_scene.close()
-
-
 def test_volume_node_round_trip_keeps_voxels_and_oblique_geometry(case, scene):
     case.check_volume_round_trip(scene)
 

@@ -34,13 +34,6 @@ def case() -> _Case:
     return _Case()
 
 
-@pytest.fixture
-def scene():
-    core_scene = slicer_support.make_scene()
-    yield core_scene.scene
-    core_scene.close()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_obfuscation_models_dir):
     handle = start_server([], models_dir=tiny_obfuscation_models_dir)

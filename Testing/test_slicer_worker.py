@@ -22,13 +22,6 @@ MedLockerWatermark = slicer_support.load_module(slicer_support.WATERMARK_MODULE_
 ObfuscationPrivacy = slicer_support.load_module(slicer_support.OBFUSCATION_MODULE_DIR)
 
 
-@pytest.fixture
-def scene():
-    core_scene = slicer_support.make_scene()
-    yield core_scene.scene
-    core_scene.close()
-
-
 @pytest.fixture(scope="module")
 def mixup_key(live_server, tmp_path_factory) -> Path:
     logic = MixupPrivacy.MixupPrivacyLogic(slicer_support.make_scene().scene)
