@@ -54,6 +54,10 @@ LAYER_OF = {
     "medprivacy.obfuscation.cli": "applications",
     "medprivacy.obfuscation.demo": "applications",
     "medprivacy.worker": "applications",
+    # The worker's task bodies: applications that live beside their feature (they build its clients).
+    "medprivacy.mixup.worker_tasks": "applications",
+    "medprivacy.watermark.worker_tasks": "applications",
+    "medprivacy.obfuscation.worker_tasks": "applications",
 }
 
 #: Layer -> the layers it may import (its own included).

@@ -37,6 +37,7 @@ Exit code: 0 the result was reported; 1 the task failed (an error line was repor
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -50,7 +51,6 @@ from typing import Any, Callable
 from .errors import AuthError, CancelledError, InputError, MedPrivacyError, ServerError
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2
-PASSPHRASE_ENV = "MEDPRIVACY_KEY_PASSPHRASE"
 #: Progress lines are rate-limited: the pipeline may report thousands of steps, the GUI needs a few per second.
 PROGRESS_INTERVAL_S = 0.1
 
@@ -137,9 +137,11 @@ class Task:
     def wrote(self, path: Path) -> None:
         self.written.append(Path(path))
 
-    def client(self, client_class=None):
-        if client_class is None:
-            from .transport import InferenceClient as client_class
+    def cancel_cooperatively(self) -> None:
+        """From now on SIGTERM only sets ``cancelled()``: the task must clean up elsewhere first (a server job)."""
+        _cooperative.set()
+
+    def client(self, client_class):
         url = (self.server.get("url") or "").strip()
         if not url:
             raise InputError("the request names no server URL; enter the server URL")
@@ -150,198 +152,27 @@ class Task:
         return client_class(url, **options)
 
 
-# -- tasks -------------------------------------------------------------------------------------------------------
+# -- tasks, per feature ------------------------------------------------------------------------------------------
 
-def _mixup_keygen(task: Task) -> dict[str, Any]:
-    from .mixup.bank import generate_bank
-
-    options = {k: task.options[k] for k in ("subjects", "patches", "deformation") if task.options.get(k) is not None}
-    if task.options.get("patch_size"):
-        options["patch_size"] = tuple(int(v) for v in task.options["patch_size"])
-    key_dir = task.options.get("key_dir") or None
-    existed = key_dir is not None and Path(key_dir).exists()
-    bank = generate_bank(key_dir, force=bool(task.options.get("force")), progress=task.progress, **options)
-    if not existed and bank.directory is not None:
-        task.wrote(Path(bank.directory))
-    return {"key_dir": str(bank.directory), "patches": len(bank), "patch_size": list(bank.patch_size)}
-
-
-def _mixup_segment(task: Task) -> dict[str, Any]:
-    from .files import check_writable_folder
-    from .mixup.bank import ReferenceBank
-    from .mixup.io import check_labelmap_path, read_image, write_image, write_labelmap
-    from .mixup.pipeline import segment_private
-
-    labelmap_path = check_labelmap_path(task.path("outputs", "labelmap"))
-    uploaded_path, rebuild_path = task.path("outputs", "uploaded", False), task.path("outputs", "rebuild", False)
-    for extra in (uploaded_path, rebuild_path):
-        if extra is not None:
-            check_writable_folder(extra.parent, f"folder of {extra.name}")
-    image = read_image(task.input_file("image"))
-    bank = ReferenceBank.load(task.options.get("key_dir") or None)
-    client = task.client()
-    tta = task.options.get("tta")
-    result = segment_private(image, client, bank, privacy=task.options.get("privacy"),
-                             tta=None if tta is None else int(tta),
-                             unmix=task.options.get("unmix", "learned"), seed=task.options.get("seed"),
-                             keep_uploaded=uploaded_path is not None, progress=task.progress, cancel=task.cancelled)
-    outputs: dict[str, Any] = {"stats": result.stats}
-    if rebuild_path is not None:
-        from .mixup.audit.attack import server_rebuild
-
-        write_image(server_rebuild(result.session, bank, progress=task.progress), rebuild_path)
-        task.wrote(rebuild_path)
-        outputs["rebuild"] = str(rebuild_path)
-    if uploaded_path is not None:
-        write_image(result.uploaded, uploaded_path)
-        task.wrote(uploaded_path)
-        outputs["uploaded"] = str(uploaded_path)
-    write_labelmap(result.labelmap, labelmap_path)
-    task.wrote(labelmap_path)
-    outputs["labelmap"] = str(labelmap_path)
-    return outputs
-
-
-def _watermark_folder(task: Task) -> dict[str, Any]:
-    from .transport.watermark_client import WatermarkClient
-    from .watermark import batch, blending
-
-    passphrase = os.environ.get(PASSPHRASE_ENV) or None
-    key_file = task.options.get("key_file") or None
-    credentials = {"passphrase": passphrase} if passphrase else {"key_file": key_file} if key_file else None
-    if passphrase and task.options.get("scrypt_log2_n") is not None:
-        credentials["scrypt_log2_n"] = int(task.options["scrypt_log2_n"])
-    logo_path = task.options.get("logo")
-    if logo_path and str(logo_path).endswith(".npy"):  # a logo the app already holds as pixels
-        import numpy as np
-
-        logo = blending.as_rgba(np.load(logo_path, allow_pickle=False))
-    else:
-        logo = blending.load_logo(logo_path) if logo_path else blending.default_logo()
-    settings = batch.SearchSettings(**(task.options.get("settings") or {}))
-    client = task.client(WatermarkClient)
-    try:
-        done, reports = batch.protect_folder(
-            task.path("inputs", "folder"), task.path("outputs", "folder"), task.path("outputs", "key"), client,
-            credentials, logo, settings, task.options.get("lesions", "auto"), append=bool(task.options.get("append")),
-            overwrite=bool(task.options.get("overwrite")), progress=task.progress)
-    finally:
-        client.close()
-    return {"protected": done, "folder": str(task.outputs["folder"]), "key": str(task.outputs["key"]),
-            "reports": reports}
-
-
-def _obfuscation_keygen(task: Task) -> dict[str, Any]:
-    from .obfuscation.keygen import create_site_key
-
-    key_dir = task.options.get("key_dir")
-    if not key_dir:
-        raise InputError("choose a folder for the obfuscation key")
-    existed = Path(key_dir).exists()
-    key = create_site_key(key_dir, force=bool(task.options.get("force")), vae_from=task.options.get("vae_from") or None,
-                          models_dir=task.options.get("models_dir") or None, progress=task.progress)
-    if not existed:
-        task.wrote(Path(key_dir))
-    return {"key_dir": str(key_dir), "description": key.describe()}
-
-
-def _load_frames(task: Task):
-    import numpy as np
-
-    path = task.input_file("frames")
-    try:
-        frames = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"input frames {path} are not a readable .npy array ({str(exc).splitlines()[0]}); "
-                         "export them again") from None
-    if frames.ndim != 3:
-        raise InputError(f"input frames {path} hold a {frames.ndim}-D array; expected (frames, height, width)")
-    return frames
-
-
-def _obfuscate(frames, key_dir, progress):
-    from .obfuscation.key import SiteKey
-    from .obfuscation.transform import Obfuscator
-
-    if not key_dir:
-        raise InputError("choose the obfuscation key folder, or generate a key")
-    key = SiteKey.load(key_dir)
-
-    def report(done, total):
-        progress(f"obfuscating frame {done}/{total}", done / max(1, total))
-
-    return Obfuscator(key).obfuscate(frames, report), key.key_id
-
-
-def _save_array(task: Task, name: str, array) -> str:
-    import numpy as np
-
-    from .files import write_atomically
-
-    path = task.path("outputs", name)
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as stream:  # a file object: given a name, np.save would append ".npy" to it
-            np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
-
-    write_atomically(path, write, temporary_suffix=".part")
-    task.wrote(path)
-    return str(path)
-
-
-def _obfuscation_apply(task: Task) -> dict[str, Any]:
-    codes, key_id = _obfuscate(_load_frames(task), task.options.get("key_dir"), task.progress)
-    return {"codes": _save_array(task, "codes", codes), "key_id": key_id}
-
-
-def _obfuscation_classify(task: Task) -> dict[str, Any]:
-    from .transport.obfuscation_client import ObfuscationClient
-
-    model = task.options.get("model")
-    if not model:
-        raise InputError("choose a model trained with this key (refresh the list from the server)")
-    codes, key_id = _obfuscate(_load_frames(task), task.options.get("key_dir"), task.progress)
-    task.progress("classifying on the server", 0.9)
-    client = task.client(ObfuscationClient)
-    try:
-        answer = client.classify(codes, model, key_id)
-    finally:
-        client.close()
-    return {"model": model, "classes": list(answer["classes"]), "probabilities": answer["probabilities"],
-            "predicted": answer["predicted"], "key_id": key_id}
-
-
-def _obfuscation_train(task: Task) -> dict[str, Any]:
-    from .obfuscation.dataset import train_on_server
-    from .obfuscation.key import SiteKey
-    from .transport.obfuscation_client import ObfuscationClient
-
-    dataset, key_dir = task.options.get("dataset"), task.options.get("key_dir")
-    if not dataset:
-        raise InputError("choose the dataset folder (one subfolder per class)")
-    if not key_dir:
-        raise InputError("choose the obfuscation key folder, or generate a key")
-    key = SiteKey.load(key_dir)
-    client = task.client(ObfuscationClient)
-    _cooperative.set()  # a Cancel must reach the server's job: the core cancels it at its next check
-    try:
-        job = train_on_server(dataset, key, client, int(task.options.get("steps") or 1500),
-                              task.options.get("name") or "", task.progress, task.cancelled)
-    finally:
-        client.close()
-    return {"job": job}
-
-
-TASKS: dict[str, Callable[[Task], dict[str, Any]]] = {
-    "mixup-keygen": _mixup_keygen,
-    "mixup-segment": _mixup_segment,
-    "watermark-folder": _watermark_folder,
-    "obfuscation-keygen": _obfuscation_keygen,
-    "obfuscation-apply": _obfuscation_apply,
-    "obfuscation-classify": _obfuscation_classify,
-    "obfuscation-train": _obfuscation_train,
+#: Task name -> the module holding its body (its ``TASKS`` table). Imported by name only when a request names the
+#: task, so a MedLocker worker never imports MONAI or torch; ``Testing/test_slicer_dependencies.py`` follows this
+#: table from the task names each Slicer module sends.
+TASK_MODULES: dict[str, str] = {
+    "mixup-keygen": "medprivacy.mixup.worker_tasks",
+    "mixup-segment": "medprivacy.mixup.worker_tasks",
+    "watermark-folder": "medprivacy.watermark.worker_tasks",
+    "obfuscation-keygen": "medprivacy.obfuscation.worker_tasks",
+    "obfuscation-apply": "medprivacy.obfuscation.worker_tasks",
+    "obfuscation-classify": "medprivacy.obfuscation.worker_tasks",
+    "obfuscation-train": "medprivacy.obfuscation.worker_tasks",
 }
-#: Tasks whose partial outputs stay on a stop, because they are complete and consistent by design.
-KEEPS_PARTIAL_OUTPUTS = {"watermark-folder"}
+TASKS = tuple(TASK_MODULES)
+
+
+def task_body(name: str) -> tuple[Callable[[Task], dict[str, Any]], bool]:
+    """The task's function, and whether its partial outputs stay on a stop (complete and consistent by design)."""
+    module = importlib.import_module(TASK_MODULES[name])
+    return module.TASKS[name], name in getattr(module, "KEEPS_PARTIAL_OUTPUTS", ())
 
 
 # -- running one request ----------------------------------------------------------------------------------------
@@ -391,17 +222,18 @@ def _on_sigterm(signum, frame) -> None:
 def run(argv: list[str], stdin=None, stdout=None) -> int:
     """Run one request; returns the exit code. ``stdout`` receives the JSON lines (default: the real stdout)."""
     reporter = Reporter(stdout if stdout is not None else sys.stdout)
-    task = None
+    task, keeps_partial_outputs = None, False
     try:
         request = read_request(argv, stdin if stdin is not None else sys.stdin)
+        body, keeps_partial_outputs = task_body(request["task"])
         task = Task(request, reporter)
-        outputs = TASKS[request["task"]](task)
+        outputs = body(task)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # done: a late Cancel must not remove a finished result
         reporter.emit("result", outputs=outputs)
         return EXIT_OK
     except BaseException as exc:  # every outcome is reported, or the app waits for a line that never comes
         kind = _error_kind(exc)
-        if task is not None and request["task"] not in KEEPS_PARTIAL_OUTPUTS:
+        if task is not None and not keeps_partial_outputs:
             _remove(task.written)
         if kind == "internal":
             traceback.print_exc(file=sys.stderr)

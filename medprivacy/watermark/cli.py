@@ -21,8 +21,7 @@ from pathlib import Path
 
 from ..cli import add_server_arguments, client_from_args
 from ..errors import InputError
-
-PASSPHRASE_ENV = "MEDPRIVACY_KEY_PASSPHRASE"
+from .worker_tasks import PASSPHRASE_ENV  # one name for the CLI and the worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
