@@ -9,7 +9,10 @@ Two ways to run the same protocol, parsed by one class (``WorkerProtocol``):
   queues lines; ``poll()`` dispatches them on the caller's thread, like Qt's signals do.
 
 ``start_worker`` picks the first inside the application and the second elsewhere; ``run_worker`` blocks until the
-outcome and raises the same one-line errors as the in-process calls. Cancel = SIGTERM (``QProcess.terminate``);
+outcome and raises the same one-line errors as the in-process calls. The Slicer logics build each task's request in
+one ``start_*`` method on ``start_task`` (a private folder for the task's files, the outputs turned into the logic's
+result, every outcome reported once); the panels call those, and ``run_task`` runs the same method to its end for
+scripts and tests. Cancel = SIGTERM (``QProcess.terminate``);
 the worker removes its outputs and reports ``cancelled``. A worker that ignores it is killed after a grace period.
 No Qt import at module level: this file also runs on slicer-core and plain Python.
 """
@@ -355,3 +358,64 @@ def run_worker(request: dict[str, Any], progress: Progress | None = None, cancel
         raise_for(*outcome["error"])
     return outcome["outputs"]
 
+
+
+def one_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def start_task(prepare: Callable[[Path], dict[str, Any]], finish: Callable[[dict], Any],
+               on_progress: Progress | None = None, on_done: Callable[[Any], None] | None = None,
+               on_error: OnError | None = None, token: str | None = None, env: dict[str, str] | None = None,
+               prefix: str = "medprivacy-task-"):
+    """Start one worker task whose files live in a private temporary folder; returns the worker at once.
+
+    ``prepare(folder)`` writes the task's inputs there and returns its request. When the worker answers,
+    ``finish(outputs)`` turns its outputs into the caller's result (it may read the folder and, on the main thread,
+    touch MRML); then the folder is removed and ``on_done(result)`` runs. Every failure, ``finish``'s included,
+    reaches ``on_error(message, kind)`` once: a Qt callback that raised would leave the GUI waiting forever.
+    """
+    import logging
+    import shutil
+
+    from medprivacy.errors import MedPrivacyError
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def failed(message: str, kind: str) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if on_error is not None:
+            on_error(message, kind)
+
+    def finished(outputs: dict) -> None:
+        try:
+            result = finish(outputs)
+        except Exception as exc:
+            if not isinstance(exc, MedPrivacyError):
+                logging.exception("reading the worker's result failed")
+            failed(one_line(exc), "input" if isinstance(exc, MedPrivacyError) else "internal")
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        if on_done is not None:
+            on_done(result)
+
+    try:
+        return start_worker(prepare(folder), on_progress, finished, failed, token=token, env=env)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def run_task(start: Callable[..., Any], progress: Progress | None = None,
+             cancel: Callable[[], bool] | None = None) -> Any:
+    """Run a logic's ``start_*`` call (``start(on_progress=, on_done=, on_error=)``, e.g. a ``functools.partial``)
+    to its end in this thread; returns what ``on_done`` got and raises what ``on_error`` got as the in-process
+    call's one-line error. For scripts and tests outside the application, where ``start_worker`` gives a
+    ``SubprocessWorker``: in the application the panels take the callbacks from Qt's loop instead."""
+    outcome: dict[str, Any] = {}
+    worker = start(on_progress=progress, on_done=lambda result: outcome.update(result=result),
+                   on_error=lambda message, kind: outcome.update(error=(message, kind)))
+    worker.wait(cancel)
+    if "error" in outcome:
+        raise_for(*outcome["error"])
+    return outcome["result"]

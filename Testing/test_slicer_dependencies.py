@@ -2,7 +2,9 @@
 
 The first test reads, with ``ast``, every import reachable from what the Slicer actions run: the modules' Lib files
 (panel, logic, worker...) and, transitively, the ``medprivacy`` modules they import, lazy imports inside functions
-included. A third-party package found there must be in the module's dependency list or come with Slicer; else a
+included. A worker task a module starts by name (a string such as ``"watermark-folder"`` in its Lib) leads to
+``medprivacy/worker.py`` and to that task's own module only (``medprivacy.worker.TASK_MODULES``), as in the worker
+process, which imports nothing else. A third-party package found there must be in the module's dependency list or come with Slicer; else a
 fresh Slicer fails on the first click (as Apply once did for nilearn). ``importlib.util.find_spec("name")`` is a
 look-up, not an import, and is not counted. The rest checks the install step's decisions on this environment's real
 installed packages.
@@ -22,6 +24,7 @@ import slicer_support
 ROOT = slicer_support.REPO_ROOT
 sys.path.insert(0, str(ROOT))
 
+from medprivacy.worker import TASK_MODULES  # noqa: E402
 from MedPrivacySlicerCommon import dependencies  # noqa: E402
 
 MODULES = ("MixupPrivacy", "MedLockerWatermark", "ObfuscationPrivacy")
@@ -93,19 +96,30 @@ def _dependency_list(name: str):
     return module
 
 
-def third_party_imports(module_name: str) -> dict[str, list[str]]:
-    """Top-level third-party package -> the places ("file:line") that import it, from ``module_name``'s actions."""
+def worker_tasks_started(path: Path) -> set[str]:
+    """The worker tasks ``path`` names (string constants equal to a task name): the tasks it can start."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in TASK_MODULES}
+
+
+def reached_files(module_name: str) -> dict[Path, list[tuple[str, str]]]:
+    """Every file ``module_name``'s actions load, in Slicer or in the worker processes they start, with the
+    third-party imports of each as (top-level package, "file:line")."""
     lib = ROOT / module_name / f"{module_name}Lib"
     pending = [path for path in sorted(lib.glob("*.py")) if path.name not in NOT_ACTIONS]
     pending += [path for path in sorted((ROOT / "MedPrivacySlicerCommon").glob("*.py")) if path.name not in NOT_ACTIONS]
-    seen: set[Path] = set()
-    found: dict[str, list[str]] = {}
+    reached: dict[Path, list[tuple[str, str]]] = {}
     while pending:
         path = pending.pop()
-        if path in seen:
+        if path in reached:
             continue
-        seen.add(path)
-        for module, line in _imports(path):
+        reached[path] = []
+        # The worker's own table names every task; a request picks one, which only a Slicer-side file decides.
+        sends_requests = path != ROOT / "medprivacy" / "worker.py"
+        started = [TASK_MODULES[task] for task in worker_tasks_started(path)] if sends_requests else []
+        if started:  # the worker process: its protocol module, then the task's module, loaded by name
+            started.append("medprivacy.worker")
+        for module, line in [*_imports(path), *((name, 0) for name in started)]:
             top = module.split(".")[0]
             if top in OURS:
                 target = _file_of(module)
@@ -117,7 +131,16 @@ def third_party_imports(module_name: str) -> dict[str, list[str]]:
                         if parent is not None:
                             pending.append(parent)
             elif top != "__future__" and not _is_stdlib(top):
-                found.setdefault(top, []).append(f"{path.relative_to(ROOT)}:{line}")
+                reached[path].append((top, f"{path.relative_to(ROOT)}:{line}"))
+    return reached
+
+
+def third_party_imports(module_name: str) -> dict[str, list[str]]:
+    """Top-level third-party package -> the places ("file:line") that import it, from ``module_name``'s actions."""
+    found: dict[str, list[str]] = {}
+    for imports in reached_files(module_name).values():
+        for top, place in imports:
+            found.setdefault(top, []).append(place)
     return found
 
 
@@ -135,6 +158,17 @@ def test_every_third_party_import_of_the_actions_is_installed_or_comes_with_slic
                           f"Slicer ships: {unlisted}")
     if not lib.NEEDS_TORCH:
         assert "torch" not in found, found["torch"][:3]
+
+
+def test_each_module_reaches_the_worker_tasks_it_starts_and_no_other():
+    # MedLocker's worker runs only the watermark task; were the walk to reach every task it would list torch for
+    # MedLocker, and were it to miss the worker a package only the worker imports would go unlisted.
+    worker_modules = {name: {path.relative_to(ROOT).as_posix() for path in reached_files(name)
+                             if path.name == "worker_tasks.py" or path.name == "worker.py" and path.parent.name
+                             == "medprivacy"} for name in MODULES}
+    assert worker_modules["MedLockerWatermark"] == {"medprivacy/worker.py", "medprivacy/watermark/worker_tasks.py"}
+    assert worker_modules["MixupPrivacy"] == {"medprivacy/worker.py", "medprivacy/mixup/worker_tasks.py"}
+    assert worker_modules["ObfuscationPrivacy"] == {"medprivacy/worker.py", "medprivacy/obfuscation/worker_tasks.py"}
 
 
 def test_the_walk_sees_lazy_imports_and_skips_find_spec(tmp_path):

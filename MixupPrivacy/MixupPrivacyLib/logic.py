@@ -5,9 +5,7 @@ is converted.
 """
 from __future__ import annotations
 
-import logging
-import shutil
-import tempfile
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -303,6 +301,8 @@ class MixupPrivacyLogic:
         return self.apply_result(result, input_node, output_segmentation_node, show_uploaded=show_uploaded)
 
     # -- the same work in a worker process (medprivacy.worker): the GUI stays responsive -------------------------
+    # Each task's request is built once, in its ``start_*`` method (main thread, returns the worker at once; the
+    # panel calls these). The ``*_in_worker`` twins run the same method to its end for scripts and tests.
 
     def segmentation_request(self, input_path, folder, url: str, ca_bundle: str | None = None, key_dir=None,
                              tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
@@ -330,86 +330,85 @@ class MixupPrivacyLogic:
 
         return WorkerSegmentation(read("labelmap"), read("uploaded"), read("rebuild"), dict(outputs.get("stats") or {}))
 
-    def compute_in_worker(self, input_sitk, url: str, token: str | None = None, ca_bundle: str | None = None,
-                          key_dir=None, tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
-                          progress: Callable[[str, float | None], None] | None = None,
-                          cancel: Callable[[], bool] | None = None, seed: int | None = None, privacy: str | None = None,
-                          rebuild: bool = False) -> WorkerSegmentation:
-        """``compute`` in a worker process (same arguments, a result ``apply_result`` takes); blocks, touches no
-        MRML, so a ``BackgroundJob`` can call it. Cancel terminates the worker."""
-        from medprivacy.mixup.io import write_image
-        from MedPrivacySlicerCommon.worker import run_worker
+    def start_segmentation_of_image(self, input_sitk, url: str, token: str | None = None,
+                                    ca_bundle: str | None = None, key_dir=None, tta: int | None = None,
+                                    unmix: str = "learned", keep_uploaded: bool = False, seed: int | None = None,
+                                    privacy: str | None = None, rebuild: bool = False, finish=None, on_progress=None,
+                                    on_done=None, on_error=None):
+        """Start the private segmentation of ``input_sitk`` in a worker: the image is written to a private
+        temporary folder, and ``finish(outputs)`` (default: ``read_worker_segmentation``) gives ``on_done`` its
+        result before the folder is removed. Returns the worker (``cancel()`` stops it)."""
 
-        folder = Path(tempfile.mkdtemp(prefix="medprivacy-mixup-"))
-        try:
-            write_image(input_sitk, folder / "input.nrrd")
+        def prepare(folder: Path) -> dict:
+            from medprivacy.mixup.io import write_image
+
             request = self.segmentation_request(folder / "input.nrrd", folder, url, ca_bundle, key_dir, tta, unmix,
-                                                keep_uploaded, seed, privacy, rebuild)
-            return self.read_worker_segmentation(run_worker(request, progress, cancel, token=token))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+                                                keep_uploaded, seed, privacy, rebuild)  # checks before writing
+            write_image(input_sitk, folder / "input.nrrd")
+            return request
+
+        from MedPrivacySlicerCommon.worker import start_task
+
+        return start_task(prepare, finish or self.read_worker_segmentation, on_progress, on_done, on_error,
+                          token=token, prefix="medprivacy-mixup-")
 
     def start_segmentation(self, input_node, url: str, token: str | None = None, ca_bundle: str | None = None,
                            key_dir=None, tta: int | None = None, unmix: str = "learned", output_segmentation_node=None,
                            show_uploaded: bool = False, seed: int | None = None, privacy: str | None = None,
                            show_rebuild: bool = False, on_progress=None, on_done=None, on_error=None):
-        """Start ``run`` in a worker process and return at once (main thread): the input node is exported to a
-        temporary file, and when the worker answers its result goes into the scene like ``run``'s, then
-        ``on_done(segmentation_node)``; failures reach ``on_error(message, kind)``. Returns the worker: keep it until
-        then (``cancel()`` stops it; outside the application call its ``poll()`` to receive the callbacks)."""
-        from medprivacy.mixup.io import write_image
-        from MedPrivacySlicerCommon.worker import start_worker
-
+        """``run`` in a worker process, returning at once (main thread): when the worker answers, its result goes
+        into the scene like ``run``'s, then ``on_done(segmentation_node)``; failures reach ``on_error(message,
+        kind)``. Returns the worker: keep it until then (``cancel()`` stops it; outside the application call its
+        ``poll()`` to receive the callbacks)."""
         image = self.volume_node_to_sitk(input_node)  # validates the input before anything starts
         input_id = input_node.GetID()
         output_id = output_segmentation_node.GetID() if output_segmentation_node is not None else None
-        folder = Path(tempfile.mkdtemp(prefix="medprivacy-mixup-"))
 
-        def finished(outputs):
-            try:
-                node = self.scene.GetNodeByID(input_id)
-                if node is None:
-                    raise InputError("the input volume was removed from the scene before the result arrived")
-                output = self.scene.GetNodeByID(output_id) if output_id else None
-                segmentation = self.apply_result(self.read_worker_segmentation(outputs), node, output, show_uploaded)
-            except Exception as exc:  # a Qt callback: every outcome must reach on_error, or the GUI waits forever
-                if not isinstance(exc, MedPrivacyError):
-                    logging.exception("loading the worker's segmentation failed")
-                failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                       "input" if isinstance(exc, MedPrivacyError) else "internal")
-                return
-            shutil.rmtree(folder, ignore_errors=True)
-            if on_done is not None:
-                on_done(segmentation)
+        def into_scene(outputs):  # node IDs, not nodes, cross the wait: the scene may change meanwhile
+            node = self.scene.GetNodeByID(input_id)
+            if node is None:
+                raise InputError("the input volume was removed from the scene before the result arrived")
+            output = self.scene.GetNodeByID(output_id) if output_id else None
+            return self.apply_result(self.read_worker_segmentation(outputs), node, output, show_uploaded)
 
-        def failed(message, kind):
-            shutil.rmtree(folder, ignore_errors=True)
-            if on_error is not None:
-                on_error(message, kind)
+        return self.start_segmentation_of_image(image, url, token, ca_bundle, key_dir, tta, unmix, show_uploaded, seed,
+                                                privacy, show_rebuild, into_scene, on_progress, on_done, on_error)
 
-        try:
-            write_image(image, folder / "input.nrrd")
-            request = self.segmentation_request(folder / "input.nrrd", folder, url, ca_bundle, key_dir, tta, unmix,
-                                                show_uploaded, seed, privacy, show_rebuild)
-            return start_worker(request, on_progress, finished, failed, token=token)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+    def compute_in_worker(self, input_sitk, url: str, token: str | None = None, ca_bundle: str | None = None,
+                          key_dir=None, tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
+                          progress: Callable[[str, float | None], None] | None = None,
+                          cancel: Callable[[], bool] | None = None, seed: int | None = None, privacy: str | None = None,
+                          rebuild: bool = False) -> WorkerSegmentation:
+        """``compute``'s arguments and a result ``apply_result`` takes, through ``start_segmentation_of_image``;
+        blocks (scripts, tests). Cancel terminates the worker."""
+        from MedPrivacySlicerCommon.worker import run_task
 
-    def generate_key_in_worker(self, key_dir, progress: Callable[[str, float | None], None] | None = None,
-                               force: bool = False, cancel: Callable[[], bool] | None = None, **options):
-        """``generate_key`` in a worker process (blocks; a ``BackgroundJob`` can call it); returns the key."""
-        from medprivacy.mixup.bank import ReferenceBank
-        from MedPrivacySlicerCommon.worker import run_worker
-
-        outputs = run_worker(self.key_request(key_dir, force, **options), progress, cancel)
-        return ReferenceBank.load(outputs["key_dir"])
+        return run_task(functools.partial(self.start_segmentation_of_image, input_sitk, url, token, ca_bundle, key_dir,
+                                          tta, unmix, keep_uploaded, seed, privacy, rebuild), progress, cancel)
 
     @staticmethod
     def key_request(key_dir, force: bool = False, **options) -> dict:
         """The worker request of ``generate_key`` (``options``: subjects, patches, patch_size)."""
         return {"task": "mixup-keygen", "options": {"key_dir": str(key_dir) if key_dir else None, "force": bool(force),
                                                      **{k: v for k, v in options.items() if v is not None}}}
+
+    def start_key_generation(self, key_dir, force: bool = False, on_progress=None, on_done=None, on_error=None,
+                             **options):
+        """Start ``generate_key`` in a worker; ``on_done(key folder)``. Returns the worker."""
+        from MedPrivacySlicerCommon.worker import start_task
+
+        return start_task(lambda _folder: self.key_request(key_dir, force, **options),
+                          lambda outputs: outputs["key_dir"], on_progress, on_done, on_error,
+                          prefix="medprivacy-mixup-")
+
+    def generate_key_in_worker(self, key_dir, progress: Callable[[str, float | None], None] | None = None,
+                               force: bool = False, cancel: Callable[[], bool] | None = None, **options):
+        """``start_key_generation`` to its end (blocks; scripts, tests); returns the key."""
+        from medprivacy.mixup.bank import ReferenceBank
+        from MedPrivacySlicerCommon.worker import run_task
+
+        folder = run_task(functools.partial(self.start_key_generation, key_dir, force, **options), progress, cancel)
+        return ReferenceBank.load(folder)
 
     # -- checks --------------------------------------------------------------------------------------------
 
