@@ -7,13 +7,14 @@ field of view at the key's frame size: the pixel spacing grows by the resize fac
 moves inside the same corner, directions and parent transform are kept. It holds exactly what would leave the
 computer.
 
-Threads: ``generate_key``, ``obfuscate_frames``, ``classify_codes`` and ``train_from_folder`` touch no MRML and no
-state of this object, so the widget runs them in a ``BackgroundJob``; their ``*_in_worker`` twins (same arguments
-and results) run the work in a worker process (``medprivacy.worker``), which keeps Slicer responsive. Everything
-else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
+Processes: the panel runs key generation, obfuscation, classification and training in a worker process
+(``medprivacy.worker``) through the ``start_*`` methods, which keeps Slicer responsive; ``generate_key``,
+``obfuscate_frames``, ``classify_frames`` and ``train_from_folder`` are the same work in this process, for scripts
+and the tests that check both give the same answer. Everything else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -270,60 +271,85 @@ class ObfuscationPrivacyLogic:
             client.close()
 
     # -- the same work in a worker process (medprivacy.worker): the GUI stays responsive -------------------------
-    # Same arguments and results as the methods above; each blocks until the worker answers (a ``BackgroundJob``
-    # calls it), and ``cancel`` terminates the worker.
+    # Each task's request is built once, in its ``start_*`` method (main thread; returns the worker at once, whose
+    # ``cancel()`` terminates it; the panel calls these). ``on_done`` gets the result of the in-process method above.
+    # The ``*_in_worker`` twins run the same ``start_*`` to its end for scripts and tests.
 
-    def _run_in_worker(self, task: str, options: dict, progress=None, cancel=None, frames=None, url=None, token=None,
-                       ca_bundle=None) -> dict:
-        import shutil
-        import tempfile
+    def _start(self, task: str, options: dict, finish, callbacks: dict, frames=None, url=None, token=None,
+               ca_bundle=None):
+        from MedPrivacySlicerCommon.worker import start_task
 
-        from MedPrivacySlicerCommon.worker import run_worker
-
-        folder = Path(tempfile.mkdtemp(prefix="medprivacy-obfuscation-"))
-        try:
+        def prepare(folder: Path) -> dict:
             request = {"task": task, "inputs": {}, "outputs": {}, "options": options,
                        "server": {"url": url, "ca_bundle": ca_bundle or None}}
             if frames is not None:
                 np.save(folder / "frames.npy", np.ascontiguousarray(frames), allow_pickle=False)
                 request["inputs"]["frames"] = str(folder / "frames.npy")
                 request["outputs"]["codes"] = str(folder / "codes.npy")
-            outputs = run_worker(request, progress, cancel, token=token)
-            if outputs.get("codes"):
-                outputs["codes"] = np.load(outputs["codes"], allow_pickle=False)
-            return outputs
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            return request
+
+        return start_task(prepare, finish, token=token, prefix="medprivacy-obfuscation-", **callbacks)
+
+    def start_key_generation(self, key_dir, force: bool = False, vae_from=None, on_progress=None, on_done=None,
+                             on_error=None):
+        options = {"key_dir": str(key_dir) if key_dir else None, "force": bool(force), "vae_from": vae_from,
+                   "models_dir": str(self.models_dir) if self.models_dir else None}
+        return self._start("obfuscation-keygen", options, lambda outputs: outputs["description"],
+                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error))
+
+    def start_obfuscation(self, pixels: np.ndarray, key_dir, on_progress=None, on_done=None, on_error=None):
+        def read(outputs):
+            return np.load(outputs["codes"], allow_pickle=False), outputs["key_id"]
+
+        return self._start("obfuscation-apply", {"key_dir": str(key_dir) if key_dir else None}, read,
+                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error), frames=pixels)
+
+    def start_classification(self, pixels: np.ndarray, key_dir, url: str, model: str, token: str | None = None,
+                             ca_bundle: str | None = None, on_progress=None, on_done=None, on_error=None):
+        def read(answer):
+            answer["probabilities"] = np.asarray(answer["probabilities"], dtype=np.float64)
+            answer["predicted"] = np.asarray(answer["predicted"])
+            return answer
+
+        options = {"key_dir": str(key_dir) if key_dir else None, "model": model}
+        return self._start("obfuscation-classify", options, read,
+                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error), frames=pixels, url=url,
+                           token=token, ca_bundle=ca_bundle)
+
+    def start_training(self, dataset, key_dir, url: str, token: str | None = None, ca_bundle: str | None = None,
+                       steps: int = DEFAULT_TRAIN_STEPS, name: str = "", on_progress=None, on_done=None,
+                       on_error=None):
+        options = {"dataset": str(dataset) if dataset else None, "key_dir": str(key_dir) if key_dir else None,
+                   "steps": int(steps or DEFAULT_TRAIN_STEPS), "name": name or ""}
+        return self._start("obfuscation-train", options, lambda outputs: outputs["job"],
+                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error), url=url, token=token,
+                           ca_bundle=ca_bundle)
+
+    @staticmethod
+    def _run(start, progress: Progress | None, cancel: Cancel | None):
+        from MedPrivacySlicerCommon.worker import run_task
+
+        return run_task(start, progress, cancel)
 
     def generate_key_in_worker(self, key_dir, force: bool = False, vae_from=None, progress: Progress | None = None,
                                cancel: Cancel | None = None) -> str:
-        options = {"key_dir": str(key_dir) if key_dir else None, "force": bool(force), "vae_from": vae_from,
-                   "models_dir": str(self.models_dir) if self.models_dir else None}
-        return self._run_in_worker("obfuscation-keygen", options, progress, cancel)["description"]
+        return self._run(functools.partial(self.start_key_generation, key_dir, force, vae_from), progress, cancel)
 
     def obfuscate_frames_in_worker(self, pixels: np.ndarray, key_dir, progress: Progress | None = None,
                                    cancel: Cancel | None = None) -> tuple[np.ndarray, str]:
-        outputs = self._run_in_worker("obfuscation-apply", {"key_dir": str(key_dir) if key_dir else None}, progress,
-                                      cancel, frames=pixels)
-        return outputs["codes"], outputs["key_id"]
+        return self._run(functools.partial(self.start_obfuscation, pixels, key_dir), progress, cancel)
 
     def classify_frames_in_worker(self, pixels: np.ndarray, key_dir, url: str, model: str, token: str | None = None,
                                   ca_bundle: str | None = None, progress: Progress | None = None,
                                   cancel: Cancel | None = None) -> dict:
-        options = {"key_dir": str(key_dir) if key_dir else None, "model": model}
-        answer = self._run_in_worker("obfuscation-classify", options, progress, cancel, frames=pixels, url=url,
-                                     token=token, ca_bundle=ca_bundle)
-        answer["probabilities"] = np.asarray(answer["probabilities"], dtype=np.float64)
-        answer["predicted"] = np.asarray(answer["predicted"])
-        return answer
+        return self._run(functools.partial(self.start_classification, pixels, key_dir, url, model, token, ca_bundle),
+                         progress, cancel)
 
     def train_from_folder_in_worker(self, dataset, key_dir, url: str, token: str | None = None,
                                     ca_bundle: str | None = None, steps: int = DEFAULT_TRAIN_STEPS, name: str = "",
                                     progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
-        options = {"dataset": str(dataset) if dataset else None, "key_dir": str(key_dir) if key_dir else None,
-                   "steps": int(steps), "name": name}
-        return self._run_in_worker("obfuscation-train", options, progress, cancel, url=url, token=token,
-                                   ca_bundle=ca_bundle)["job"]
+        return self._run(functools.partial(self.start_training, dataset, key_dir, url, token, ca_bundle, steps, name),
+                         progress, cancel)
 
     # -- results (main thread) ----------------------------------------------------------------------------------
 
