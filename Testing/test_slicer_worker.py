@@ -140,3 +140,53 @@ def test_obfuscation_training_and_classification_in_worker(scene, tiny_obfuscati
             assert client.job(job_id)["status"] == "cancelled"
         finally:
             client.close()
+
+
+def test_watermark_folder_in_worker_equals_in_process_and_cancel_keeps_a_key_that_restores(
+        scene, tiny_watermark_models_dir, tmp_path):
+    import SimpleITK as sitk
+
+    from MedLockerWatermarkLib.testing import PASSPHRASE, TEST_SCRYPT_LOG2_N, MedLockerWatermarkTestMixin, tiny_search
+    from medprivacy.watermark import io as mio
+    from medprivacy.watermark.keyfile import load_key, unlock
+
+    logic = MedLockerWatermark.MedLockerWatermarkLogic(scene)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    originals = {f"{kind}.png": MedLockerWatermarkTestMixin.sample_pixels(kind)[0] for kind in ("gray8", "rgb")}
+    for name, pixels in originals.items():
+        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3), str(inputs / name))
+    options = dict(passphrase=PASSPHRASE, settings=tiny_search(mode="wap"), scrypt_log2_n=TEST_SCRYPT_LOG2_N,
+                   logo=logic.load_logo(None))
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("medprivacy-*")}
+    with start_server([], models_dir=tiny_watermark_models_dir) as server:
+        stages = []
+        there = logic.protect_folder_in_worker(inputs, tmp_path / "there", tmp_path / "there.mlkey", server.url,
+                                               progress=lambda text, fraction: stages.append(fraction), **options)
+        here = logic.protect_folder(inputs, tmp_path / "here", tmp_path / "here.mlkey", server.url, **options)
+        assert there.protected == here.protected == 2 and stages and stages[-1] == 1.0
+        key = load_key(tmp_path / "there.mlkey", passphrase=PASSPHRASE)
+        for name, pixels in originals.items():
+            # The same seeded search on the same server: the worker writes exactly what the logic writes.
+            protected = mio.read_image(tmp_path / "there" / name).pixels
+            np.testing.assert_array_equal(protected, mio.read_image(tmp_path / "here" / name).pixels)
+            np.testing.assert_array_equal(unlock(protected, key), pixels)
+
+        # A bad request is one line from the worker, before the server works.
+        with pytest.raises(MixupPrivacy.InputError) as raised:
+            logic.protect_folder_in_worker(inputs, tmp_path / "again", tmp_path / "there.mlkey", server.url, **options)
+        assert "already exists" in str(raised.value) and "\n" not in str(raised.value)
+
+        # Cancel (SIGTERM) once the first image is done (progress comes before each image: 0, then 1/2): the
+        # finished image stays, and the key on disk restores it.
+        with pytest.raises(MixupPrivacy.CancelledError):
+            logic.protect_folder_in_worker(inputs, tmp_path / "partial", tmp_path / "partial.mlkey", server.url,
+                                           progress=lambda text, fraction: stages.append(fraction),
+                                           cancel=lambda: stages[-1] == 0.5, **options)
+        first = sorted(originals)[0]
+        assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [first]
+        partial = load_key(tmp_path / "partial.mlkey", passphrase=PASSPHRASE)
+        assert partial.names() == [first]
+        np.testing.assert_array_equal(unlock(mio.read_image(tmp_path / "partial" / first).pixels, partial),
+                                      originals[first])
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("medprivacy-*")} == before, "a request or logo stayed"

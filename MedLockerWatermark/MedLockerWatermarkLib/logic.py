@@ -9,10 +9,11 @@ slice, placed where that slice lies in space (same spacing, directions and paren
 The alternative, a copy of the whole 3D volume with one slice replaced, would hand out the neighbouring slices
 unprotected, and the key fingerprints one 2D image anyway. ``unlock`` likewise gives a new single-slice volume.
 
-Threads: the ``compute_*`` and ``protect_folder`` methods touch no MRML and no state of this object except through
-their arguments, so the widget runs them in a ``BackgroundJob`` (the worker process has a ``watermark-folder`` task,
-but calling it from here would make every MedLocker install pull the worker's Mixup dependencies, torch included,
-until the worker's tasks are split per feature). Everything else belongs on the main thread.
+Processes and threads: a dataset folder is protected in a worker process (``start_folder_protection``, the
+worker's ``watermark-folder`` task, which imports only MedLocker's part of the core); ``protect_folder`` is the same
+work in this process, for scripts and the tests. ``compute_protection`` (one image, one server search) touches no
+MRML and no state of this object except through its arguments, so the widget runs it in a ``BackgroundJob``.
+Everything else belongs on the main thread.
 Heavy modules (requests, scipy, cryptography, SimpleITK) are imported inside functions, so that Slicer lists the
 module before its dependencies are installed.
 """
@@ -520,6 +521,51 @@ class MedLockerWatermarkLogic:
         finally:
             client.close()
         return DatasetResult(protected=done, output_dir=Path(output_dir), key_path=Path(key_path), reports=reports)
+
+    def start_folder_protection(self, input_dir, output_dir, key_path, url: str, *, passphrase: str | None = None,
+                                key_file=None, token: str | None = None, ca_bundle: str | None = None, logo=None,
+                                settings=None, lesions: str = "auto", append: bool = False, overwrite: bool = False,
+                                scrypt_log2_n: int | None = None, on_progress=None, on_done=None, on_error=None):
+        """``protect_folder`` in a worker process, returning the worker at once (main thread; ``cancel()`` stops it
+        and the key still restores the images finished so far). ``on_done(DatasetResult)``; failures reach
+        ``on_error(message, kind)``. The passphrase and token travel in the worker's environment only."""
+        import dataclasses
+
+        from medprivacy.watermark.worker_tasks import PASSPHRASE_ENV
+        from MedPrivacySlicerCommon.worker import start_task
+
+        if not (url or "").strip():
+            raise InputError(f"enter the server URL, e.g. {DEFAULT_SERVER_URL}")
+
+        def prepare(folder: Path) -> dict:
+            options = {"key_file": str(key_file) if key_file and not passphrase else None, "lesions": lesions,
+                       "append": bool(append), "overwrite": bool(overwrite), "scrypt_log2_n": scrypt_log2_n,
+                       "settings": dataclasses.asdict(settings) if settings is not None else None}
+            if logo is not None:  # pixels the panel already holds (a chosen picture or the badge)
+                np.save(folder / "logo.npy", np.ascontiguousarray(logo), allow_pickle=False)
+                options["logo"] = str(folder / "logo.npy")
+            return {"task": "watermark-folder", "inputs": {"folder": str(input_dir)},
+                    "outputs": {"folder": str(output_dir), "key": str(key_path)}, "options": options,
+                    "server": {"url": url.strip(), "ca_bundle": ca_bundle or None,
+                               "timeout": self.client_options.get("read_timeout")}}
+
+        def result(outputs: dict) -> DatasetResult:
+            return DatasetResult(protected=int(outputs["protected"]), output_dir=Path(outputs["folder"]),
+                                 key_path=Path(outputs["key"]), reports=list(outputs.get("reports") or []))
+
+        return start_task(prepare, result, on_progress, on_done, on_error, token=token,
+                          env={PASSPHRASE_ENV: passphrase} if passphrase else None, prefix="medprivacy-watermark-")
+
+    def protect_folder_in_worker(self, input_dir, output_dir, key_path, url: str, *, progress: Progress | None = None,
+                                 cancel: Cancel | None = None, **options) -> DatasetResult:
+        """``start_folder_protection`` to its end (blocks; scripts, tests): ``protect_folder``'s arguments and
+        result. Cancel terminates the worker."""
+        import functools
+
+        from MedPrivacySlicerCommon.worker import run_task
+
+        return run_task(functools.partial(self.start_folder_protection, input_dir, output_dir, key_path, url,
+                                          **options), progress, cancel)
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
