@@ -1,10 +1,11 @@
 """Helpers for the in-application panel tests, which run a module's panel on an injected fake logic (as
-SlicerNNUnet's widget tests do). The host class must be a ``unittest.TestCase``; Qt is imported only inside the
+SlicerNNUnet's widget tests do); the fakes' ``start_*`` calls answer through ``FakeWorker``. The host class must be a ``unittest.TestCase``; Qt is imported only inside the
 methods, so the Libs' ``testing.py`` files that mix this in still import under slicer-core."""
 from __future__ import annotations
 
 import contextlib
 import time
+from typing import Any, Callable
 
 #: The per-user settings a panel writes; a test puts them back as they were.
 PANEL_SETTINGS = ("ServerUrl", "CaBundle", "ConsentedServers", "KeyDirectory")
@@ -55,3 +56,40 @@ class PanelTestMixin:
         from medprivacy.consent import with_consent
 
         panel.setUserSetting("ConsentedServers", with_consent(panel.userSetting("ConsentedServers", "[]"), url))
+
+
+class FakeWorker:
+    """What a fake logic's ``start_*`` call returns to the panel: like ``QProcessWorker`` it answers later, from
+    Qt's event loop on the main thread (one progress step, then ``result()``'s value, or its MedPrivacyError as an
+    ``input`` error line), without a process. ``cancel()`` before the answer gives the ``cancelled`` line, as a
+    terminated worker does."""
+
+    def __init__(self, result: Callable[[], Any], on_progress=None, on_done=None, on_error=None) -> None:
+        import qt
+
+        self._result, self._on_progress, self._on_done, self._on_error = result, on_progress, on_done, on_error
+        self.cancelled = False
+        qt.QTimer.singleShot(0, self._progress)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _progress(self) -> None:
+        import qt
+
+        if not self.cancelled and self._on_progress is not None:
+            self._on_progress("halfway", 0.5)
+        qt.QTimer.singleShot(10, self._answer)
+
+    def _answer(self) -> None:
+        from medprivacy.errors import MedPrivacyError
+
+        if self.cancelled:
+            self._on_error("cancelled", "cancelled")
+            return
+        try:
+            value = self._result()
+        except MedPrivacyError as exc:
+            self._on_error(str(exc), "input")
+            return
+        self._on_done(value)

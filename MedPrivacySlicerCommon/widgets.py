@@ -1,6 +1,13 @@
 """What every MedPrivacy module panel does the same way: load the module's UI, keep its state in a parameter node,
-run core calls in a ``BackgroundJob`` polled by a Qt timer, report status, progress and errors, read the server box
-(URL, token, CA bundle), ask once per server before uploading, and run the shared dependency install step.
+run long work in a worker process (the logic's ``start_*`` calls), report status, progress and errors, read the
+server box (URL, token, CA bundle), ask once per server before uploading, and run the shared dependency install step.
+
+Jobs: long work (segmentation, key generation, folder protection, obfuscation, training) runs in a worker process
+(``MedPrivacySlicerCommon.worker``): inside Slicer the main thread holds the GIL between Qt events, so a Python
+thread doing numpy, torch or socket work would crawl. ``QProcessWorker`` delivers the worker's progress and outcome
+from Qt's event loop on the main thread; Cancel terminates the process. Short server calls (connection test, model
+lists, one image's watermark search) stay in a ``BackgroundJob`` thread polled by a Qt timer: they mostly wait on
+the network, which releases the GIL, and a process start would cost more than the call.
 
 Needs the application (Qt, ``slicer.util``, ``slicer.parameterNodeWrapper``): only the Libs' ``widget.py`` files
 import it, and the module files import those only where ``slicer.ScriptedLoadableModule`` exists.
@@ -33,6 +40,24 @@ from medprivacy.errors import CancelledError, InputError, MedPrivacyError
 from medprivacy.jobs import BackgroundJob
 
 from .dependencies import ensure_installed, install_running
+from .worker import error_for
+
+
+class WorkerJob:
+    """A panel job run by a worker process: ``worker`` is what the logic's ``start_*`` call returned."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.worker = None
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+
+#: Worker jobs of panels that were closed while they ran: kept until their process has ended, since a collected
+#: QProcess kills its process before the worker can remove its temporary files.
+_stoppedWorkerJobs: set = set()
 
 
 class ServerJobPanel(qt.QWidget):
@@ -60,7 +85,7 @@ class ServerJobPanel(qt.QWidget):
         super().__init__(parent)
         self.logic = logic
         self._installer = installer or self._installDependencies
-        self._job: BackgroundJob | None = None
+        self._job: BackgroundJob | WorkerJob | None = None
         self._jobDone: Callable[[Any], None] | None = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -168,6 +193,7 @@ class ServerJobPanel(qt.QWidget):
             if not self._ensureDependencies():
                 return
             logic = self.logic
+            # A thread, not a worker: one short request, mostly waiting on the network (the GIL is free meanwhile).
             self._startJob(_("Connection test"),
                            lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
                            lambda description: self._setStatus(self._connectedText(description)))
@@ -189,10 +215,11 @@ class ServerJobPanel(qt.QWidget):
             return ""
         return str(module.default_key_dir())
 
-    def _startKeyGeneration(self, keyDir: str, replaceQuestion: str, work, doneText: str,
+    def _startKeyGeneration(self, keyDir: str, replaceQuestion: str, start, doneText: str,
                             onDone: Callable[[], None] = lambda: None) -> None:
-        """Generate a key in ``keyDir`` in a job: ``work(keyDir, replace, progress, cancel)``. A key already there
-        is replaced only after ``replaceQuestion`` is answered yes."""
+        """Generate a key in ``keyDir`` in a worker process: ``start(keyDir, replace, on_progress, on_done,
+        on_error)`` (a logic's ``start_key_generation``). A key already there is replaced only after
+        ``replaceQuestion`` is answered yes."""
         if not self._ensureDependencies():
             return
         keyFile = getattr(importlib.import_module(self.keyModule), self.keyFileConstant)  # needs the dependencies
@@ -200,8 +227,9 @@ class ServerJobPanel(qt.QWidget):
         if replace and not slicer.util.confirmYesNoDisplay(replaceQuestion.format(folder=keyDir)):
             return
         self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
-        self._startJob(_("Key generation"), lambda progress, cancel: work(keyDir, replace, progress, cancel),
-                       lambda _result: (onDone(), self._setStatus(doneText.format(folder=keyDir))))
+        self._startWorkerJob(_("Key generation"),
+                             lambda onProgress, onResult, onError: start(keyDir, replace, onProgress, onResult, onError),
+                             lambda _result: (onDone(), self._setStatus(doneText.format(folder=keyDir))))
 
     # -- consent, once per server --------------------------------------------------------------------------
 
@@ -260,56 +288,102 @@ class ServerJobPanel(qt.QWidget):
                 self._showUserError(exc)
 
     def _startJob(self, title: str, work, onDone: Callable[[Any], None]) -> None:
-        if self._job is not None:
-            raise InputError(f"{self._job.title} is still running; wait for it or press Cancel")
-        self._job = BackgroundJob(title, work).start()
-        self._jobDone = onDone
-        self.ui.progressBar.value = 0
-        self._setStatus(_("{title}...").format(title=title))
-        self._updateButtons()
+        """A short call in a ``BackgroundJob`` thread: ``work(progress, cancel)``, polled by the panel's timer."""
+        self._beginJob(BackgroundJob(title, work), onDone)
+        self._job.start()
         self._pollTimer.start()
 
-    def _stopJob(self) -> None:
-        # The worker owns no Qt object; cancelling lets it stop at its next check, its result is dropped.
+    def _startWorkerJob(self, title: str, start, onDone: Callable[[Any], None]) -> None:
+        """Long work in a worker process: ``start(on_progress, on_done, on_error)`` is a logic's ``start_*`` call,
+        which starts the process and returns its worker. ``QProcessWorker`` calls back on the main thread from Qt's
+        event loop (its ``QProcess`` signals), so nothing is polled here."""
+        job = WorkerJob(title)
+        self._beginJob(job, onDone)
+        try:
+            job.worker = start(lambda text, fraction: self._onJobProgress(job, text, fraction),
+                               lambda result: self._onJobDone(job, result),
+                               lambda message, kind: self._onWorkerError(job, message, kind))
+        except BaseException:  # nothing started: the panel is idle again, and _guarded reports the error
+            if self._job is job:
+                self._endJob()
+            raise
+
+    def _beginJob(self, job, onDone: Callable[[Any], None]) -> None:
         if self._job is not None:
-            self._job.cancel()
+            raise InputError(f"{self._job.title} is still running; wait for it or press Cancel")
+        self._job, self._jobDone = job, onDone
+        self.ui.progressBar.value = 0
+        self._setStatus(_("{title}...").format(title=job.title))
+        self._updateButtons()
+
+    def _endJob(self):
+        """The finished job's ``onDone``; the panel is idle again."""
+        self._pollTimer.stop()
+        onDone, self._job, self._jobDone = self._jobDone, None, None
+        self._updateButtons()
+        return onDone
+
+    def _stopJob(self) -> None:
+        # Cancelling lets a thread stop at its next check and terminates a worker; the result is dropped.
+        job = self._job
+        if job is not None:
+            job.cancel()
+            if isinstance(job, WorkerJob) and job.worker is not None:
+                _stoppedWorkerJobs.add(job)
         self._job = None
         self._pollTimer.stop()
 
     def _pollJob(self) -> None:
         job = self._job
-        if job is None:
+        if not isinstance(job, BackgroundJob):
             self._pollTimer.stop()
             return
-        while True:
+        while self._job is job:
             try:
                 kind, payload, detail = job.messages.get_nowait()
             except queue.Empty:
                 return
             if kind == "progress":
-                if detail is not None:
-                    self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, detail))))
-                self._setStatus(payload)
-                continue
-            self._pollTimer.stop()
-            self._job, onDone = None, self._jobDone
-            self._jobDone = None
-            self._updateButtons()
-            if kind == "done":
-                self.ui.progressBar.value = 100
-                self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
-                              lambda onDone=onDone, payload=payload: onDone(payload))
-            elif isinstance(payload, CancelledError):
-                self.ui.progressBar.value = 0
-                self._setStatus(self._cancelledText(job.title, payload))
-            elif isinstance(payload, MedPrivacyError):
-                self._showUserError(payload)
+                self._onJobProgress(job, payload, detail)
+            elif kind == "done":
+                self._onJobDone(job, payload)
             else:
-                logging.error("%s failed:\n%s", job.title, detail)
-                self._setStatus(_("{title} failed: {error}").format(title=job.title, error=payload))
-                slicer.util.errorDisplay(_("{title} failed: {error}").format(title=job.title, error=payload),
-                                         detailedText=detail)
+                self._onJobFailed(job, payload, detail)
+
+    def _onJobProgress(self, job, text: str, fraction: float | None) -> None:
+        if self._job is not job:
             return
+        if fraction is not None:
+            self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, fraction))))
+        self._setStatus(text)
+
+    def _onJobDone(self, job, result) -> None:
+        if self._job is not job:
+            return
+        onDone = self._endJob()
+        self.ui.progressBar.value = 100
+        self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
+                      lambda: onDone(result))
+
+    def _onWorkerError(self, job, message: str, kind: str) -> None:
+        _stoppedWorkerJobs.discard(job)  # its process has ended: nothing holds it any more
+        detail = _("The worker's log is in the Python console.") if kind == "internal" else None
+        self._onJobFailed(job, error_for(message, kind), detail)
+
+    def _onJobFailed(self, job, error: Exception, detail: str | None) -> None:
+        if self._job is not job:
+            return
+        self._endJob()
+        if isinstance(error, CancelledError):
+            self.ui.progressBar.value = 0
+            self._setStatus(self._cancelledText(job.title, error))
+        elif isinstance(error, MedPrivacyError):
+            self._showUserError(error)
+        else:  # a bug, in this process or the worker's: keep what explains it
+            logging.error("%s failed:\n%s", job.title, detail)
+            self._setStatus(_("{title} failed: {error}").format(title=job.title, error=error))
+            slicer.util.errorDisplay(_("{title} failed: {error}").format(title=job.title, error=error),
+                                     detailedText=detail)
 
     def _showUserError(self, error: Exception) -> None:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -335,12 +335,19 @@ def start_worker(request: dict[str, Any], on_progress: Progress | None = None, o
     return worker_class(request, on_progress, on_result, on_error, env=worker_environment(token, env)).start()
 
 
-def raise_for(message: str, kind: str):
-    """The one-line exception the in-process call would have raised for a worker's error line."""
-    from medprivacy.errors import CancelledError, InputError, MedPrivacyError, ServerError
+def error_for(message: str, kind: str) -> Exception:
+    """The one-line exception the in-process call would have raised for a worker's error line; an ``internal``
+    error (a bug, its traceback in the worker's stderr) is a plain RuntimeError."""
+    from medprivacy.errors import CancelledError, InputError, ServerError
 
-    error_class = {"cancelled": CancelledError, "input": InputError, "server": ServerError}.get(kind, MedPrivacyError)
-    raise error_class(message)
+    return {"cancelled": CancelledError, "input": InputError, "server": ServerError}.get(kind, RuntimeError)(message)
+
+
+def raise_for(message: str, kind: str):
+    from medprivacy.errors import MedPrivacyError
+
+    error = error_for(message, kind)
+    raise error if isinstance(error, MedPrivacyError) else MedPrivacyError(message)
 
 
 def run_worker(request: dict[str, Any], progress: Progress | None = None, cancel: Callable[[], bool] | None = None,

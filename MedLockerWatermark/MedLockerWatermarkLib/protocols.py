@@ -28,7 +28,7 @@ class MedLockerWatermarkLogicProtocol(Protocol):
     def compute_protection(self, image, logo, settings, url: str, token: Optional[str] = None,
                            ca_bundle: Optional[str] = None, lesion_source: str = "server", mask=None,
                            progress: Optional[Progress] = None, cancel: Optional[Cancel] = None) -> Any:
-        """The server's watermark search for one image (runs in a job)."""
+        """The server's watermark search for one image (a ``BackgroundJob`` thread: one request)."""
 
     def apply_protection(self, computed, reference_node, name: Optional[str] = None) -> Any:
         """Put the protected image into the scene; returns a ``ProtectionResult`` (main thread)."""
@@ -36,7 +36,7 @@ class MedLockerWatermarkLogicProtocol(Protocol):
     def test_connection(self, url: str, token: Optional[str] = None, ca_bundle: Optional[str] = None) -> str: ...
 
     def list_models(self, url: str, token: Optional[str] = None, ca_bundle: Optional[str] = None) -> tuple:
-        """(classifiers, segmenters) held by the server (runs in a job)."""
+        """(classifiers, segmenters) held by the server (a short call: a ``BackgroundJob`` thread)."""
 
     def export_key(self, path, passphrase: Optional[str] = None, key_file=None, **options) -> Any: ...
 
@@ -52,5 +52,8 @@ class MedLockerWatermarkLogicProtocol(Protocol):
     def unlock(self, volume_node, slice_index=None, name: Optional[str] = None) -> Any:
         """A new node with the original restored bit for bit."""
 
-    def protect_folder(self, input_dir, output_dir, key_path, url: str, **options) -> Any:
-        """Protect every image file of a folder (runs in a job)."""
+    def start_folder_protection(self, input_dir, output_dir, key_path, url: str, *,
+                                on_progress: Optional[Progress] = None, on_done: Optional[Callable[[Any], None]] = None,
+                                on_error: Optional[Callable[[str, str], None]] = None, **options) -> Any:
+        """Start protecting every image file of a folder in a worker process; returns the worker (``cancel()``).
+        ``on_done(DatasetResult)``, or ``on_error(one-line message, kind)``, from Qt's event loop."""

@@ -15,7 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from medprivacy.errors import CancelledError, InputError, ServerError
-from MedPrivacySlicerCommon.testing import PanelTestMixin
+from MedPrivacySlicerCommon.testing import FakeWorker, PanelTestMixin
 
 from .logic import MedLockerWatermarkLogic, ijk_to_ras, voxel_array
 
@@ -108,8 +108,14 @@ class FakeMedLockerWatermarkLogic:
         self.calls.append(("unlock", volume_node.GetID(), slice_index))
         return self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "restored")
 
-    def protect_folder(self, input_dir, output_dir, key_path, url, **options):
-        self.calls.append(("protect_folder", input_dir, output_dir, key_path, url, options))
+    def start_folder_protection(self, input_dir, output_dir, key_path, url, *, on_progress=None, on_done=None,
+                                on_error=None, **options):
+        from .logic import DatasetResult
+
+        self.calls.append(("start_folder_protection", input_dir, output_dir, key_path, url, options))
+        result = DatasetResult(protected=2, output_dir=Path(output_dir), key_path=Path(key_path),
+                               reports=["fake report"])
+        return FakeWorker(lambda: result, on_progress, on_done, on_error)
 
 
 class MedLockerWatermarkTestMixin(PanelTestMixin):
@@ -518,3 +524,22 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
             self.assertTrue(panel.ui.unlockButton.enabled)
             panel.ui.unlockButton.click()
             self.assertEqual(logic.calls[-1], ("unlock", volume.GetID(), None))
+
+            # A dataset folder goes to the worker with the passphrase; its report reaches the panel, and a Cancel
+            # while it runs leaves the panel idle and saying so.
+            panel.ui.datasetInputPathLineEdit.currentPath = "/tmp/medlocker-in"
+            panel.ui.datasetOutputPathLineEdit.currentPath = "/tmp/medlocker-out"
+            panel.ui.datasetKeyPathLineEdit.currentPath = "/tmp/medlocker.mlkey"
+            panel.ui.keyFilePathLineEdit.currentPath = ""
+            panel.ui.passphraseLineEdit.text = PASSPHRASE
+            panel.ui.datasetProtectButton.click()
+            self.wait_until_idle(panel)
+            started = [call for call in logic.calls if call[0] == "start_folder_protection"]
+            self.assertEqual(started[-1][1:5], ("/tmp/medlocker-in", "/tmp/medlocker-out", "/tmp/medlocker.mlkey", url))
+            self.assertEqual(started[-1][5]["passphrase"], PASSPHRASE)
+            self.assertIn("fake report", panel.ui.predictionsTextEdit.toPlainText())
+            self.assertIn("Protected 2 image(s)", panel.ui.statusLabel.text)
+            panel.ui.datasetProtectButton.click()
+            panel.ui.cancelButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn("cancelled", panel.ui.statusLabel.text)

@@ -131,6 +131,7 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             if not self._ensureDependencies():
                 return
             logic = self.logic
+            # A thread, not a worker: one short request, mostly waiting on the network (the GIL is free meanwhile).
             self._startJob(_("Model list"),
                            lambda progress, cancel: logic.list_models(url, token=token, ca_bundle=caBundle),
                            self._showModels)
@@ -176,6 +177,8 @@ class MedLockerWatermarkPanel(ServerJobPanel):
                 return
             inputNodeID = inputNode.GetID()  # IDs, not nodes, cross the wait: the scene may change meanwhile
             logic = self.logic
+            # One image's search is one server request whose wait releases the GIL; the worker has no task for it
+            # (a dataset folder, the long case, runs in the worker).
             self._startJob(
                 _("Watermark search"),
                 lambda progress, cancel: logic.compute_protection(image, logo, settings, url, token, caBundle, source,
@@ -298,11 +301,12 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             lesions = "none" if self.parameterNode.lesionSource == "none" else "auto"
             append = self.parameterNode.appendToKey
             logic = self.logic
-            self._startJob(
+            self._startWorkerJob(
                 _("Dataset protection"),
-                lambda progress, cancel: logic.protect_folder(
+                lambda onProgress, onDone, onError: logic.start_folder_protection(
                     inputDir, outputDir, keyPath, url, token=token, ca_bundle=caBundle, logo=logo, settings=settings,
-                    lesions=lesions, append=append, progress=progress, cancel=cancel, **credentials),
+                    lesions=lesions, append=append, on_progress=onProgress, on_done=onDone, on_error=onError,
+                    **credentials),
                 self._showDataset,
             )
 

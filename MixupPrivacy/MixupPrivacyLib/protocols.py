@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Protocol
 
 Progress = Callable[[str, Optional[float]], None]
+OnError = Callable[[str, str], None]  # (one-line message, kind: input | server | cancelled | internal)
 
 
 class MixupPrivacyLogicProtocol(Protocol):
@@ -16,16 +17,20 @@ class MixupPrivacyLogicProtocol(Protocol):
         """The node as a SimpleITK image; raises InputError for anything that cannot be segmented."""
 
     def test_connection(self, url: str, token: Optional[str] = None, ca_bundle: Optional[str] = None) -> str:
-        """One line describing the server (runs in a job)."""
+        """One line describing the server (a short call: runs in a ``BackgroundJob`` thread)."""
 
-    def generate_key(self, key_dir, progress: Optional[Progress] = None, force: bool = False, **options) -> Any:
-        """Create the private key in ``key_dir`` (runs in a job)."""
+    def start_key_generation(self, key_dir, force: bool = False, on_progress: Optional[Progress] = None,
+                             on_done: Optional[Callable[[Any], None]] = None, on_error: Optional[OnError] = None,
+                             **options) -> Any:
+        """Start creating the private key in ``key_dir`` in a worker process; returns the worker (``cancel()``).
+        ``on_done(key folder)``, or ``on_error(one-line message, kind)``, from Qt's event loop."""
 
-    def compute(self, input_sitk, url: str, token: Optional[str] = None, ca_bundle: Optional[str] = None,
-                key_dir=None, tta: Optional[int] = None, unmix: str = "learned", keep_uploaded: bool = False,
-                progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                seed: Optional[int] = None, privacy: Optional[str] = None, rebuild: bool = False) -> Any:
-        """The private segmentation of ``input_sitk`` (runs in a job; touches no MRML)."""
-
-    def apply_result(self, result, input_node, output_segmentation_node=None, show_uploaded: bool = False) -> Any:
-        """Put ``compute``'s result into the scene; returns the segmentation node (main thread)."""
+    def start_segmentation(self, input_node, url: str, token: Optional[str] = None, ca_bundle: Optional[str] = None,
+                           key_dir=None, tta: Optional[int] = None, unmix: str = "learned",
+                           output_segmentation_node=None, show_uploaded: bool = False, seed: Optional[int] = None,
+                           privacy: Optional[str] = None, show_rebuild: bool = False,
+                           on_progress: Optional[Progress] = None, on_done: Optional[Callable[[Any], None]] = None,
+                           on_error: Optional[OnError] = None) -> Any:
+        """Start the private segmentation of ``input_node`` in a worker process; returns the worker. When it
+        answers, the result is put into the scene (``last_uploaded_node``, ``last_rebuild_node`` set) and
+        ``on_done(segmentation node)`` runs; failures reach ``on_error(one-line message, kind)``."""

@@ -10,14 +10,14 @@ import vtk
 from medprivacy.errors import InputError
 from medprivacy.labels import TISSUE_SEGMENTS
 from MedPrivacySlicerCommon.mrml_geometry import LPS_TO_RAS, ijk_to_ras
-from MedPrivacySlicerCommon.testing import PanelTestMixin
+from MedPrivacySlicerCommon.testing import FakeWorker, PanelTestMixin
 
 from .logic import PRIVACY_LEVELS, MixupPrivacyLogic
 
 
 class FakeMixupPrivacyLogic:
     """Stands in for ``MixupPrivacyLogic`` (``protocols.MixupPrivacyLogicProtocol``) in the panel's in-app tests:
-    records each call and answers at once, without a server or a key."""
+    records each call and answers from Qt's event loop (``FakeWorker``), without a server, a key or a process."""
 
     def __init__(self, scene) -> None:
         self.scene = scene
@@ -35,18 +35,19 @@ class FakeMixupPrivacyLogic:
         self.calls.append(("test_connection", url, token, ca_bundle))
         return "fake server"
 
-    def generate_key(self, key_dir, progress=None, force=False, **options):
-        self.calls.append(("generate_key", key_dir, force))
+    def start_key_generation(self, key_dir, force=False, on_progress=None, on_done=None, on_error=None, **options):
+        self.calls.append(("start_key_generation", key_dir, force))
+        return FakeWorker(lambda: key_dir, on_progress, on_done, on_error)
 
-    def compute(self, input_sitk, url, progress=None, cancel=None, **options):
-        self.calls.append(("compute", input_sitk, url, options))
-        if progress is not None:
-            progress("halfway", 0.5)
-        return "result"
+    def start_segmentation(self, input_node, url, output_segmentation_node=None, show_uploaded=False,
+                           on_progress=None, on_done=None, on_error=None, **options):
+        self.calls.append(("start_segmentation", input_node.GetID(), url, dict(options, show_uploaded=show_uploaded)))
 
-    def apply_result(self, result, input_node, output_segmentation_node=None, show_uploaded=False):
-        self.calls.append(("apply_result", result, input_node.GetID(), show_uploaded))
-        return output_segmentation_node or self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segments")
+        def into_scene():
+            self.calls.append(("into_scene", input_node.GetID()))
+            return output_segmentation_node or self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segments")
+
+        return FakeWorker(into_scene, on_progress, on_done, on_error)
 
 
 class MixupPrivacyTestMixin(PanelTestMixin):
@@ -291,12 +292,12 @@ class MixupPrivacyTestMixin(PanelTestMixin):
             self.assertFalse(panel.ui.applyButton.enabled, "Apply stays enabled while the job runs")
             self.assertTrue(panel.ui.cancelButton.enabled)
             self.wait_until_idle(panel)
-            compute = [call for call in logic.calls if call[0] == "compute"]
-            self.assertEqual(len(compute), 1)
-            _name, image, sent_url, options = compute[0]
-            self.assertEqual((image, sent_url), ("image", url))
-            self.assertEqual((options["privacy"], options["tta"], options["keep_uploaded"]), ("strong", 3, True))
-            self.assertEqual(logic.calls[-1][:4], ("apply_result", "result", volume.GetID(), True))
+            started = [call for call in logic.calls if call[0] == "start_segmentation"]
+            self.assertEqual(len(started), 1)
+            _name, input_id, sent_url, options = started[0]
+            self.assertEqual((input_id, sent_url), (volume.GetID(), url))
+            self.assertEqual((options["privacy"], options["tta"], options["show_uploaded"]), ("strong", 3, True))
+            self.assertEqual(logic.calls[-1], ("into_scene", volume.GetID()))
             self.assertIsNotNone(parameters.outputSegmentation)
             self.assertIn(parameters.outputSegmentation.GetName(), panel.ui.statusLabel.text)
             self.assertTrue(panel.ui.applyButton.enabled)
@@ -304,3 +305,11 @@ class MixupPrivacyTestMixin(PanelTestMixin):
             panel.ui.testConnectionButton.click()
             self.wait_until_idle(panel)
             self.assertIn("fake server", panel.ui.statusLabel.text)
+
+            # Cancel while the worker runs: the panel is idle again, says so, and nothing reaches the scene.
+            panel.ui.applyButton.click()
+            panel.ui.cancelButton.click()
+            self.wait_until_idle(panel)
+            self.assertIn("cancelled", panel.ui.statusLabel.text)
+            self.assertEqual(logic.calls[-1][0], "start_segmentation")
+            self.assertTrue(panel.ui.applyButton.enabled)

@@ -1,6 +1,7 @@
 """MixupPrivacy's panel: the parameter node of its state and the GUI -> logic calls (needs the application).
 
-Network and model work run in a ``BackgroundJob`` (``ServerJobPanel``); results are put into the scene here.
+Segmentation and key generation run in a worker process through the logic's ``start_*`` calls (``ServerJobPanel``);
+the logic puts the segmentation into the scene when the worker answers, and the panel shows it.
 """
 from __future__ import annotations
 
@@ -106,24 +107,23 @@ class MixupPrivacyPanel(ServerJobPanel):
         def start():
             parameters = self.parameterNode
             inputNode = parameters.inputVolume
-            image = self.logic.volume_node_to_sitk(inputNode)  # validates the input before any prompt
+            self.logic.volume_node_to_sitk(inputNode)  # validates the input before any prompt
             url, token, caBundle = self._connection()
             if not self._ensureDependencies() or not self._confirmUpload(url):
                 return
-            # Node IDs, not nodes, cross the wait: the scene may change before the answer arrives.
-            inputNodeID = inputNode.GetID()
             outputNode = parameters.outputSegmentation
-            outputNodeID = outputNode.GetID() if outputNode is not None else None
-            showUploaded = parameters.showUploaded
             kwargs = dict(url=url, token=token, ca_bundle=caBundle,
                           key_dir=self.ui.keyDirectoryPathLineEdit.currentPath or None,
                           privacy=parameters.privacy.value, tta=parameters.tta, unmix=parameters.unmix.value,
-                          keep_uploaded=showUploaded, rebuild=parameters.showRebuild)
+                          output_segmentation_node=outputNode, show_uploaded=parameters.showUploaded,
+                          show_rebuild=parameters.showRebuild)
+            inputNodeID = inputNode.GetID()  # an ID, not the node, crosses the wait: the scene may change meanwhile
             logic = self.logic
-            self._startJob(
+            self._startWorkerJob(
                 _("Private segmentation"),
-                lambda progress, cancel: logic.compute(image, progress=progress, cancel=cancel, **kwargs),
-                lambda result: self._applyResult(result, inputNodeID, outputNodeID, showUploaded),
+                lambda onProgress, onDone, onError: logic.start_segmentation(
+                    inputNode, on_progress=onProgress, on_done=onDone, on_error=onError, **kwargs),
+                lambda segmentationNode: self._showResult(segmentationNode, inputNodeID),
             )
 
         self._guarded(_("Could not start the private segmentation."), start)
@@ -138,17 +138,14 @@ class MixupPrivacyPanel(ServerJobPanel):
                 keyDir,
                 _("{folder} already holds a private key. Replace it with a new one? Segmentations made with the old "
                   "key stay valid."),
-                lambda folder, replace, progress, cancel: logic.generate_key(folder, progress=progress, force=replace),
+                lambda folder, replace, onProgress, onDone, onError: logic.start_key_generation(
+                    folder, force=replace, on_progress=onProgress, on_done=onDone, on_error=onError),
                 _("Private key stored in {folder}."))
 
         self._guarded(_("Could not generate the key."), start)
 
-    def _applyResult(self, result, inputNodeID: str, outputNodeID: str | None, showUploaded: bool) -> None:
+    def _showResult(self, segmentationNode, inputNodeID: str) -> None:
         inputNode = slicer.mrmlScene.GetNodeByID(inputNodeID)
-        if inputNode is None:
-            raise InputError("the input volume was removed from the scene before the result arrived")
-        outputNode = slicer.mrmlScene.GetNodeByID(outputNodeID) if outputNodeID else None
-        segmentationNode = self.logic.apply_result(result, inputNode, outputNode, show_uploaded=showUploaded)
         if self.parameterNode is not None:
             self.parameterNode.outputSegmentation = segmentationNode
         uploadedNode, rebuildNode = self.logic.last_uploaded_node, self.logic.last_rebuild_node

@@ -17,14 +17,15 @@ import vtk
 from vtk.util import numpy_support
 
 from medprivacy.errors import CancelledError, InputError, ServerError
-from MedPrivacySlicerCommon.testing import PanelTestMixin
+from MedPrivacySlicerCommon.testing import FakeWorker, PanelTestMixin
 
 from .logic import NodeFrames, ObfuscationPrivacyLogic, ijk_to_ras, volume_voxels
 
 
 class FakeObfuscationPrivacyLogic:
     """Stands in for ``ObfuscationPrivacyLogic`` (``protocols.ObfuscationPrivacyLogicProtocol``) in the panel's
-    in-app tests: records each call and answers at once, without a key, weights or a server."""
+    in-app tests: records each call and answers from Qt's event loop (``FakeWorker``), without a key, weights, a
+    server or a process."""
 
     def __init__(self, scene) -> None:
         self.scene = scene
@@ -33,9 +34,10 @@ class FakeObfuscationPrivacyLogic:
     def describe_key(self, key_dir) -> str:
         return "fake key"
 
-    def generate_key(self, key_dir, force=False, vae_from=None, progress=None, cancel=None) -> str:
-        self.calls.append(("generate_key", key_dir, force))
-        return "fake key"
+    def start_key_generation(self, key_dir, force=False, vae_from=None, on_progress=None, on_done=None,
+                             on_error=None):
+        self.calls.append(("start_key_generation", key_dir, force))
+        return FakeWorker(lambda: "fake key", on_progress, on_done, on_error)
 
     def node_to_frames(self, node):
         if node is None:
@@ -48,9 +50,9 @@ class FakeObfuscationPrivacyLogic:
         self.calls.append(("frames_to_node", len(codes)))
         return self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "obfuscated")
 
-    def obfuscate_frames(self, pixels, key_dir, progress=None):
-        self.calls.append(("obfuscate_frames", pixels.shape, key_dir))
-        return np.zeros_like(pixels), "key-id"
+    def start_obfuscation(self, pixels, key_dir, on_progress=None, on_done=None, on_error=None):
+        self.calls.append(("start_obfuscation", pixels.shape, key_dir))
+        return FakeWorker(lambda: (np.zeros_like(pixels), "key-id"), on_progress, on_done, on_error)
 
     def test_connection(self, url, token=None, ca_bundle=None) -> str:
         self.calls.append(("test_connection", url))
@@ -60,14 +62,17 @@ class FakeObfuscationPrivacyLogic:
         self.calls.append(("list_models", url, key_dir))
         return [{"id": "m1", "classes": ["a", "b"], "validation_accuracy": 0.5}]
 
-    def classify_frames(self, pixels, key_dir, url, model, token=None, ca_bundle=None, progress=None, cancel=None):
-        self.calls.append(("classify_frames", pixels.shape, url, model))
-        return {"model": model, "classes": ["a", "b"], "predicted": ["a", "b"], "probabilities": [[1, 0], [0, 1]]}
+    def start_classification(self, pixels, key_dir, url, model, token=None, ca_bundle=None, on_progress=None,
+                             on_done=None, on_error=None):
+        self.calls.append(("start_classification", pixels.shape, url, model))
+        answer = {"model": model, "classes": ["a", "b"], "predicted": ["a", "b"], "probabilities": [[1, 0], [0, 1]]}
+        return FakeWorker(lambda: answer, on_progress, on_done, on_error)
 
-    def train_from_folder(self, dataset, key_dir, url, token=None, ca_bundle=None, steps=None, name=None,
-                          progress=None, cancel=None) -> dict:
-        self.calls.append(("train_from_folder", dataset, url, steps, name))
-        return {"model": "m2", "progress": {"validation_accuracy": 0.75}}
+    def start_training(self, dataset, key_dir, url, token=None, ca_bundle=None, steps=None, name=None,
+                       on_progress=None, on_done=None, on_error=None):
+        self.calls.append(("start_training", dataset, url, steps, name))
+        return FakeWorker(lambda: {"model": "m2", "progress": {"validation_accuracy": 0.75}}, on_progress, on_done,
+                          on_error)
 
     def results_table(self, answer, name="Obfuscated classification", frame_labels=None):
         self.calls.append(("results_table", name, list(frame_labels)))
@@ -301,7 +306,7 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
             self.consent_to(panel, url)
             panel.ui.classifyButton.click()
             self.wait_until_idle(panel)
-            self.assertIn(("classify_frames", (2, 4, 4), url, "m1"), logic.calls)
+            self.assertIn(("start_classification", (2, 4, 4), url, "m1"), logic.calls)
             self.assertEqual(logic.calls[-1], ("results_table", "run classification", ["0", "1"]))
 
             panel.ui.trainStepsSpinBox.value = 12
@@ -310,4 +315,4 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
             panel.ui.datasetPathLineEdit.currentPath = folder
             panel.ui.trainButton.click()
             self.wait_until_idle(panel)
-            self.assertIn(("train_from_folder", folder, url, 12, "tiny"), logic.calls)
+            self.assertIn(("start_training", folder, url, 12, "tiny"), logic.calls)

@@ -1,6 +1,8 @@
 """ObfuscationPrivacy's panel: the parameter node of its state and the GUI -> logic calls (needs the application).
 
-Each action is one logic call run in a ``BackgroundJob`` (``ServerJobPanel``); results are put into the scene here.
+Key generation, obfuscation, classification and training run in a worker process through the logic's ``start_*``
+calls; the model list is one short request in a ``BackgroundJob`` (``ServerJobPanel`` says why). Results are put into
+the scene here.
 """
 from __future__ import annotations
 
@@ -83,8 +85,8 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
                 keyDir,
                 _("{folder} already holds an obfuscation key. Models trained on frames made with it will not "
                   "understand frames made with a new key. Replace it anyway?"),
-                lambda folder, replace, progress, cancel: logic.generate_key(folder, force=replace, progress=progress,
-                                                                             cancel=cancel),
+                lambda folder, replace, onProgress, onDone, onError: logic.start_key_generation(
+                    folder, force=replace, on_progress=onProgress, on_done=onDone, on_error=onError),
                 _("Key stored in {folder}."), onDone=self._onKeyChanged)
 
         self._guarded(_("Could not generate the key."), start)
@@ -98,9 +100,11 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             if not self._ensureDependencies():
                 return
             logic = self.logic
-            self._startJob(_("Obfuscation"),
-                           lambda progress, cancel: logic.obfuscate_frames(frames.pixels, keyDir, progress),
-                           lambda result: self._showObfuscated(result, frames))
+            self._startWorkerJob(
+                _("Obfuscation"),
+                lambda onProgress, onDone, onError: logic.start_obfuscation(
+                    frames.pixels, keyDir, on_progress=onProgress, on_done=onDone, on_error=onError),
+                lambda result: self._showObfuscated(result, frames))
 
         self._guarded(_("Could not obfuscate the frames."), start)
 
@@ -121,6 +125,7 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             if not self._ensureDependencies():
                 return
             logic = self.logic
+            # A thread, not a worker: one short request, mostly waiting on the network (the GIL is free meanwhile).
             self._startJob(
                 _("Model list"),
                 lambda progress, cancel: logic.list_models(url, token=token, ca_bundle=caBundle, key_dir=keyDir),
@@ -149,10 +154,11 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
                 return
             logic = self.logic
             name = f"{frames.name} classification"
-            self._startJob(
+            self._startWorkerJob(
                 _("Classification"),
-                lambda progress, cancel: logic.classify_frames(frames.pixels, keyDir, url, model, token, caBundle,
-                                                               progress, cancel),
+                lambda onProgress, onDone, onError: logic.start_classification(
+                    frames.pixels, keyDir, url, model, token, caBundle, on_progress=onProgress, on_done=onDone,
+                    on_error=onError),
                 lambda answer: self._showClassification(answer, name, frames.index_values),
             )
 
@@ -175,10 +181,11 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
                 return
             steps, name = self.parameterNode.trainSteps, self.parameterNode.trainName.strip()
             logic = self.logic
-            self._startJob(
+            self._startWorkerJob(
                 _("Training on the server"),
-                lambda progress, cancel: logic.train_from_folder(dataset, keyDir, url, token, caBundle, steps, name,
-                                                                 progress, cancel),
+                lambda onProgress, onDone, onError: logic.start_training(
+                    dataset, keyDir, url, token, caBundle, steps, name, on_progress=onProgress, on_done=onDone,
+                    on_error=onError),
                 self._showTrained,
             )
 
