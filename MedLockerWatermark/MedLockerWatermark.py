@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-# MedLockerWatermarkLib first: in a source checkout it is what makes ``medprivacy`` importable.
-from MedLockerWatermarkLib import (
+# MedLockerWatermarkLib first: in a source checkout it is what makes ``medprivacy`` importable (F401: re-exports).
+from MedLockerWatermarkLib import (  # noqa: F401
     DEFAULT_MODE,
     DEFAULT_SERVER_URL,
     LESION_SOURCES,
@@ -23,7 +23,7 @@ from MedLockerWatermarkLib import (
 )
 
 # isort: split
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401
 
 try:
     from slicer.ScriptedLoadableModule import (
@@ -35,11 +35,6 @@ try:
 except ImportError:  # slicer-core: no application, so no module, widget or test class (nothing is stubbed)
     _HAVE_APP = False
 
-__all__ = [
-    "BackgroundJob", "DEFAULT_MODE", "DEFAULT_SERVER_URL", "LESION_SOURCES", "MODES", "MedLockerWatermarkLogic",
-    "MedLockerWatermarkTestMixin", "NEEDS_TORCH", "PACKAGES", "ProtectionResult", "SliceImage",
-    "describe_predictions", "normalized_server_url", "CancelledError", "InputError", "MedPrivacyError",
-]
 
 if _HAVE_APP:
     import slicer
@@ -96,8 +91,8 @@ if _HAVE_APP:
             slicer.mrmlScene.Clear()
 
         def runTest(self):
-            for test in (self.test_slices_round_trip, self.test_rejects_unusable_inputs, self.test_panel_on_fake_logic,
-                         self.test_with_server):
+            tests = (self.test_slices_round_trip, self.test_rejects_unusable_inputs, self.test_panel_on_fake_logic)
+            for test in (*tests, self.test_with_server):  # two lines, so that ruff format keeps this file short
                 self.setUp()
                 test()
             self.delayDisplay("MedLockerWatermark tests passed")

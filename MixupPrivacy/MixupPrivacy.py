@@ -89,9 +89,8 @@ if _HAVE_APP:
             slicer.mrmlScene.Clear()
 
         def runTest(self):
-            for test in (self.test_volume_round_trip, self.test_labelmap_to_segmentation,
-                         self.test_rejects_unusable_volumes, self.test_panel_on_fake_logic,
-                         self.test_private_segmentation_end_to_end):
+            tests = self.test_volume_round_trip, self.test_labelmap_to_segmentation, self.test_rejects_unusable_volumes
+            for test in (*tests, self.test_panel_on_fake_logic, self.test_private_segmentation_end_to_end):
                 self.setUp()
                 test()
             self.delayDisplay("MixupPrivacy tests passed")
@@ -112,7 +111,7 @@ if _HAVE_APP:
             # Needs a running 'medprivacy serve': opt in through the environment.
             url = os.environ.get("MIXUPPRIVACY_TEST_SERVER_URL")
             if not url:
-                self.delayDisplay("End-to-end test skipped: set MIXUPPRIVACY_TEST_SERVER_URL to a running server "
-                                  "(and MIXUPPRIVACY_TEST_AUDIT_DIR to its --audit-dir to check what it received)")
+                skipped = "End-to-end test skipped: set MIXUPPRIVACY_TEST_SERVER_URL to a running server"
+                self.delayDisplay(f"{skipped} (and MIXUPPRIVACY_TEST_AUDIT_DIR to its --audit-dir to check what it got)")
                 return
             self.check_private_segmentation_end_to_end_from_environment(slicer.mrmlScene, url)

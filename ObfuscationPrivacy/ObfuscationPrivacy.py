@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
-# ObfuscationPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable.
-from ObfuscationPrivacyLib import (
+# ObfuscationPrivacyLib first: in a source checkout it is what makes ``medprivacy`` importable (F401: re-exports).
+from ObfuscationPrivacyLib import (  # noqa: F401
     DEFAULT_SERVER_URL,
     DEFAULT_TRAIN_STEPS,
     NEEDS_TORCH,
@@ -20,7 +20,7 @@ from ObfuscationPrivacyLib import (
 )
 
 # isort: split
-from medprivacy.errors import CancelledError, InputError, MedPrivacyError
+from medprivacy.errors import CancelledError, InputError, MedPrivacyError  # noqa: F401
 
 try:
     from slicer.ScriptedLoadableModule import (
@@ -33,11 +33,6 @@ try:
 except ImportError:  # slicer-core: no application, so no module, widget or test class (nothing is stubbed)
     _HAVE_APP = False
 
-__all__ = [
-    "BackgroundJob", "DEFAULT_SERVER_URL", "DEFAULT_TRAIN_STEPS", "NEEDS_TORCH", "NodeFrames",
-    "ObfuscationPrivacyLogic", "ObfuscationPrivacyTestMixin", "PACKAGES", "normalized_server_url", "CancelledError",
-    "InputError", "MedPrivacyError",
-]
 
 if _HAVE_APP:
     import slicer
@@ -95,8 +90,8 @@ if _HAVE_APP:
             slicer.mrmlScene.Clear()
 
         def runTest(self):
-            for test in (self.test_frames_round_trip, self.test_rejects_unusable_inputs, self.test_panel_on_fake_logic,
-                         self.test_with_server):
+            tests = (self.test_frames_round_trip, self.test_rejects_unusable_inputs, self.test_panel_on_fake_logic)
+            for test in (*tests, self.test_with_server):  # two lines, so that ruff format keeps this file short
                 self.setUp()
                 test()
             self.delayDisplay("ObfuscationPrivacy tests passed")
