@@ -358,6 +358,7 @@ class ServerJobPanel(qt.QWidget):
         self._setStatus(text)
 
     def _onJobDone(self, job, result) -> None:
+        _stoppedWorkerJobs.discard(job)  # a stopped worker may still have finished first
         if self._job is not job:
             return
         onDone = self._endJob()
