@@ -88,6 +88,27 @@ def test_start_segmentation_loads_the_result_into_the_scene_and_cancel_adds_noth
     assert _our_temporary_folders() == before
 
 
+def test_a_result_that_cannot_reach_the_scene_is_one_error_and_leaves_nothing(scene, live_server, mixup_key):
+    # The input node goes away while the worker runs: the answer cannot be placed, so on_error gets one line (not a
+    # traceback in a Qt slot), no node is added and the worker's files are removed.
+    from medprivacy.data.template import load_template
+
+    logic = MixupPrivacy.MixupPrivacyLogic(scene)
+    node = logic.sitk_to_volume_node(load_template().image, "brain T1")
+    before = _our_temporary_folders()
+    done, errors = [], []
+    worker = logic.start_segmentation(node, live_server.url, key_dir=mixup_key, tta=2, unmix="naive", seed=0,
+                                      on_done=done.append, on_error=lambda *error: errors.append(error))
+    scene.RemoveNode(node)
+    nodes = scene.GetNumberOfNodes()
+    while worker.poll(0.05):
+        pass
+    assert not done and len(errors) == 1 and errors[0][1] == "input", errors
+    assert "removed from the scene" in errors[0][0] and "\n" not in errors[0][0]
+    assert scene.GetNumberOfNodes() == nodes
+    assert _our_temporary_folders() == before
+
+
 def test_obfuscation_in_worker_equals_in_process(scene, tiny_obfuscation_models_dir, tmp_path):
     from ObfuscationPrivacyLib.testing import ObfuscationPrivacyTestMixin
 
