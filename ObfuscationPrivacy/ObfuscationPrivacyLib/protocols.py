@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Protocol
 
 Progress = Callable[[str, Optional[float]], None]
-Cancel = Callable[[], bool]
 OnDone = Callable[[Any], None]
 OnError = Callable[[str, str], None]  # (one-line message, kind: input | server | cancelled | internal)
 
