@@ -5,7 +5,7 @@ Two ways to run the same protocol, parsed by one class (``WorkerProtocol``):
 - ``QProcessWorker`` (in the Slicer application): ``PythonSlicer -m medprivacy.worker REQUEST.json`` through
   ``qt.QProcess``; lines are read as they arrive (``readyReadStandardOutput``), so the callbacks run on the main
   thread from Qt's event loop and no Python thread competes for the GIL.
-- ``SubprocessWorker`` (CI, scripts, a ``BackgroundJob`` thread): ``subprocess.Popen`` and a reader thread that
+- ``SubprocessWorker`` (CI, scripts): ``subprocess.Popen`` and a reader thread that
   queues lines; ``poll()`` dispatches them on the caller's thread, like Qt's signals do.
 
 ``start_worker`` picks the first inside the application and the second elsewhere; ``run_worker`` blocks until the

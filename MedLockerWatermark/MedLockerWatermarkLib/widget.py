@@ -1,6 +1,7 @@
 """MedLockerWatermark's panel: the parameter node of its state and the GUI -> logic calls (needs the application).
 
-Server work runs in a ``BackgroundJob`` (``ServerJobPanel``); results are put into the scene here.
+A dataset folder is protected in a worker process (the logic's ``start_folder_protection``); short server calls
+and one image's search run in a ``BackgroundJob`` (``ServerJobPanel`` says why). Results are put into the scene here.
 """
 from __future__ import annotations
 
