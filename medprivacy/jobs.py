@@ -1,6 +1,8 @@
-"""Worker threads for the Slicer widgets: network and model work must not freeze the GUI.
+"""Threads for the Slicer panels' short server calls (connection test, model lists, one image's search).
 
-Plain threading and a queue, no Qt: the core package stays importable without Slicer, and each module's widget
+Long work runs in a worker process instead (``medprivacy.worker``): inside Slicer the main thread holds the GIL
+between Qt events, so a thread doing numpy or torch work would crawl; one that mostly waits on the network does not.
+Plain threading and a queue, no Qt: the core package stays importable without Slicer, and each module's panel
 drains ``messages`` from its own Qt timer on the main thread.
 """
 from __future__ import annotations
