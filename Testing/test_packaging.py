@@ -317,6 +317,17 @@ def slicer_side_entry_points(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
     return entries
 
 
+def _modules_named_in(root: Path, module: str) -> list[str]:
+    """medprivacy module names written as strings in ``module``'s file (loaded by name, e.g. ``importlib``)."""
+    path = root.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    if not path.is_file():
+        return []
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and re.fullmatch(r"medprivacy(\.\w+)+", node.value)]
+
+
 def reachable_from_slicer(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
     """Every medprivacy module the Slicer side can load (imports of imports, lazy ones and parent packages included),
     each with the Slicer-side file and line that leads to it."""
@@ -330,7 +341,10 @@ def reachable_from_slicer(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
         reached[module] = where
         parts = module.split(".")
         parents = [".".join(parts[:i]) for i in range(1, len(parts))]
-        todo.extend((other, where) for other in [*graph[module], *parents] if other in graph and other not in reached)
+        # Modules a reached module loads by name (the worker's task table, importlib) count like its imports.
+        by_name = _modules_named_in(root, module)
+        todo.extend((other, where) for other in [*graph[module], *parents, *by_name]
+                    if other in graph and other not in reached)
     return reached
 
 
@@ -364,7 +378,8 @@ def test_reachability_sees_lazy_imports_and_modules_started_by_name(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "transport" / "client.py").write_text("def connect():\n    from ..server import app\n")
     (package / "server" / "app.py").write_text("")
-    (package / "worker" / "main.py").write_text("")
+    (package / "worker" / "main.py").write_text('TASKS = {"probe": "medprivacy.server.tasks"}\n')
+    (package / "server" / "tasks.py").write_text("")
     module = tmp_path / "MixupPrivacy"
     module.mkdir()
     (module / "MixupPrivacy.py").write_text(
@@ -373,6 +388,7 @@ def test_reachability_sees_lazy_imports_and_modules_started_by_name(tmp_path):
     assert reached["medprivacy.server.app"] == "MixupPrivacy/MixupPrivacy.py (line 4)"
     assert reached["medprivacy.worker.main"] == "MixupPrivacy/MixupPrivacy.py (line 1)"
     assert "medprivacy.server" in reached and "medprivacy.worker" in reached
+    assert reached["medprivacy.server.tasks"] == "MixupPrivacy/MixupPrivacy.py (line 1)"  # loaded by name
 
 
 def test_cmake_reader_sees_what_the_checks_rely_on():
