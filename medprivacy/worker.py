@@ -34,6 +34,10 @@ keeps the images already written, since its key on disk always restores them (``
 training job on the way out.
 
 Exit code: 0 the result was reported; 1 the task failed (an error line was reported); 2 it was cancelled.
+
+Tasks: this module is the protocol and the table ``TASK_MODULES``; each task's body lives with its feature
+(``mixup/worker_tasks.py``, ``watermark/worker_tasks.py``, ``obfuscation/worker_tasks.py``) and is imported only
+when a request names it, so a watermark worker never imports MONAI or torch.
 """
 from __future__ import annotations
 
