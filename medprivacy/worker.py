@@ -159,7 +159,7 @@ class Task:
 # -- tasks, per feature ------------------------------------------------------------------------------------------
 
 #: Task name -> the module holding its body (its ``TASKS`` table). Imported by name only when a request names the
-#: task, so a MedLocker worker never imports MONAI or torch; ``Testing/test_slicer_dependencies.py`` follows this
+#: task, so a MedLocker worker never imports MONAI or torch; ``Testing/slicer_modules/test_slicer_dependencies.py`` follows this
 #: table from the task names each Slicer module sends.
 TASK_MODULES: dict[str, str] = {
     "mixup-keygen": "medprivacy.mixup.worker_tasks",
