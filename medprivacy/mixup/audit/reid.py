@@ -30,7 +30,7 @@ def visit_scan(subject: int, visit: int, patch_size):
     public synthetic data, and registration dominates the time)."""
     from ...data.synth import synthesize_subject, to_scanner_space
     from ..pipeline import PreparedScan, prepare_scan
-    from ..train import cache_dir
+    from ..train_data import cache_dir
 
     seed, scan_seed, scanner_seed = visit_seeds(subject, visit)
     path = cache_dir() / "reid" / f"visit-{seed}-{visit}.npz"

@@ -26,7 +26,7 @@ def attacker_bank(patch_size, subjects: int = 4, patches: int = 512):
     """A reference bank made as keygen makes one, from the attacker's own seeded synthetic subjects."""
     from ..bank import ReferenceBank
     from ..sampling import TEXTURE_OVERSAMPLING, sample_reference_patches
-    from ..train import synthetic_subject_normalized
+    from ..train_data import synthetic_subject_normalized
 
     images, labels = zip(*(synthetic_subject_normalized(ATTACKER_BANK_SEED_BASE + i) for i in range(subjects)))
     rng = np.random.default_rng(ATTACKER_BANK_SEED_BASE)
@@ -40,7 +40,7 @@ def _prepared(seed: int, patch_size):
 
     from ...data.template import load_template
     from ..pipeline import prepare_scan
-    from ..train import synthetic_subject_normalized
+    from ..train_data import synthetic_subject_normalized
 
     image = sitk.GetImageFromArray(synthetic_subject_normalized(seed)[0].astype(np.float32))
     image.CopyInformation(load_template().image)
