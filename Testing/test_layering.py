@@ -50,6 +50,7 @@ LAYER_OF = {
     "medprivacy.demo": "applications",
     "medprivacy.mixup.cli": "applications",
     "medprivacy.watermark.cli": "applications",
+    "medprivacy.watermark.commands": "applications",
     "medprivacy.watermark.demo": "applications",
     "medprivacy.obfuscation.cli": "applications",
     "medprivacy.obfuscation.demo": "applications",
