@@ -49,6 +49,7 @@ LAYER_OF = {
     "medprivacy.cli": "applications",
     "medprivacy.demo": "applications",
     "medprivacy.mixup.cli": "applications",
+    "medprivacy.mixup.commands": "applications",
     "medprivacy.watermark.cli": "applications",
     "medprivacy.watermark.commands": "applications",
     "medprivacy.watermark.demo": "applications",

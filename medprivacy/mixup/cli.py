@@ -1,12 +1,21 @@
-"""``medprivacy mixup keygen | segment | eval | train | calibrate``."""
+"""``medprivacy mixup keygen | segment | eval | train | calibrate | audit | train-attacker``: the arguments of each
+command; what the commands do is in ``mixup.commands``.
+"""
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
-from ..cli import add_server_arguments, client_from_args
+from ..cli import add_server_arguments
+from .commands import (
+    run_audit,
+    run_calibrate,
+    run_eval,
+    run_keygen,
+    run_segment,
+    run_train,
+    run_train_attacker,
+)
 from .privacy import LEVELS
 
 
@@ -20,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keygen.add_argument("--subjects", type=int, default=None, help="synthetic reference subjects to draw (default 4)")
     keygen.add_argument("--patches", type=int, default=None, help="reference patches to keep (default 512)")
     keygen.add_argument("--force", action="store_true", help="replace an existing key")
-    keygen.set_defaults(_mixup=_keygen)
+    keygen.set_defaults(_mixup=run_keygen)
 
     segment = sub.add_parser("segment", help="segment a scan through the private (mixed) path")
     segment.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
@@ -31,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     segment.add_argument("--unmix", choices=("naive", "learned"), default="learned")
     segment.add_argument("--seed", type=int, default=None, help="fix the random draws (testing only; default: OS randomness)")
     segment.add_argument("--save-uploaded", type=Path, default=None, help="also write the mixed volume the server received")
-    segment.set_defaults(_mixup=_segment)
+    segment.set_defaults(_mixup=run_segment)
 
     evaluate = sub.add_parser("eval", help="Table-1-shaped Dice report (baseline, naive, learned, ± TTA) and ICC")
     evaluate.add_argument("--image", action="append", default=[], help="held-out image (repeat)")
@@ -42,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_privacy_arguments(evaluate)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, required=True, help="report.json")
-    evaluate.set_defaults(_mixup=_eval)
+    evaluate.set_defaults(_mixup=run_eval)
 
     train = sub.add_parser("train", help="train the segmentation, unmixing and baseline networks (seeded)")
     train.add_argument("--preset", choices=("cpu-small", "gpu-paper", "smoke"), default="cpu-small")
@@ -78,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation subjects to fit the decision weights on after training (default 4; 0 skips)",
     )
     train.add_argument("--quiet", action="store_true")
-    train.set_defaults(_mixup=_train)
+    train.set_defaults(_mixup=run_train)
 
     calibrate = sub.add_parser("calibrate", help="fit the per-class decision weights of trained models on validation subjects")
     calibrate.add_argument("--models", type=Path, default=None, help="models folder (default: Resources/Models)")
@@ -88,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calibrate.add_argument("--privacy", choices=tuple(LEVELS), default=None, help="privacy level to fit the private path's weights at (default: the default level)")
     calibrate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     calibrate.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
-    calibrate.set_defaults(_mixup=_calibrate)
+    calibrate.set_defaults(_mixup=run_calibrate)
 
 
     audit = sub.add_parser(
@@ -111,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     audit.add_argument("--seed", type=int, default=None, help="fix the client's secret draws (default: OS randomness)")
     audit.add_argument("--out", type=Path, required=True, help="report.json")
     audit.add_argument("--png", type=Path, default=None, help="picture: patient | template | strongest rebuild | bound")
-    audit.set_defaults(_mixup=_audit)
+    audit.set_defaults(_mixup=run_audit)
 
     attacker = sub.add_parser("train-attacker", help="train the audit's single-upload separator (the attacker's network)")
     attacker.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models)")
@@ -120,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attacker.add_argument("--seed", type=int, default=0)
     attacker.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     attacker.add_argument("--quiet", action="store_true")
-    attacker.set_defaults(_mixup=_train_attacker)
+    attacker.set_defaults(_mixup=run_train_attacker)
 
 
 def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,187 +144,3 @@ def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return args._mixup(args)
-
-
-def _client(args):
-    return client_from_args(args)
-
-
-def _keygen(args) -> int:
-    from .bank import generate_bank, import_bank
-
-    if len(args.from_image) != len(args.from_label):
-        from ..errors import InputError
-
-        raise InputError("give one --from-label for each --from-image")
-    kwargs = {k: v for k, v in (("subjects", args.subjects), ("patches", args.patches)) if v is not None}
-    if args.from_image:
-        bank = import_bank(args.key_dir, list(zip(args.from_image, args.from_label)), force=args.force, progress=_print_progress, **kwargs)
-    else:
-        bank = generate_bank(args.key_dir, force=args.force, progress=_print_progress, **kwargs)
-    print(f"wrote a private reference bank of {len(bank)} patches to {bank.directory} (keep it secret, never upload it)")
-    return 0
-
-
-def _segment(args) -> int:
-    from ..files import check_writable_folder
-    from .bank import ReferenceBank
-    from .io import check_labelmap_path, plausibility_warnings, read_image, write_image, write_labelmap
-    from .pipeline import segment_private
-
-    # Every output place is tried before the scan is read: a read-only folder must not cost a whole run.
-    check_labelmap_path(args.output)
-    if args.save_uploaded is not None:
-        check_writable_folder(args.save_uploaded.parent, "folder of --save-uploaded")
-    image = read_image(args.input)
-    for note in plausibility_warnings(image, str(args.input)):
-        print(f"medprivacy: warning: {note}", file=sys.stderr)
-    bank = ReferenceBank.load(args.key_dir)
-    client = _client(args)
-    with _ProgressBar() as bar:
-        result = segment_private(image, client, bank, privacy=args.privacy, tta=args.tta, unmix=args.unmix, seed=args.seed, keep_uploaded=args.save_uploaded is not None, progress=bar.update)
-    write_labelmap(result.labelmap, args.output)
-    if args.save_uploaded is not None:
-        write_image(result.uploaded, args.save_uploaded)
-    stats = result.stats
-    print(
-        f"wrote {args.output} ({stats['patches_sent']} mixed patches sent, {stats['bytes_sent'] / 1e6:.1f} MB up, "
-        f"{stats['bytes_received'] / 1e6:.1f} MB down, {stats['seconds']:.1f} s)"
-    )
-    return 0
-
-
-def _eval(args) -> int:
-    from .evaluate import evaluate, format_report
-
-    report = evaluate(
-        images=args.image, labels=args.label, synthetic=args.synthetic, client=_client(args), key_dir=args.key_dir, tta=args.tta, seed=args.seed, progress=_print_progress,
-        privacy=args.privacy,
-    )
-    from ..files import write_json
-
-    write_json(report, args.out)
-    print(format_report(report))
-    print(f"report written to {args.out}")
-    return 0
-
-
-def _train(args) -> int:
-    import logging
-
-    from ..nets import DEFAULT_MODELS_DIR
-    from .train import TrainConfig, train
-
-    config = TrainConfig.preset(args.preset)
-    overrides = {
-        "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
-        "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
-        "learning_rate": args.learning_rate, "reference_oversampling": args.reference_oversampling,
-        "calibration_subjects": args.calibration_subjects, "stop_after": args.stop_after,
-        "target_sampling": args.target_sampling, "fill_probability": args.fill_probability, "warp_rms": args.warp_rms,
-    }
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    config.seed, config.device, config.threads = args.seed, args.device, args.threads
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = args.out or DEFAULT_MODELS_DIR
-    command = "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train") + 1:]) if "train" in sys.argv else None
-    result = train(config, out, progress=not args.quiet, command=command)
-    print(f"trained in {result['seconds']:.0f} s; validation patch Dice {result['metrics']}; models in {out}")
-    return 0
-
-
-def _calibrate(args) -> int:
-    from ..nets import DEFAULT_MODELS_DIR, resolve_device
-    from .calibrate import calibrate
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    record = calibrate(
-        args.models or DEFAULT_MODELS_DIR, subjects=args.subjects, tta=args.tta, device=resolve_device(args.device), progress=_print_progress,
-        reference_subjects=args.reference_subjects, privacy=args.privacy,
-    )
-    for name in ("plain-seg", "mixup-unmix"):
-        entry = record[name]
-        print(f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> {entry['dice_after']:.4f})")
-    return 0
-
-
-def _audit(args) -> int:
-    from . import audit
-    from .audit.report import format_audit
-    from .bank import ReferenceBank
-
-    for flag, value in (("--sample", args.sample), ("--reid-sample", args.reid_sample)):
-        if value is not None and value < 1:
-            from ..errors import InputError
-
-            raise InputError(f"{flag} {value}: give at least 1 upload to attack, or leave it out to attack them all")
-    if args.seeded_key:
-        from .bank import client_patch_size
-        from .calibrate import calibration_bank
-
-        bank = calibration_bank(client_patch_size())
-    else:
-        bank = ReferenceBank.load(args.key_dir)
-    if args.input is not None:
-        from .io import read_image
-
-        image, name = read_image(args.input), str(args.input)
-    else:
-        from ..data.synth import synthesize_subject, to_scanner_space
-        from ..demo import DEMO_SEED
-
-        image, name = to_scanner_space(synthesize_subject(DEMO_SEED), DEMO_SEED)[0], f"the demo's held-out sample brain (seed {DEMO_SEED})"
-    report, _ = audit.run_audit(
-        image, name=name, bank=bank, uploads_dir=args.uploads, privacy=args.privacy, tta=args.tta, reid_subjects=args.reid_subjects,
-        pairing_queries=args.pairing_queries, variants=tuple(v for v in args.attacks.split(",") if v), sample=args.sample, reid_sample=args.reid_sample, seed=args.seed,
-        models_dir=args.models, out_json=args.out, out_png=args.png, progress=_print_progress,
-    )
-    print(format_audit(report))
-    print(f"report written to {args.out}" + (f", picture to {args.png}" if args.png else ""))
-    return 0
-
-
-def _train_attacker(args) -> int:
-    from ..nets import DEFAULT_MODELS_DIR
-    from .audit.separator import train_separator
-
-    command = "medprivacy mixup train-attacker " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train-attacker") + 1:]) if "train-attacker" in sys.argv else None
-    metrics = train_separator(
-        args.out or DEFAULT_MODELS_DIR, iterations=args.iterations, subjects=args.subjects, seed=args.seed, threads=args.threads,
-        progress=not args.quiet, command=command,
-    )
-    print(f"attacker's separator trained: {metrics}")
-    return 0
-
-
-def _print_progress(message: str, fraction: float | None = None) -> None:
-    suffix = f" {100 * fraction:5.1f}%" if fraction is not None else ""
-    print(f"  {message}{suffix}", file=sys.stderr, flush=True)
-
-
-class _ProgressBar:
-    """tqdm bar driven by the pipeline's (stage, fraction) callbacks; drawn only once work starts, so an early
-    error (unreachable server, wrong token) stays a single line."""
-
-    def __enter__(self):
-        self._bar = None
-        return self
-
-    def update(self, stage: str, fraction: float) -> None:
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=100, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}", file=sys.stderr)
-        self._bar.set_description_str(stage)
-        self._bar.n = round(100 * fraction)
-        self._bar.refresh()
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.close()
-        return False

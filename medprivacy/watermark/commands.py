@@ -60,15 +60,12 @@ def run_protect(args) -> int:
         SearchSettings,
         check_classifiers,
         choose_lesion_source,
-        classifier_labels,
         plan_protection,
         prepare_folders,
         protect_files,
-        read_labels_csv,
-        resolve_label,
-        resolve_labels,
     )
     from .keyfile import WatermarkKey
+    from .true_labels import classifier_labels, read_labels_csv, resolve_label, resolve_labels
 
     credentials = _credentials(args, confirm=not args.append)
     key_path = Path(args.key)
@@ -146,7 +143,7 @@ def _progress(total: int):
 
 
 def _report(bar, path: Path, target: Path, image, answer: dict, label_source: str = "--label") -> None:
-    from .batch import describe_target
+    from .true_labels import describe_target
 
     params = answer["params"]
     verdict = "fooled every model" if answer["fooled"] else "not every model fooled"
