@@ -3,6 +3,7 @@
 Plain threading and a queue, no Qt: the core package stays importable without Slicer, and each module's widget
 drains ``messages`` from its own Qt timer on the main thread.
 """
+
 from __future__ import annotations
 
 import queue

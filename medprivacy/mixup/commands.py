@@ -1,6 +1,7 @@
 """What ``medprivacy mixup keygen | segment | eval | train | calibrate | audit | train-attacker`` do, once
 ``mixup.cli`` has parsed their arguments.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -22,10 +23,18 @@ def run_keygen(args) -> int:
         raise InputError("give one --from-label for each --from-image")
     kwargs = {k: v for k, v in (("subjects", args.subjects), ("patches", args.patches)) if v is not None}
     if args.from_image:
-        bank = import_bank(args.key_dir, list(zip(args.from_image, args.from_label)), force=args.force, progress=_print_progress, **kwargs)
+        bank = import_bank(
+            args.key_dir,
+            list(zip(args.from_image, args.from_label)),
+            force=args.force,
+            progress=_print_progress,
+            **kwargs,
+        )
     else:
         bank = generate_bank(args.key_dir, force=args.force, progress=_print_progress, **kwargs)
-    print(f"wrote a private reference bank of {len(bank)} patches to {bank.directory} (keep it secret, never upload it)")
+    print(
+        f"wrote a private reference bank of {len(bank)} patches to {bank.directory} (keep it secret, never upload it)"
+    )
     return 0
 
 
@@ -45,7 +54,17 @@ def run_segment(args) -> int:
     bank = ReferenceBank.load(args.key_dir)
     client = _client(args)
     with _ProgressBar() as bar:
-        result = segment_private(image, client, bank, privacy=args.privacy, tta=args.tta, unmix=args.unmix, seed=args.seed, keep_uploaded=args.save_uploaded is not None, progress=bar.update)
+        result = segment_private(
+            image,
+            client,
+            bank,
+            privacy=args.privacy,
+            tta=args.tta,
+            unmix=args.unmix,
+            seed=args.seed,
+            keep_uploaded=args.save_uploaded is not None,
+            progress=bar.update,
+        )
     write_labelmap(result.labelmap, args.output)
     if args.save_uploaded is not None:
         write_image(result.uploaded, args.save_uploaded)
@@ -61,7 +80,14 @@ def run_eval(args) -> int:
     from .evaluate import evaluate, format_report
 
     report = evaluate(
-        images=args.image, labels=args.label, synthetic=args.synthetic, client=_client(args), key_dir=args.key_dir, tta=args.tta, seed=args.seed, progress=_print_progress,
+        images=args.image,
+        labels=args.label,
+        synthetic=args.synthetic,
+        client=_client(args),
+        key_dir=args.key_dir,
+        tta=args.tta,
+        seed=args.seed,
+        progress=_print_progress,
         privacy=args.privacy,
     )
     from ..files import write_json
@@ -80,11 +106,20 @@ def run_train(args) -> int:
 
     config = TrainConfig.preset(args.preset)
     overrides = {
-        "arch": args.arch, "iterations": args.iterations, "batch_size": args.batch_size, "patch_size": args.patch_size,
-        "train_subjects": args.subjects, "dataset": args.dataset, "init_from": args.init_from,
-        "learning_rate": args.learning_rate, "reference_oversampling": args.reference_oversampling,
-        "calibration_subjects": args.calibration_subjects, "stop_after": args.stop_after,
-        "target_sampling": args.target_sampling, "fill_probability": args.fill_probability, "warp_rms": args.warp_rms,
+        "arch": args.arch,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "patch_size": args.patch_size,
+        "train_subjects": args.subjects,
+        "dataset": args.dataset,
+        "init_from": args.init_from,
+        "learning_rate": args.learning_rate,
+        "reference_oversampling": args.reference_oversampling,
+        "calibration_subjects": args.calibration_subjects,
+        "stop_after": args.stop_after,
+        "target_sampling": args.target_sampling,
+        "fill_probability": args.fill_probability,
+        "warp_rms": args.warp_rms,
     }
     for key, value in overrides.items():
         if value is not None:
@@ -92,7 +127,11 @@ def run_train(args) -> int:
     config.seed, config.device, config.threads = args.seed, args.device, args.threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = args.out or DEFAULT_MODELS_DIR
-    command = "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train") + 1:]) if "train" in sys.argv else None
+    command = (
+        "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train") + 1 :])
+        if "train" in sys.argv
+        else None
+    )
     result = train(config, out, progress=not args.quiet, command=command)
     print(f"trained in {result['seconds']:.0f} s; validation patch Dice {result['metrics']}; models in {out}")
     return 0
@@ -107,12 +146,19 @@ def run_calibrate(args) -> int:
 
         torch.set_num_threads(args.threads)
     record = calibrate(
-        args.models or DEFAULT_MODELS_DIR, subjects=args.subjects, tta=args.tta, device=resolve_device(args.device), progress=_print_progress,
-        reference_subjects=args.reference_subjects, privacy=args.privacy,
+        args.models or DEFAULT_MODELS_DIR,
+        subjects=args.subjects,
+        tta=args.tta,
+        device=resolve_device(args.device),
+        progress=_print_progress,
+        reference_subjects=args.reference_subjects,
+        privacy=args.privacy,
     )
     for name in ("plain-seg", "mixup-unmix"):
         entry = record[name]
-        print(f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> {entry['dice_after']:.4f})")
+        print(
+            f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> {entry['dice_after']:.4f})"
+        )
     return 0
 
 
@@ -141,11 +187,27 @@ def run_audit(args) -> int:
         from ..data.synth import synthesize_subject, to_scanner_space
         from ..demo import DEMO_SEED
 
-        image, name = to_scanner_space(synthesize_subject(DEMO_SEED), DEMO_SEED)[0], f"the demo's held-out sample brain (seed {DEMO_SEED})"
+        image, name = (
+            to_scanner_space(synthesize_subject(DEMO_SEED), DEMO_SEED)[0],
+            f"the demo's held-out sample brain (seed {DEMO_SEED})",
+        )
     report, _ = audit.run_audit(
-        image, name=name, bank=bank, uploads_dir=args.uploads, privacy=args.privacy, tta=args.tta, reid_subjects=args.reid_subjects,
-        pairing_queries=args.pairing_queries, variants=tuple(v for v in args.attacks.split(",") if v), sample=args.sample, reid_sample=args.reid_sample, seed=args.seed,
-        models_dir=args.models, out_json=args.out, out_png=args.png, progress=_print_progress,
+        image,
+        name=name,
+        bank=bank,
+        uploads_dir=args.uploads,
+        privacy=args.privacy,
+        tta=args.tta,
+        reid_subjects=args.reid_subjects,
+        pairing_queries=args.pairing_queries,
+        variants=tuple(v for v in args.attacks.split(",") if v),
+        sample=args.sample,
+        reid_sample=args.reid_sample,
+        seed=args.seed,
+        models_dir=args.models,
+        out_json=args.out,
+        out_png=args.png,
+        progress=_print_progress,
     )
     print(format_audit(report))
     print(f"report written to {args.out}" + (f", picture to {args.png}" if args.png else ""))
@@ -156,10 +218,20 @@ def run_train_attacker(args) -> int:
     from ..nets import DEFAULT_MODELS_DIR
     from .audit.separator import train_separator
 
-    command = "medprivacy mixup train-attacker " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train-attacker") + 1:]) if "train-attacker" in sys.argv else None
+    command = (
+        "medprivacy mixup train-attacker "
+        + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train-attacker") + 1 :])
+        if "train-attacker" in sys.argv
+        else None
+    )
     metrics = train_separator(
-        args.out or DEFAULT_MODELS_DIR, iterations=args.iterations, subjects=args.subjects, seed=args.seed, threads=args.threads,
-        progress=not args.quiet, command=command,
+        args.out or DEFAULT_MODELS_DIR,
+        iterations=args.iterations,
+        subjects=args.subjects,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.quiet,
+        command=command,
     )
     print(f"attacker's separator trained: {metrics}")
     return 0

@@ -1,4 +1,5 @@
 """Patch grids over the brain's bounding box on the model grid, and stitching patch scores back into a volume."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,7 +91,11 @@ class PatchGrid:
     def extract(self, volume: np.ndarray) -> np.ndarray:
         """(N, D, H, W) patches of a (Z, Y, X) volume, or (N, C, D, H, W) of a (C, Z, Y, X) one (0 past the edge)."""
         lead = volume.shape[:-3]
-        return np.stack([self.extract_one(volume, i) for i in range(len(self))]) if len(self) else np.zeros((0,) + lead + self.patch_size, volume.dtype)
+        return (
+            np.stack([self.extract_one(volume, i) for i in range(len(self))])
+            if len(self)
+            else np.zeros((0,) + lead + self.patch_size, volume.dtype)
+        )
 
     def stitch(self, patches: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
         """Average (N, C, D, H, W) patches into a (C, Z, Y, X) volume; voxels no patch covers take ``background``.
@@ -143,7 +148,9 @@ class ScoreAccumulator:
         self.weight = np.zeros(tuple(volume_shape), dtype=np.float32)
         self.patch_weights = importance_weights(patch_size) if weighted else np.ones(tuple(patch_size), np.float32)
 
-    def add(self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0, voxel_mask: np.ndarray | None = None) -> None:
+    def add(
+        self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0, voxel_mask: np.ndarray | None = None
+    ) -> None:
         """Add one patch's scores; ``weight`` scales how much the whole patch counts against the others, and
         ``voxel_mask`` (D, H, W) keeps only some of its voxels. The part of a patch past the volume's edge is dropped."""
         region, part = grid.clipped(index)

@@ -10,6 +10,7 @@ segmentation net learns what the unmixer needs (paper sec. 3.3).
 The run's settings are in ``train_config``, its data and patches in ``train_data``, what it loads and saves in
 ``train_manifest``.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
     if config.dataset:
         subjects = load_dataset_subjects(config.dataset, limit=config.train_subjects)
         data_description = f"user dataset {config.dataset} ({len(subjects)} cases)"
-        validation = subjects[-config.validation_subjects:] if len(subjects) > 1 else subjects
+        validation = subjects[-config.validation_subjects :] if len(subjects) > 1 else subjects
         subjects = subjects[: -config.validation_subjects] if len(subjects) > 1 else subjects
     else:
         from ..data.synth import TRAIN_SEED_BASE
@@ -82,7 +83,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
         seeds = [TRAIN_SEED_BASE + i for i in range(config.train_subjects)]
         loader = tqdm(seeds, desc="synthesising subjects", disable=not progress)
         subjects = [synthetic_subject_normalized(s, config.deformation) for s in loader]
-        validation = [synthetic_subject_normalized(VALIDATION_SEED_BASE + i, config.deformation) for i in range(config.validation_subjects)]
+        validation = [
+            synthetic_subject_normalized(VALIDATION_SEED_BASE + i, config.deformation)
+            for i in range(config.validation_subjects)
+        ]
         data_description = (
             f"{len(subjects)} synthetic subjects from the MNI152 2009a template (Resources/Template), seeds {seeds[0]}..{seeds[-1]}, "
             f"random affine + smooth elastic deformation, bias field, gamma, noise; validation seeds from {VALIDATION_SEED_BASE}"
@@ -90,7 +94,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
 
     sampling = dict(sampling=config.target_sampling, fill_probability=config.fill_probability, warp_rms=config.warp_rms)
     sampler = PatchSampler(subjects, config.patch_size, rng, config.reference_oversampling, **sampling)
-    val_sampler = PatchSampler(validation, config.patch_size, np.random.default_rng(config.seed + 1), config.reference_oversampling, **sampling)
+    val_sampler = PatchSampler(
+        validation, config.patch_size, np.random.default_rng(config.seed + 1), config.reference_oversampling, **sampling
+    )
     val_batch = _validation_batch(val_sampler, config, count=48)
 
     seg_arch = config.segmentation_arch()
@@ -98,10 +104,19 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
     seg = build_network(seg_arch).to(device)
     unmix = build_network(unmix_arch).to(device)
     plain = build_network(seg_arch).to(device)
-    previous_stage = initialise_from(config.init_from, {"mixup-seg": seg, "mixup-unmix": unmix, "plain-seg": plain}) if config.init_from else None
+    previous_stage = (
+        initialise_from(config.init_from, {"mixup-seg": seg, "mixup-unmix": unmix, "plain-seg": plain})
+        if config.init_from
+        else None
+    )
     mix_opt = torch.optim.Adam(list(seg.parameters()) + list(unmix.parameters()), lr=config.learning_rate)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=config.learning_rate)
-    schedule = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(config.iterations, 1), eta_min=config.learning_rate * 0.05) for o in (mix_opt, plain_opt)]
+    schedule = [
+        torch.optim.lr_scheduler.CosineAnnealingLR(
+            o, T_max=max(config.iterations, 1), eta_min=config.learning_rate * 0.05
+        )
+        for o in (mix_opt, plain_opt)
+    ]
 
     def quantize(t):
         # The wire sends uint8; straight-through rounding lets gradients pass while the forward sees the real values.
@@ -144,7 +159,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
         plain_opt.step()
         for s in schedule:
             s.step()
-        bar.set_postfix(seg=f"{loss_seg.item():.3f}", unmix=f"{loss_unmix.item():.3f}", plain=f"{loss_plain.item():.3f}")
+        bar.set_postfix(
+            seg=f"{loss_seg.item():.3f}", unmix=f"{loss_unmix.item():.3f}", plain=f"{loss_plain.item():.3f}"
+        )
 
         last = step == final_step
         if config.validate_every and (step % config.validate_every == 0 or last):
@@ -153,9 +170,26 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             history.append(metrics)
             log.info("iteration %d validation %s", step, json.dumps(metrics))
             if progress:
-                tqdm.write(f"[{step}] validation patch Dice: {json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}")
+                tqdm.write(
+                    f"[{step}] validation patch Dice: {json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}"
+                )
         if (config.save_every and step % config.save_every == 0) or last:
-            save_trained_networks(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command, previous_stage)
+            save_trained_networks(
+                seg,
+                unmix,
+                plain,
+                seg_arch,
+                unmix_arch,
+                config,
+                out_dir,
+                data_description,
+                metrics,
+                history,
+                step,
+                started,
+                command,
+                previous_stage,
+            )
     calibration = None
     if config.calibration_subjects > 0:
         from .calibrate import calibrate
@@ -163,9 +197,13 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
         # A user dataset is calibrated on its own validation cases, never on synthetic brains of another domain.
         user_cases = validation if config.dataset else None
         calibration = calibrate(
-            out_dir, subjects=config.calibration_subjects, device=device, progress=tqdm.write if progress else None,
+            out_dir,
+            subjects=config.calibration_subjects,
+            device=device,
+            progress=tqdm.write if progress else None,
             command=command or "medprivacy mixup train " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
-            cases=user_cases, cases_description=f"the last {len(validation)} case(s) of {config.dataset}" if config.dataset else None,
+            cases=user_cases,
+            cases_description=f"the last {len(validation)} case(s) of {config.dataset}" if config.dataset else None,
         )
     return {"metrics": metrics, "history": history, "calibration": calibration, "seconds": time.time() - started}
 
@@ -196,9 +234,15 @@ def _validate(seg, unmix, plain, batch, device) -> dict:
         mixed_q = torch.round(mixed * 255) / 255
         learned = unmix(mixed_q, y_r, lam_t).argmax(1).cpu().numpy()
         naive = naive_unmix(mixed_q.cpu().numpy(), y_r.cpu().numpy(), lam).argmax(1)
-        baseline = plain(torch.round(torch.from_numpy(plain_img[:, None]).to(device) * 255) / 255).argmax(1).cpu().numpy()
+        baseline = (
+            plain(torch.round(torch.from_numpy(plain_img[:, None]).to(device) * 255) / 255).argmax(1).cpu().numpy()
+        )
     out = {}
-    for name, pred, truth in (("baseline", baseline, plain_lab), ("naive", naive, target_lab), ("learned", learned, target_lab)):
+    for name, pred, truth in (
+        ("baseline", baseline, plain_lab),
+        ("naive", naive, target_lab),
+        ("learned", learned, target_lab),
+    ):
         scores = _dice_scores(pred, truth)
         out[f"{name}_dice"] = [round(s, 4) for s in scores]
         out[f"{name}_mean"] = round(float(np.mean(scores)), 4)

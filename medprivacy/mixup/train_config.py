@@ -1,6 +1,7 @@
 """What one Mixup-Privacy training run does (``TrainConfig``): architectures, schedule, data and sampling, with the
 named presets (``cpu-small``, ``gpu-paper``, ``smoke``) that ``medprivacy mixup train --preset`` starts from.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,9 +53,28 @@ class TrainConfig:
             return cls()
         if name == "gpu-paper":
             # Sec. 4: U-Net++ segmenter, Adam, batch 4, 200k iterations; 64³ patches on a GPU.
-            return cls(arch="unetplusplus", patch_size=64, iterations=200_000, batch_size=4, train_subjects=64, save_every=5000, validate_every=5000)
+            return cls(
+                arch="unetplusplus",
+                patch_size=64,
+                iterations=200_000,
+                batch_size=4,
+                train_subjects=64,
+                save_every=5000,
+                validate_every=5000,
+            )
         if name == "smoke":
-            return cls(channels=(4, 8, 16), patch_size=16, unmix_features=4, iterations=3, batch_size=2, train_subjects=1, save_every=0, validate_every=3, deformation=0.3, calibration_subjects=0)
+            return cls(
+                channels=(4, 8, 16),
+                patch_size=16,
+                unmix_features=4,
+                iterations=3,
+                batch_size=2,
+                train_subjects=1,
+                save_every=0,
+                validate_every=3,
+                deformation=0.3,
+                calibration_subjects=0,
+            )
         raise ValueError(f"unknown preset {name!r}; use cpu-small, gpu-paper or smoke")
 
     def segmentation_arch(self) -> dict:
@@ -68,5 +88,10 @@ class TrainConfig:
                 "num_res_units": 1,
             }
         if self.arch == "unetplusplus":
-            return {"name": "unetplusplus", "in_channels": 1, "out_channels": NUM_CLASSES, "features": [32, 32, 64, 128, 256, 32]}
+            return {
+                "name": "unetplusplus",
+                "in_channels": 1,
+                "out_channels": NUM_CLASSES,
+                "features": [32, 32, 64, 128, 256, 32],
+            }
         raise ValueError(f"unknown architecture {self.arch!r}; use unet or unetplusplus")

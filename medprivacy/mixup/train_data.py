@@ -1,6 +1,7 @@
 """The training data of the Mixup-Privacy networks: synthetic subjects (cached on disk) or a user's nnU-Net/MSD
 dataset brought to the model grid, and the random target and reference patches drawn from them (``PatchSampler``).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def synthetic_subject_normalized(seed: int, deformation: float = 1.0, use_cache:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         # A cache: no fsync, a copy lost to a power cut is made again.
-        write_atomically(path, lambda tmp: np.savez(tmp, image=image.astype(np.float16), labels=subject.labels), sync=False)
+        write_atomically(
+            path, lambda tmp: np.savez(tmp, image=image.astype(np.float16), labels=subject.labels), sync=False
+        )
     return image, subject.labels
 
 
@@ -48,7 +51,9 @@ def load_dataset_subjects(folder: str, limit: int | None = None):
     root = Path(folder)
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
-        raise InputError(f"{root} has no dataset.json; expected the nnU-Net/MSD layout (dataset.json, imagesTr/, labelsTr/)")
+        raise InputError(
+            f"{root} has no dataset.json; expected the nnU-Net/MSD layout (dataset.json, imagesTr/, labelsTr/)"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     pairs = []
     for entry in meta.get("training", []):
@@ -75,8 +80,16 @@ def load_dataset_subjects(folder: str, limit: int | None = None):
 class PatchSampler:
     """Random training patches: targets anywhere in the analysis box (as at inference), references mostly brain."""
 
-    def __init__(self, subjects, patch_size: int, rng: np.random.Generator, reference_oversampling: int = 1, sampling: str = "box",
-                 fill_probability: float = 0.0, warp_rms: float = 0.0):
+    def __init__(
+        self,
+        subjects,
+        patch_size: int,
+        rng: np.random.Generator,
+        reference_oversampling: int = 1,
+        sampling: str = "box",
+        fill_probability: float = 0.0,
+        warp_rms: float = 0.0,
+    ):
         from .model_space import analysis_mask
         from .patches import brain_bounding_box
 
@@ -121,7 +134,14 @@ class PatchSampler:
     def references(self, count: int):
         from .mixing import ORIENTATIONS, flip_patches, orient_rows
 
-        images, labels = draw_reference_patches(self.images, self.labels, self.reference_candidates, count * self.reference_oversampling, self.patch, self.rng)
+        images, labels = draw_reference_patches(
+            self.images,
+            self.labels,
+            self.reference_candidates,
+            count * self.reference_oversampling,
+            self.patch,
+            self.rng,
+        )
         if self.reference_oversampling > 1:
             images, labels = keep_most_textured(images, labels, count)
         if self.sampling == "private":
@@ -171,7 +191,11 @@ def _smooth_displacement(shape, rms: float, rng: np.random.Generator) -> np.ndar
 
     step = 4  # blur on a 4-voxel grid, then interpolate: the field has nothing finer than that
     noise = rng.standard_normal((3,) + tuple(n // step + 2 for n in shape))
-    coarse = np.stack([gaussian_filter(c, CONTROL_SPACING_MM / 4 / step, mode="nearest") for c in noise]).astype(np.float32)
-    field = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], size=tuple(shape), mode="trilinear", align_corners=True)[0].numpy()
-    current = float(np.sqrt(np.mean(np.sum(field ** 2, axis=0))))
+    coarse = np.stack([gaussian_filter(c, CONTROL_SPACING_MM / 4 / step, mode="nearest") for c in noise]).astype(
+        np.float32
+    )
+    field = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse)[None], size=tuple(shape), mode="trilinear", align_corners=True
+    )[0].numpy()
+    current = float(np.sqrt(np.mean(np.sum(field**2, axis=0))))
     return (field * (rms / max(current, 1e-9))).astype(np.float32)

@@ -1,6 +1,7 @@
 """Where a Mixup-Privacy training run starts from and what it leaves: the weights of a previous stage
 (``--init-from``) and the three saved networks with their manifest record (command, config, data, metrics).
 """
+
 from __future__ import annotations
 
 import shlex
@@ -23,20 +24,45 @@ def initialise_from(folder: str, nets: dict) -> dict:
         try:
             net.load_state_dict(loaded.state_dict())
         except RuntimeError:
-            raise InputError(f"--init-from {folder}: {name} has a different architecture; use the same preset and --arch") from None
+            raise InputError(
+                f"--init-from {folder}: {name} has a different architecture; use the same preset and --arch"
+            ) from None
     previous = dict(manifest.get("training", {}))
     previous["weights_sha256"] = {name: manifest["models"][name]["sha256"] for name in nets}
     return previous
 
 
-def save_trained_networks(seg, unmix, plain, seg_arch, unmix_arch, config, out_dir, data_description, metrics, history, step, started, command, previous_stage=None):
+def save_trained_networks(
+    seg,
+    unmix,
+    plain,
+    seg_arch,
+    unmix_arch,
+    config,
+    out_dir,
+    data_description,
+    metrics,
+    history,
+    step,
+    started,
+    command,
+    previous_stage=None,
+):
     from ..nets import ModelSpec, save_model
 
     patch = [config.patch_size] * 3
     lambda_range = [float(v) for v in config.lambda_range]
     seg_spec = save_model(
         seg,
-        ModelSpec("mixup-seg", "mixup_seg.safetensors", seg_arch, "server", patch, LABEL_NAMES, extra={"input": "mixed", "lambda_range": lambda_range}),
+        ModelSpec(
+            "mixup-seg",
+            "mixup_seg.safetensors",
+            seg_arch,
+            "server",
+            patch,
+            LABEL_NAMES,
+            extra={"input": "mixed", "lambda_range": lambda_range},
+        ),
         out_dir,
     )
     save_model(
@@ -66,7 +92,15 @@ def save_trained_networks(seg, unmix, plain, seg_arch, unmix_arch, config, out_d
     }
     save_model(
         plain,
-        ModelSpec("plain-seg", "plain_seg.safetensors", seg_arch, "server", patch, LABEL_NAMES, extra={"input": "plain", "purpose": "evaluation baseline"}),
+        ModelSpec(
+            "plain-seg",
+            "plain_seg.safetensors",
+            seg_arch,
+            "server",
+            patch,
+            LABEL_NAMES,
+            extra={"input": "plain", "purpose": "evaluation baseline"},
+        ),
         out_dir,
         training=training,
     )

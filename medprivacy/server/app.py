@@ -10,6 +10,7 @@ classifiers (``/v1/obfuscation/*``, see the ``obfuscation`` package).
 The app is built here with its own routes (health, info, mixup, baseline); ``service`` holds what is served and
 ``guards`` what every request goes through.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,7 +39,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     """
     service = InferenceService(config)
     # No interactive docs or schema: nothing here is for browsing, and less surface is less to secure.
-    app = FastAPI(title="MedPrivacy inference server", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="MedPrivacy inference server", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.service = service
     add_error_handlers(app)
     guards = request_guards(config)
@@ -73,10 +76,21 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     from .watermark import add_watermark_routes
 
-    add_watermark_routes(app, service, require_token=guards.require_token, check_api_version=guards.check_api_version,
-                         read_body=guards.read_body, response_dtype=guards.response_dtype)
+    add_watermark_routes(
+        app,
+        service,
+        require_token=guards.require_token,
+        check_api_version=guards.check_api_version,
+        read_body=guards.read_body,
+        response_dtype=guards.response_dtype,
+    )
     from .obfuscation import add_obfuscation_routes
 
-    add_obfuscation_routes(app, service, require_token=guards.require_token, check_api_version=guards.check_api_version,
-                           read_body=guards.read_body)
+    add_obfuscation_routes(
+        app,
+        service,
+        require_token=guards.require_token,
+        check_api_version=guards.check_api_version,
+        read_body=guards.read_body,
+    )
     return app

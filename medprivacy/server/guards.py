@@ -2,6 +2,7 @@
 version, the body's type, size and pace (a client that stalls or trickles must not hold a connection forever), the
 response dtype, and the handlers that turn refusals, vanished clients and bugs into one-line answers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,11 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(_HTTPError)
     async def _http_error(request: Request, exc: _HTTPError):
         headers = dict(exc.headers or {})
-        if request.method == "POST" and not getattr(request.state, "body_complete", False) and _large_or_unknown(request):
+        if (
+            request.method == "POST"
+            and not getattr(request.state, "body_complete", False)
+            and _large_or_unknown(request)
+        ):
             # Refused before a large body was read: close instead of receiving megabytes nobody wants. A small
             # body is left for the connection to discard: closing with unread data makes the kernel reset the
             # connection, and the client could lose the answer explaining why.
@@ -48,15 +53,21 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone):
         # A client that gave up mid-upload is not a server error: one line, no traceback, nothing to answer.
-        log.info("client %s disconnected during the upload to %s after %d bytes; request dropped",
-                 request.client.host if request.client else "?", request.url.path, exc.received)
+        log.info(
+            "client %s disconnected during the upload to %s after %d bytes; request dropped",
+            request.client.host if request.client else "?",
+            request.url.path,
+            exc.received,
+        )
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            {"detail": f"internal server error ({type(exc).__name__}); the operator can find the cause in the server log"},
+            {
+                "detail": f"internal server error ({type(exc).__name__}); the operator can find the cause in the server log"
+            },
             status_code=500,
         )
 
@@ -107,8 +118,11 @@ def request_guards(config: ServerConfig) -> RequestGuards:
         """
         given = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type is not None and given != content_type:
-            raise _HTTPError(415, f"this endpoint takes Content-Type {content_type}, not {given[:60] or 'none'}; "
-                                  "send the body with that Content-Type header")
+            raise _HTTPError(
+                415,
+                f"this endpoint takes Content-Type {content_type}, not {given[:60] or 'none'}; "
+                "send the body with that Content-Type header",
+            )
         limit = config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -130,19 +144,29 @@ def request_guards(config: ServerConfig) -> RequestGuards:
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
-                    log.info("request body from %s stalled after %d bytes; connection closed",
-                             request.client.host if request.client else "?", received)
-                    raise _HTTPError(408, f"the request body stalled: nothing arrived for {timeout:g} s after {received} bytes; "
-                                          "check the network and send the request again", headers={"Connection": "close"}) from None
+                    log.info(
+                        "request body from %s stalled after %d bytes; connection closed",
+                        request.client.host if request.client else "?",
+                        received,
+                    )
+                    raise _HTTPError(
+                        408,
+                        f"the request body stalled: nothing arrived for {timeout:g} s after {received} bytes; "
+                        "check the network and send the request again",
+                        headers={"Connection": "close"},
+                    ) from None
                 # Content-Length can be absent (chunked upload) or lie, so count while reading too.
                 received += len(chunk)
                 if received > limit:
                     raise _HTTPError(413, _too_large(received, limit, at_least=True))
                 elapsed = loop.time() - started
                 if elapsed > timeout and received < MIN_UPLOAD_BYTES_PER_S * elapsed:
-                    raise _HTTPError(408, f"the request body arrives too slowly ({received / elapsed:.0f} bytes/s after "
-                                          f"{elapsed:.0f} s; at least {MIN_UPLOAD_BYTES_PER_S} needed); check the network",
-                                     headers={"Connection": "close"})
+                    raise _HTTPError(
+                        408,
+                        f"the request body arrives too slowly ({received / elapsed:.0f} bytes/s after "
+                        f"{elapsed:.0f} s; at least {MIN_UPLOAD_BYTES_PER_S} needed); check the network",
+                        headers={"Connection": "close"},
+                    )
                 chunks.append(chunk)
         except ClientDisconnect:
             raise ClientGone(received) from None

@@ -4,6 +4,7 @@ with their device and inference lock, and the optional audit copy of every reque
 The MedLocker and ObfuscationPrivacy services (the ``watermark`` and ``obfuscation`` packages beside this file) hang
 off the same ``InferenceService``; ``app`` puts HTTP routes in front of all three.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -64,7 +65,6 @@ class ServerConfig:
     model_store: Path | None = None
 
 
-
 class _ServedModel:
     def __init__(self, spec, route: _Route):
         self.spec = spec
@@ -84,7 +84,11 @@ class _ServedModel:
             # The mixing-weight range the model was trained on: clients must draw λ inside it.
             **({"lambda_range": self.spec.extra["lambda_range"]} if "lambda_range" in self.spec.extra else {}),
             # Per-class factors applied to these probabilities before the argmax, fitted on validation scans.
-            **({"decision_weights": self.spec.extra["decision_weights"]} if "decision_weights" in self.spec.extra else {}),
+            **(
+                {"decision_weights": self.spec.extra["decision_weights"]}
+                if "decision_weights" in self.spec.extra
+                else {}
+            ),
         }
 
 
@@ -107,7 +111,9 @@ class InferenceService:
         entries = manifest.get("models", {})
         from .watermark import WatermarkModels, WatermarkService
 
-        self.watermark = WatermarkService(self, WatermarkModels(entries, self.models_dir, tuple(config.extra_classifiers)))
+        self.watermark = WatermarkService(
+            self, WatermarkModels(entries, self.models_dir, tuple(config.extra_classifiers))
+        )
         from .obfuscation import ObfuscationService
 
         self.obfuscation = ObfuscationService(self, config.model_store)
@@ -125,9 +131,13 @@ class InferenceService:
             try:
                 spec = ModelSpec.from_json(route.model, entry)
             except (KeyError, TypeError) as exc:
-                raise InputError(f"manifest entry {route.model!r} is incomplete ({type(exc).__name__}: {exc}); restore manifest.json") from None
+                raise InputError(
+                    f"manifest entry {route.model!r} is incomplete ({type(exc).__name__}: {exc}); restore manifest.json"
+                ) from None
             if spec.role != "server":
-                raise InputError(f"manifest entry {route.model!r} has role {spec.role!r}, not 'server'; fix the manifest")
+                raise InputError(
+                    f"manifest entry {route.model!r} has role {spec.role!r}, not 'server'; fix the manifest"
+                )
             self.models[route.kind] = _ServedModel(spec, route)
         # One forward pass at a time: parallel passes would only fight over the same GPU memory or CPU cores.
         self.inference_lock = threading.Lock()
@@ -150,7 +160,13 @@ class InferenceService:
 
             started = time.perf_counter()
             model.net, _ = load_model(model.spec.name, self.models_dir, self.device)
-            log.info("loaded %s (%s) on %s in %.1f s", model.spec.name, model.spec.arch.get("name"), self.device, time.perf_counter() - started)
+            log.info(
+                "loaded %s (%s) on %s in %.1f s",
+                model.spec.name,
+                model.spec.arch.get("name"),
+                self.device,
+                time.perf_counter() - started,
+            )
         return model.net
 
     def info(self) -> dict[str, Any]:
@@ -183,7 +199,12 @@ class InferenceService:
         answer = encode_tensor_raw(probabilities)
         log.info(
             "%s: %d patches %s %s (%d bytes in, %d bytes out) in %.2f s",
-            kind, raw.shape[0], "x".join(map(str, patch)), header["dtype"], len(body), len(answer),
+            kind,
+            raw.shape[0],
+            "x".join(map(str, patch)),
+            header["dtype"],
+            len(body),
+            len(answer),
             time.perf_counter() - started,
         )
         return answer
@@ -192,22 +213,29 @@ class InferenceService:
     def _check_patches(model: _ServedModel, raw: np.ndarray, dtype: str, patch: tuple[int, ...]) -> None:
         expected = "x".join(map(str, patch))
         if dtype not in ("uint8", "float16"):
-            raise _HTTPError(422, f"patches arrived as {dtype}; send uint8 or float16 (float32 only doubles the upload)")
+            raise _HTTPError(
+                422, f"patches arrived as {dtype}; send uint8 or float16 (float32 only doubles the upload)"
+            )
         if raw.ndim != 5 or raw.shape[1] != 1:
             raise _HTTPError(
-                422, f"patches have shape {list(raw.shape)}; expected (N, 1, {', '.join(map(str, patch))}) single-channel 3D patches"
+                422,
+                f"patches have shape {list(raw.shape)}; expected (N, 1, {', '.join(map(str, patch))}) single-channel 3D patches",
             )
         if tuple(raw.shape[2:]) != patch:
             got = "x".join(map(str, raw.shape[2:]))
             raise _HTTPError(
-                422, f"patches are {got} voxels but model {model.spec.name} expects {expected}; "
-                "cut patches with the patch_size from /v1/info"
+                422,
+                f"patches are {got} voxels but model {model.spec.name} expects {expected}; "
+                "cut patches with the patch_size from /v1/info",
             )
         if raw.shape[0] == 0:
             raise _HTTPError(422, "request holds no patches; send at least one")
         if dtype == "float16" and (raw.min() < -_RANGE_SLACK or raw.max() > 1 + _RANGE_SLACK):
-            raise _HTTPError(422, f"patch values span [{float(raw.min()):.3g}, {float(raw.max()):.3g}]; "
-                                  "send intensities scaled to [0, 1] like the uint8 encoding")
+            raise _HTTPError(
+                422,
+                f"patch values span [{float(raw.min()):.3g}, {float(raw.max()):.3g}]; "
+                "send intensities scaled to [0, 1] like the uint8 encoding",
+            )
 
     def _infer(self, model: _ServedModel, raw: np.ndarray, response_dtype: str) -> np.ndarray:
         from ..nets.inference import segment_patches
@@ -216,7 +244,9 @@ class InferenceService:
             net = self._ensure_loaded(model)
             out = segment_patches(net, raw, self.device, self.config.inference_batch, response_dtype)
         if out.shape[1] != model.out_channels:
-            raise RuntimeError(f"{model.spec.name} produced {out.shape[1]} classes; its manifest says {model.out_channels}")
+            raise RuntimeError(
+                f"{model.spec.name} produced {out.shape[1]} classes; its manifest says {model.out_channels}"
+            )
         return out
 
     def audit(self, kind: str, raw: np.ndarray) -> None:
@@ -235,10 +265,17 @@ class InferenceService:
                 reason = exc.reason
             else:
                 reason = os_error_reason(exc) if isinstance(exc, OSError) else "its folder no longer exists"
-            log.error("cannot write the audit copy of a %s request to %s (%s); request refused", kind, self.config.audit_dir,
-                      reason)
-            raise _HTTPError(503, f"the server cannot save its audit copy ({reason}); ask the operator to free "
-                                  "space in its --audit-dir", headers={"Retry-After": "60"}) from None
+            log.error(
+                "cannot write the audit copy of a %s request to %s (%s); request refused",
+                kind,
+                self.config.audit_dir,
+                reason,
+            )
+            raise _HTTPError(
+                503,
+                f"the server cannot save its audit copy ({reason}); ask the operator to free space in its --audit-dir",
+                headers={"Retry-After": "60"},
+            ) from None
 
     def _write_audit(self, kind: str, raw: np.ndarray) -> None:
         directory = Path(self.config.audit_dir)

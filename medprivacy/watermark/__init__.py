@@ -8,4 +8,5 @@
 
 Pure numpy/scipy/cryptography: no slicer, qt or torch import; the models that score candidates live elsewhere.
 """
+
 from __future__ import annotations

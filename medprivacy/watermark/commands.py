@@ -1,6 +1,7 @@
 """What ``medprivacy watermark protect | unlock | verify | new-key-file | eval`` do, once ``watermark.cli`` has parsed
 their arguments: the key's credentials, then each command's body.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ PASSPHRASE_ENV = "MEDPRIVACY_KEY_PASSPHRASE"
 
 # --- credentials -----------------------------------------------------------------------------------------------
 
+
 def _credentials(args, confirm: bool = False) -> dict:
     """``{"passphrase": ...}`` or ``{"key_file": ...}`` for keyfile.save_key / load_key."""
     if args.key_file is not None:
@@ -25,7 +27,9 @@ def _credentials(args, confirm: bool = False) -> dict:
             text = Path(args.passphrase_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise InputError(f"cannot read passphrase file {args.passphrase_file} ({reason}); check the path and its permissions") from None
+            raise InputError(
+                f"cannot read passphrase file {args.passphrase_file} ({reason}); check the path and its permissions"
+            ) from None
         lines = text.splitlines()
         # Only the line break an editor adds is dropped: spaces may be part of a passphrase.
         passphrase = lines[0] if lines else ""
@@ -43,7 +47,9 @@ def _credentials(args, confirm: bool = False) -> dict:
             raise InputError("the two passphrases differ; run the command again")
         if passphrase:
             return {"passphrase": passphrase}
-    raise InputError(f"the key needs a passphrase or a secret: give --passphrase-file, --key-file, or set {PASSPHRASE_ENV}")
+    raise InputError(
+        f"the key needs a passphrase or a secret: give --passphrase-file, --key-file, or set {PASSPHRASE_ENV}"
+    )
 
 
 def _load_key(path: Path, credentials: dict):
@@ -53,6 +59,7 @@ def _load_key(path: Path, credentials: dict):
 
 
 # --- protect ---------------------------------------------------------------------------------------------------
+
 
 def run_protect(args) -> int:
     from . import blending
@@ -74,7 +81,9 @@ def run_protect(args) -> int:
     if not key_path.parent.is_dir():
         raise InputError(f"the folder of --key {key_path} does not exist; create it first")
     if key_path.exists() and not args.append:
-        raise InputError(f"key {key_path} already exists; pass --append to add these images to it, or choose a new key file")
+        raise InputError(
+            f"key {key_path} already exists; pass --append to add these images to it, or choose a new key file"
+        )
     key = _load_key(key_path, credentials) if key_path.exists() else WatermarkKey()
     logo = blending.load_logo(args.logo) if args.logo is not None else blending.default_logo()
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -90,13 +99,27 @@ def run_protect(args) -> int:
     info = check_classifiers(client, models)
     class_names = classifier_labels(info, models)
     label = resolve_label(args.label, class_names, "--label") if args.label is not None else None
-    per_image = resolve_labels(raw_labels, class_names, args.labels, [path for path, _ in jobs]) if raw_labels is not None else None
+    per_image = (
+        resolve_labels(raw_labels, class_names, args.labels, [path for path, _ in jobs])
+        if raw_labels is not None
+        else None
+    )
     lesions = choose_lesion_source(args.mode, args.lesions, info, note=lambda text: print(text, file=sys.stderr))
     settings = SearchSettings(
-        mode=args.mode, models=models, weights=weights, label=label, sl=args.sl, population=args.population,
-        generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
-        local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max), mutation=args.mutation,
-        max_evaluations=args.max_evaluations, seed=args.seed,
+        mode=args.mode,
+        models=models,
+        weights=weights,
+        label=label,
+        sl=args.sl,
+        population=args.population,
+        generations=args.generations,
+        crossover_rate=args.crossover_rate,
+        step=args.step,
+        local_iterations=args.local_iterations,
+        alpha_range=(args.alpha_min, args.alpha_max),
+        mutation=args.mutation,
+        max_evaluations=args.max_evaluations,
+        seed=args.seed,
     )
 
     bar = _progress(len(jobs))
@@ -107,8 +130,19 @@ def run_protect(args) -> int:
         bar.update(1)
 
     try:
-        done = protect_files(jobs, client, key, logo, settings, lesions, key_path, credentials, on_image=report,
-                             on_partial_save=lambda text: print(f"medprivacy: {text}", file=sys.stderr), labels=per_image)
+        done = protect_files(
+            jobs,
+            client,
+            key,
+            logo,
+            settings,
+            lesions,
+            key_path,
+            credentials,
+            on_image=report,
+            on_partial_save=lambda text: print(f"medprivacy: {text}", file=sys.stderr),
+            labels=per_image,
+        )
     finally:
         bar.close()
     print(f"protected {done} image(s) into {args.out}; key {key_path} holds {len(key)} image(s)")
@@ -147,12 +181,16 @@ def _report(bar, path: Path, target: Path, image, answer: dict, label_source: st
 
     params = answer["params"]
     verdict = "fooled every model" if answer["fooled"] else "not every model fooled"
-    if answer.get("target_source") == "label" and all(answer["before"][m]["predicted"][0] != answer["target"] for m in answer["models"]):
+    if answer.get("target_source") == "label" and all(
+        answer["before"][m]["predicted"][0] != answer["target"] for m in answer["models"]
+    ):
         verdict = "every model was already wrong on the clean image"
     note = " (JPEG is lossy: written as PNG)" if image.format == "jpeg" else ""
-    lines = [f"{path.name} -> {target}{note}: {verdict}; alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
-             f"logo {answer['logo_size'][1]}x{answer['logo_size'][0]}, {answer['evaluations']} evaluations",
-             f"  target: {describe_target(answer, label_source)}"]
+    lines = [
+        f"{path.name} -> {target}{note}: {verdict}; alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
+        f"logo {answer['logo_size'][1]}x{answer['logo_size'][0]}, {answer['evaluations']} evaluations",
+        f"  target: {describe_target(answer, label_source)}",
+    ]
     for name in answer["models"]:
         before, after = answer["before"][name], answer["after"][name]
         lines.append(f"  {name}: {_top(before)} -> {_top(after)}")
@@ -166,6 +204,7 @@ def _top(prediction: dict) -> str:
 
 
 # --- unlock, verify, new-key-file ------------------------------------------------------------------------------
+
 
 def run_unlock(args) -> int:
     from . import io as mio
@@ -184,7 +223,9 @@ def run_unlock(args) -> int:
     # Every image is checked against the key before any is written: a mistake in the list leaves no partial output.
     for path, _ in targets:
         if key.find(mio.read_image(path).pixels) is None:
-            raise InputError(f"{path.name} is not protected by key {args.key}, or it was changed after protection; nothing was restored")
+            raise InputError(
+                f"{path.name} is not protected by key {args.key}, or it was changed after protection; nothing was restored"
+            )
     from .batch import make_output_folder
 
     make_output_folder(args.out)
@@ -206,9 +247,11 @@ def run_verify(args) -> int:
     if entry is None:
         print(f"{args.image}: not protected by this key (or changed after protection)")
         return 1
-    print(f"{args.image}: protected by this key as {entry.name!r}: alpha {entry.alpha:.2f} at x={entry.x} y={entry.y}, "
-          f"sl {entry.sl:g}, logo {entry.logo_size[1]}x{entry.logo_size[0]}, {entry.dtype} {'x'.join(map(str, entry.shape))}, "
-          f"{'exact unlock' if entry.original is not None else 'approximate unlock only'}")
+    print(
+        f"{args.image}: protected by this key as {entry.name!r}: alpha {entry.alpha:.2f} at x={entry.x} y={entry.y}, "
+        f"sl {entry.sl:g}, logo {entry.logo_size[1]}x{entry.logo_size[0]}, {entry.dtype} {'x'.join(map(str, entry.shape))}, "
+        f"{'exact unlock' if entry.original is not None else 'approximate unlock only'}"
+    )
     return 0
 
 
@@ -216,11 +259,14 @@ def run_new_key_file(args) -> int:
     from .keyfile import generate_key_file
 
     path = generate_key_file(args.path)
-    print(f"wrote a 32-byte secret to {path} (mode 0600); keep it safe: without it the keys it encrypts cannot be opened")
+    print(
+        f"wrote a 32-byte secret to {path} (mode 0600); keep it safe: without it the keys it encrypts cannot be opened"
+    )
     return 0
 
 
 # --- eval: Tables 1-3 of the paper through a server (watermark.evaluate) ----------------------------------------------
+
 
 def run_eval(args: argparse.Namespace) -> int:
     import json
@@ -247,13 +293,28 @@ def run_eval(args: argparse.Namespace) -> int:
         if target is not None and Path(target).is_dir():
             raise InputError(f"{what} {target} is a folder; give a file name")
     config = EvalConfig(
-        images=args.images, start=args.start, split=args.split, seed=args.seed, data_seed=args.data_seed, size=args.size, attack=args.attack,
+        images=args.images,
+        start=args.start,
+        split=args.split,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        size=args.size,
+        attack=args.attack,
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None,
-        held_out=not args.no_held_out, table3=not args.no_table3, table3_source=args.table3_source,
-        equal_budget_random=args.equal_budget_random, lesions=args.lesions, sl=args.sl, population=args.population,
-        generations=args.generations, crossover_rate=args.crossover_rate, step=args.step,
-        local_iterations=args.local_iterations, alpha_range=(args.alpha_min, args.alpha_max),
-        max_evaluations=args.max_evaluations, grid_images=args.grid_images,
+        held_out=not args.no_held_out,
+        table3=not args.no_table3,
+        table3_source=args.table3_source,
+        equal_budget_random=args.equal_budget_random,
+        lesions=args.lesions,
+        sl=args.sl,
+        population=args.population,
+        generations=args.generations,
+        crossover_rate=args.crossover_rate,
+        step=args.step,
+        local_iterations=args.local_iterations,
+        alpha_range=(args.alpha_min, args.alpha_max),
+        max_evaluations=args.max_evaluations,
+        grid_images=args.grid_images,
     )
     config.check()
     logo = blending.load_logo(args.logo) if args.logo is not None else None

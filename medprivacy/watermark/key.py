@@ -9,6 +9,7 @@ the paper's parameter-only inverse blending (eq. 9).
 ``pack_key`` turns a key into an npz archive (``allow_pickle=False``; JSON manifest as bytes plus the pixel arrays)
 and ``unpack_key`` checks and reads one back; ``keyfile`` encrypts that archive to disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,9 +81,18 @@ class KeyEntry:
 
     def _to_json(self, original_name: str | None) -> dict:
         return {
-            "name": self.name, "alpha": self.alpha, "x": self.x, "y": self.y, "sl": self.sl,
-            "logo_size": list(self.logo_size), "logo_sha256": self.logo_sha256, "image_sha256": self.image_sha256,
-            "original_sha256": self.original_sha256, "dtype": self.dtype, "shape": list(self.shape), "original": original_name,
+            "name": self.name,
+            "alpha": self.alpha,
+            "x": self.x,
+            "y": self.y,
+            "sl": self.sl,
+            "logo_size": list(self.logo_size),
+            "logo_sha256": self.logo_sha256,
+            "image_sha256": self.image_sha256,
+            "original_sha256": self.original_sha256,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "original": original_name,
             "window": None if self.window is None else list(self.window),
         }
 
@@ -116,8 +126,9 @@ class WatermarkKey:
     def logo(self, fingerprint: str) -> np.ndarray | None:
         return self._logos.get(fingerprint)
 
-    def protect(self, name: str, image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL,
-                window=None) -> np.ndarray:
+    def protect(
+        self, name: str, image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL, window=None
+    ) -> np.ndarray:
         """Blend ``logo`` into ``image`` at (alpha, x, y) within the intensity ``window`` (default: the dtype's full
         range), record the entry under ``name``; returns the protected image."""
         if not isinstance(name, str) or not name.strip():
@@ -130,9 +141,19 @@ class WatermarkKey:
         window = None if window is None else check_window(window, image.dtype)
         protected = blend(image, fitted, alpha, x, y, window)
         entry = KeyEntry(
-            name=name, alpha=check_alpha(alpha), x=int(x), y=int(y), sl=float(sl), logo_size=fitted.size,
-            logo_sha256=logo_sha256(rgba), image_sha256=image_sha256(protected), original_sha256=image_sha256(image),
-            dtype=image.dtype.name, shape=tuple(image.shape), window=window, original=image[fitted.region(x, y)].copy(),
+            name=name,
+            alpha=check_alpha(alpha),
+            x=int(x),
+            y=int(y),
+            sl=float(sl),
+            logo_size=fitted.size,
+            logo_sha256=logo_sha256(rgba),
+            image_sha256=image_sha256(protected),
+            original_sha256=image_sha256(image),
+            dtype=image.dtype.name,
+            shape=tuple(image.shape),
+            window=window,
+            original=image[fitted.region(x, y)].copy(),
         )
         self._add(entry, rgba)
         return protected
@@ -172,12 +193,17 @@ class WatermarkKey:
 
 # --- using a key -----------------------------------------------------------------------------------------------
 
+
 def _entry_for(image: np.ndarray, key: WatermarkKey | KeyEntry) -> KeyEntry:
     if not isinstance(image, np.ndarray):
         raise InputError(f"the image is a {type(image).__name__}, not a pixel array")
-    entry = key.find(image) if isinstance(key, WatermarkKey) else (key if key.image_sha256 == image_sha256(image) else None)
+    entry = (
+        key.find(image) if isinstance(key, WatermarkKey) else (key if key.image_sha256 == image_sha256(image) else None)
+    )
     if entry is None:
-        raise InputError("this image is not protected by this key, or it was changed after protection (re-saved lossily, resized, edited)")
+        raise InputError(
+            "this image is not protected by this key, or it was changed after protection (re-saved lossily, resized, edited)"
+        )
     return entry
 
 
@@ -192,12 +218,16 @@ def unlock(image: np.ndarray, key: WatermarkKey | KeyEntry) -> np.ndarray:
     """The original image, bit for bit, from a protected image and its key."""
     entry = _entry_for(image, key)
     if entry.original is None:
-        raise InputError(f"this key holds only the watermark parameters of {entry.name!r}, not the pixels under the logo; "
-                         "use approximate removal or ask the dataset owner for a full key")
+        raise InputError(
+            f"this key holds only the watermark parameters of {entry.name!r}, not the pixels under the logo; "
+            "use approximate removal or ask the dataset owner for a full key"
+        )
     restored = image.copy()
     restored[entry.region] = entry.original
     if image_sha256(restored) != entry.original_sha256:
-        raise InputError(f"the key entry for {entry.name!r} does not restore the original image; the key is inconsistent, ask the owner for a new one")
+        raise InputError(
+            f"the key entry for {entry.name!r} does not restore the original image; the key is inconsistent, ask the owner for a new one"
+        )
     return restored
 
 
@@ -213,12 +243,18 @@ def unlock_approximate(image: np.ndarray, key: WatermarkKey | KeyEntry, logo=Non
     if logo is None:
         logo = key.logo(entry.logo_sha256) if isinstance(key, WatermarkKey) else None
         if logo is None:
-            raise InputError(f"approximate removal of {entry.name!r} needs the logo it was protected with; give the logo picture")
+            raise InputError(
+                f"approximate removal of {entry.name!r} needs the logo it was protected with; give the logo picture"
+            )
     elif logo_sha256(logo) != entry.logo_sha256:
-        raise InputError(f"this is not the logo {entry.name!r} was protected with (fingerprint differs); give the original logo picture")
+        raise InputError(
+            f"this is not the logo {entry.name!r} was protected with (fingerprint differs); give the original logo picture"
+        )
     fitted = fit_logo(logo, entry.shape, entry.sl)
     if fitted.size != tuple(entry.logo_size):
-        raise InputError(f"the logo resizes to {fitted.size} instead of {tuple(entry.logo_size)} for {entry.name!r}; the key and this version disagree")
+        raise InputError(
+            f"the logo resizes to {fitted.size} instead of {tuple(entry.logo_size)} for {entry.name!r}; the key and this version disagree"
+        )
     dtype = np.dtype(entry.dtype)
     a, b = blend_terms(fitted, entry.alpha, len(entry.shape), dtype, entry.window)
     seen = image[entry.region].astype(np.float64)
@@ -238,13 +274,17 @@ def unlock_approximate(image: np.ndarray, key: WatermarkKey | KeyEntry, logo=Non
     restored = image.copy()
     restored[entry.region] = estimate.astype(dtype)
     if approximate:
-        warnings.warn(f"parameter-only removal is approximate: {approximate} of {exact.size} pixels under the logo of {entry.name!r} "
-                      "are not exactly the original (high alpha, rounding); a key with original pixels restores them bit-exactly",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"parameter-only removal is approximate: {approximate} of {exact.size} pixels under the logo of {entry.name!r} "
+            "are not exactly the original (high alpha, rounding); a key with original pixels restores them bit-exactly",
+            UserWarning,
+            stacklevel=2,
+        )
     return restored, approximate
 
 
 # --- archive form -----------------------------------------------------------------------------------------------------
+
 
 def pack_key(key: WatermarkKey) -> bytes:
     arrays: dict[str, np.ndarray] = {}
@@ -259,8 +299,13 @@ def pack_key(key: WatermarkKey) -> bytes:
             original_name = f"original_{index}"
             arrays[original_name] = entry.original
         entries.append(entry._to_json(original_name))
-    manifest = {"format": MANIFEST_FORMAT, "version": FORMAT_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "entries": entries, "logos": logos}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "entries": entries,
+        "logos": logos,
+    }
     arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
@@ -281,7 +326,9 @@ def unpack_key(payload: bytes, path: Path) -> WatermarkKey:
     except InputError:
         raise
     except Exception as exc:  # anything unexpected inside an authenticated payload means a bug or a foreign writer
-        raise InputError(f"key file {path} decrypts but its content is invalid ({type(exc).__name__}: {str(exc)[:120]}); ask for a new key") from None
+        raise InputError(
+            f"key file {path} decrypts but its content is invalid ({type(exc).__name__}: {str(exc)[:120]}); ask for a new key"
+        ) from None
     return key
 
 
@@ -297,9 +344,17 @@ def _checked_entry(item: dict, archive) -> KeyEntry:
     if dtype not in SUPPORTED_DTYPES or not (len(shape) == 2 or (len(shape) == 3 and shape[2] == 3)):
         raise ValueError(f"unsupported image {dtype} {shape}")
     entry = KeyEntry(
-        name=str(item["name"]), alpha=check_alpha(item["alpha"]), x=int(item["x"]), y=int(item["y"]), sl=float(item["sl"]),
-        logo_size=(int(item["logo_size"][0]), int(item["logo_size"][1])), logo_sha256=str(item["logo_sha256"]),
-        image_sha256=str(item["image_sha256"]), original_sha256=str(item["original_sha256"]), dtype=dtype.name, shape=shape,
+        name=str(item["name"]),
+        alpha=check_alpha(item["alpha"]),
+        x=int(item["x"]),
+        y=int(item["y"]),
+        sl=float(item["sl"]),
+        logo_size=(int(item["logo_size"][0]), int(item["logo_size"][1])),
+        logo_sha256=str(item["logo_sha256"]),
+        image_sha256=str(item["image_sha256"]),
+        original_sha256=str(item["original_sha256"]),
+        dtype=dtype.name,
+        shape=shape,
         window=None if item.get("window") is None else check_window(item["window"], dtype),
     )
     rows, cols = entry.region

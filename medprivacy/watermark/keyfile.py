@@ -12,6 +12,7 @@ file, optionally without original pixels (then the user can only remove the wate
 The key itself, and ``verify``, ``unlock`` and ``unlock_approximate``, live in ``watermark.key``; they are imported
 here too, where callers have always found them.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,13 +71,21 @@ def generate_key_file(path: str | os.PathLike, force: bool = False) -> Path:
     """Write 32 random bytes (mode 0600) to use instead of a passphrase; refuses to overwrite without ``force``."""
     path = Path(path)
     if path.exists() and not force:
-        raise InputError(f"{path} already exists; keys encrypted with it would become unreadable if it were replaced (pass force to overwrite)")
+        raise InputError(
+            f"{path} already exists; keys encrypted with it would become unreadable if it were replaced (pass force to overwrite)"
+        )
     _write_key_file(path, secrets.token_bytes(KEY_FILE_BYTES))
     return path
 
 
-def save_key(key: WatermarkKey, path: str | os.PathLike, *, passphrase: str | bytes | None = None,
-             key_file: str | os.PathLike | None = None, scrypt_log2_n: int = SCRYPT_LOG2_N) -> Path:
+def save_key(
+    key: WatermarkKey,
+    path: str | os.PathLike,
+    *,
+    passphrase: str | bytes | None = None,
+    key_file: str | os.PathLike | None = None,
+    scrypt_log2_n: int = SCRYPT_LOG2_N,
+) -> Path:
     """Encrypt ``key`` to ``path`` (atomic, mode 0600) under a passphrase or a 32-byte key file."""
     return KeyWriter(path, passphrase=passphrase, key_file=key_file, scrypt_log2_n=scrypt_log2_n).save(key)
 
@@ -89,8 +98,14 @@ class KeyWriter:
     is written atomically, so the file on disk is always a complete key.
     """
 
-    def __init__(self, path: str | os.PathLike, *, passphrase: str | bytes | None = None,
-                 key_file: str | os.PathLike | None = None, scrypt_log2_n: int = SCRYPT_LOG2_N):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        passphrase: str | bytes | None = None,
+        key_file: str | os.PathLike | None = None,
+        scrypt_log2_n: int = SCRYPT_LOG2_N,
+    ):
         if not (MIN_SCRYPT_LOG2_N <= int(scrypt_log2_n) <= MAX_SCRYPT_LOG2_N):
             raise InputError(f"scrypt cost 2^{scrypt_log2_n} is outside 2^{MIN_SCRYPT_LOG2_N}..2^{MAX_SCRYPT_LOG2_N}")
         self.path = Path(path)
@@ -109,12 +124,16 @@ class KeyWriter:
         try:
             sealed = AESGCM(self._aes_key).encrypt(nonce, pack_key(key), header)
         except OverflowError:
-            raise InputError("the key is too large for one file (over 2 GiB); split the dataset across several keys") from None
+            raise InputError(
+                "the key is too large for one file (over 2 GiB); split the dataset across several keys"
+            ) from None
         _write_key_file(self.path, header + sealed)
         return self.path
 
 
-def load_key(path: str | os.PathLike, *, passphrase: str | bytes | None = None, key_file: str | os.PathLike | None = None) -> WatermarkKey:
+def load_key(
+    path: str | os.PathLike, *, passphrase: str | bytes | None = None, key_file: str | os.PathLike | None = None
+) -> WatermarkKey:
     """Decrypt and check a key file; InputError on a wrong passphrase/key file or any modified byte."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -126,26 +145,35 @@ def load_key(path: str | os.PathLike, *, passphrase: str | bytes | None = None, 
     blob = path.read_bytes()
     if len(blob) < _HEADER.size + _TAG_BYTES or not blob.startswith(MAGIC):
         raise InputError(f"{path} is not a MedLocker key file")
-    header = blob[:_HEADER.size]
+    header = blob[: _HEADER.size]
     _, version, kdf, salt, log2_n, r, p, nonce = _HEADER.unpack(header)
     if version != FORMAT_VERSION or kdf not in (KDF_SCRYPT, KDF_KEY_FILE):
-        raise InputError(f"{path} is a MedLocker key of an unknown version ({version}); update MedPrivacy or the file is damaged")
+        raise InputError(
+            f"{path} is a MedLocker key of an unknown version ({version}); update MedPrivacy or the file is damaged"
+        )
     if kdf == KDF_SCRYPT and not (MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N and 1 <= r <= 32 and 1 <= p <= 16):
         raise InputError(f"cannot open {path}: its header is damaged")
     if given != kdf:
         wanted = "a passphrase" if kdf == KDF_SCRYPT else "a key file"
         raise InputError(f"{path} is locked with {wanted}; give {wanted} instead")
     try:
-        payload = AESGCM(_derive(kdf, secret, salt, log2_n, r, p)).decrypt(nonce, blob[_HEADER.size:], header)
+        payload = AESGCM(_derive(kdf, secret, salt, log2_n, r, p)).decrypt(nonce, blob[_HEADER.size :], header)
     except InvalidTag:
         credential = "passphrase" if kdf == KDF_SCRYPT else "key file"
         raise InputError(f"cannot open {path}: wrong {credential}, or the file was modified or damaged") from None
     return unpack_key(payload, path)
 
 
-def issue_user_key(key: WatermarkKey, names: Iterable[str], path: str | os.PathLike, *, passphrase: str | bytes | None = None,
-                   key_file: str | os.PathLike | None = None, include_originals: bool = True,
-                   scrypt_log2_n: int = SCRYPT_LOG2_N) -> WatermarkKey:
+def issue_user_key(
+    key: WatermarkKey,
+    names: Iterable[str],
+    path: str | os.PathLike,
+    *,
+    passphrase: str | bytes | None = None,
+    key_file: str | os.PathLike | None = None,
+    include_originals: bool = True,
+    scrypt_log2_n: int = SCRYPT_LOG2_N,
+) -> WatermarkKey:
     """Save, under the user's own passphrase or key file, a key that holds only the images in ``names``."""
     user_key = key.subset(names, include_originals=include_originals)
     save_key(user_key, path, passphrase=passphrase, key_file=key_file, scrypt_log2_n=scrypt_log2_n)
@@ -157,7 +185,11 @@ def _credential(passphrase, key_file) -> tuple[int, bytes]:
         raise InputError("give either a passphrase or a key file (exactly one)")
     if passphrase is not None:
         # NFC: the same passphrase typed on macOS (often decomposed accents) and elsewhere gives the same bytes.
-        secret = unicodedata.normalize("NFC", passphrase).encode("utf-8") if isinstance(passphrase, str) else bytes(passphrase)
+        secret = (
+            unicodedata.normalize("NFC", passphrase).encode("utf-8")
+            if isinstance(passphrase, str)
+            else bytes(passphrase)
+        )
         if not secret:
             raise InputError("the passphrase is empty")
         return KDF_SCRYPT, secret
@@ -171,7 +203,9 @@ def _read_key_file(path: Path) -> bytes:
         raise InputError(f"key file {path} is readable by other users; run 'chmod 600 {path}' (it is a secret)")
     secret = path.read_bytes()
     if len(secret) != KEY_FILE_BYTES:
-        raise InputError(f"key file {path} holds {len(secret)} bytes, not {KEY_FILE_BYTES}; give the file made by generate_key_file")
+        raise InputError(
+            f"key file {path} holds {len(secret)} bytes, not {KEY_FILE_BYTES}; give the file made by generate_key_file"
+        )
     return secret
 
 

@@ -4,6 +4,7 @@ A label comes from ``--label`` (one for every image) or a labels CSV (``read_lab
 class name of the server's classifiers (``classifier_labels``, ``resolve_label``); without one, each model is pushed
 away from its own answer on the clean image (``describe_target`` says which).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,9 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
             reader = csv.DictReader(handle)
             columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
             if "image" not in columns or "label" not in columns:
-                raise InputError(f"{path} needs a header row with the columns image,label (found {', '.join(columns) or 'no header'})")
+                raise InputError(
+                    f"{path} needs a header row with the columns image,label (found {', '.join(columns) or 'no header'})"
+                )
             labels: dict[str, str] = {}
             for line, row in enumerate(reader, start=2):
                 name = Path(str(row.get(columns["image"]) or "").strip()).name
@@ -42,7 +45,9 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
     except OSError as exc:
         raise InputError(f"cannot read labels file {path} ({exc.strerror or type(exc).__name__})") from None
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path} is not a readable CSV file ({exc}); save it as UTF-8 CSV with columns image,label") from None
+        raise InputError(
+            f"{path} is not a readable CSV file ({exc}); save it as UTF-8 CSV with columns image,label"
+        ) from None
     if not labels:
         raise InputError(f"{path} lists no image; give one row per image: name,label")
     return labels
@@ -73,10 +78,15 @@ def resolve_label(text: str | int, class_names: dict[int, str], origin: str) -> 
     return by_name[value.lower()]
 
 
-def resolve_labels(raw: dict[str, str], class_names: dict[int, str], csv_path, images: Sequence[Path]) -> dict[str, int]:
+def resolve_labels(
+    raw: dict[str, str], class_names: dict[int, str], csv_path, images: Sequence[Path]
+) -> dict[str, int]:
     """{image name: class index} for the ``images`` of a batch, from ``read_labels_csv``'s output."""
-    return {Path(p).name: resolve_label(raw[Path(p).name], class_names, f"{csv_path} ({Path(p).name})")
-            for p in images if Path(p).name in raw}
+    return {
+        Path(p).name: resolve_label(raw[Path(p).name], class_names, f"{csv_path} ({Path(p).name})")
+        for p in images
+        if Path(p).name in raw
+    }
 
 
 def describe_target(answer: dict[str, Any], label_source: str = "a label") -> str:
@@ -85,8 +95,10 @@ def describe_target(answer: dict[str, Any], label_source: str = "a label") -> st
         first = next(iter(answer["before"].values()))
         name = first["labels"].get(str(answer["target"]), f"class {answer['target']}")
         return f"away from the true class {name!r} ({label_source})"
-    return ("away from each model's own answer on the clean image (no label given: 'fooled' means changed, "
-            "not necessarily wrong)")
+    return (
+        "away from each model's own answer on the clean image (no label given: 'fooled' means changed, "
+        "not necessarily wrong)"
+    )
 
 
 def _classes(class_names: dict[int, str]) -> str:
