@@ -10,10 +10,11 @@ Fixtures and helpers
     16³, 4 classes. Good for transport mechanics only; their segmentations mean nothing.
 ``start_server(args, env=None, *, models_dir=None, token=None, ca_bundle=None, cwd=None)`` -> ``ServerHandle``
     Starts a server on a free port and waits until ``/v1/health`` answers (``launch_server`` takes the same
-    arguments and returns at once, so several startups can overlap; then ``handle.wait_ready()``). Use it as a context manager
-    (``with start_server([...]) as server:``) or call ``server.stop()``. ``models_dir`` adds ``--models-dir``
-    (e.g. the shipped ``Resources/Models``), ``token`` writes a 0600 token file and adds ``--token-file``,
-    ``--ssl-certfile`` in ``args`` switches the URL to https, and ``ca_bundle`` is what ``server.client()`` trusts.
+    arguments and returns at once, so several startups can overlap; then ``handle.wait_ready()``). Use it as a
+    context manager (``with start_server([...]) as server:``) or call ``server.stop()``. ``models_dir`` adds
+    ``--models-dir`` (e.g. the shipped ``Resources/Models``), ``token`` writes a 0600 token file and adds
+    ``--token-file``, ``--ssl-certfile`` in ``args`` switches the URL to https, and ``ca_bundle`` is what
+    ``server.client()`` trusts.
 ``server_factory`` (function scope)
     ``server_factory(args, **same keywords)``: like ``start_server`` but stopped when the test ends.
 ``live_server`` (session; started together with ``live_server_with_token``)

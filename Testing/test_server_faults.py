@@ -122,7 +122,8 @@ def _raw_tensor(
 
 
 def _broken_tensor(rng, images: bool = False) -> bytes:
-    """A wire body that is wrong in one of many ways, or (one time in four) fine: patches, or ``images`` (N, C, H, W)."""
+    """A wire body that is wrong in one of many ways, or (one time in four) fine: patches, or ``images``
+    (N, C, H, W)."""
     kind = int(rng.integers(0, 20))
     shape = (
         (int(rng.integers(1, 4)), int(rng.choice([1, 3])), int(rng.integers(8, 48)), int(rng.integers(8, 48)))
@@ -423,7 +424,8 @@ def test_stalled_and_trickling_requests_are_dropped(servers):
     for _ in range(7):
         peer = socket.create_connection((host, port))
         peer.sendall(
-            f"POST /v1/mixup/segment HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: 200000000\r\n\r\nMPXT".encode()
+            f"POST /v1/mixup/segment HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: "
+            "200000000\r\n\r\nMPXT".encode()
         )
         peers.append(("body", peer))
     half = socket.create_connection((host, port))
@@ -433,7 +435,8 @@ def test_stalled_and_trickling_requests_are_dropped(servers):
     # One trickling upload: a byte every 0.2 s never stalls long enough for the timeout, but is far below 1 KiB/s.
     trickle = socket.create_connection((host, port))
     trickle.sendall(
-        f"POST /v1/watermark/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: 100000\r\n\r\n".encode()
+        f"POST /v1/watermark/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: "
+        "100000\r\n\r\n".encode()
     )
     started = time.monotonic()
     everyone = [p for _, p in peers] + [trickle]

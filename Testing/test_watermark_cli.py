@@ -149,7 +149,8 @@ def test_labels_from_a_csv_and_the_report_names_each_target(server, images, tmp_
     assert targets == [
         f"target: away from the true class 'lesion' (label from {labels.name})",
         f"target: away from the true class 'no lesion' (label from {labels.name})",
-        "target: away from each model's own answer on the clean image (no label given: 'fooled' means changed, not necessarily wrong)",
+        "target: away from each model's own answer on the clean image (no label given: 'fooled' means changed, "
+        "not necessarily wrong)",
     ]
     labels.write_text(f"image,label\n{images[0].name},tumour\n")
     code, _, err = _run(
@@ -259,7 +260,8 @@ def test_dicom_with_fewer_stored_bits_gets_them_back_on_unlock(tmp_path):
 
 
 def test_demo_protects_and_exactly_restores_its_sample_images(server, tmp_path):
-    """The MedLocker part of ``make demo``: DICOM, 8/16-bit PNG, RGB PNG and TIFF, protected then restored bit for bit."""
+    """The MedLocker part of ``make demo``: DICOM, 8/16-bit PNG, RGB PNG and TIFF, protected then restored bit for
+    bit."""
     from medprivacy.watermark.demo import DEMO_IMAGES, run_watermark_demo
 
     out = tmp_path / "watermark"

@@ -194,18 +194,22 @@ def main() -> int:
         f"{only['mixed k=1'] / only['plain']:.2f} server part only (target ≤ 1.5)"
     )
     print(
-        f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, {only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)"
+        f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, "
+        f"{only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)"
     )
     print(f"private k=16 (the default) / k=1: {results['k16_over_k1']:.2f} end to end")
     print(
-        f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, {results['bytes_down_per_voxel_per_copy']:.3f} down"
+        f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, "
+        f"{results['bytes_down_per_voxel_per_copy']:.3f} down"
     )
     print(
-        f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private16)):.0f} MB (target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB"
+        f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private16)):.0f} MB "
+        f"(target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB"
     )
     leak = results["leakage_upload_vs_its_patient_patch_r"]
     print(
-        f"leakage, Pearson r upload↔the patient patch it carries: median {leak['median_r']:.3f}, p90 {leak['p90_r']:.3f}, max {leak['max_r']:.3f}, share > 0.95 {leak['share_above_0.95']:.3f}"
+        f"leakage, Pearson r upload↔the patient patch it carries: median {leak['median_r']:.3f}, "
+        f"p90 {leak['p90_r']:.3f}, max {leak['max_r']:.3f}, share > 0.95 {leak['share_above_0.95']:.3f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -6,7 +6,8 @@ Learned, Learned+TTA; per class and mean) through a loopback server with the shi
 and the audit (template-only guess, each attack's r / PSNR / 3D MS-SSIM, share placed exactly and within one
 step, the oracle bound, re-identification mAP). Figures, not pass/fail; written to bench/results/.
 
-    python bench/mixup_privacy_curve.py [--subjects 2] [--sample 96] [--reid-subjects 10] [--settings paper,standard,strong]
+    python bench/mixup_privacy_curve.py [--subjects 2] [--sample 96] [--reid-subjects 10]
+        [--settings paper,standard,strong]
 """
 
 from __future__ import annotations
@@ -112,13 +113,15 @@ def _line(name: str, entry: dict) -> str:
     parts = [f"{name:<38}"]
     if "dice" in entry:
         parts.append(
-            f"Learned+TTA {entry['dice']['Learned+TTA']['mean']:.3f} / Baseline {entry['dice']['Baseline']['mean']:.3f} = {entry['learned_tta_over_baseline']:.3f}"
+            f"Learned+TTA {entry['dice']['Learned+TTA']['mean']:.3f} / Baseline "
+            f"{entry['dice']['Baseline']['mean']:.3f} = {entry['learned_tta_over_baseline']:.3f}"
         )
     if "audit" in entry:
         scan = entry["audit"]["scan"]
         strongest = scan.get("strongest", {})
         parts.append(
-            f"rebuild r {strongest.get('r', float('nan')):.3f} (template {scan['template_only']['r']:.3f}, bound {scan['oracle_bound']['r']:.3f})"
+            f"rebuild r {strongest.get('r', float('nan')):.3f} (template {scan['template_only']['r']:.3f}, "
+            f"bound {scan['oracle_bound']['r']:.3f})"
         )
         parts.append(f"placed exactly {strongest.get('placed_exactly', float('nan')):.3f}")
         if "reidentification" in entry["audit"]:

@@ -254,11 +254,13 @@ def main(argv=None) -> int:
             print(f"  {kind}: {entry['requests']} ok, p50 {entry['p50']:.2f} s, p95 {entry['p95']:.2f} s")
     if samples and growth is not None:
         print(
-            f"server RSS MiB, samples: start {rss['start']:.0f}, 1 min {rss['1min']:.0f}, mid {rss['mid']:.0f}, end {rss['end']:.0f}, "
+            f"server RSS MiB, samples: start {rss['start']:.0f}, 1 min {rss['1min']:.0f}, mid {rss['mid']:.0f}, "
+            f"end {rss['end']:.0f}, "
             f"max {rss['max']:.0f} (growth after minute 1: {100 * growth_samples:+.1f} %)"
         )
         print(
-            f"server RSS MiB, minute medians: 1 min {median['1min']:.0f}, mid {median['mid']:.0f}, end {median['end']:.0f}; "
+            f"server RSS MiB, minute medians: 1 min {median['1min']:.0f}, mid {median['mid']:.0f}, "
+            f"end {median['end']:.0f}; "
             f"growth after the first minute {100 * growth:+.1f} %"
         )
     if report["server_log_errors"]:

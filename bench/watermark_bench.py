@@ -1,4 +1,5 @@
-"""MedLocker speed and key-size figures with the shipped models behind a loopback server (CPU unless the server has a GPU).
+"""MedLocker speed and key-size figures with the shipped models behind a loopback server (CPU unless the server has
+a GPU).
 
 Prints (and writes to --out as JSON):
 - seconds per image for the whole search with the paper's defaults (Np=50, Ng=3, CR=0.9, s=10, Niter=3,
@@ -175,7 +176,7 @@ def searches(client, names: list[str], count: int, size, raw: RawThroughput, rep
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "watermark_bench.json")
     parser.add_argument(
         "--models-dir",
@@ -222,7 +223,8 @@ def main() -> int:
     results["key_size"] = key_size(args.key_images)
     for kind, row in results["key_size"].items():
         print(
-            f"  {kind}: {row['bytes_per_image']:.0f} bytes/image (image itself {row['image_bytes']} bytes, logo {row['logo_size'][1]}x{row['logo_size'][0]})"
+            f"  {kind}: {row['bytes_per_image']:.0f} bytes/image (image itself {row['image_bytes']} bytes, "
+            f"logo {row['logo_size'][1]}x{row['logo_size'][0]})"
         )
 
     work = Path(tempfile.mkdtemp(prefix="watermark-bench-"))
@@ -251,7 +253,8 @@ def main() -> int:
         }
         if not classifiers:
             print(
-                f"watermark_bench: error: {url} serves no two-class watermark classifier; train them first (medprivacy watermark train)",
+                f"watermark_bench: error: {url} serves no two-class watermark classifier; "
+                "train them first (medprivacy watermark train)",
                 file=sys.stderr,
             )
             return 2
@@ -307,10 +310,12 @@ def main() -> int:
         f"{results['raw_endpoint']['images_per_second']:.1f} images/s through /classify"
     )
     print(
-        f"overhead ratio: {strict:.2f} vs in-process forward passes, {endpoint:.2f} vs the classify endpoint (target ≥ 0.8)"
+        f"overhead ratio: {strict:.2f} vs in-process forward passes, {endpoint:.2f} vs the classify endpoint "
+        "(target ≥ 0.8)"
     )
     print(
-        f"peak memory: server {results.get('server_peak_rss_mb') or float('nan'):.0f} MB, bench process {results['client_peak_rss_mb']:.0f} MB"
+        f"peak memory: server {results.get('server_peak_rss_mb') or float('nan'):.0f} MB, "
+        f"bench process {results['client_peak_rss_mb']:.0f} MB"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -136,7 +136,8 @@ def main() -> int:
             r = results[name]
             print(
                 f"{name:12s} ASR {rate_text(r['asr'])} % ({r['successes']}/{r['correct_before']}), lesion "
-                f"{rate_text(r['by_label']['lesion']['asr'])} %, no lesion {rate_text(r['by_label']['no_lesion']['asr'])} %, "
+                f"{rate_text(r['by_label']['lesion']['asr'])} %, "
+                f"no lesion {rate_text(r['by_label']['no_lesion']['asr'])} %, "
                 f"PSNR {r['psnr']:.1f} dB, mean alpha {r['mean_alpha']:.0f}",
                 flush=True,
             )

@@ -116,12 +116,14 @@ def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) 
     )
     stats = result.stats
     print(
-        f"private segmentation (privacy level {stats['privacy']['level']}, {args.unmix} unmixing, k={stats['tta']}) in {seconds:.1f} s: {stats['patches_sent']} mixed patches, "
+        f"private segmentation (privacy level {stats['privacy']['level']}, {args.unmix} unmixing, k={stats['tta']}) in "
+        f"{seconds:.1f} s: {stats['patches_sent']} mixed patches, "
         f"{stats['bytes_sent'] / 1e6:.1f} MB up, {stats['bytes_received'] / 1e6:.1f} MB down"
     )
     print("Dice vs reference labels: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
     print(
-        f"wrote {labelmap_path}, {args.out / 'segmentation.seg.nrrd'}, {png} and {args.out / 'what_the_server_saw.nii.gz'}"
+        f"wrote {labelmap_path}, {args.out / 'segmentation.seg.nrrd'}, "
+        f"{png} and {args.out / 'what_the_server_saw.nii.gz'}"
     )
     return 0
 

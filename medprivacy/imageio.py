@@ -82,7 +82,8 @@ def read_itk(path: Path, fmt: str):
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(
-            f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); the file is damaged or not a {fmt.upper()} image"
+            f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); "
+            f"the file is damaged or not a {fmt.upper()} image"
         ) from None
 
 
@@ -116,7 +117,8 @@ def dicom_pixels(dataset, name: str) -> np.ndarray:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = getattr(syntax, "name", "unknown transfer syntax")
         raise InputError(
-            f"cannot decode the pixels of {name} ({syntax_name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+            f"cannot decode the pixels of {name} "
+            f"({syntax_name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
             "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins"
         ) from None
 

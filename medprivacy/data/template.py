@@ -72,11 +72,13 @@ def load_template() -> Template:
         path = directory / name
         if not path.is_file():
             raise InputError(
-                f"MNI152 template file {path} is missing; reinstall the MedPrivacy extension (or restore Resources/Template from git)"
+                f"MNI152 template file {path} is missing; reinstall the MedPrivacy extension "
+                "(or restore Resources/Template from git)"
             )
         if hashlib.sha256(path.read_bytes()).hexdigest() != expected_sha256:
             raise InputError(
-                f"MNI152 template file {path} is not the shipped file (checksum differs); restore it from git or reinstall the extension"
+                f"MNI152 template file {path} is not the shipped file (checksum differs); "
+                "restore it from git or reinstall the extension"
             )
         img = sitk.ReadImage(str(path))
         if key == "t1":

@@ -55,8 +55,8 @@ class ReferenceBank:
         path = directory / BANK_FILE
         if not path.is_file():
             raise InputError(
-                f"no private reference bank in {directory}; create one with 'medprivacy mixup keygen --key-dir {directory}' "
-                "(or 'Generate key' in Slicer)"
+                f"no private reference bank in {directory}; "
+                f"create one with 'medprivacy mixup keygen --key-dir {directory}' (or 'Generate key' in Slicer)"
             )
         _check_private(directory)
         try:
@@ -69,7 +69,8 @@ class ReferenceBank:
             )
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(
-                f"the reference bank in {directory} is damaged ({exc}); generate a new key with 'medprivacy mixup keygen --force'"
+                f"the reference bank in {directory} is damaged ({exc}); "
+                "generate a new key with 'medprivacy mixup keygen --force'"
             ) from None
         if images.ndim != 4 or images.shape != labels.shape or len(images) == 0:
             raise InputError(
@@ -84,7 +85,8 @@ def _check_private(directory: Path) -> None:
     mode = directory.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise InputError(
-            f"key folder {directory} is accessible to other users; run 'chmod 700 {directory}' (it holds your private key)"
+            f"key folder {directory} is accessible to other users; run 'chmod 700 {directory}' "
+            "(it holds your private key)"
         )
 
 
@@ -92,7 +94,8 @@ def _prepare_key_dir(key_dir: str | os.PathLike | None, force: bool) -> Path:
     directory = Path(key_dir) if key_dir is not None else default_key_dir()
     if (directory / BANK_FILE).exists() and not force:
         raise InputError(
-            f"a reference bank already exists in {directory}; pass --force to replace it (segmentations made with it stay valid)"
+            f"a reference bank already exists in {directory}; pass --force to replace it "
+            "(segmentations made with it stay valid)"
         )
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)

@@ -203,7 +203,8 @@ def calibrate(
     record = {
         "command": command or "medprivacy mixup calibrate " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
         "subjects": cases_description or f"{count} validation cases",
-        "key": f"{CALIBRATION_REFERENCE_PATCHES} reference patches from {reference_subjects} seeded synthetic subjects {CALIBRATION_REFERENCE_SEED_BASE}+",
+        "key": f"{CALIBRATION_REFERENCE_PATCHES} reference patches from {reference_subjects} seeded synthetic subjects "
+        f"{CALIBRATION_REFERENCE_SEED_BASE}+",
         "tta": settings.tta,
         "privacy": settings.to_json(),
         "objective": "mean Dice over " + ", ".join(CLASS_NAMES),

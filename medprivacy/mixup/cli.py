@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="end after N iterations of the --iterations learning-rate schedule (reproduces a stage that was cut short)",
+        help="end after N iterations of the --iterations learning-rate schedule "
+        "(reproduces a stage that was cut short)",
     )
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (cosine-decayed to 5 %%)")
@@ -114,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-sampling",
         choices=("box", "private"),
         default=None,
-        help="box: targets inside the analysis box (the first stages); private: cut, turned, filled and deformed as the "
+        help="box: targets inside the analysis box (the first stages); "
+        "private: cut, turned, filled and deformed as the "
         "privacy levels cut them (the server model must be trained for it)",
     )
     train.add_argument(
@@ -168,7 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     audit = sub.add_parser(
         "audit",
-        help="measure what a curious server could recover from a scan's uploads (placement, averaging, separation, re-identification)",
+        help="measure what a curious server could recover from a scan's uploads (placement, averaging, separation, "
+        "re-identification)",
     )
     audit.add_argument("input", nargs="?", default=None, help="the scan (default: the demo's held-out sample brain)")
     audit.add_argument(
@@ -205,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="attack N randomly drawn uploads per scan instead of all (placement costs about a second per upload on a CPU); the oracle bound always uses all",
+        help="attack N randomly drawn uploads per scan instead of all (placement costs about a second per upload on a "
+        "CPU); the oracle bound always uses all",
     )
     audit.add_argument(
         "--reid-sample",
@@ -241,7 +245,8 @@ def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
         "--privacy",
         choices=tuple(LEVELS),
         default=None,
-        help=f"defences against a curious server (default {DEFAULT_LEVEL}; README, 'What a curious server can recover', measures each)",
+        help=f"defences against a curious server (default {DEFAULT_LEVEL}; "
+        "README, 'What a curious server can recover', measures each)",
     )
     parser.add_argument(
         "--tta", type=int, default=None, help="mixed copies per patch, averaged (default: the level's, 16)"

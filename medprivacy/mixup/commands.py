@@ -157,7 +157,8 @@ def run_calibrate(args) -> int:
     for name in ("plain-seg", "mixup-unmix"):
         entry = record[name]
         print(
-            f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> {entry['dice_after']:.4f})"
+            f"{name}: decision weights {entry['decision_weights']} (validation mean Dice {entry['dice_before']:.4f} -> "
+            f"{entry['dice_after']:.4f})"
         )
     return 0
 

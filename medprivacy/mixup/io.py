@@ -54,7 +54,8 @@ def validate_volume(image, name: str = "the image"):
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
-            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector); give a single-channel T1 scan"
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector); "
+            "give a single-channel T1 scan"
         )
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])

@@ -70,7 +70,8 @@ class PatchGrid:
         return self.clipped(index)[0]
 
     def clipped(self, index: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-        """(region of the volume, matching region of the patch): the two differ where the patch reaches past the edge."""
+        """(region of the volume, matching region of the patch): the two differ where the patch reaches past the
+        edge."""
         volume_part, patch_part = [], []
         for start, size, length in zip(self.starts[index], self.patch_size, self.volume_shape):
             low, high = max(start, 0), min(start + size, length)
@@ -131,7 +132,8 @@ class PatchGrid:
 def importance_weights(patch_size) -> np.ndarray:
     """Per-voxel weight of a patch's scores when patches overlap: a Gaussian of σ = a quarter of the patch, 1 at the
     centre. A voxel near a patch's border was segmented with little context on one side, so where shifted grids
-    overlap, the patch that had the voxel near its centre counts most. Never zero, so every covered voxel has a score."""
+    overlap, the patch that had the voxel near its centre counts most. Never zero, so every covered voxel has a
+    score."""
     axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 4)) ** 2) for n in patch_size]
     weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
@@ -152,7 +154,8 @@ class ScoreAccumulator:
         self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0, voxel_mask: np.ndarray | None = None
     ) -> None:
         """Add one patch's scores; ``weight`` scales how much the whole patch counts against the others, and
-        ``voxel_mask`` (D, H, W) keeps only some of its voxels. The part of a patch past the volume's edge is dropped."""
+        ``voxel_mask`` (D, H, W) keeps only some of its voxels. The part of a patch past the volume's edge is
+        dropped."""
         region, part = grid.clipped(index)
         weights = self.patch_weights[part] * np.float32(weight)
         if voxel_mask is not None:

@@ -119,12 +119,14 @@ class Unmixer:
             actual = server_info["models"]["mixup-seg"].get("sha256")
             if expected and actual != expected:
                 raise VersionMismatchError(
-                    f"the server's mixup-seg model ({str(actual)[:12]}…) is not the one this client's unmixing network was "
-                    f"trained with ({expected[:12]}…); update the extension or the server, or use --unmix naive"
+                    f"the server's mixup-seg model ({str(actual)[:12]}…) is not the one this client's unmixing "
+                    f"network was trained with ({expected[:12]}…); update the extension or the server, or use "
+                    "--unmix naive"
                 )
             if tuple(spec.patch_size) != tuple(patch_size):
                 raise VersionMismatchError(
-                    f"unmixing network patch size {spec.patch_size} differs from the server's {list(patch_size)}; update the extension"
+                    f"unmixing network patch size {spec.patch_size} differs from the server's {list(patch_size)}; "
+                    "update the extension"
                 )
             self.lambda_range = tuple(spec.extra.get("lambda_range", self.lambda_range))
             self.decision_weights = spec.extra.get("decision_weights")
@@ -157,7 +159,8 @@ def check_server_model(client, patch_size) -> dict:
         )
     if tuple(model["patch_size"]) != tuple(patch_size):
         raise VersionMismatchError(
-            f"the server's model uses {tuple(model['patch_size'])} patches but your key has {tuple(patch_size)}; generate a new key"
+            f"the server's model uses {tuple(model['patch_size'])} patches but your key has {tuple(patch_size)}; "
+            "generate a new key"
         )
     return info
 

@@ -88,8 +88,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             for i in range(config.validation_subjects)
         ]
         data_description = (
-            f"{len(subjects)} synthetic subjects from the MNI152 2009a template (Resources/Template), seeds {seeds[0]}..{seeds[-1]}, "
-            f"random affine + smooth elastic deformation, bias field, gamma, noise; validation seeds from {VALIDATION_SEED_BASE}"
+            f"{len(subjects)} synthetic subjects from the MNI152 2009a template (Resources/Template), "
+            f"seeds {seeds[0]}..{seeds[-1]}, "
+            "random affine + smooth elastic deformation, bias field, gamma, noise; "
+            f"validation seeds from {VALIDATION_SEED_BASE}"
         )
 
     sampling = dict(sampling=config.target_sampling, fill_probability=config.fill_probability, warp_rms=config.warp_rms)
@@ -171,7 +173,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, progress: bool = True
             log.info("iteration %d validation %s", step, json.dumps(metrics))
             if progress:
                 tqdm.write(
-                    f"[{step}] validation patch Dice: {json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}"
+                    f"[{step}] validation patch Dice: "
+                    f"{json.dumps({k: v for k, v in metrics.items() if k.endswith('mean')})}"
                 )
         if (config.save_every and step % config.save_every == 0) or last:
             save_trained_networks(

@@ -155,7 +155,8 @@ def build_network(arch: dict[str, Any]):
             **kwargs,
         }
         return UNet(**params)
-    # ObfuscationPrivacy: the client's VAE, the classifiers servers train on obfuscated frames, the evaluation's attackers.
+    # ObfuscationPrivacy: the client's VAE, the classifiers servers train on obfuscated frames, the evaluation's
+    # attackers.
     if name == "varautoencoder":
         from .obfuscation import build_vae
 

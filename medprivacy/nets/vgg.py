@@ -2,9 +2,9 @@
 
 Stages of two 3x3 convolutions (batch norm, ReLU), each stage but the last followed by 2x2 max pooling, then global
 average pooling and one linear layer. The very first convolution has stride ``stem_stride`` (2: a quarter of the
-cost at full resolution, like ResNet's stem). MONAI's own ``Classifier`` flattens the last feature map into its linear head,
-which ties every weight to an image position: on lesions that can be anywhere it memorised the training set and
-stayed at chance on validation images, so the head here pools first.
+cost at full resolution, like ResNet's stem). MONAI's own ``Classifier`` flattens the last feature map into its
+linear head, which ties every weight to an image position: on lesions that can be anywhere it memorised the training
+set and stayed at chance on validation images, so the head here pools first.
 """
 
 from __future__ import annotations

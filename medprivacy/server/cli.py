@@ -123,7 +123,8 @@ def read_token(token_file: Path | None) -> str | None:
         token, origin = text.strip(), f"token file {token_file}"
         if not token:
             raise InputError(
-                f'token file {token_file} is empty; write a token into it, e.g. python -c "import secrets; print(secrets.token_urlsafe(32))"'
+                f"token file {token_file} is empty; write a token into it, "
+                'e.g. python -c "import secrets; print(secrets.token_urlsafe(32))"'
             )
         _warn_if_shared(Path(token_file))
     else:
@@ -133,7 +134,8 @@ def read_token(token_file: Path | None) -> str | None:
     # HTTP headers carry printable ASCII only; anything else would fail on the client with a cryptic encoding error.
     if not all(33 <= ord(c) <= 126 for c in token):
         raise InputError(
-            f"the token in {origin} contains spaces or non-ASCII characters; use a single word such as the output of secrets.token_urlsafe(32)"
+            f"the token in {origin} contains spaces or non-ASCII characters; "
+            "use a single word such as the output of secrets.token_urlsafe(32)"
         )
     return token
 
@@ -166,7 +168,8 @@ def _bind(host: str, port: int) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise InputError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or stop the program using it"
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "choose another --port or stop the program using it"
         ) from None
 
 

@@ -66,7 +66,8 @@ def add_error_handlers(app: FastAPI) -> None:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse(
             {
-                "detail": f"internal server error ({type(exc).__name__}); the operator can find the cause in the server log"
+                "detail": f"internal server error ({type(exc).__name__}); "
+                "the operator can find the cause in the server log"
             },
             status_code=500,
         )
@@ -106,8 +107,8 @@ def request_guards(config: ServerConfig) -> RequestGuards:
         if given is not None and given.strip() != str(API_VERSION):
             raise _HTTPError(
                 409,
-                f"client speaks MedPrivacy API version {given.strip()[:20]} but this server speaks version {API_VERSION}; "
-                "upgrade the older side so both match",
+                f"client speaks MedPrivacy API version {given.strip()[:20]} "
+                f"but this server speaks version {API_VERSION}; upgrade the older side so both match",
             )
 
     async def read_body(request: Request, content_type: str | None = None) -> bytes:
@@ -193,4 +194,7 @@ def _large_or_unknown(request: Request, threshold: int = 1 << 20) -> bool:
 
 def _too_large(size: int, limit: int, at_least: bool = False) -> str:
     what = "request body exceeds" if at_least else f"request body of {size} bytes exceeds"
-    return f"{what} this server's limit of {limit} bytes; send fewer patches per request or ask the operator to raise --max-request-mb"
+    return (
+        f"{what} this server's limit of {limit} bytes; "
+        "send fewer patches per request or ask the operator to raise --max-request-mb"
+    )

@@ -68,7 +68,8 @@ class LocalServer:
             while True:
                 if self.process.poll() is not None:
                     raise ServerError(
-                        f"the local server exited (code {self.process.returncode}); see {self.log_path}{self._log_text()}"
+                        f"the local server exited (code {self.process.returncode}); "
+                        f"see {self.log_path}{self._log_text()}"
                     )
                 try:
                     if poll.get(self.url + HEALTH_PATH, timeout=1.0, verify=verify).status_code == 200:
@@ -77,7 +78,8 @@ class LocalServer:
                     pass
                 if time.monotonic() > deadline:
                     raise ServerError(
-                        f"the local server did not answer {HEALTH_PATH} within {timeout:.0f} s; see {self.log_path}{self._log_text()}"
+                        f"the local server did not answer {HEALTH_PATH} within {timeout:.0f} s; "
+                        f"see {self.log_path}{self._log_text()}"
                     )
                 time.sleep(0.1)
         except BaseException:

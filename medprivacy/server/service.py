@@ -59,7 +59,8 @@ class ServerConfig:
     enable_baseline: bool = False
     inference_batch: int = 32
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    #: The operator's own TorchScript classifiers for MedLocker (``watermark.ExtraClassifier``); code, so trusted files only.
+    #: The operator's own TorchScript classifiers for MedLocker (``watermark.ExtraClassifier``); code, so trusted
+    #: files only.
     extra_classifiers: tuple = ()
     #: Where classifiers trained on obfuscated frames are kept across restarts; None: in memory only.
     model_store: Path | None = None
@@ -219,7 +220,8 @@ class InferenceService:
         if raw.ndim != 5 or raw.shape[1] != 1:
             raise _HTTPError(
                 422,
-                f"patches have shape {list(raw.shape)}; expected (N, 1, {', '.join(map(str, patch))}) single-channel 3D patches",
+                f"patches have shape {list(raw.shape)}; "
+                f"expected (N, 1, {', '.join(map(str, patch))}) single-channel 3D patches",
             )
         if tuple(raw.shape[2:]) != patch:
             got = "x".join(map(str, raw.shape[2:]))

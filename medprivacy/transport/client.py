@@ -139,8 +139,8 @@ class InferenceClient:
             )
         if info["api_version"] != API_VERSION:
             raise VersionMismatchError(
-                f"server {self.url} speaks MedPrivacy API version {info['api_version']} but this client speaks {API_VERSION}; "
-                "upgrade the older side so both match"
+                f"server {self.url} speaks MedPrivacy API version {info['api_version']} "
+                f"but this client speaks {API_VERSION}; upgrade the older side so both match"
             )
         self._server_info = info
         return info
@@ -203,7 +203,8 @@ class InferenceClient:
                 out = np.empty((total, probs.shape[1], *spatial), dtype=np.float32)
             elif probs.shape[1] != out.shape[1]:
                 raise ServerError(
-                    f"{self.url} changed its number of classes mid-run ({out.shape[1]} then {probs.shape[1]}); retry the segmentation"
+                    f"{self.url} changed its number of classes mid-run ({out.shape[1]} then {probs.shape[1]}); "
+                    "retry the segmentation"
                 )
             out[start : start + chunk.shape[0]] = probs
             if progress is not None:
@@ -225,7 +226,8 @@ class InferenceClient:
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type != CONTENT_TYPE:
             raise ServerError(
-                f"{self.url} answered {content_type or 'no content type'} instead of a tensor; check that the URL points at a MedPrivacy server"
+                f"{self.url} answered {content_type or 'no content type'} instead of a tensor; "
+                "check that the URL points at a MedPrivacy server"
             )
         try:
             raw, _ = decode_tensor_raw(response.content, max_elements=count * MAX_CLASSES * int(np.prod(spatial)))
@@ -277,7 +279,8 @@ class InferenceClient:
             if quick:
                 raise ServerError(
                     f"{self.url} accepted the connection but did not answer {path} within {read_timeout:g} s; "
-                    "check that the URL points at a running MedPrivacy server (not another service) and that it is not stuck"
+                    "check that the URL points at a running MedPrivacy server (not another service) "
+                    "and that it is not stuck"
                 ) from None
             raise ServerError(
                 f"{self.url} did not answer within {read_timeout:g} s (read timeout); "
@@ -286,7 +289,8 @@ class InferenceClient:
         except exceptions.ConnectionError as exc:
             if _is_reset_during_upload(exc) and "data" in kwargs:
                 raise ServerError(
-                    f"{self.url} dropped the connection while receiving {len(kwargs['data'])} bytes (likely over its size limit); "
+                    f"{self.url} dropped the connection while receiving {len(kwargs['data'])} bytes "
+                    "(likely over its size limit); "
                     "lower request_patches or ask the operator to raise --max-request-mb"
                 ) from None
             raise ServerError(
@@ -320,7 +324,8 @@ class InferenceClient:
         if 300 <= status < 400:
             where = response.headers.get("Location", "another address")
             raise ServerError(
-                f"{self.url} redirects to {where}; use that URL directly (redirects are not followed, to keep the token)"
+                f"{self.url} redirects to {where}; use that URL directly (redirects are not followed, "
+                "to keep the token)"
             )
         if status == 404 and not detail.startswith("baseline"):
             raise ServerError(

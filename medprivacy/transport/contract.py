@@ -1,9 +1,10 @@
 """The HTTP contract between client and server, defined once: API version, headers, endpoint paths.
 
-Both ends import these names (``transport.client`` and ``transport.watermark_client`` and ``transport.obfuscation_client`` to call, ``server.app`` and
-``server.watermark`` and ``server.obfuscation`` to route), so a path or a header can never differ between them. The tensor encoding carried
-in the bodies is ``transport.wire`` (its own ``WIRE_VERSION``). Bump ``API_VERSION`` (``medprivacy.API_VERSION``)
-whenever a path, a header or the meaning of a request or answer changes.
+Both ends import these names (``transport.client`` and ``transport.watermark_client`` and
+``transport.obfuscation_client`` to call, ``server.app`` and ``server.watermark`` and ``server.obfuscation`` to
+route), so a path or a header can never differ between them. The tensor encoding carried in the bodies is
+``transport.wire`` (its own ``WIRE_VERSION``). Bump ``API_VERSION`` (``medprivacy.API_VERSION``) whenever a path, a
+header or the meaning of a request or answer changes.
 """
 
 from __future__ import annotations

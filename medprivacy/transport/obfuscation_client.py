@@ -136,7 +136,8 @@ class ObfuscationClient(InferenceClient):
         array = np.asarray(probabilities, dtype=np.float64)
         if array.shape[0] != len(frames) or not isinstance(classes, list) or array.shape[1] != len(classes):
             raise ServerError(
-                f"{self.url} answered {array.shape[0]} results for {len(frames)} frames; check that client and server versions match"
+                f"{self.url} answered {array.shape[0]} results for {len(frames)} frames; "
+                "check that client and server versions match"
             )
         return {"model": model, "classes": classes, "probabilities": array, "predicted": array.argmax(axis=1)}
 

@@ -130,7 +130,8 @@ class WatermarkClient(InferenceClient):
         answer = self._json(response)
         if not isinstance(answer, dict) or not isinstance(answer.get("params"), dict):
             raise ServerError(
-                f"{self.url} answered /optimize without watermark parameters; check that client and server versions match"
+                f"{self.url} answered /optimize without watermark parameters; "
+                "check that client and server versions match"
             )
         return answer
 

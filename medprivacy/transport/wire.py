@@ -135,7 +135,8 @@ def decode_tensor_raw(data: bytes, max_elements: int | None = None) -> tuple[np.
         )
     if version != WIRE_VERSION:
         raise InputError(
-            f"tensor wire version {version} is not supported (this side reads version {WIRE_VERSION}); upgrade the older side"
+            f"tensor wire version {version} is not supported (this side reads version {WIRE_VERSION}); "
+            "upgrade the older side"
         )
     if header_len > MAX_HEADER_BYTES:
         raise InputError(f"tensor header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); the data is corrupt")
@@ -158,7 +159,8 @@ def decode_tensor_raw(data: bytes, max_elements: int | None = None) -> tuple[np.
         payload = _inflate_exactly(payload, expected)
     elif len(payload) != expected:
         raise InputError(
-            f"tensor payload is {len(payload)} bytes but shape {shape} of {header['dtype']} needs {expected}; the data is truncated or corrupt"
+            f"tensor payload is {len(payload)} bytes but shape {shape} of {header['dtype']} needs {expected}; "
+            "the data is truncated or corrupt"
         )
     array = np.frombuffer(payload, dtype=dtype).reshape(shape).copy()
     if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
@@ -176,7 +178,8 @@ def _check_header(header: Any) -> tuple[tuple[int, ...], np.dtype]:
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     ):
         raise InputError(
-            f"tensor header has an invalid shape {str(shape)[:80]}; expected a list of at most {MAX_NDIM} non-negative integers"
+            f"tensor header has an invalid shape {str(shape)[:80]}; "
+            f"expected a list of at most {MAX_NDIM} non-negative integers"
         )
     name = header.get("dtype")
     if name not in _DTYPES:
@@ -202,7 +205,8 @@ def _inflate_exactly(payload: memoryview, expected: int) -> bytes:
         raise InputError("tensor payload is not valid zlib data; the data is corrupt") from None
     if len(out) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
         raise InputError(
-            f"tensor payload decompresses to a different size than its header promises ({expected} bytes); the data is truncated or corrupt"
+            f"tensor payload decompresses to a different size than its header promises ({expected} bytes); "
+            "the data is truncated or corrupt"
         )
     return out
 

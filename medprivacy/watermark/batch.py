@@ -136,7 +136,8 @@ def plan_protection(
             raise InputError(f"{path.name}: {exc}") from None
         if path.name in names:
             raise InputError(
-                f"two inputs are named {path.name} ({names[path.name]} and {path}); names identify images in the key, rename one"
+                f"two inputs are named {path.name} ({names[path.name]} and {path}); "
+                "names identify images in the key, rename one"
             )
         if path.name in key:
             raise InputError(f"{path.name} is already in {key_label}; each image name can be protected once per key")

@@ -58,7 +58,8 @@ def check_image(image, name: str = "the image") -> np.ndarray:
         )
     if image.dtype not in SUPPORTED_DTYPES:
         raise InputError(
-            f"{name} has pixel type {image.dtype}; MedLocker works on 8- or 16-bit unsigned images (uint8, uint16), convert it first"
+            f"{name} has pixel type {image.dtype}; MedLocker works on 8- or 16-bit unsigned images (uint8, uint16), "
+            "convert it first"
         )
     if min(image.shape[:2]) < 1:
         raise InputError(f"{name} is empty (shape {image.shape})")
@@ -281,7 +282,8 @@ def check_position(image_shape, size, x, y) -> tuple[int, int]:
     max_x, max_y = position_limits(image_shape, size)
     if not (0 <= x <= max_x and 0 <= y <= max_y):
         raise InputError(
-            f"logo position (x={x}, y={y}) puts the {size[1]}x{size[0]} logo outside the {image_shape[1]}x{image_shape[0]} image; "
+            f"logo position (x={x}, y={y}) puts the {size[1]}x{size[0]} logo outside the "
+            f"{image_shape[1]}x{image_shape[0]} image; "
             f"use 0 <= x <= {max_x}, 0 <= y <= {max_y}"
         )
     return x, y

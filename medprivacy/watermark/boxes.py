@@ -118,7 +118,8 @@ def check_mask(mask, image_shape=None) -> np.ndarray:
         raise InputError(f"the lesion mask has shape {mask.shape}; give one 2D mask (H, W) for the image")
     if image_shape is not None and tuple(mask.shape) != tuple(image_shape[:2]):
         raise InputError(
-            f"the lesion mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image_shape[0]}x{image_shape[1]}; give the mask of this image"
+            f"the lesion mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image_shape[0]}x{image_shape[1]}; "
+            "give the mask of this image"
         )
     return mask != 0
 
@@ -210,7 +211,8 @@ class Placement:
             or min(self.logo_size) < 1
         ):
             raise InputError(
-                f"the logo ({self.logo_size[0]}x{self.logo_size[1]} px) does not fit in the image ({self.image_shape[0]}x{self.image_shape[1]})"
+                f"the logo ({self.logo_size[0]}x{self.logo_size[1]} px) does not fit in the image "
+                f"({self.image_shape[0]}x{self.image_shape[1]})"
             )
         self.lesions = tuple(Box(*map(int, b)) for b in lesions) if self.mode != "wap" else ()
         self.expanded = tuple(expand_box(b, self.logo_size) for b in self.lesions)

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=MODES,
         default=DEFAULT_MODE,
-        help=f"where the logo may go: keep-out of lesion boxes, keep-in them, or wap (anywhere) (default {DEFAULT_MODE})",
+        help="where the logo may go: keep-out of lesion boxes, keep-in them, "
+        f"or wap (anywhere) (default {DEFAULT_MODE})",
     )
     protect.add_argument(
         "--lesions",
@@ -224,7 +225,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         choices=EVAL_SPLITS,
         default="test",
-        help="images to draw: the held-out test split (default) or the validation split, to choose settings such as the logo",
+        help="images to draw: the held-out test split (default) or the validation split, "
+        "to choose settings such as the logo",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="search seed of the first image; image i uses seed + i (default 0)"
@@ -263,7 +265,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--lesions",
         choices=LESION_SOURCES,
         default="auto",
-        help="Table 3 lesion boxes from the server's segmenter or the images' true masks (default auto: segmenter if served)",
+        help="Table 3 lesion boxes from the server's segmenter or the images' true masks "
+        "(default auto: segmenter if served)",
     )
     parser.add_argument(
         "--logo", type=Path, default=None, help="logo picture (default: the grey padlock on a dark plate)"

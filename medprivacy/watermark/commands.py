@@ -224,7 +224,8 @@ def run_unlock(args) -> int:
     for path, _ in targets:
         if key.find(mio.read_image(path).pixels) is None:
             raise InputError(
-                f"{path.name} is not protected by key {args.key}, or it was changed after protection; nothing was restored"
+                f"{path.name} is not protected by key {args.key}, or it was changed after protection; "
+                "nothing was restored"
             )
     from .batch import make_output_folder
 
@@ -249,7 +250,8 @@ def run_verify(args) -> int:
         return 1
     print(
         f"{args.image}: protected by this key as {entry.name!r}: alpha {entry.alpha:.2f} at x={entry.x} y={entry.y}, "
-        f"sl {entry.sl:g}, logo {entry.logo_size[1]}x{entry.logo_size[0]}, {entry.dtype} {'x'.join(map(str, entry.shape))}, "
+        f"sl {entry.sl:g}, logo {entry.logo_size[1]}x{entry.logo_size[0]}, "
+        f"{entry.dtype} {'x'.join(map(str, entry.shape))}, "
         f"{'exact unlock' if entry.original is not None else 'approximate unlock only'}"
     )
     return 0

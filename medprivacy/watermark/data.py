@@ -3,10 +3,10 @@
 No labelled lesion data ships offline, so the anatomy is real and the lesions are synthetic:
 
 ``mni152``      axial, coronal and sagittal slices of the MNI152 2009 T1 template (the file shipped in
-                Resources/Template, read by :mod:`medprivacy.data.template`), random rotation/scale/shift, smooth elastic
-                warp, bias field, gamma, Rician noise and blur. Lesions are tumour-like: hyperintense, hypointense
-                or ring-enhancing (bright rim, dark necrotic core) blobs with irregular soft edges and texture,
-                centred in brain parenchyma.
+                Resources/Template, read by :mod:`medprivacy.data.template`), random rotation/scale/shift, smooth
+                elastic warp, bias field, gamma, Rician noise and blur. Lesions are tumour-like: hyperintense,
+                hypointense or ring-enhancing (bright rim, dark necrotic core) blobs with irregular soft edges and
+                texture, centred in brain parenchyma.
 ``retina``      scikit-image's ``data.retina()`` fundus photograph (CC0), random field-of-view crops and zooms,
                 any rotation, left/right flips, colour jitter, blur and noise. Lesions are diabetic-retinopathy
                 like: clusters of yellow hard exudates, dark red blot haemorrhages or pale cotton-wool spots,

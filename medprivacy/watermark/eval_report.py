@@ -150,9 +150,9 @@ def build_report(
             "lesion_images_with_room": {
                 mode: sum(mode in im.feasible for im in lesion_attacked) for mode in ("keep-in", "keep-out")
             },
-            "definition": "ASR on the source (successes / correct before); keep-in and keep-out on lesion images with at "
-            "least one lesion box and room for the logo, WAP on lesion and no-lesion images separately; 'random' uses the same "
-            "Np, Ng, CR as basin hopping (fewer evaluations: no hops)"
+            "definition": "ASR on the source (successes / correct before); keep-in and keep-out on lesion images "
+            "with at least one lesion box and room for the logo, WAP on lesion and no-lesion images separately; "
+            "'random' uses the same Np, Ng, CR as basin hopping (fewer evaluations: no hops)"
             + (
                 "; 'random-equal-evaluations' runs Ng*(Niter+1) generations so it scores as many candidates"
                 if config.equal_budget_random
@@ -206,14 +206,18 @@ def build_report(
             "label": "true label",
             "seed": config.seed,
             "seed_rule": "image i uses seed + i for every configuration",
-            "stop_rule": "a search stops once every source model misclassifies the candidate, else after Ng generations; "
+            "stop_rule": "a search stops once every source model misclassifies the candidate, "
+            "else after Ng generations; "
             "an ensemble row counts a success when the ensemble's mean probability is wrong",
         },
         "definitions": {
-            "asr": "successful attacks / images the source classified correctly before (ensemble: argmax of the mean probability)",
-            "transfer_asr": "target fooled / images whose watermark fooled the source and that the target classified correctly before; "
+            "asr": "successful attacks / images the source classified correctly before "
+            "(ensemble: argmax of the mean probability)",
+            "transfer_asr": "target fooled / images whose watermark fooled the source and that the target classified "
+            "correctly before; "
             "white_box marks targets that are (part of) the source",
-            "attack_set": "all-correct: images every evaluated classifier classifies correctly (the paper's protocol); all: every image",
+            "attack_set": "all-correct: images every evaluated classifier classifies correctly (the paper's protocol); "
+            "all: every image",
         },
         "clean_accuracy": {m: float(np.mean(p == labels)) for m, p in clean_pred.items()},
         "table1": table1,

@@ -2,8 +2,8 @@
 
 Images. The held-out ``test`` split of :mod:`medprivacy.watermark.data` (sample seeds 900000+, which training
 never optimises on; ``--split validation`` draws the validation seeds instead, for choosing settings such as the
-logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's ``/v1/info``, with
-their true labels (odd seed: lesion) and ground-truth lesion masks.
+logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's
+``/v1/info``, with their true labels (odd seed: lesion) and ground-truth lesion masks.
 
 Which images are attacked (``--attack``). ``all-correct`` (default, the paper's protocol: "we only attack samples
 that are successfully classified by all networks"): images every evaluated classifier gets right on the clean
@@ -12,9 +12,9 @@ image. ``all``: every drawn image (rates then still only count images the model 
 Every search is one ``/v1/watermark/optimize`` request per image and configuration, with the true label as the
 class to move away from and the same search seed for every configuration of an image (``--seed`` + image index),
 so configurations start from the same random population. A search stops once every source model misclassifies
-(the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is re-rendered here from the
-returned (alpha, x, y) with the key code (``WatermarkKey.protect``) and classified by every classifier through
-``/v1/watermark/classify``; all rates below use those predictions.
+(the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is
+re-rendered here from the returned (alpha, x, y) with the key code (``WatermarkKey.protect``) and classified by every
+classifier through ``/v1/watermark/classify``; all rates below use those predictions.
 
 Definitions (``A``: the attacked images; ``y``: true label; a model's prediction on an ensemble is the argmax of
 the weighted mean probability, eq. 8, weights 1/K):

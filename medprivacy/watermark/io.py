@@ -153,7 +153,8 @@ def _check_2d(array: np.ndarray, name: str, components: int) -> None:
     if components not in (1, 3):
         what = "gray + alpha" if components == 2 else "RGBA" if components == 4 else f"{components}-channel"
         raise InputError(
-            f"{name} has {what} pixels; MedLocker protects gray or RGB images, save it without the alpha or extra channels"
+            f"{name} has {what} pixels; MedLocker protects gray or RGB images, "
+            "save it without the alpha or extra channels"
         )
     if array.ndim != (2 if components == 1 else 3):
         raise InputError(
@@ -178,7 +179,8 @@ def _read_itk(path: Path, fmt: str) -> MedImage:
     elif source.GetDimension() != 2:
         size = "x".join(map(str, source.GetSize()))
         raise InputError(
-            f"{path.name} is a {source.GetDimension()}D image ({size}); MedLocker protects single 2D images, export one slice"
+            f"{path.name} is a {source.GetDimension()}D image ({size}); "
+            "MedLocker protects single 2D images, export one slice"
         )
     array = sitk.GetArrayFromImage(source)
     if sliced:
@@ -235,7 +237,8 @@ def _read_dicom(path: Path) -> MedImage:
     photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":
         raise InputError(
-            f"{path.name} is a palette-colour DICOM; watermarking palette indices would be meaningless, convert it to RGB"
+            f"{path.name} is a palette-colour DICOM; watermarking palette indices would be meaningless, "
+            "convert it to RGB"
         )
     array = dicom_pixels(dataset, path.name)
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)

@@ -202,7 +202,8 @@ def _entry_for(image: np.ndarray, key: WatermarkKey | KeyEntry) -> KeyEntry:
     )
     if entry is None:
         raise InputError(
-            "this image is not protected by this key, or it was changed after protection (re-saved lossily, resized, edited)"
+            "this image is not protected by this key, or it was changed after protection "
+            "(re-saved lossily, resized, edited)"
         )
     return entry
 
@@ -226,7 +227,8 @@ def unlock(image: np.ndarray, key: WatermarkKey | KeyEntry) -> np.ndarray:
     restored[entry.region] = entry.original
     if image_sha256(restored) != entry.original_sha256:
         raise InputError(
-            f"the key entry for {entry.name!r} does not restore the original image; the key is inconsistent, ask the owner for a new one"
+            f"the key entry for {entry.name!r} does not restore the original image; "
+            "the key is inconsistent, ask the owner for a new one"
         )
     return restored
 
@@ -248,12 +250,14 @@ def unlock_approximate(image: np.ndarray, key: WatermarkKey | KeyEntry, logo=Non
             )
     elif logo_sha256(logo) != entry.logo_sha256:
         raise InputError(
-            f"this is not the logo {entry.name!r} was protected with (fingerprint differs); give the original logo picture"
+            f"this is not the logo {entry.name!r} was protected with (fingerprint differs); "
+            "give the original logo picture"
         )
     fitted = fit_logo(logo, entry.shape, entry.sl)
     if fitted.size != tuple(entry.logo_size):
         raise InputError(
-            f"the logo resizes to {fitted.size} instead of {tuple(entry.logo_size)} for {entry.name!r}; the key and this version disagree"
+            f"the logo resizes to {fitted.size} instead of {tuple(entry.logo_size)} for {entry.name!r}; "
+            "the key and this version disagree"
         )
     dtype = np.dtype(entry.dtype)
     a, b = blend_terms(fitted, entry.alpha, len(entry.shape), dtype, entry.window)
@@ -275,8 +279,9 @@ def unlock_approximate(image: np.ndarray, key: WatermarkKey | KeyEntry, logo=Non
     restored[entry.region] = estimate.astype(dtype)
     if approximate:
         warnings.warn(
-            f"parameter-only removal is approximate: {approximate} of {exact.size} pixels under the logo of {entry.name!r} "
-            "are not exactly the original (high alpha, rounding); a key with original pixels restores them bit-exactly",
+            f"parameter-only removal is approximate: {approximate} of {exact.size} pixels under the logo of "
+            f"{entry.name!r} are not exactly the original (high alpha, rounding); "
+            "a key with original pixels restores them bit-exactly",
             UserWarning,
             stacklevel=2,
         )
@@ -327,7 +332,8 @@ def unpack_key(payload: bytes, path: Path) -> WatermarkKey:
         raise
     except Exception as exc:  # anything unexpected inside an authenticated payload means a bug or a foreign writer
         raise InputError(
-            f"key file {path} decrypts but its content is invalid ({type(exc).__name__}: {str(exc)[:120]}); ask for a new key"
+            f"key file {path} decrypts but its content is invalid ({type(exc).__name__}: {str(exc)[:120]}); "
+            "ask for a new key"
         ) from None
     return key
 

@@ -72,7 +72,8 @@ def generate_key_file(path: str | os.PathLike, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise InputError(
-            f"{path} already exists; keys encrypted with it would become unreadable if it were replaced (pass force to overwrite)"
+            f"{path} already exists; keys encrypted with it would become unreadable if it were replaced "
+            "(pass force to overwrite)"
         )
     _write_key_file(path, secrets.token_bytes(KEY_FILE_BYTES))
     return path

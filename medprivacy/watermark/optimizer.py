@@ -129,7 +129,8 @@ class _Evaluator:
         fooled = np.asarray(fooled, dtype=bool).reshape(-1)
         if objective.shape != (take,) or fooled.shape != (take,):
             raise ValueError(
-                f"score() returned {objective.shape[0]} objectives and {fooled.shape[0]} fooled flags for {take} candidates"
+                f"score() returned {objective.shape[0]} objectives and {fooled.shape[0]} fooled flags "
+                f"for {take} candidates"
             )
         if np.isnan(objective).any():
             raise ValueError("score() returned NaN objectives")

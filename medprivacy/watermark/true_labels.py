@@ -29,7 +29,8 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
             columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
             if "image" not in columns or "label" not in columns:
                 raise InputError(
-                    f"{path} needs a header row with the columns image,label (found {', '.join(columns) or 'no header'})"
+                    f"{path} needs a header row with the columns image,label "
+                    f"(found {', '.join(columns) or 'no header'})"
                 )
             labels: dict[str, str] = {}
             for line, row in enumerate(reader, start=2):

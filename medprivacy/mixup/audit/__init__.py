@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: What the product promises at its default level; the audit says yes or no to each (README, "What a curious server can recover").
+#: What the product promises at its default level; the audit says yes or no to each
+#: (README, "What a curious server can recover").
 MARGIN_OVER_TEMPLATE = 0.05
 MAX_PLACED_EXACTLY = 0.10
 MAX_REID_MAP = 0.40
@@ -74,7 +75,8 @@ def run_audit(
             from ...errors import InputError
 
             raise InputError(
-                f"the audit copies hold {captured.uploads.shape[1:]} patches, the key {tuple(bank.patch_size)}; use the key of that run"
+                f"the audit copies hold {captured.uploads.shape[1:]} patches, the key {tuple(bank.patch_size)}; "
+                "use the key of that run"
             )
     else:
         say("making the uploads exactly as a private run would")

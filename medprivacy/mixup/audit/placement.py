@@ -78,7 +78,8 @@ class TemplateMatcher:
         self._torch = torch
 
     def _reference_patches(self, starts) -> np.ndarray:
-        """Zero-mean, unit-norm reference patches at ``starts`` (pooled by 2: a lattice's points are 12 voxels apart)."""
+        """Zero-mean, unit-norm reference patches at ``starts`` (pooled by 2: a lattice's points are 12 voxels
+        apart)."""
         patches = np.stack(
             [self.volume[tuple(slice(s + self.pad, s + self.pad + self.patch) for s in start)] for start in starts]
         )

@@ -139,13 +139,15 @@ def train_separator(
         list(patch_size),
         {"0": "scan part of one upload"},
         extra={
-            "purpose": "privacy audit only: the strongest single-upload separator a curious server can train with public means",
+            "purpose": "privacy audit only: the strongest single-upload separator a curious server can train with "
+            "public means",
             "training": {
                 "command": command
                 or "medprivacy mixup train-attacker " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
                 "data": (
-                    f"uploads made by the client's own code at every privacy level from {subjects} attacker-seeded synthetic patients "
-                    f"({ATTACKER_SUBJECT_SEED_BASE}+) and an attacker bank ({ATTACKER_BANK_SEED_BASE}+), λ ~ U{tuple(DEFAULT_LAMBDA_RANGE)}"
+                    f"uploads made by the client's own code at every privacy level from {subjects} attacker-seeded "
+                    f"synthetic patients ({ATTACKER_SUBJECT_SEED_BASE}+) and an attacker bank "
+                    f"({ATTACKER_BANK_SEED_BASE}+), λ ~ U{tuple(DEFAULT_LAMBDA_RANGE)}"
                 ),
                 "iterations": iterations,
                 "batch_size": batch_size,

@@ -236,7 +236,8 @@ class ObfuscationService:
         if unknown:
             raise _HTTPError(
                 422,
-                f"unknown request field(s) {', '.join(sorted(map(str, unknown))[:5])}; expected {', '.join(sorted(_TRAIN_KEYS))}",
+                f"unknown request field(s) {', '.join(sorted(map(str, unknown))[:5])}; "
+                f"expected {', '.join(sorted(_TRAIN_KEYS))}",
             )
         key_id = _key_id(document.get("key_id"))
         classes = document.get("classes")
@@ -358,7 +359,8 @@ class ObfuscationService:
             raise _HTTPError(
                 422,
                 f"frames are {frames.shape[2]}x{frames.shape[1]} but model {model.id} expects "
-                f"{model.frame_size[1]}x{model.frame_size[0]}; obfuscate them with the same key folder as its training frames",
+                f"{model.frame_size[1]}x{model.frame_size[0]}; obfuscate them with the same key folder as its training "
+                "frames",
             )
         self._audit("obfuscation-classify", frames)
         started = time.perf_counter()

@@ -161,7 +161,8 @@ def load_torchscript(model: ServedModel, device: str):
     except Exception as exc:  # torch raises RuntimeError, ValueError or its own types for a non-TorchScript file
         raise InputError(
             f"--extra-classifier {model.name}: {model.script} is not a TorchScript file "
-            f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}); save it with torch.jit.save"
+            f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}); "
+            "save it with torch.jit.save"
         ) from None
     net.eval()
     # One probe now, so a wrong input size or output shape stops the server at startup, not a user's request.
@@ -171,11 +172,13 @@ def load_torchscript(model: ServedModel, device: str):
     except Exception as exc:
         raise InputError(
             f"--extra-classifier {model.name}: the model fails on a 1x3x{model.size[0]}x{model.size[1]} input "
-            f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}); give its input size as :HxW"
+            f"({str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__}); "
+            "give its input size as :HxW"
         ) from None
     if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 2:
         raise InputError(
-            f"--extra-classifier {model.name}: the model returns shape {tuple(out.shape)}; a classifier must return logits (N, C) with C >= 2"
+            f"--extra-classifier {model.name}: the model returns shape {tuple(out.shape)}; "
+            "a classifier must return logits (N, C) with C >= 2"
         )
     model.classes = int(out.shape[1])
     model.labels = {str(i): f"class {i}" for i in range(model.classes)}

@@ -335,7 +335,8 @@ class WatermarkService:
         else:
             raise RequestError(
                 422,
-                "image arrived as float16, which cannot carry exact pixels; send 8-bit images as uint8 and 16-bit ones as float32 k/65535",
+                "image arrived as float16, which cannot carry exact pixels; "
+                "send 8-bit images as uint8 and 16-bit ones as float32 k/65535",
             )
         pixels = np.moveaxis(pixels, 0, -1)
         return np.ascontiguousarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
