@@ -10,10 +10,11 @@ Fixtures and helpers
     16³, 4 classes. Good for transport mechanics only; their segmentations mean nothing.
 ``start_server(args, env=None, *, models_dir=None, token=None, ca_bundle=None, cwd=None)`` -> ``ServerHandle``
     Starts a server on a free port and waits until ``/v1/health`` answers (``launch_server`` takes the same
-    arguments and returns at once, so several startups can overlap; then ``handle.wait_ready()``). Use it as a context manager
-    (``with start_server([...]) as server:``) or call ``server.stop()``. ``models_dir`` adds ``--models-dir``
-    (e.g. the shipped ``Resources/Models``), ``token`` writes a 0600 token file and adds ``--token-file``,
-    ``--ssl-certfile`` in ``args`` switches the URL to https, and ``ca_bundle`` is what ``server.client()`` trusts.
+    arguments and returns at once, so several startups can overlap; then ``handle.wait_ready()``). Use it as a
+    context manager (``with start_server([...]) as server:``) or call ``server.stop()``. ``models_dir`` adds
+    ``--models-dir`` (e.g. the shipped ``Resources/Models``), ``token`` writes a 0600 token file and adds
+    ``--token-file``, ``--ssl-certfile`` in ``args`` switches the URL to https, and ``ca_bundle`` is what
+    ``server.client()`` trusts.
 ``server_factory`` (function scope)
     ``server_factory(args, **same keywords)``: like ``start_server`` but stopped when the test ends.
 ``live_server`` (session; started together with ``live_server_with_token``)
@@ -30,6 +31,7 @@ Fixtures and helpers
 ``cwd``, ``tmpdir``; ``client(**kwargs)`` returns an ``InferenceClient`` with the right token and CA bundle,
 ``log()`` the server's stdout+stderr so far, ``audit_files()`` the sorted ``*.npy`` audit copies.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +52,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_PATCH = [16, 16, 16]
 TINY_LABELS = {"0": "Background", "1": "CSF", "2": "Gray matter", "3": "White matter"}
-TINY_ARCH = {"name": "unet", "in_channels": 1, "out_channels": 4, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
+TINY_ARCH = {
+    "name": "unet",
+    "in_channels": 1,
+    "out_channels": 4,
+    "channels": [4, 8, 16],
+    "strides": [2, 2],
+    "num_res_units": 0,
+}
 SERVER_START_TIMEOUT = 90.0
 
 
@@ -62,8 +71,14 @@ def build_tiny_models(directory: Path, names: tuple[str, ...] = ("mixup-seg", "p
 
     for offset, name in enumerate(names):
         torch.manual_seed(seed + offset)
-        spec = ModelSpec(name=name, file=f"{name}.safetensors", arch=dict(TINY_ARCH), role="server",
-                         patch_size=list(TINY_PATCH), labels=dict(TINY_LABELS))
+        spec = ModelSpec(
+            name=name,
+            file=f"{name}.safetensors",
+            arch=dict(TINY_ARCH),
+            role="server",
+            patch_size=list(TINY_PATCH),
+            labels=dict(TINY_LABELS),
+        )
         save_model(build_network(spec.arch), spec, directory)
     return Path(directory)
 
@@ -139,14 +154,23 @@ def launch_server(
     child_env.update(env or {})
     server = launch_local_server(args, scratch_dir / "server.log", env=child_env, cwd=cwd)
     return ServerHandle(
-        server.url, server.process, server.args, server.log_path, errors_with_log=True, token=token,
+        server.url,
+        server.process,
+        server.args,
+        server.log_path,
+        errors_with_log=True,
+        token=token,
         ca_bundle=Path(ca_bundle) if ca_bundle is not None else None,
-        audit_dir=Path(audit) if audit else None, cwd=Path(cwd) if cwd is not None else None,
-        tmpdir=Path(env["TMPDIR"]) if env and "TMPDIR" in env else None, _scratch=scratch,
+        audit_dir=Path(audit) if audit else None,
+        cwd=Path(cwd) if cwd is not None else None,
+        tmpdir=Path(env["TMPDIR"]) if env and "TMPDIR" in env else None,
+        _scratch=scratch,
     )
 
 
-def start_server(args: list[str], env: dict[str, str] | None = None, *, timeout: float = SERVER_START_TIMEOUT, **kwargs) -> ServerHandle:
+def start_server(
+    args: list[str], env: dict[str, str] | None = None, *, timeout: float = SERVER_START_TIMEOUT, **kwargs
+) -> ServerHandle:
     """``launch_server(args, env, **kwargs).wait_ready(timeout)``: a server that answers /v1/health.
 
     Raises RuntimeError with the server log if it exits or does not answer within ``timeout`` seconds.
@@ -236,11 +260,25 @@ def tls_cert(tmp_path_factory) -> TLSFiles:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=False, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
@@ -249,7 +287,9 @@ def tls_cert(tmp_path_factory) -> TLSFiles:
     directory = tmp_path_factory.mktemp("tls")
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     key_path.chmod(0o600)
     return TLSFiles(cert=cert_path, key=key_path)
 
@@ -318,10 +358,22 @@ CLASSIFIERS = {
     "wm-cls-resnet18": {"name": "resnet18", "widen_factor": 0.125},
     "wm-cls-densenet121": {"name": "densenet121", "init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]},
     "wm-cls-efficientnet-b0": {"name": "efficientnet-b0"},
-    "wm-cls-vit": {"name": "vit", "img_size": SIZE, "patch_size": 16, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2},
+    "wm-cls-vit": {
+        "name": "vit",
+        "img_size": SIZE,
+        "patch_size": 16,
+        "hidden_size": 16,
+        "mlp_dim": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+    },
 }
 SEGMENTER = {"name": "unet2d", "channels": [4, 8], "strides": [2], "num_res_units": 0}
-def build_watermark_models(directory: Path, classifiers=tuple(CLASSIFIERS), segmenter: bool = True, seed: int = 0) -> Path:
+
+
+def build_watermark_models(
+    directory: Path, classifiers=tuple(CLASSIFIERS), segmenter: bool = True, seed: int = 0
+) -> Path:
     """Seeded random classifiers (and a lesion segmenter) saved through the real registry."""
     import torch
 
@@ -332,8 +384,15 @@ def build_watermark_models(directory: Path, classifiers=tuple(CLASSIFIERS), segm
         entries.append(("wm-lesion-seg", SEGMENTER, "segment-lesion"))
     for offset, (name, arch, task) in enumerate(entries):
         torch.manual_seed(seed + offset)
-        spec = ModelSpec(name=name, file=f"{name}.safetensors", arch=dict(arch), role="server", patch_size=list(SIZE),
-                         labels=dict(LABELS), extra={"task": task})
+        spec = ModelSpec(
+            name=name,
+            file=f"{name}.safetensors",
+            arch=dict(arch),
+            role="server",
+            patch_size=list(SIZE),
+            labels=dict(LABELS),
+            extra={"task": task},
+        )
         save_model(build_network(spec.arch), spec, directory)
     return Path(directory)
 
@@ -348,8 +407,15 @@ def tiny_watermark_models_dir(tmp_path_factory) -> Path:
 # It tests the transform's mechanics (keys, determinism, files, server jobs), not how well frames are hidden.
 
 OBF_SIZE = 32
-OBF_VAE_ARCH = {"name": "varautoencoder", "spatial_dims": 2, "in_shape": [1, OBF_SIZE, OBF_SIZE], "out_channels": 1,
-                "latent_size": 8, "channels": [4, 8, 8], "strides": [2, 2, 2]}
+OBF_VAE_ARCH = {
+    "name": "varautoencoder",
+    "spatial_dims": 2,
+    "in_shape": [1, OBF_SIZE, OBF_SIZE],
+    "out_channels": 1,
+    "latent_size": 8,
+    "channels": [4, 8, 8],
+    "strides": [2, 2, 2],
+}
 
 
 def build_obfuscation_models(directory: Path, seed: int = 0) -> Path:
@@ -359,9 +425,15 @@ def build_obfuscation_models(directory: Path, seed: int = 0) -> Path:
     from medprivacy.nets.registry import ModelSpec, build_network, save_model
 
     torch.manual_seed(seed)
-    spec = ModelSpec(name="obf-vae", file="obf_vae.safetensors", arch=dict(OBF_VAE_ARCH), role="client",
-                     patch_size=[OBF_SIZE, OBF_SIZE], labels={},
-                     extra={"task": "obfuscation-vae", "latent_scale": [1.0] * OBF_VAE_ARCH["latent_size"]})
+    spec = ModelSpec(
+        name="obf-vae",
+        file="obf_vae.safetensors",
+        arch=dict(OBF_VAE_ARCH),
+        role="client",
+        patch_size=[OBF_SIZE, OBF_SIZE],
+        labels={},
+        extra={"task": "obfuscation-vae", "latent_scale": [1.0] * OBF_VAE_ARCH["latent_size"]},
+    )
     save_model(build_network(spec.arch), spec, directory)
     return Path(directory)
 

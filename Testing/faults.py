@@ -12,6 +12,7 @@
 ``glibc_heaps(pid)``
     The number of glibc malloc arenas other than the main one in a running process, from /proc/PID/maps.
 """
+
 from __future__ import annotations
 
 import contextlib

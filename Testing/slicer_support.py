@@ -25,6 +25,7 @@ Scene recipe (what ``qSlicerCoreApplication`` does at startup, minus Qt):
   operations silently do nothing.
 The logics only live as long as a Python reference to them, so ``SlicerCoreScene`` keeps them.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@ Prints (and writes to --out as JSON):
 
 Figures, not pass/fail: run with `make bench`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,7 @@ def server_time(url: str, key_dir: str, volume: str, endpoint: str, tta: int) ->
     # One request's answers at a time, as the pipeline consumes them: decoding all N·k answers into one array
     # would time a 600 MB allocation at k=8 rather than the server.
     for start in range(0, len(rows), client.request_patches):
-        client.segment(rows[start:start + client.request_patches, None], endpoint=endpoint)
+        client.segment(rows[start : start + client.request_patches, None], endpoint=endpoint)
     return time.perf_counter() - started
 
 
@@ -120,7 +121,13 @@ def leakage(key_dir: str, volume: str) -> dict:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
     r = (standardise(uploads[informative]) * standardise(parts[informative])).sum(axis=1)
-    return {"uploads": int(informative.sum()), "median_r": float(np.median(r)), "p90_r": float(np.percentile(r, 90)), "max_r": float(r.max()), "share_above_0.95": float((r > 0.95).mean())}
+    return {
+        "uploads": int(informative.sum()),
+        "median_r": float(np.median(r)),
+        "p90_r": float(np.percentile(r, 90)),
+        "max_r": float(r.max()),
+        "share_above_0.95": float((r > 0.95).mean()),
+    }
 
 
 def main() -> int:
@@ -145,9 +152,17 @@ def main() -> int:
     results: dict = {"volume": "256x256x256, 1 mm, oblique, held-out synthetic brain from the MNI152 T1"}
     try:
         for mode in ("plain", "private k=1", "private k=8", "private k=16"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode.split()[-1], url, str(volume), str(key_dir)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode.split()[-1], url, str(volume), str(key_dir)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{mode:<12} {results[mode]['seconds']:7.1f} s   client peak {results[mode]['peak_rss_mb']:7.0f} MB", flush=True)
+            print(
+                f"{mode:<12} {results[mode]['seconds']:7.1f} s   client peak {results[mode]['peak_rss_mb']:7.0f} MB",
+                flush=True,
+            )
         results["server_only_seconds"] = {
             "plain": server_time(url, str(key_dir), str(volume), "baseline", 1),
             "mixed k=1": server_time(url, str(key_dir), str(volume), "mixup", 1),
@@ -159,22 +174,43 @@ def main() -> int:
 
     results["leakage_upload_vs_its_patient_patch_r"] = leakage(str(key_dir), str(volume))
 
-    private1, private8, private16, plain = results["private k=1"], results["private k=8"], results["private k=16"], results["plain"]
+    private1, private8, private16, plain = (
+        results["private k=1"],
+        results["private k=8"],
+        results["private k=16"],
+        results["plain"],
+    )
     voxels_per_patch = int(np.prod(patch_size))
     results["overhead_private_k1_over_plain"] = private1["seconds"] / plain["seconds"]
     results["k8_over_k1"] = private8["seconds"] / private1["seconds"]
     results["k16_over_k1"] = private16["seconds"] / private1["seconds"]
     results["bytes_up_per_voxel_per_copy"] = private8["bytes_sent"] / (private8["patches_sent"] * voxels_per_patch)
-    results["bytes_down_per_voxel_per_copy"] = private8["bytes_received"] / (private8["patches_sent"] * voxels_per_patch)
+    results["bytes_down_per_voxel_per_copy"] = private8["bytes_received"] / (
+        private8["patches_sent"] * voxels_per_patch
+    )
     only = results["server_only_seconds"]
-    print(f"overhead private k=1 / plain: {results['overhead_private_k1_over_plain']:.2f} end to end, "
-          f"{only['mixed k=1'] / only['plain']:.2f} server part only (target ≤ 1.5)")
-    print(f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, {only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)")
+    print(
+        f"overhead private k=1 / plain: {results['overhead_private_k1_over_plain']:.2f} end to end, "
+        f"{only['mixed k=1'] / only['plain']:.2f} server part only (target ≤ 1.5)"
+    )
+    print(
+        f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, "
+        f"{only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)"
+    )
     print(f"private k=16 (the default) / k=1: {results['k16_over_k1']:.2f} end to end")
-    print(f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, {results['bytes_down_per_voxel_per_copy']:.3f} down")
-    print(f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private16)):.0f} MB (target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB")
+    print(
+        f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, "
+        f"{results['bytes_down_per_voxel_per_copy']:.3f} down"
+    )
+    print(
+        f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private16)):.0f} MB "
+        f"(target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB"
+    )
     leak = results["leakage_upload_vs_its_patient_patch_r"]
-    print(f"leakage, Pearson r upload↔the patient patch it carries: median {leak['median_r']:.3f}, p90 {leak['p90_r']:.3f}, max {leak['max_r']:.3f}, share > 0.95 {leak['share_above_0.95']:.3f}")
+    print(
+        f"leakage, Pearson r upload↔the patient patch it carries: median {leak['median_r']:.3f}, "
+        f"p90 {leak['p90_r']:.3f}, max {leak['max_r']:.3f}, share > 0.95 {leak['share_above_0.95']:.3f}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")

@@ -3,6 +3,7 @@
 Starts `medprivacy serve --enable-baseline` on 127.0.0.1, makes a fresh private key (as a new site would), runs
 `medprivacy mixup eval --synthetic N` and keeps the report in bench/results/. Figures, not pass/fail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,23 @@ def main() -> int:
     server = start_local_server(["--host", "127.0.0.1", "--enable-baseline"], work / "server.log")
     url = server.url
     try:
-        command = [sys.executable, "-m", "medprivacy.cli", "mixup", "eval", "--synthetic", str(args.subjects), "--server", url,
-                   "--key-dir", str(work / "key"), "--tta", str(args.tta), "--out", str(args.out)]
+        command = [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "mixup",
+            "eval",
+            "--synthetic",
+            str(args.subjects),
+            "--server",
+            url,
+            "--key-dir",
+            str(work / "key"),
+            "--tta",
+            str(args.tta),
+            "--out",
+            str(args.out),
+        ]
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:

@@ -6,8 +6,10 @@ Learned, Learned+TTA; per class and mean) through a loopback server with the shi
 and the audit (template-only guess, each attack's r / PSNR / 3D MS-SSIM, share placed exactly and within one
 step, the oracle bound, re-identification mAP). Figures, not pass/fail; written to bench/results/.
 
-    python bench/mixup_privacy_curve.py [--subjects 2] [--sample 96] [--reid-subjects 10] [--settings paper,standard,strong]
+    python bench/mixup_privacy_curve.py [--subjects 2] [--sample 96] [--reid-subjects 10]
+        [--settings paper,standard,strong]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +40,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=2, help="held-out synthetic subjects for Dice (default 2)")
     parser.add_argument("--settings", default="paper,standard,strong", help="levels to measure (comma-separated)")
-    parser.add_argument("--ablations", action="store_true", help="also the default level with one defence off at a time")
-    parser.add_argument("--sample", type=int, default=96, help="uploads attacked per scan (default 96; the oracle uses all)")
-    parser.add_argument("--reid-subjects", type=int, default=10, help="subjects scanned twice for re-identification (default 10)")
+    parser.add_argument(
+        "--ablations", action="store_true", help="also the default level with one defence off at a time"
+    )
+    parser.add_argument(
+        "--sample", type=int, default=96, help="uploads attacked per scan (default 96; the oracle uses all)"
+    )
+    parser.add_argument(
+        "--reid-subjects", type=int, default=10, help="subjects scanned twice for re-identification (default 10)"
+    )
     parser.add_argument("--attacks", default="template,separated,rematched")
     parser.add_argument("--skip-dice", action="store_true", help="audit only")
     parser.add_argument("--skip-audit", action="store_true", help="Dice only")
@@ -80,8 +88,16 @@ def main() -> int:
                 from medprivacy.demo import DEMO_SEED
 
                 image = to_scanner_space(synthesize_subject(DEMO_SEED), DEMO_SEED)[0]
-                audit, _ = run_audit(image, name=f"demo held-out brain (seed {DEMO_SEED})", bank=bank, privacy=setting, reid_subjects=args.reid_subjects,
-                                     variants=tuple(args.attacks.split(",")), sample=args.sample, seed=0)
+                audit, _ = run_audit(
+                    image,
+                    name=f"demo held-out brain (seed {DEMO_SEED})",
+                    bank=bank,
+                    privacy=setting,
+                    reid_subjects=args.reid_subjects,
+                    variants=tuple(args.attacks.split(",")),
+                    sample=args.sample,
+                    seed=0,
+                )
                 entry["audit"] = audit
             entry["seconds"] = round(time.perf_counter() - started, 1)
             results[name] = entry
@@ -96,11 +112,17 @@ def main() -> int:
 def _line(name: str, entry: dict) -> str:
     parts = [f"{name:<38}"]
     if "dice" in entry:
-        parts.append(f"Learned+TTA {entry['dice']['Learned+TTA']['mean']:.3f} / Baseline {entry['dice']['Baseline']['mean']:.3f} = {entry['learned_tta_over_baseline']:.3f}")
+        parts.append(
+            f"Learned+TTA {entry['dice']['Learned+TTA']['mean']:.3f} / Baseline "
+            f"{entry['dice']['Baseline']['mean']:.3f} = {entry['learned_tta_over_baseline']:.3f}"
+        )
     if "audit" in entry:
         scan = entry["audit"]["scan"]
         strongest = scan.get("strongest", {})
-        parts.append(f"rebuild r {strongest.get('r', float('nan')):.3f} (template {scan['template_only']['r']:.3f}, bound {scan['oracle_bound']['r']:.3f})")
+        parts.append(
+            f"rebuild r {strongest.get('r', float('nan')):.3f} (template {scan['template_only']['r']:.3f}, "
+            f"bound {scan['oracle_bound']['r']:.3f})"
+        )
         parts.append(f"placed exactly {strongest.get('placed_exactly', float('nan')):.3f}")
         if "reidentification" in entry["audit"]:
             parts.append(f"re-ID mAP {entry['audit']['reidentification']['attack_map']:.3f}")

@@ -12,6 +12,7 @@ ships with the project, rendered by the same code as ``medprivacy demo``, one PN
 
     python bench/render_screenshots.py            # about 3 minutes on two cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,14 @@ def mixup_screenshot(path: Path, tta: int) -> None:
     nothing = sitk.Image(result.uploaded.GetSize(), sitk.sitkUInt8)
     nothing.CopyInformation(result.uploaded)
     uploaded, _ = anatomical_planes(result.uploaded, nothing)[0]
-    labelled_row([(to_uint8(gray), "input scan (axial)"), (to_uint8(uploaded), "what the server receives"),
-                  (to_uint8(tissue_overlay(gray, labels)), "segmentation (CSF, GM, WM)")], path)
+    labelled_row(
+        [
+            (to_uint8(gray), "input scan (axial)"),
+            (to_uint8(uploaded), "what the server receives"),
+            (to_uint8(tissue_overlay(gray, labels)), "segmentation (CSF, GM, WM)"),
+        ],
+        path,
+    )
 
 
 def watermark_screenshot(path: Path, work: Path) -> None:
@@ -85,9 +92,25 @@ def watermark_screenshot(path: Path, work: Path) -> None:
     generate_key_file(work / "screenshot.secret")
     server, url = start_local_server(work)
     try:
-        code = main(["watermark", "protect", *map(str, chosen), "-o", str(work / "protected"),
-                     "--key", str(work / "screenshot.watermark-key"), "--key-file", str(work / "screenshot.secret"),
-                     "--server", url, "--mode", "keep-out", "--seed", "0"])
+        code = main(
+            [
+                "watermark",
+                "protect",
+                *map(str, chosen),
+                "-o",
+                str(work / "protected"),
+                "--key",
+                str(work / "screenshot.watermark-key"),
+                "--key-file",
+                str(work / "screenshot.secret"),
+                "--server",
+                url,
+                "--mode",
+                "keep-out",
+                "--seed",
+                "0",
+            ]
+        )
     finally:
         stop_local_server(server, timeout=15)
     if code != 0:
@@ -95,8 +118,10 @@ def watermark_screenshot(path: Path, work: Path) -> None:
     panels = []
     for original in chosen:
         protected = work / "protected" / mio.output_name(original)
-        panels += [(mio.read_image(original).pixels, "original"),
-                   (mio.read_image(protected).pixels, "protected (key restores it)")]
+        panels += [
+            (mio.read_image(original).pixels, "original"),
+            (mio.read_image(protected).pixels, "protected (key restores it)"),
+        ]
     labelled_row(panels, path)
 
 

@@ -16,6 +16,7 @@ is judged on the medians; the maximum is printed too. Figures, not pass/fail. Bo
 
     python bench/soak.py --clients 8 --minutes 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def start_server(models_dir: Path, log_path: Path, extra: list[str]):
     from medprivacy.server.local import launch_local_server
 
     env = {k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"}
-    server = launch_local_server(["--models-dir", str(models_dir), "--log-level", "warning", *extra], log_path, env=env, cwd=ROOT)
+    server = launch_local_server(
+        ["--models-dir", str(models_dir), "--log-level", "warning", *extra], log_path, env=env, cwd=ROOT
+    )
     try:
         return server.wait_ready(180)
     except MedPrivacyError as exc:
@@ -62,7 +65,14 @@ def start_server(models_dir: Path, log_path: Path, extra: list[str]):
 class Client(threading.Thread):
     def __init__(self, index: int, url: str, deadline: float, info: dict, kinds: tuple[str, ...], results: list):
         super().__init__(name=f"client-{index}", daemon=True)
-        self.index, self.url, self.deadline, self.info, self.kinds, self.results = index, url, deadline, info, kinds, results
+        self.index, self.url, self.deadline, self.info, self.kinds, self.results = (
+            index,
+            url,
+            deadline,
+            info,
+            kinds,
+            results,
+        )
 
     def run(self) -> None:
         from medprivacy.transport.watermark_client import WatermarkClient
@@ -87,8 +97,16 @@ class Client(threading.Thread):
                     client.lesions(rng.random((3, 200, 180), dtype=np.float32))
                 else:
                     pixels = rng.integers(0, 256, (128, 144, 3), dtype=np.uint8)
-                    client.optimize(pixels, logo, mode="wap", lesions="none", population=8, generations=1, local_iterations=1,
-                                    seed=int(rng.integers(0, 2**31)))
+                    client.optimize(
+                        pixels,
+                        logo,
+                        mode="wap",
+                        lesions="none",
+                        population=8,
+                        generations=1,
+                        local_iterations=1,
+                        seed=int(rng.integers(0, 2**31)),
+                    )
             except Exception as exc:  # every failure is a figure of the soak, not a reason to stop it
                 error = f"{type(exc).__name__}: {str(exc)[:200]}"
             self.results.append((kind, time.monotonic() - started, error, time.monotonic()))
@@ -104,10 +122,14 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--models-dir", type=Path, default=ROOT / "Resources" / "Models")
     parser.add_argument("--url", default=None, help="soak a running server instead of starting one")
-    parser.add_argument("--server-pid", type=int, default=None, help="its process id, to read its memory (same machine)")
+    parser.add_argument(
+        "--server-pid", type=int, default=None, help="its process id, to read its memory (same machine)"
+    )
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"request kinds to mix (default {','.join(KINDS)})")
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
-    parser.add_argument("--server-arg", action="append", default=[], help="extra option for the started server (repeatable)")
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra option for the started server (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -136,7 +158,10 @@ def main(argv=None) -> int:
         clients = [Client(i, url, deadline, info, kinds, results) for i in range(args.clients)]
         for client in clients:
             client.start()
-        print(f"soak: {args.clients} clients x {args.minutes:g} min on {url} ({', '.join(kinds)}); server pid {pid}", flush=True)
+        print(
+            f"soak: {args.clients} clients x {args.minutes:g} min on {url} ({', '.join(kinds)}); server pid {pid}",
+            flush=True,
+        )
         next_sample = started
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -147,8 +172,11 @@ def main(argv=None) -> int:
                 next_sample += args.sample_every
                 if len(samples) % 12 == 1:
                     done = len(results)
-                    print(f"  {now - started:6.0f} s: {done} requests, {sum(1 for r in results if r[2])} errors, "
-                          f"server RSS {value:.0f} MiB", flush=True)
+                    print(
+                        f"  {now - started:6.0f} s: {done} requests, {sum(1 for r in results if r[2])} errors, "
+                        f"server RSS {value:.0f} MiB",
+                        flush=True,
+                    )
             time.sleep(0.2)
         for client in clients:
             client.join(timeout=660)  # a request in flight at the deadline finishes (read timeout 600 s)
@@ -170,40 +198,71 @@ def main(argv=None) -> int:
     for kind, seconds, error, _ in results:
         if not error:
             per_kind[kind].append(seconds)
+
     def level(low: float, high: float) -> float | None:
         window = [value for at, value in samples if low <= at <= high]
         return float(np.median(window)) if window else None
 
     end_at = samples[-1][0] if samples else duration
-    rss = {"start": samples[0][1] if samples else None, "1min": rss_at(60.0), "mid": rss_at(duration / 2),
-           "end": samples[-1][1] if samples else None, "max": max((v for _, v in samples), default=None)}
-    median = {"1min": level(30.0, 90.0), "mid": level(duration / 2 - 30.0, duration / 2 + 30.0), "end": level(end_at - 60.0, end_at)}
+    rss = {
+        "start": samples[0][1] if samples else None,
+        "1min": rss_at(60.0),
+        "mid": rss_at(duration / 2),
+        "end": samples[-1][1] if samples else None,
+        "max": max((v for _, v in samples), default=None),
+    }
+    median = {
+        "1min": level(30.0, 90.0),
+        "mid": level(duration / 2 - 30.0, duration / 2 + 30.0),
+        "end": level(end_at - 60.0, end_at),
+    }
     growth = (median["end"] - median["1min"]) / median["1min"] if median["end"] and median["1min"] else None
     growth_samples = (rss["end"] - rss["1min"]) / rss["1min"] if rss["end"] and rss["1min"] else None
     report = {
-        "clients": args.clients, "minutes": args.minutes, "kinds": list(kinds), "requests": len(results),
-        "errors": sum(errors.values()), "errors_by_type": dict(errors),
+        "clients": args.clients,
+        "minutes": args.minutes,
+        "kinds": list(kinds),
+        "requests": len(results),
+        "errors": sum(errors.values()),
+        "errors_by_type": dict(errors),
         "error_examples": sorted({r[2] for r in results if r[2]})[:5],
-        "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                      **{kind: {"requests": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)} for kind, v in per_kind.items()}},
-        "server_rss_mib": rss, "server_rss_mib_minute_median": median,
-        "rss_growth_after_first_minute": growth, "rss_growth_after_first_minute_single_samples": growth_samples,
+        "latency_s": {
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
+            **{
+                kind: {"requests": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)}
+                for kind, v in per_kind.items()
+            },
+        },
+        "server_rss_mib": rss,
+        "server_rss_mib_minute_median": median,
+        "rss_growth_after_first_minute": growth,
+        "rss_growth_after_first_minute_single_samples": growth_samples,
         "rss_samples": [[round(at, 1), round(value, 1)] for at, value in samples],
         "server_log_errors": [line for line in log_text.splitlines() if "ERROR" in line or "Traceback" in line][:10],
         "allocator": os.environ.get("MALLOC_ARENA_MAX", "server default (see medprivacy/server/hardening.py)"),
     }
     print(f"requests {report['requests']}, errors {report['errors']} {dict(errors) if errors else ''}")
-    print(f"latency p50 {report['latency_s']['p50']:.2f} s, p95 {report['latency_s']['p95']:.2f} s"
-          if latencies else "latency: no requests")
+    print(
+        f"latency p50 {report['latency_s']['p50']:.2f} s, p95 {report['latency_s']['p95']:.2f} s"
+        if latencies
+        else "latency: no requests"
+    )
     for kind in kinds:
         if kind in report["latency_s"]:
             entry = report["latency_s"][kind]
             print(f"  {kind}: {entry['requests']} ok, p50 {entry['p50']:.2f} s, p95 {entry['p95']:.2f} s")
     if samples and growth is not None:
-        print(f"server RSS MiB, samples: start {rss['start']:.0f}, 1 min {rss['1min']:.0f}, mid {rss['mid']:.0f}, end {rss['end']:.0f}, "
-              f"max {rss['max']:.0f} (growth after minute 1: {100 * growth_samples:+.1f} %)")
-        print(f"server RSS MiB, minute medians: 1 min {median['1min']:.0f}, mid {median['mid']:.0f}, end {median['end']:.0f}; "
-              f"growth after the first minute {100 * growth:+.1f} %")
+        print(
+            f"server RSS MiB, samples: start {rss['start']:.0f}, 1 min {rss['1min']:.0f}, mid {rss['mid']:.0f}, "
+            f"end {rss['end']:.0f}, "
+            f"max {rss['max']:.0f} (growth after minute 1: {100 * growth_samples:+.1f} %)"
+        )
+        print(
+            f"server RSS MiB, minute medians: 1 min {median['1min']:.0f}, mid {median['mid']:.0f}, "
+            f"end {median['end']:.0f}; "
+            f"growth after the first minute {100 * growth:+.1f} %"
+        )
     if report["server_log_errors"]:
         print("server log errors:\n  " + "\n  ".join(report["server_log_errors"]))
     if args.out is not None:

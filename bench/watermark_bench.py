@@ -1,4 +1,5 @@
-"""MedLocker speed and key-size figures with the shipped models behind a loopback server (CPU unless the server has a GPU).
+"""MedLocker speed and key-size figures with the shipped models behind a loopback server (CPU unless the server has
+a GPU).
 
 Prints (and writes to --out as JSON):
 - seconds per image for the whole search with the paper's defaults (Np=50, Ng=3, CR=0.9, s=10, Niter=3,
@@ -15,6 +16,7 @@ Prints (and writes to --out as JSON):
 
 Figures, not pass/fail. ``--quick`` for a fast smoke run (2 images, fewer repetitions).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +32,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PAPER = {"sl": 4.0, "population": 50, "generations": 3, "crossover_rate": 0.9, "step": 10, "local_iterations": 3,
-         "alpha_range": [100.0, 255.0], "mode": "wap", "lesions": "none", "mutation": "basin-hopping"}
+PAPER = {
+    "sl": 4.0,
+    "population": 50,
+    "generations": 3,
+    "crossover_rate": 0.9,
+    "step": 10,
+    "local_iterations": 3,
+    "alpha_range": [100.0, 255.0],
+    "mode": "wap",
+    "lesions": "none",
+    "mutation": "basin-hopping",
+}
 
 
 def key_size(count: int, size: int = 128, seed: int = 0) -> dict:
@@ -54,9 +66,13 @@ def key_size(count: int, size: int = 128, seed: int = 0) -> dict:
                 x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
                 key.protect(f"image-{index}", image, logo, float(rng.uniform(100, 255)), x, y)
             path = save_key(key, Path(folder) / f"{kind}.mlkey", key_file=secret)
-            out[kind] = {"images": count, "key_bytes": path.stat().st_size, "bytes_per_image": path.stat().st_size / count,
-                         "image_bytes": int(split.images[0].size if kind == "rgb" else split.images[0][..., 0].size),
-                         "logo_size": [h, w]}
+            out[kind] = {
+                "images": count,
+                "key_bytes": path.stat().st_size,
+                "bytes_per_image": path.stat().st_size / count,
+                "image_bytes": int(split.images[0].size if kind == "rgb" else split.images[0][..., 0].size),
+                "logo_size": [h, w],
+            }
     return out
 
 
@@ -90,13 +106,16 @@ class RawThroughput:
 
         with torch.inference_mode():
             for start in range(0, self.batch, self.chunk):
-                part = self.x[start:start + self.chunk]
+                part = self.x[start : start + self.chunk]
                 for net in self.nets.values():
                     out = net(part)
                     torch.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=1).numpy()
 
     def measure(self, repeats: int) -> None:
-        for kind, call in (("in_process", self._forward), ("endpoint", lambda: self.client.classify(self.uint8_images, models=self.names))):
+        for kind, call in (
+            ("in_process", self._forward),
+            ("endpoint", lambda: self.client.classify(self.uint8_images, models=self.names)),
+        ):
             tic = time.perf_counter()
             for _ in range(repeats):
                 call()
@@ -104,9 +123,16 @@ class RawThroughput:
             self.totals[kind][1] += time.perf_counter() - tic
 
     def summary(self) -> dict:
-        return {kind: {"images_per_second": images / seconds, "images": images, "batch": self.batch,
-                       "chunk": self.chunk if kind == "in_process" else None, "torch_threads": self.threads if kind == "in_process" else None}
-                for kind, (images, seconds) in self.totals.items()}
+        return {
+            kind: {
+                "images_per_second": images / seconds,
+                "images": images,
+                "batch": self.batch,
+                "chunk": self.chunk if kind == "in_process" else None,
+                "torch_threads": self.threads if kind == "in_process" else None,
+            }
+            for kind, (images, seconds) in self.totals.items()
+        }
 
 
 def searches(client, names: list[str], count: int, size, raw: RawThroughput, repeats: int, start: int = 0) -> dict:
@@ -120,31 +146,62 @@ def searches(client, names: list[str], count: int, size, raw: RawThroughput, rep
         tic = time.perf_counter()
         answer = client.optimize(pixels, logo, models=names, label=int(split.labels[index]), seed=index, **PAPER)
         wall = time.perf_counter() - tic
-        rows.append({"seed": int(split.seeds[index]), "label": int(split.labels[index]), "seconds": wall,
-                     "server_seconds": float(answer["elapsed_s"]), "evaluations": int(answer["evaluations"]),
-                     "stop_reason": answer["stop_reason"], "fooled": bool(answer["fooled"])})
-        print(f"  image {index + 1}/{count}: {wall:6.2f} s, {answer['evaluations']} evaluations, {answer['stop_reason']}", flush=True)
+        rows.append(
+            {
+                "seed": int(split.seeds[index]),
+                "label": int(split.labels[index]),
+                "seconds": wall,
+                "server_seconds": float(answer["elapsed_s"]),
+                "evaluations": int(answer["evaluations"]),
+                "stop_reason": answer["stop_reason"],
+                "fooled": bool(answer["fooled"]),
+            }
+        )
+        print(
+            f"  image {index + 1}/{count}: {wall:6.2f} s, {answer['evaluations']} evaluations, {answer['stop_reason']}",
+            flush=True,
+        )
         raw.measure(repeats)
     seconds = np.array([r["seconds"] for r in rows])
     evaluations = sum(r["evaluations"] for r in rows)
     server_seconds = sum(r["server_seconds"] for r in rows)
-    return {"images": rows, "mean_seconds_per_image": float(seconds.mean()), "median_seconds_per_image": float(np.median(seconds)),
-            "mean_evaluations": evaluations / len(rows), "evaluations_per_second": evaluations / server_seconds,
-            "fooled": sum(r["fooled"] for r in rows)}
+    return {
+        "images": rows,
+        "mean_seconds_per_image": float(seconds.mean()),
+        "median_seconds_per_image": float(np.median(seconds)),
+        "mean_evaluations": evaluations / len(rows),
+        "evaluations_per_second": evaluations / server_seconds,
+        "fooled": sum(r["fooled"] for r in rows),
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "watermark_bench.json")
-    parser.add_argument("--models-dir", type=Path, default=ROOT / "Resources" / "Models", help="served models (default Resources/Models)")
-    parser.add_argument("--server", default=None, help="use this running server (serving --models-dir's models) instead of starting one")
-    parser.add_argument("--images", type=int, default=8, help="held-out images searched with the paper's defaults (default 8)")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=ROOT / "Resources" / "Models",
+        help="served models (default Resources/Models)",
+    )
+    parser.add_argument(
+        "--server", default=None, help="use this running server (serving --models-dir's models) instead of starting one"
+    )
+    parser.add_argument(
+        "--images", type=int, default=8, help="held-out images searched with the paper's defaults (default 8)"
+    )
     parser.add_argument("--key-images", type=int, default=100, help="images in the key-size measurement (default 100)")
-    parser.add_argument("--repeats", type=int, default=2, help="raw-throughput batches timed after each search (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="raw-throughput batches timed after each search (default 2)"
+    )
     parser.add_argument("--inference-batch", type=int, default=32, help="the server's --inference-batch (default 32)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads for the server and the in-process baseline alike (default 0: torch's default; "
-                             "use 1 when another job keeps a core busy, or threads thrash)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for the server and the in-process baseline alike (default 0: torch's default; "
+        "use 1 when another job keeps a core busy, or threads thrash)",
+    )
     parser.add_argument("--quick", action="store_true", help="fast smoke run: 2 images, 16 key images, 1 repetition")
     args = parser.parse_args()
     if args.quick:
@@ -159,38 +216,70 @@ def main() -> int:
     from medprivacy.server.local import start_local_server
     from medprivacy.transport.watermark_client import WatermarkClient
 
-    results: dict = {"settings": {**PAPER, "images": args.images, "quick": args.quick, "threads": args.threads or "torch default"}}
+    results: dict = {
+        "settings": {**PAPER, "images": args.images, "quick": args.quick, "threads": args.threads or "torch default"}
+    }
     print(f"key size ({args.key_images} images of 128x128, default logo)...", flush=True)
     results["key_size"] = key_size(args.key_images)
     for kind, row in results["key_size"].items():
-        print(f"  {kind}: {row['bytes_per_image']:.0f} bytes/image (image itself {row['image_bytes']} bytes, logo {row['logo_size'][1]}x{row['logo_size'][0]})")
+        print(
+            f"  {kind}: {row['bytes_per_image']:.0f} bytes/image (image itself {row['image_bytes']} bytes, "
+            f"logo {row['logo_size'][1]}x{row['logo_size'][0]})"
+        )
 
     work = Path(tempfile.mkdtemp(prefix="watermark-bench-"))
     process = None
     try:
         url = args.server
         if url is None:
-            server = start_local_server(["--host", "127.0.0.1", "--models-dir", str(args.models_dir), "--inference-batch", str(args.inference_batch)], work / "server.log")
+            server = start_local_server(
+                [
+                    "--host",
+                    "127.0.0.1",
+                    "--models-dir",
+                    str(args.models_dir),
+                    "--inference-batch",
+                    str(args.inference_batch),
+                ],
+                work / "server.log",
+            )
             process, url = server.process, server.url
         client = WatermarkClient(url, read_timeout=3600)
         info = client.info()
-        classifiers = {n: d for n, d in sorted(info.get("models", {}).items()) if d.get("task") == "classify" and d.get("out_channels") in (None, 2)}
+        classifiers = {
+            n: d
+            for n, d in sorted(info.get("models", {}).items())
+            if d.get("task") == "classify" and d.get("out_channels") in (None, 2)
+        }
         if not classifiers:
-            print(f"watermark_bench: error: {url} serves no two-class watermark classifier; train them first (medprivacy watermark train)", file=sys.stderr)
+            print(
+                f"watermark_bench: error: {url} serves no two-class watermark classifier; "
+                "train them first (medprivacy watermark train)",
+                file=sys.stderr,
+            )
             return 2
         names = list(classifiers)
         size = tuple(int(v) for v in next(iter(classifiers.values()))["patch_size"])
         results["server"] = {"url": url, "device": info.get("device"), "models": names, "input_size": list(size)}
-        print(f"server on {url} ({info.get('device')}), ensemble of {', '.join(names)} at {size[0]}x{size[1]}", flush=True)
+        print(
+            f"server on {url} ({info.get('device')}), ensemble of {', '.join(names)} at {size[0]}x{size[1]}", flush=True
+        )
 
-        raw = RawThroughput(client, args.models_dir, names, size, PAPER["population"], args.inference_batch, args.threads)
-        print(f"searching {args.images} held-out images with the paper's defaults (raw throughput timed after each)...", flush=True)
+        raw = RawThroughput(
+            client, args.models_dir, names, size, PAPER["population"], args.inference_batch, args.threads
+        )
+        print(
+            f"searching {args.images} held-out images with the paper's defaults (raw throughput timed after each)...",
+            flush=True,
+        )
         results["search"] = searches(client, names, args.images, size, raw, args.repeats)
         results.update({f"raw_{kind}": figures for kind, figures in raw.summary().items()})
         if process is not None:
             status = Path(f"/proc/{process.pid}/status")
             if status.is_file():
-                line = next((line for line in status.read_text(encoding="utf-8").splitlines() if line.startswith("VmHWM")), None)
+                line = next(
+                    (line for line in status.read_text(encoding="utf-8").splitlines() if line.startswith("VmHWM")), None
+                )
                 results["server_peak_rss_mb"] = int(line.split()[1]) / 1024 if line else None
     except MedPrivacyError as exc:
         print(f"watermark_bench: error: {exc}", file=sys.stderr)
@@ -203,17 +292,31 @@ def main() -> int:
     search = results["search"]
     strict = search["evaluations_per_second"] / results["raw_in_process"]["images_per_second"]
     endpoint = search["evaluations_per_second"] / results["raw_endpoint"]["images_per_second"]
-    results["overhead_ratio"] = {"vs_in_process": strict, "vs_classify_endpoint": endpoint, "target": 0.8,
-                                 "definition": "candidate evaluations per second of server search time ÷ images per second of the same "
-                                               "ensemble on pre-rendered batches of the population size (every image through every model)"}
-    print(f"seconds per image (paper defaults, ensemble of {len(names)}): mean {search['mean_seconds_per_image']:.2f}, "
-          f"median {search['median_seconds_per_image']:.2f}; {search['mean_evaluations']:.0f} evaluations/image, "
-          f"{search['fooled']}/{len(search['images'])} fooled every model")
-    print(f"optimiser: {search['evaluations_per_second']:.1f} candidate evaluations/s; raw ensemble "
-          f"{results['raw_in_process']['images_per_second']:.1f} images/s in process, "
-          f"{results['raw_endpoint']['images_per_second']:.1f} images/s through /classify")
-    print(f"overhead ratio: {strict:.2f} vs in-process forward passes, {endpoint:.2f} vs the classify endpoint (target ≥ 0.8)")
-    print(f"peak memory: server {results.get('server_peak_rss_mb') or float('nan'):.0f} MB, bench process {results['client_peak_rss_mb']:.0f} MB")
+    results["overhead_ratio"] = {
+        "vs_in_process": strict,
+        "vs_classify_endpoint": endpoint,
+        "target": 0.8,
+        "definition": "candidate evaluations per second of server search time ÷ images per second of the same "
+        "ensemble on pre-rendered batches of the population size (every image through every model)",
+    }
+    print(
+        f"seconds per image (paper defaults, ensemble of {len(names)}): mean {search['mean_seconds_per_image']:.2f}, "
+        f"median {search['median_seconds_per_image']:.2f}; {search['mean_evaluations']:.0f} evaluations/image, "
+        f"{search['fooled']}/{len(search['images'])} fooled every model"
+    )
+    print(
+        f"optimiser: {search['evaluations_per_second']:.1f} candidate evaluations/s; raw ensemble "
+        f"{results['raw_in_process']['images_per_second']:.1f} images/s in process, "
+        f"{results['raw_endpoint']['images_per_second']:.1f} images/s through /classify"
+    )
+    print(
+        f"overhead ratio: {strict:.2f} vs in-process forward passes, {endpoint:.2f} vs the classify endpoint "
+        "(target ≥ 0.8)"
+    )
+    print(
+        f"peak memory: server {results.get('server_peak_rss_mb') or float('nan'):.0f} MB, "
+        f"bench process {results['client_peak_rss_mb']:.0f} MB"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")

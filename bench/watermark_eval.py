@@ -4,6 +4,7 @@ Starts `medprivacy serve` on 127.0.0.1 with Resources/Models, runs `medprivacy w
 search settings and keeps the report and the example grid in bench/results/. Figures, not pass/fail.
 Extra arguments after `--` go to `medprivacy watermark eval` (e.g. `-- --equal-budget-random --no-held-out`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,24 @@ def main() -> int:
     url = server.url
     try:
         extra = [a for a in args.extra if a != "--"]
-        command = [sys.executable, "-m", "medprivacy.cli", "watermark", "eval", "--server", url, "--images", str(args.images),
-                   "--seed", str(args.seed), "--out", str(args.out), "--grid", str(args.grid), *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "watermark",
+            "eval",
+            "--server",
+            url,
+            "--images",
+            str(args.images),
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(args.out),
+            "--grid",
+            str(args.grid),
+            *extra,
+        ]
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:

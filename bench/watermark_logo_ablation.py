@@ -10,6 +10,7 @@ Candidates: ``badge`` (the default: grey padlock on an opaque near-black plate),
 transparent around it), ``plate-white`` (the white padlock on an opaque navy plate) and ``icon`` (the extension's
 icon, Resources/MedPrivacy.png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def write_logos(folder: Path) -> dict[str, Path]:
     outline = blending.default_logo(256, "outline").astype(np.float64)
     opacity = outline[..., 3:4] / 255.0
     navy = np.array(blending.OUTLINE_RGB, dtype=np.float64)
-    plate_white = np.concatenate([opacity * outline[..., :3] + (1 - opacity) * navy, np.full((256, 256, 1), 255.0)], axis=2)
+    plate_white = np.concatenate(
+        [opacity * outline[..., :3] + (1 - opacity) * navy, np.full((256, 256, 1), 255.0)], axis=2
+    )
     pictures = {
         "badge": blending.default_logo(256),
         "outline": blending.default_logo(256, "outline"),
@@ -56,10 +59,20 @@ def summarize(report: dict, source: str) -> dict:
     by_label = {}
     for label, name in ((1, "lesion"), (0, "no_lesion")):
         images = [im for im in attacked if im["label"] == label]
-        by_label[name] = attack_success_rate([label] * len(images), [im["clean_predicted"][source] for im in images],
-                                             [im["runs"][f"wap/basin-hopping/{source}"]["predicted"][source] for im in images])
-    return {"asr": row["asr"], "successes": row["successes"], "correct_before": row["correct_before"], "by_label": by_label,
-            "psnr": row["psnr"], "ssim": row["ssim"], "mean_alpha": row["mean_alpha"]}
+        by_label[name] = attack_success_rate(
+            [label] * len(images),
+            [im["clean_predicted"][source] for im in images],
+            [im["runs"][f"wap/basin-hopping/{source}"]["predicted"][source] for im in images],
+        )
+    return {
+        "asr": row["asr"],
+        "successes": row["successes"],
+        "correct_before": row["correct_before"],
+        "by_label": by_label,
+        "psnr": row["psnr"],
+        "ssim": row["ssim"],
+        "mean_alpha": row["mean_alpha"],
+    }
 
 
 def rate_text(rate) -> str:
@@ -94,24 +107,53 @@ def main() -> int:
     try:
         for name in wanted:
             report_path = work / f"{name}.json"
-            command = [sys.executable, "-m", "medprivacy.cli", "watermark", "eval", "--server", url, "--split", "validation",
-                       "--images", str(args.images), "--models", args.source, "--no-held-out", "--no-table3",
-                       "--logo", str(logos[name]), "--out", str(report_path)]
+            command = [
+                sys.executable,
+                "-m",
+                "medprivacy.cli",
+                "watermark",
+                "eval",
+                "--server",
+                url,
+                "--split",
+                "validation",
+                "--images",
+                str(args.images),
+                "--models",
+                args.source,
+                "--no-held-out",
+                "--no-table3",
+                "--logo",
+                str(logos[name]),
+                "--out",
+                str(report_path),
+            ]
             print("$ medprivacy " + " ".join(command[3:]), flush=True)
             done = subprocess.run(command, stdout=subprocess.DEVNULL)
             if done.returncode != 0:
                 return done.returncode
             results[name] = summarize(json.loads(report_path.read_text(encoding="utf-8")), args.source)
             r = results[name]
-            print(f"{name:12s} ASR {rate_text(r['asr'])} % ({r['successes']}/{r['correct_before']}), lesion "
-                  f"{rate_text(r['by_label']['lesion']['asr'])} %, no lesion {rate_text(r['by_label']['no_lesion']['asr'])} %, "
-                  f"PSNR {r['psnr']:.1f} dB, mean alpha {r['mean_alpha']:.0f}", flush=True)
+            print(
+                f"{name:12s} ASR {rate_text(r['asr'])} % ({r['successes']}/{r['correct_before']}), lesion "
+                f"{rate_text(r['by_label']['lesion']['asr'])} %, "
+                f"no lesion {rate_text(r['by_label']['no_lesion']['asr'])} %, "
+                f"PSNR {r['psnr']:.1f} dB, mean alpha {r['mean_alpha']:.0f}",
+                flush=True,
+            )
     finally:
         server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json({"split": "validation", "images": args.images, "source": args.source,
-                "search": "paper defaults: sl=4, Np=50, Ng=3, CR=0.9, s=10, Niter=3, alpha in [100, 255]; WAP",
-                "logos": results}, args.out)
+    write_json(
+        {
+            "split": "validation",
+            "images": args.images,
+            "source": args.source,
+            "search": "paper defaults: sl=4, Np=50, Ng=3, CR=0.9, s=10, Niter=3, alpha in [100, 255]; WAP",
+            "logos": results,
+        },
+        args.out,
+    )
     print(f"written to {args.out}")
     return 0
 

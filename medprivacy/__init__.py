@@ -1,4 +1,5 @@
 """MedPrivacy core: algorithms, networks, wire format, client and server. Never imports slicer or qt."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 Shared by the algorithms (the Mixup pipeline checks between requests), the HTTP clients (between uploads) and the
 Slicer modules, which is why it lives at the bottom of the package rather than in any of them.
 """
+
 from __future__ import annotations
 
 import threading

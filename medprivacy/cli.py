@@ -3,6 +3,7 @@
 User mistakes (MedPrivacyError) print one line and exit 2; Ctrl-C exits 130 and SIGTERM 143, both after removing
 half-written files; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,11 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "run the inference server (FastAPI + uvicorn)", "medprivacy.server.cli"),
     ("mixup", "Mixup-Privacy segmentation: keygen, segment, eval, train", "medprivacy.mixup.cli"),
     ("watermark", "MedLocker adversarial watermarking: protect, unlock, verify", "medprivacy.watermark.cli"),
-    ("obfuscate", "ObfuscationPrivacy: keygen, apply, train and classify on the server, eval", "medprivacy.obfuscation.cli"),
+    (
+        "obfuscate",
+        "ObfuscationPrivacy: keygen, apply, train and classify on the server, eval",
+        "medprivacy.obfuscation.cli",
+    ),
     ("demo", "start a local server and segment a sample brain through the private path", "medprivacy.demo"),
 ]
 
@@ -36,8 +41,13 @@ def client_from_args(args: argparse.Namespace, client_class=None):
     """An InferenceClient (or subclass) configured from ``add_server_arguments`` options."""
     if client_class is None:
         from .transport import InferenceClient as client_class
-    return client_class(args.server, token_file=args.token_file, ca_bundle=args.ca_bundle, read_timeout=args.timeout,
-                        timeout_hint=f"raise --timeout (now {args.timeout:g} s)")
+    return client_class(
+        args.server,
+        token_file=args.token_file,
+        ca_bundle=args.ca_bundle,
+        read_timeout=args.timeout,
+        timeout_hint=f"raise --timeout (now {args.timeout:g} s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

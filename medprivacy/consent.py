@@ -2,6 +2,7 @@
 
 Kept in the core (no Qt, no Slicer) so both modules remember consent under the same server names.
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ normalisation, mixing, shuffled upload, unmixing, TTA, resampling back. Referenc
 tissue maps carried through the same warp, so the demo can print Dice. The MedLocker part is in
 :mod:`medprivacy.watermark.demo`, the ObfuscationPrivacy part in :mod:`medprivacy.obfuscation.demo`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-dir", type=Path, default=None, help="private reference bank (created if missing)")
     parser.add_argument("--server", default=None, help="use this running server instead of starting one on loopback")
     parser.add_argument("--port", type=int, default=0, help="port for the local server (default: a free one)")
-    parser.add_argument("--privacy", default=None, help="privacy level of the private path (default: the product's default)")
+    parser.add_argument(
+        "--privacy", default=None, help="privacy level of the private path (default: the product's default)"
+    )
     parser.add_argument("--tta", type=int, default=None, help="mixed copies per patch (default: the level's)")
     parser.add_argument("--unmix", choices=("naive", "learned"), default="learned")
     # --skip-medlocker: the flag's name before the feature was called "watermark" everywhere; kept so scripts work.
-    parser.add_argument("--skip-watermark", "--skip-medlocker", dest="skip_watermark", action="store_true",
-                        help="skip the MedLocker watermarks")
+    parser.add_argument(
+        "--skip-watermark",
+        "--skip-medlocker",
+        dest="skip_watermark",
+        action="store_true",
+        help="skip the MedLocker watermarks",
+    )
     parser.add_argument("--skip-obfuscation", action="store_true", help="skip the ObfuscationPrivacy classifier")
 
 
@@ -86,7 +94,16 @@ def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) 
 
     image = read_image(image_path)
     started = time.perf_counter()
-    result = segment_private(image, client, bank, privacy=args.privacy, tta=args.tta, unmix=args.unmix, keep_uploaded=True, progress=_print_stage())
+    result = segment_private(
+        image,
+        client,
+        bank,
+        privacy=args.privacy,
+        tta=args.tta,
+        unmix=args.unmix,
+        keep_uploaded=True,
+        progress=_print_stage(),
+    )
     seconds = time.perf_counter() - started
     labelmap_path = args.out / "segmentation.nii.gz"
     write_labelmap(result.labelmap, labelmap_path)
@@ -94,12 +111,20 @@ def _segment_and_report(client, bank, image_path: Path, label_path: Path, args) 
     write_image(result.uploaded, args.out / "what_the_server_saw.nii.gz")
     png = args.out / "overlay.png"
     write_overlay_png(image, result.labelmap, png)
-    dice = dice_per_class(sitk.GetArrayFromImage(result.labelmap), sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))))
+    dice = dice_per_class(
+        sitk.GetArrayFromImage(result.labelmap), sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    )
     stats = result.stats
-    print(f"private segmentation (privacy level {stats['privacy']['level']}, {args.unmix} unmixing, k={stats['tta']}) in {seconds:.1f} s: {stats['patches_sent']} mixed patches, "
-          f"{stats['bytes_sent'] / 1e6:.1f} MB up, {stats['bytes_received'] / 1e6:.1f} MB down")
+    print(
+        f"private segmentation (privacy level {stats['privacy']['level']}, {args.unmix} unmixing, k={stats['tta']}) in "
+        f"{seconds:.1f} s: {stats['patches_sent']} mixed patches, "
+        f"{stats['bytes_sent'] / 1e6:.1f} MB up, {stats['bytes_received'] / 1e6:.1f} MB down"
+    )
     print("Dice vs reference labels: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
-    print(f"wrote {labelmap_path}, {args.out / 'segmentation.seg.nrrd'}, {png} and {args.out / 'what_the_server_saw.nii.gz'}")
+    print(
+        f"wrote {labelmap_path}, {args.out / 'segmentation.seg.nrrd'}, "
+        f"{png} and {args.out / 'what_the_server_saw.nii.gz'}"
+    )
     return 0
 
 
@@ -158,9 +183,13 @@ def anatomical_planes(image, labelmap) -> list[tuple[np.ndarray, np.ndarray]]:
     grid = sitk.Image(reference.GetSize(), sitk.sitkFloat32)
     grid.SetDirection(reference.GetDirection())
     grid.SetSpacing(reference.GetSpacing())
-    grid.SetOrigin(np.array(center) - np.array(reference.GetDirection()).reshape(3, 3) @ ((np.array(reference.GetSize()) - 1) / 2))
+    grid.SetOrigin(
+        np.array(center) - np.array(reference.GetDirection()).reshape(3, 3) @ ((np.array(reference.GetSize()) - 1) / 2)
+    )
     gray = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-    labels = sitk.GetArrayFromImage(sitk.Resample(labelmap, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    labels = sitk.GetArrayFromImage(
+        sitk.Resample(labelmap, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    )
     if gray.max() <= 0:
         raise InputError("cannot draw the overlay: the scan is empty on the display grid")
     gray = np.clip(gray / np.percentile(gray[gray > 0], 99.5), 0, 1)

@@ -1,4 +1,5 @@
 """User-facing errors: each carries one line that names the problem and the fix (no stack trace for the user)."""
+
 from __future__ import annotations
 
 

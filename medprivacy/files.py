@@ -12,6 +12,7 @@ is cut short or fails its CRC (``.gz``), an uncompressed NIfTI shorter than its 
 zlib data does not inflate to the size it declares. A flipped byte inside uncompressed pixel data cannot be
 detected by anyone: those formats carry no checksum.
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,6 +37,7 @@ _CHUNK = 1 << 20
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
+
 
 def os_error_reason(exc: OSError) -> str:
     """A short human reason for ``exc`` (the strerror without the path noise)."""
@@ -66,8 +68,10 @@ class WriteError(InputError):
     """An output could not be written; ``reason`` says why in a few words ("the disk is full")."""
 
     def __init__(self, path: Path, reason: str):
-        super().__init__(f"could not write {path}: {reason}; nothing was written there. "
-                         "Free some space or choose another output folder")
+        super().__init__(
+            f"could not write {path}: {reason}; nothing was written there. "
+            "Free some space or choose another output folder"
+        )
         self.path, self.reason = path, reason
 
 
@@ -87,7 +91,9 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "output folder"
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".medprivacy-probe-", suffix=".tmp")
     except OSError as exc:
-        raise InputError(f"cannot write to {what} {folder} ({os_error_reason(exc)}); choose a folder you can write to") from None
+        raise InputError(
+            f"cannot write to {what} {folder} ({os_error_reason(exc)}); choose a folder you can write to"
+        ) from None
     os.close(fd)
     try:
         os.unlink(probe)
@@ -143,9 +149,15 @@ def _space_problem(tmp: Path) -> str | None:
     return None
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None],
-                     verify: Callable[[Path], None] | None = None, mode: int | None = None, *,
-                     temporary_suffix: str | None = None, sync: bool = True) -> Path:
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    verify: Callable[[Path], None] | None = None,
+    mode: int | None = None,
+    *,
+    temporary_suffix: str | None = None,
+    sync: bool = True,
+) -> Path:
     """Create ``path`` completely or not at all: the one "write, then rename" of the package.
 
     ``write(tmp)`` writes the content to ``tmp`` (same suffix as ``path`` unless ``temporary_suffix`` is given,
@@ -192,6 +204,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None],
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """``data`` into ``path`` through ``write_atomically``, read back and compared byte for byte."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -230,6 +243,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
+
 
 def check_file_integrity(path: str | os.PathLike) -> None:
     """Raise an InputError naming the damage when ``path`` is a truncated or corrupted file we can check."""
@@ -289,10 +303,10 @@ def _check_nifti_size(path: Path, header: bytes, available: int) -> None:
     else:
         return  # not NIfTI after all: let the reader say so
     rank = dims[0]
-    if not 1 <= rank <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1:rank + 1]):
+    if not 1 <= rank <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1 : rank + 1]):
         return  # a broken header: the reader reports it
     voxels = 1
-    for d in dims[1:rank + 1]:
+    for d in dims[1 : rank + 1]:
         voxels *= max(int(d), 1)
     needed = max(int(offset), sizeof_hdr) + voxels * bitpix // 8
     if available < needed:
@@ -314,7 +328,11 @@ def _check_metaimage(path: Path) -> None:
         if key.strip() == "ElementDataFile":
             data_start = position
             break
-    if fields.get("CompressedData", "").lower() != "true" or fields.get("ElementDataFile") != "LOCAL" or data_start is None:
+    if (
+        fields.get("CompressedData", "").lower() != "true"
+        or fields.get("ElementDataFile") != "LOCAL"
+        or data_start is None
+    ):
         return
     inflater = zlib.decompressobj()
     with open(path, "rb") as handle:

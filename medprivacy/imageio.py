@@ -4,6 +4,7 @@ and the one-line errors for unknown, damaged or undecodable files.
 What a feature then does with the pixels stays in the feature: MedLocker's exact 2D images with their metadata
 (``watermark.io``), ObfuscationPrivacy's gray frame runs with their geometry (``obfuscation.io``).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,12 +17,26 @@ from .errors import InputError
 
 #: File name endings (lower case) and the format each means.
 SUFFIX_FORMATS = {
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".nii": "nifti",
-    ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".dcm": "dicom", ".dicom": "dicom",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".dcm": "dicom",
+    ".dicom": "dicom",
 }
 #: SimpleITK's reader/writer for each format it handles (DICOM goes through pydicom, which keeps every element).
-ITK_IMAGE_IO = {"png": "PNGImageIO", "jpeg": "JPEGImageIO", "tiff": "TIFFImageIO", "nifti": "NiftiImageIO",
-                "nrrd": "NrrdImageIO"}
+ITK_IMAGE_IO = {
+    "png": "PNGImageIO",
+    "jpeg": "JPEGImageIO",
+    "tiff": "TIFFImageIO",
+    "nifti": "NiftiImageIO",
+    "nrrd": "NrrdImageIO",
+}
 
 
 def known_suffix(name: str) -> str | None:
@@ -66,7 +81,10 @@ def read_itk(path: Path, fmt: str):
         return sitk.ReadImage(str(path), imageIO=ITK_IMAGE_IO[fmt])
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); the file is damaged or not a {fmt.upper()} image") from None
+        raise InputError(
+            f"cannot read {path.name} as {fmt.upper()} ({reason[:160]}); "
+            f"the file is damaged or not a {fmt.upper()} image"
+        ) from None
 
 
 def import_pydicom():
@@ -83,7 +101,9 @@ def read_dicom(path: Path):
     try:
         dataset = pydicom.dcmread(str(path))
     except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise InputError(f"cannot read {path.name} as DICOM ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+        raise InputError(
+            f"cannot read {path.name} as DICOM ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+        ) from None
     if "PixelData" not in dataset:
         raise InputError(f"{path.name} is a DICOM file without an image (no Pixel Data); give an image instance")
     return dataset
@@ -96,8 +116,11 @@ def dicom_pixels(dataset, name: str) -> np.ndarray:
     except Exception as exc:  # pydicom raises many types for missing decoders and broken pixel data
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         syntax_name = getattr(syntax, "name", "unknown transfer syntax")
-        raise InputError(f"cannot decode the pixels of {name} ({syntax_name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                         "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins") from None
+        raise InputError(
+            f"cannot decode the pixels of {name} "
+            f"({syntax_name}: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+            "decompress it first (e.g. 'gdcmconv --raw') or install the pydicom decoder plugins"
+        ) from None
 
 
 def save_dicom(dataset, path: str | os.PathLike) -> None:

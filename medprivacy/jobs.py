@@ -5,6 +5,7 @@ between Qt events, so a thread doing numpy or torch work would crawl; one that m
 Plain threading and a queue, no Qt: the core package stays importable without Slicer, and each module's panel
 drains ``messages`` from its own Qt timer on the main thread.
 """
+
 from __future__ import annotations
 
 import queue

@@ -1,4 +1,5 @@
 """Tissue labels shared by the server, the client, the CLI and the Slicer module."""
+
 from __future__ import annotations
 
 BACKGROUND = 0

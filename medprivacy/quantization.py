@@ -4,6 +4,7 @@ The wire format (``transport.wire``) carries these codes, the segmentation netwo
 (``nets.inference``), and training rounds through them so it sees what the server sees. Dividing (rather than
 multiplying by 1/255) maps every code back to the float nearest k/255.
 """
+
 from __future__ import annotations
 
 import numpy as np

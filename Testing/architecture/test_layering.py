@@ -16,6 +16,7 @@ hide a dependency, they do not remove it. No module imports another's private (u
 loop exists among the package's modules. No module imports Slicer, Qt or VTK.
 No file of the package is longer than ``MAX_LINES`` (issue 13): a longer one mixes concerns.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +50,9 @@ LAYER_OF = {
     "medprivacy.cli": "applications",
     "medprivacy.demo": "applications",
     "medprivacy.mixup.cli": "applications",
+    "medprivacy.mixup.commands": "applications",
     "medprivacy.watermark.cli": "applications",
+    "medprivacy.watermark.commands": "applications",
     "medprivacy.watermark.demo": "applications",
     "medprivacy.obfuscation.cli": "applications",
     "medprivacy.obfuscation.demo": "applications",
@@ -96,8 +99,11 @@ def _module_name(path: Path, root: Path) -> tuple[str, bool]:
 
 
 def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
-    return {name: (path, is_package) for path in sorted((root / PACKAGE).rglob("*.py"))
-            for name, is_package in [_module_name(path, root)]}
+    return {
+        name: (path, is_package)
+        for path in sorted((root / PACKAGE).rglob("*.py"))
+        for name, is_package in [_module_name(path, root)]
+    }
 
 
 def _under_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
@@ -127,7 +133,7 @@ def _imports(root: Path) -> tuple[list[Import], list[str]]:
                 continue
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -161,17 +167,25 @@ def layering_violations(root: Path) -> list[str]:
             problems.append(f"{imp.where()}, in layer {source}, imports {imp.target} from layer {target}")
         for feature in FEATURES:
             other = [f for f in FEATURES if f != feature]
-            if imp.source.startswith(feature + ".") and source == "core" and any(
-                    imp.target == o or imp.target.startswith(o + ".") for o in other):
-                problems.append(f"{imp.where()} imports {imp.target}: the features {' and '.join(FEATURES)} stay independent")
+            if (
+                imp.source.startswith(feature + ".")
+                and source == "core"
+                and any(imp.target == o or imp.target.startswith(o + ".") for o in other)
+            ):
+                problems.append(
+                    f"{imp.where()} imports {imp.target}: the features {' and '.join(FEATURES)} stay independent"
+                )
     return problems
 
 
 def private_imports(root: Path) -> list[str]:
     imports, _ = _imports(root)
-    return [f"{imp.where()} imports private {name} from {imp.target}"
-            for imp in imports for name in imp.names
-            if name.startswith("_") and not name.startswith("__") and imp.target != imp.source]
+    return [
+        f"{imp.where()} imports private {name} from {imp.target}"
+        for imp in imports
+        for name in imp.names
+        if name.startswith("_") and not name.startswith("__") and imp.target != imp.source
+    ]
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
@@ -222,9 +236,14 @@ def import_loops(root: Path) -> list[list[str]]:
 
 # --- the checks ------------------------------------------------------------------------------------------------
 
+
 def test_every_module_has_a_layer():
-    unknown = [name for name in _modules(REPO_ROOT) if not any(
-        name == prefix or name.startswith(prefix + ".") for prefix in LAYER_OF if prefix != PACKAGE) and name != PACKAGE]
+    unknown = [
+        name
+        for name in _modules(REPO_ROOT)
+        if not any(name == prefix or name.startswith(prefix + ".") for prefix in LAYER_OF if prefix != PACKAGE)
+        and name != PACKAGE
+    ]
     assert not unknown, f"give these modules a layer in LAYER_OF (and ARCHITECTURE.md): {unknown}"
 
 
@@ -240,18 +259,25 @@ def test_no_import_loops_among_the_package_modules():
 
 def test_no_module_imports_another_modules_private_names():
     problems = private_imports(REPO_ROOT)
-    assert not problems, "private names used across modules (make them public or move them):\n  " + "\n  ".join(problems)
+    assert not problems, "private names used across modules (make them public or move them):\n  " + "\n  ".join(
+        problems
+    )
 
 
 def files_over_the_line_limit(root: Path, limit: int = MAX_LINES) -> list[str]:
-    return [f"{path.relative_to(root).as_posix()}: {count} lines"
-            for path in sorted((root / PACKAGE).rglob("*.py"))
-            for count in [len(path.read_text(encoding="utf-8").splitlines())] if count > limit]
+    return [
+        f"{path.relative_to(root).as_posix()}: {count} lines"
+        for path in sorted((root / PACKAGE).rglob("*.py"))
+        for count in [len(path.read_text(encoding="utf-8").splitlines())]
+        if count > limit
+    ]
 
 
 def test_no_package_file_is_over_the_line_limit():
     long_files = files_over_the_line_limit(REPO_ROOT)
-    assert not long_files, f"split these along their concerns (at most {MAX_LINES} lines a file):\n  " + "\n  ".join(long_files)
+    assert not long_files, f"split these along their concerns (at most {MAX_LINES} lines a file):\n  " + "\n  ".join(
+        long_files
+    )
 
 
 def test_the_checks_see_what_they_guard_against(tmp_path):
@@ -262,8 +288,12 @@ def test_the_checks_see_what_they_guard_against(tmp_path):
         (package / folder / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
     (package / "mixup" / "pipeline.py").write_text("from ..transport.client import cancel_check\n")
-    (package / "transport" / "client.py").write_text("def cancel_check():\n    from ..watermark.blending import _luma8\n")
-    (package / "watermark" / "blending.py").write_text("import slicer\n\ndef _luma8():\n    from ..mixup import pipeline\n")
+    (package / "transport" / "client.py").write_text(
+        "def cancel_check():\n    from ..watermark.blending import _luma8\n"
+    )
+    (package / "watermark" / "blending.py").write_text(
+        "import slicer\n\ndef _luma8():\n    from ..mixup import pipeline\n"
+    )
     (package / "server" / "app.py").write_text("def create_app():\n    from .watermark import routes\n")
     (package / "server" / "watermark.py").write_text("from .app import create_app\n")
     problems = "\n".join(layering_violations(tmp_path))
@@ -271,10 +301,12 @@ def test_the_checks_see_what_they_guard_against(tmp_path):
     assert "medprivacy.transport.client (line 2), in layer transport, imports medprivacy.watermark.blending" in problems
     assert "features" in problems and "imports slicer" in problems
     assert private_imports(tmp_path) == [
-        "medprivacy.transport.client (line 2) imports private _luma8 from medprivacy.watermark.blending"]
+        "medprivacy.transport.client (line 2) imports private _luma8 from medprivacy.watermark.blending"
+    ]
     assert import_loops(tmp_path) == [
         ["medprivacy.mixup.pipeline", "medprivacy.transport.client", "medprivacy.watermark.blending"],
-        ["medprivacy.server.app", "medprivacy.server.watermark"]]
+        ["medprivacy.server.app", "medprivacy.server.watermark"],
+    ]
     (package / "mixup" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
     (package / "mixup" / "short.py").write_text("x = 1\n" * MAX_LINES)
     assert files_over_the_line_limit(tmp_path) == [f"medprivacy/mixup/long.py: {MAX_LINES + 1} lines"]

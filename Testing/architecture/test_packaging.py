@@ -10,6 +10,7 @@ The CMake logic cannot run here, so its rules are read from ``CMakeLists.txt``: 
 time (``ctkMacroCompilePythonScript``, as Slicer copies module scripts) and the client never receives the server's
 code or weights. The Slicer modules' reachable imports, lazy ones included, never reach ``medprivacy.server``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,12 +31,23 @@ SLICER_SIDE = (*SLICER_MODULES, "MedPrivacySlicerCommon")
 
 # --- what the ExtensionsIndex accepts (read from Slicer/ExtensionsIndex scripts/check_description_files.py and
 # Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.*.json, August 2026) ---------------------------
-SCHEMA_URL = re.compile(r"^https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
-                        r"slicer-extension-catalog-entry-schema-v1\.0\.[0-9]+\.json#?$")
+SCHEMA_URL = re.compile(
+    r"^https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
+    r"slicer-extension-catalog-entry-schema-v1\.0\.[0-9]+\.json#?$"
+)
 SCHEMA_REQUIRED = {"$schema", "category", "scm_url"}
 #: Every property the schema allows (it forbids any other), with its JSON type.
-SCHEMA_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-                "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+SCHEMA_TYPES = {
+    "$schema": str,
+    "category": str,
+    "scm_url": str,
+    "scm_revision": str,
+    "scm_type": str,
+    "build_dependencies": list,
+    "build_subdirectory": str,
+    "enabled": bool,
+    "tier": int,
+}
 SCM_TYPES = {"git", "local"}
 SCM_SCHEMES = {"git", "https"}
 REPOSITORY_PREFIXES = ("Slicer", "Slicer-", "Slicer_", "SlicerExtension-", "SlicerExtension_")
@@ -53,6 +65,7 @@ CLIENT_ROLES, NOT_SHIPPED_ROLES = {"client"}, {"server", "attack"}
 # --- a small reader of CMake commands (enough for our top-level file: commands, quoted and unquoted arguments,
 # comments; no evaluation) ---------------------------------------------------------------------------------------
 
+
 def cmake_commands(text: str) -> list[tuple[str, list[str]]]:
     """``[(command name in lower case, [arguments])]`` in file order; quoted arguments keep no quotes."""
     token = re.compile(r'\s+|#[^\n]*|"((?:\\.|[^"\\])*)"|\(|\)|[^\s()#"]+')
@@ -60,7 +73,7 @@ def cmake_commands(text: str) -> list[tuple[str, list[str]]]:
     while position < len(text):
         match = token.match(text, position)
         if match is None:
-            raise AssertionError(f"cannot read CMakeLists.txt at offset {position}: {text[position:position + 40]!r}")
+            raise AssertionError(f"cannot read CMakeLists.txt at offset {position}: {text[position : position + 40]!r}")
         position, piece = match.end(), match.group(0)
         if piece.isspace() or piece.startswith("#"):
             continue
@@ -131,10 +144,11 @@ def repository_file_of(url: str, homepage: str, revision: str) -> Path:
     owner_repo = homepage.removeprefix("https://github.com/")
     prefix = f"https://raw.githubusercontent.com/{owner_repo}/{revision}/"
     assert url.startswith(prefix), f"{url} should start with {prefix} (the extension's repository and branch)"
-    return REPO_ROOT / url[len(prefix):]
+    return REPO_ROOT / url[len(prefix) :]
 
 
 # --- the description file ---------------------------------------------------------------------------------------
+
 
 def test_description_file_follows_the_catalog_entry_schema(description):
     text = DESCRIPTION_FILE.read_bytes()
@@ -216,11 +230,26 @@ def test_repository_stays_under_the_index_size_limit():
 
 # --- what the build copies and installs -------------------------------------------------------------------------
 
+
 def package_copy(cmake) -> dict[str, list[str]]:
     """The ctkMacroCompilePythonScript call that copies the core package, by keyword."""
-    calls = [keyword_values(arguments, {"TARGET_NAME", "SCRIPTS", "RESOURCES", "SOURCE_DIR", "DESTINATION_DIR",
-                                        "INSTALL_DIR", "NO_INSTALL_SUBDIR", "GLOBAL_TARGET"})
-             for name, arguments in cmake if name == "ctkmacrocompilepythonscript"]
+    calls = [
+        keyword_values(
+            arguments,
+            {
+                "TARGET_NAME",
+                "SCRIPTS",
+                "RESOURCES",
+                "SOURCE_DIR",
+                "DESTINATION_DIR",
+                "INSTALL_DIR",
+                "NO_INSTALL_SUBDIR",
+                "GLOBAL_TARGET",
+            },
+        )
+        for name, arguments in cmake
+        if name == "ctkmacrocompilepythonscript"
+    ]
     assert len(calls) == 1, "CMakeLists.txt should copy the core package with one ctkMacroCompilePythonScript call"
     return calls[0]
 
@@ -230,18 +259,26 @@ def shipped_scripts(cmake) -> list[str]:
     call = package_copy(cmake)
     variable = re.fullmatch(r"\$\{(\w+)\}", call["SCRIPTS"][0])
     assert variable, "SCRIPTS should be the variable filled by file(GLOB_RECURSE)"
-    globs = [arguments for name, arguments in cmake
-             if name == "file" and arguments[:2] == ["GLOB_RECURSE", variable.group(1)]]
+    globs = [
+        arguments
+        for name, arguments in cmake
+        if name == "file" and arguments[:2] == ["GLOB_RECURSE", variable.group(1)]
+    ]
     assert len(globs) == 1, f"{variable.group(1)} should come from one file(GLOB_RECURSE)"
     options = globs[0][2:]
     # RELATIVE to the source folder (the paths SOURCE_DIR resolves), and re-globbed on every build.
     assert options[:2] == ["RELATIVE", "${CMAKE_CURRENT_SOURCE_DIR}"] and "CONFIGURE_DEPENDS" in options
     assert call["SOURCE_DIR"] == ["${CMAKE_CURRENT_SOURCE_DIR}"]
     source = "${CMAKE_CURRENT_SOURCE_DIR}/"
-    patterns = [option[len(source):] for option in options if option.startswith(source)]
+    patterns = [option[len(source) :] for option in options if option.startswith(source)]
     assert patterns and all(p.endswith("/*.py") for p in patterns), patterns
-    files = sorted({path.relative_to(REPO_ROOT).as_posix() for pattern in patterns
-                    for path in (REPO_ROOT / pattern[:-len("/*.py")]).rglob("*.py")})
+    files = sorted(
+        {
+            path.relative_to(REPO_ROOT).as_posix()
+            for pattern in patterns
+            for path in (REPO_ROOT / pattern[: -len("/*.py")]).rglob("*.py")
+        }
+    )
     for name, arguments in cmake:
         if name == "list" and arguments[:2] == ["FILTER", variable.group(1)]:
             assert arguments[2:4] == ["EXCLUDE", "REGEX"], arguments
@@ -265,8 +302,12 @@ def test_client_gets_the_whole_core_but_no_server_code(cmake):
     shipped = shipped_scripts(cmake)
     server = "medprivacy/server/"
     assert not [f for f in shipped if f.startswith(server)], "the client must not install medprivacy/server"
-    every = [p.relative_to(REPO_ROOT).as_posix() for folder in ("medprivacy", "MedPrivacySlicerCommon")
-             for p in (REPO_ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    every = [
+        p.relative_to(REPO_ROOT).as_posix()
+        for folder in ("medprivacy", "MedPrivacySlicerCommon")
+        for p in (REPO_ROOT / folder).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     assert shipped == sorted(f for f in every if f.endswith(".py") and not f.startswith(server))
     # Only .py files are globbed: a data file added to the client's code would be silently left out.
     data = [f for f in every if not f.endswith(".py") and not f.startswith(server)]
@@ -294,6 +335,7 @@ def test_client_gets_only_the_client_weights(cmake):
 
 
 # --- what the Slicer modules can reach ----------------------------------------------------------------------------
+
 
 def slicer_side_entry_points(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
     """medprivacy modules the Slicer-side code imports or starts by name (``python -m medprivacy.x``), each with
@@ -365,8 +407,11 @@ def test_slicer_modules_never_reach_the_server_code():
     reached = reachable_from_slicer(REPO_ROOT)
     # The walk sees the core (the Libs import these lazily, inside functions).
     assert "medprivacy.mixup.pipeline" in reached and "medprivacy.watermark.keyfile" in reached
-    server = {module: where for module, where in reached.items()
-              if module == "medprivacy.server" or module.startswith("medprivacy.server.")}
+    server = {
+        module: where
+        for module, where in reached.items()
+        if module == "medprivacy.server" or module.startswith("medprivacy.server.")
+    }
     assert not server, f"the client extension does not ship medprivacy/server, but the Slicer side reaches it: {server}"
 
 
@@ -383,7 +428,8 @@ def test_reachability_sees_lazy_imports_and_modules_started_by_name(tmp_path):
     module = tmp_path / "MixupPrivacy"
     module.mkdir()
     (module / "MixupPrivacy.py").write_text(
-        'ARGS = ["-m", "medprivacy.worker.main"]\n\ndef apply():\n    import medprivacy.transport.client\n')
+        'ARGS = ["-m", "medprivacy.worker.main"]\n\ndef apply():\n    import medprivacy.transport.client\n'
+    )
     reached = reachable_from_slicer(tmp_path, folders=("MixupPrivacy",))
     assert reached["medprivacy.server.app"] == "MixupPrivacy/MixupPrivacy.py (line 4)"
     assert reached["medprivacy.worker.main"] == "MixupPrivacy/MixupPrivacy.py (line 1)"
@@ -393,7 +439,10 @@ def test_reachability_sees_lazy_imports_and_modules_started_by_name(tmp_path):
 
 def test_cmake_reader_sees_what_the_checks_rely_on():
     commands = cmake_commands('set(A "x (y) # z" b) # comment\nif(NOT (A AND B))\nlist(FILTER F EXCLUDE REGEX "^s/")\n')
-    assert commands == [("set", ["A", "x (y) # z", "b"]), ("if", ["NOT", "(", "A", "AND", "B", ")"]),
-                        ("list", ["FILTER", "F", "EXCLUDE", "REGEX", "^s/"])]
+    assert commands == [
+        ("set", ["A", "x (y) # z", "b"]),
+        ("if", ["NOT", "(", "A", "AND", "B", ")"]),
+        ("list", ["FILTER", "F", "EXCLUDE", "REGEX", "^s/"]),
+    ]
     with pytest.raises(AssertionError, match="unterminated"):
         cmake_commands("set(A b\n")

@@ -1,4 +1,5 @@
 """Core Mixup-Privacy math, patch grid, reference bank, I/O and training on real (small) data."""
+
 from __future__ import annotations
 
 import os
@@ -92,19 +93,23 @@ def test_every_tta_copy_grid_covers_the_whole_brain_and_shifts_the_patch_borders
         # no patch is wasted on voxels that are never kept
         assert all(mask[grid.slices(i)].any() for i in range(len(grid)))
     starts = [set(grid.starts) for grid in grids]
-    assert all(a != b for i, a in enumerate(starts) for b in starts[i + 1:])
+    assert all(a != b for i, a in enumerate(starts) for b in starts[i + 1 :])
+
     # Context: with the first eight copies, every brain voxel away from the volume's edge lies at least a quarter
     # patch inside some patch (along all three axes at once); copy 0 alone leaves voxels on its patch borders.
     def depth(grids_used):
         best = np.zeros(mask.shape, np.int16)
         index = np.arange(patch[0])
         inside = np.minimum(index, patch[0] - 1 - index)
-        patch_depth = np.minimum(np.minimum(inside[:, None, None], inside[None, :, None]), inside[None, None, :]).astype(np.int16)
+        patch_depth = np.minimum(
+            np.minimum(inside[:, None, None], inside[None, :, None]), inside[None, None, :]
+        ).astype(np.int16)
         for grid in grids_used:
             for i in range(len(grid)):
                 region = grid.slices(i)
                 best[region] = np.maximum(best[region], patch_depth)
         return best
+
     away_from_edge = np.zeros(mask.shape, bool)
     away_from_edge[12:-12, 12:-12, 12:-12] = True
     wanted = mask & away_from_edge
@@ -139,7 +144,7 @@ def test_copies_mixed_with_more_of_the_target_count_more_in_the_average():
 
     lam = np.array([0.35, 0.65], np.float32)
     weights = copy_weights(lam)
-    np.testing.assert_allclose(weights, lam ** 2)  # inverse variance: eq. 4 divides the server's error by λ
+    np.testing.assert_allclose(weights, lam**2)  # inverse variance: eq. 4 divides the server's error by λ
     # the same server error becomes a larger unmixing error at small λ
     truth = np.zeros((2, 2, 1, 1, 1), np.float32)
     truth[:, 1] = 1.0
@@ -192,7 +197,9 @@ def test_keygen_creates_a_private_bank_and_load_refuses_a_shared_folder(tmp_path
     np.testing.assert_array_equal(loaded.labels, bank.labels)
     import json
 
-    assert not any("seed" in key for key in json.loads((key_dir / META_FILE).read_text(encoding="utf-8")))  # seeds are never stored
+    assert not any(
+        "seed" in key for key in json.loads((key_dir / META_FILE).read_text(encoding="utf-8"))
+    )  # seeds are never stored
     with pytest.raises(InputError, match="already exists"):
         generate_bank(key_dir, subjects=1, patches=4, patch_size=(16, 16, 16))
     os.chmod(key_dir, 0o755)
@@ -296,7 +303,9 @@ def test_registration_recovers_a_moved_head_and_the_round_trip_keeps_labels(samp
 
     image, labels = sample_brain.image, sample_brain.labels
     _, transform = to_model_grid(image)
-    model_labels = sitk.GetArrayFromImage(to_model_grid(labels, transform=transform, interpolator=sitk.sitkNearestNeighbor)[0])
+    model_labels = sitk.GetArrayFromImage(
+        to_model_grid(labels, transform=transform, interpolator=sitk.sitkNearestNeighbor)[0]
+    )
     template = load_template()
     template_labels = tissue_labels((template.brain_mask).astype(np.float32), template.gm, template.wm)
     aligned = dice_per_class(model_labels, template_labels)
@@ -335,8 +344,25 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     out = tmp_path / "models"
     env = dict(os.environ, MEDPRIVACY_CACHE=str(tmp_path / "cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--out", str(out), "--threads", "1", "--quiet"],
-        capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "mixup",
+            "train",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     from medprivacy.nets import load_manifest, load_model
@@ -352,10 +378,32 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     stage2 = tmp_path / "stage2"
     result = subprocess.run(
         [
-            sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--init-from", str(out), "--out", str(stage2),
-            "--threads", "1", "--reference-oversampling", "4", "--iterations", "4", "--stop-after", "2", "--quiet",
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "mixup",
+            "train",
+            "--preset",
+            "smoke",
+            "--init-from",
+            str(out),
+            "--out",
+            str(stage2),
+            "--threads",
+            "1",
+            "--reference-oversampling",
+            "4",
+            "--iterations",
+            "4",
+            "--stop-after",
+            "2",
+            "--quiet",
         ],
-        capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_manifest(stage2)["training"]["config"]["reference_oversampling"] == 4
@@ -368,8 +416,28 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
     # calibration fits decision weights for both paths on validation subjects, leaving the weights untouched
     weights_before = {name: entry["sha256"] for name, entry in load_manifest(stage2)["models"].items()}
     result = subprocess.run(
-        [sys.executable, "-m", "medprivacy.cli", "mixup", "calibrate", "--models", str(stage2), "--subjects", "1", "--tta", "2", "--reference-subjects", "1", "--threads", "1"],
-        capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "mixup",
+            "calibrate",
+            "--models",
+            str(stage2),
+            "--subjects",
+            "1",
+            "--tta",
+            "2",
+            "--reference-subjects",
+            "1",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     calibrated = load_manifest(stage2)
@@ -380,7 +448,10 @@ def test_train_smoke_run_writes_loadable_models_and_manifest(tmp_path):
         record = calibrated["training"]["calibration"][name]
         assert record["decision_weights"] == factors and record["dice_after"] >= record["dice_before"]
     assert calibrated["training"]["calibration"]["command"].startswith("medprivacy mixup calibrate --models")
-    assert load_model("mixup-unmix", stage2)[1].extra["decision_weights"] == calibrated["models"]["mixup-unmix"]["decision_weights"]
+    assert (
+        load_model("mixup-unmix", stage2)[1].extra["decision_weights"]
+        == calibrated["models"]["mixup-unmix"]["decision_weights"]
+    )
 
     # a tampered weight file is refused, not silently used
     (out / "plain_seg.safetensors").write_bytes((out / "plain_seg.safetensors").read_bytes()[:-8] + b"\0" * 8)
@@ -407,12 +478,34 @@ def test_train_accepts_an_nnunet_msd_dataset_folder(tmp_path):
             image = sitk.GetImageFromArray(array)
             image.CopyInformation(load_template().image)
             sitk.WriteImage(image, str(root / folder / f"brain_{case:03d}{suffix}.nii.gz"))
-        training.append({"image": f"./imagesTr/brain_{case:03d}_0000.nii.gz", "label": f"./labelsTr/brain_{case:03d}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "CSF", "2": "GM", "3": "WM"}, "training": training}))
+        training.append(
+            {"image": f"./imagesTr/brain_{case:03d}_0000.nii.gz", "label": f"./labelsTr/brain_{case:03d}.nii.gz"}
+        )
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"0": "background", "1": "CSF", "2": "GM", "3": "WM"}, "training": training})
+    )
     out = tmp_path / "models"
     result = subprocess.run(
-        [sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--dataset", str(root), "--out", str(out), "--threads", "1", "--quiet"],
-        capture_output=True, encoding="utf-8", errors="replace", timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "mixup",
+            "train",
+            "--preset",
+            "smoke",
+            "--dataset",
+            str(root),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     from medprivacy.nets import load_manifest
@@ -420,8 +513,25 @@ def test_train_accepts_an_nnunet_msd_dataset_folder(tmp_path):
     assert "user dataset" in load_manifest(out)["training"]["data"]
 
     (root / "dataset.json").unlink()
-    result = subprocess.run([sys.executable, "-m", "medprivacy.cli", "mixup", "train", "--preset", "smoke", "--dataset", str(root), "--out", str(out)],
-                            capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "mixup",
+            "train",
+            "--preset",
+            "smoke",
+            "--dataset",
+            str(root),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
+    )
     assert result.returncode == 2 and "dataset.json" in result.stderr
 
 
@@ -460,7 +570,9 @@ def test_decision_weights_recover_a_class_that_averaging_suppressed():
     # where the truth is class 1 its score lost to background: 0.35 background, 0.3 class 1
     ones = truth == 1
     scores[:, ones] = np.array([0.35, 0.3, 0.2, 0.15], np.float32)[:, None]
-    factors, before, after = fit_decision_weights([scores[:, :10_000], scores[:, 10_000:]], [truth[:10_000], truth[10_000:]])
+    factors, before, after = fit_decision_weights(
+        [scores[:, :10_000], scores[:, 10_000:]], [truth[:10_000], truth[10_000:]]
+    )
     assert factors[0] == 1.0 and 0.35 / 0.3 < factors[1] < 0.7 / 0.1
     assert before < 0.8 and after == pytest.approx(1.0)
 

@@ -1,4 +1,5 @@
 """Defences of the private path against a curious server (privacy.py) and the audit that measures them (audit/)."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def test_the_48_cube_orientations_are_distinct_invertible_and_nested():
 
 
 def test_a_plan_draws_orientations_from_the_requested_group_and_adds_decoys():
-    plan = plan_mixing([40, 50], 100, np.random.default_rng(0), target_orientations=48, reference_orientations=48, decoys=30)
+    plan = plan_mixing(
+        [40, 50], 100, np.random.default_rng(0), target_orientations=48, reference_orientations=48, decoys=30
+    )
     assert len(plan) == 120 and plan.is_decoy.sum() == 30
     assert (plan.location[plan.is_decoy] == -1).all()
     assert len(set(plan.target_orientation.tolist())) > 30 and plan.target_orientation.max() < 48
@@ -110,7 +113,11 @@ def test_the_fill_removes_the_empty_background_signature(model_grid_scan, bank48
     for level in ("paper", "standard"):
         session = plan_session(model_grid_scan, bank48, privacy_settings(level, 2), np.random.default_rng(3))
         _, _, parts, scan_voxels = make_uploads(session, bank48, slice(None))
-        rows = [n for n, (c, i) in enumerate(zip(session.plan.copy, session.plan.location)) if not session.grids[c].extract_one(session.mask, i, fill=False).all()]
+        rows = [
+            n
+            for n, (c, i) in enumerate(zip(session.plan.copy, session.plan.location))
+            if not session.grids[c].extract_one(session.mask, i, fill=False).all()
+        ]
         edge_zeros[level] = float(np.mean([np.mean(parts[n] == 0) for n in rows]))
         if level == "standard":  # where the scan had no signal, the upload carries reference texture
             assert not scan_voxels[rows].all() and (parts[rows][~scan_voxels[rows]] != 0).mean() > 0.8
@@ -138,7 +145,9 @@ def test_secret_deformation_is_undone_on_the_answers_and_hides_the_shape():
     for tissue in (2, 3):
         dice = 2 * np.sum((back == tissue) & (labels == tissue)) / (np.sum(back == tissue) + np.sum(labels == tissue))
         assert dice > 0.95, (tissue, dice)
-    again = secret_warp(reference, LEVELS["strong"].scan_warp, np.random.default_rng(0), mask).warp_volume(image, reference)
+    again = secret_warp(reference, LEVELS["strong"].scan_warp, np.random.default_rng(0), mask).warp_volume(
+        image, reference
+    )
     np.testing.assert_array_equal(again, warped)
 
 
@@ -147,7 +156,9 @@ def test_training_draws_targets_as_the_private_levels_cut_them():
     from medprivacy.mixup.train import PatchSampler, synthetic_subject_normalized
 
     subjects = [synthetic_subject_normalized(800_150)]
-    sampler = PatchSampler(subjects, 48, np.random.default_rng(0), sampling="private", fill_probability=1.0, warp_rms=3.0)
+    sampler = PatchSampler(
+        subjects, 48, np.random.default_rng(0), sampling="private", fill_probability=1.0, warp_rms=3.0
+    )
     images, labels = sampler.targets(16)
     assert images.shape == (16, 48, 48, 48) and labels.shape == images.shape
     assert np.mean(images == 0) < 0.05  # filled outside the brain region: no empty background
@@ -175,14 +186,25 @@ def test_placement_attack_finds_public_grid_uploads_and_not_secret_ones(model_gr
     for level in ("paper", "standard"):
         settings = privacy_settings(level, 4)
         # a dozen keeps this test near a minute per level
-        captured = capture(model_grid_scan, bank48, settings, np.random.default_rng(4)).sample(12, np.random.default_rng(0))
+        captured = capture(model_grid_scan, bank48, settings, np.random.default_rng(4)).sample(
+            12, np.random.default_rng(0)
+        )
         attacker = Attacker.for_settings(settings, lattice=captured.truth.lattice)
-        report, volumes = audit_uploads(captured, model_grid_scan.volume, attacker, np.random.default_rng(0), pairing_queries=0, variants=("template",))
+        report, volumes = audit_uploads(
+            captured,
+            model_grid_scan.volume,
+            attacker,
+            np.random.default_rng(0),
+            pairing_queries=0,
+            variants=("template",),
+        )
         results[level] = report
         assert set(volumes) >= {"template only", "template", "strongest attack", "oracle"}
     paper = results["paper"]["attacks"]["template"]["placement"]["placed_exactly"]
     standard = results["standard"]["attacks"]["template"]["placement"]["placed_exactly"]
-    assert paper >= 0.25, results["paper"]  # 4 of 12 when written: raw mixtures on a public lattice give themselves away
+    assert paper >= 0.25, results[
+        "paper"
+    ]  # 4 of 12 when written: raw mixtures on a public lattice give themselves away
     assert standard <= 0.1 < paper, results["standard"]
     for report in results.values():
         for entry in (report["template_only"], report["attacks"]["template"], report["oracle_bound"]):
@@ -201,7 +223,13 @@ def test_reidentification_map_and_chance():
 
 
 def _cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "medprivacy.cli", *map(str, args)], capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", *map(str, args)],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )
 
 
 def test_audit_command_writes_the_report_and_the_picture(tmp_path, bank48, model_grid_scan):
@@ -211,8 +239,32 @@ def test_audit_command_writes_the_report_and_the_picture(tmp_path, bank48, model
     out, png = tmp_path / "audit.json", tmp_path / "audit.png"
     # The paper level keeps this run short (one orientation to search, public grids); the placement test above covers
     # the 48-orientation search of the default level.
-    done = _cli("mixup", "audit", scan, "--key-dir", bank48.directory, "--privacy", "paper", "--tta", "2", "--reid-subjects", "2",
-                "--pairing-queries", "1", "--attacks", "template", "--sample", "16", "--seed", "0", "--out", out, "--png", png, timeout=1200)
+    done = _cli(
+        "mixup",
+        "audit",
+        scan,
+        "--key-dir",
+        bank48.directory,
+        "--privacy",
+        "paper",
+        "--tta",
+        "2",
+        "--reid-subjects",
+        "2",
+        "--pairing-queries",
+        "1",
+        "--attacks",
+        "template",
+        "--sample",
+        "16",
+        "--seed",
+        "0",
+        "--out",
+        out,
+        "--png",
+        png,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["privacy"]["level"] == "paper"
@@ -222,11 +274,18 @@ def test_audit_command_writes_the_report_and_the_picture(tmp_path, bank48, model
     assert scan_report["pairing"]["queries"] == 1 and scan_report["uploads_attacked"] == 16 < scan_report["uploads"]
     # a sample's rebuild is projected to every upload at the placed share, and the strongest figure includes it
     projected = scan_report["projected_all_uploads"]
-    assert projected["placed_share"] == scan_report["strongest"]["placed_exactly"] and scan_report["strongest"]["r"] >= projected["r"]
+    assert (
+        projected["placed_share"] == scan_report["strongest"]["placed_exactly"]
+        and scan_report["strongest"]["r"] >= projected["r"]
+    )
     reid = report["reidentification"]
     assert reid["scans"] == 4 and reid["chance"] == pytest.approx(np.mean([1, 1 / 2, 1 / 3]), abs=1e-3)
     assert reid["no_protection"]["correlation"] == 1.0  # plain scans of the same anatomy find each other
-    assert set(report["verdict"]) >= {"rebuild r within template + 0.05", "placed exactly <= 10 %", "re-identification mAP <= 0.40"}
+    assert set(report["verdict"]) >= {
+        "rebuild r within template + 0.05",
+        "placed exactly <= 10 %",
+        "re-identification mAP <= 0.40",
+    }
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
     assert picture.ndim == 2 and picture.shape[1] > 3 * picture.shape[0] / 3
     assert "template only" in done.stdout and "re-identification" in done.stdout
@@ -242,7 +301,21 @@ def test_audit_of_a_servers_audit_folder_and_its_errors(tmp_path, bank48, model_
     np.save(folder / "20261204T000000.000000Z-000001-mixup.npy", codes)
     scan = _write_scan(tmp_path / "scan.nii.gz", model_grid_scan.volume)
     out = tmp_path / "audit.json"
-    done = _cli("mixup", "audit", scan, "--uploads", folder, "--key-dir", bank48.directory, "--privacy", "standard", "--attacks", "template", "--out", out)
+    done = _cli(
+        "mixup",
+        "audit",
+        scan,
+        "--uploads",
+        folder,
+        "--key-dir",
+        bank48.directory,
+        "--privacy",
+        "standard",
+        "--attacks",
+        "template",
+        "--out",
+        out,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["scan"]["uploads"] == 6 and "placed_exactly" not in report["scan"]["strongest"]

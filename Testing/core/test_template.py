@@ -1,5 +1,6 @@
 """The MNI152 template the model grid is defined on ships in Resources/Template: no nilearn at run time, and a
 changed or missing file is refused with a one-line error rather than silently moving the grid."""
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ _WITHOUT_NILEARN = textwrap.dedent(
 
 def _run(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_template_and_synthetic_subjects_load_without_nilearn():
@@ -59,7 +62,9 @@ def test_missing_template_file_names_the_fix(tmp_path):
     copy = tmp_path / "Template"
     shutil.copytree(REPO_ROOT / "Resources" / "Template", copy)
     (copy / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").unlink()
-    result = _run("from medprivacy.data.template import load_template\nload_template()", {"MEDPRIVACY_TEMPLATE_DIR": str(copy)})
+    result = _run(
+        "from medprivacy.data.template import load_template\nload_template()", {"MEDPRIVACY_TEMPLATE_DIR": str(copy)}
+    )
     assert result.returncode != 0
     assert "is missing; reinstall the MedPrivacy extension" in result.stderr
 

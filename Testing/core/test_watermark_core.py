@@ -1,4 +1,5 @@
 """MedLocker core: blending and exact removal, lesion boxes and placement, the evolution strategy, encrypted keys."""
+
 from __future__ import annotations
 
 import os
@@ -58,6 +59,7 @@ def random_image(kind: str, rng: np.random.Generator, shape=(90, 130)) -> np.nda
 
 
 # --- blending ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["gray8", "gray16", "rgb"])
 @pytest.mark.parametrize("alpha", [100, 255])
@@ -157,9 +159,17 @@ def test_default_logo_is_a_grey_lock_on_an_opaque_dark_plate_and_png_logos_load(
     assert lock.shape == (128, 128, 4) and lock.dtype == np.uint8
     opacity = lock[..., 3]
     assert (opacity == 255).mean() > 0.95 and opacity[0, 0] < 128  # opaque but for the rounded corners
-    plate, shackle, inside_shackle, body, keyhole = lock[64, 6, :3], lock[20, 64, :3], lock[45, 64, :3], lock[105, 50, :3], lock[81, 64, :3]
+    plate, shackle, inside_shackle, body, keyhole = (
+        lock[64, 6, :3],
+        lock[20, 64, :3],
+        lock[45, 64, :3],
+        lock[105, 50, :3],
+        lock[81, 64, :3],
+    )
     assert plate.max() < 30 and inside_shackle.max() < 30 and keyhole.max() < 30
-    assert 90 < shackle.min() and 90 < body.min() and max(shackle.max(), body.max()) < 130  # mid-grey glyph: readable on the plate, no bright mark
+    assert (
+        90 < shackle.min() and 90 < body.min() and max(shackle.max(), body.max()) < 130
+    )  # mid-grey glyph: readable on the plate, no bright mark
     assert logo_sha256(lock) == logo_sha256(default_logo(128))
 
     outline = default_logo(128, "outline")  # the white padlock the badge replaced, kept for the logo ablation
@@ -178,6 +188,7 @@ def test_default_logo_is_a_grey_lock_on_an_opaque_dark_plate_and_png_logos_load(
 
 
 # --- boxes and placement -----------------------------------------------------------------------------------------
+
 
 def test_box_pipeline_merges_nearby_blobs_and_drops_specks():
     mask = np.zeros((200, 300), dtype=np.uint8)
@@ -211,8 +222,12 @@ def test_feasible_positions_respect_the_lesion_boxes(mode):
     xs, ys = np.meshgrid(np.arange(placement.max_x + 1), np.arange(placement.max_y + 1))
     feasible = placement.feasible(xs, ys)
     # overlap computed on pixels: does the logo rectangle cover any lesion-box pixel?
-    covers = np.array([[mask_boxes_hit(placement.lesions, x, y, logo_size) for x in range(placement.max_x + 1)]
-                       for y in range(placement.max_y + 1)])
+    covers = np.array(
+        [
+            [mask_boxes_hit(placement.lesions, x, y, logo_size) for x in range(placement.max_x + 1)]
+            for y in range(placement.max_y + 1)
+        ]
+    )
     if mode == "keep-out":
         assert not (feasible & covers).any() and feasible.any()
     elif mode == "keep-in":
@@ -232,8 +247,8 @@ def test_feasible_positions_respect_the_lesion_boxes(mode):
 def mask_boxes_hit(boxes, x, y, logo_size) -> bool:
     canvas = np.zeros((200, 200), dtype=bool)
     for b in boxes:
-        canvas[b.y:b.y1, b.x:b.x1] = True
-    return bool(canvas[y:y + logo_size[0], x:x + logo_size[1]].any())
+        canvas[b.y : b.y1, b.x : b.x1] = True
+    return bool(canvas[y : y + logo_size[0], x : x + logo_size[1]].any())
 
 
 def test_empty_mask_means_anywhere_for_keep_out_and_an_error_for_keep_in():
@@ -246,6 +261,7 @@ def test_empty_mask_means_anywhere_for_keep_out_and_an_error_for_keep_in():
 
 # --- optimiser ---------------------------------------------------------------------------------------------------
 
+
 def distance_score(target, placement, threshold=None, log=None):
     """Synthetic objective: distance to a hidden (alpha, x, y), alpha scaled to the position range."""
     alpha_scale = placement.max_x / 155.0
@@ -253,7 +269,11 @@ def distance_score(target, placement, threshold=None, log=None):
     def score(params):
         if log is not None:
             log.append(params.copy())
-        d = np.sqrt((params[:, 1] - target[1]) ** 2 + (params[:, 2] - target[2]) ** 2 + ((params[:, 0] - target[0]) * alpha_scale) ** 2)
+        d = np.sqrt(
+            (params[:, 1] - target[1]) ** 2
+            + (params[:, 2] - target[2]) ** 2
+            + ((params[:, 0] - target[0]) * alpha_scale) ** 2
+        )
         return d, (d < threshold) if threshold is not None else np.zeros(len(d), dtype=bool)
 
     return score
@@ -263,7 +283,9 @@ def test_optimizer_finds_a_hidden_optimum():
     placement = Placement("wap", (224, 224), (56, 56))
     target = (170.0, 123, 41)
     for seed in range(3):
-        result = optimize_watermark(distance_score(target, placement), placement, generations=100, max_evaluations=2000, rng=seed)
+        result = optimize_watermark(
+            distance_score(target, placement), placement, generations=100, max_evaluations=2000, rng=seed
+        )
         assert result.stop_reason == "budget" and result.evaluations == 2000 and not result.fooled
         assert abs(result.x - target[1]) <= 3 and abs(result.y - target[2]) <= 3 and abs(result.alpha - target[0]) <= 5
         best = [record.best_objective for record in result.history]
@@ -273,7 +295,9 @@ def test_optimizer_finds_a_hidden_optimum():
 def test_optimizer_stops_as_soon_as_a_candidate_fools_every_model():
     placement = Placement("wap", (224, 224), (56, 56))
     log: list[np.ndarray] = []
-    result = optimize_watermark(distance_score((170.0, 123, 41), placement, threshold=12.0, log=log), placement, generations=50, rng=1)
+    result = optimize_watermark(
+        distance_score((170.0, 123, 41), placement, threshold=12.0, log=log), placement, generations=50, rng=1
+    )
     assert result.fooled and result.stop_reason == "fooled" and result.objective < 12.0
     assert result.evaluations == sum(len(batch) for batch in log)
     assert result.evaluations < 50 + 50 * 4 * 50  # far from the full run
@@ -289,11 +313,19 @@ def test_basin_hopping_beats_random_mutation_with_the_same_budget():
     placement = Placement("wap", (224, 224), (56, 56))
     finals = {}
     for mutation in ("basin-hopping", "random"):
-        finals[mutation] = np.mean([
-            optimize_watermark(distance_score((150.0 + 20 * seed, 30 + 25 * seed, 150 - 20 * seed), placement), placement,
-                               generations=1000, max_evaluations=1500, mutation=mutation, rng=seed).objective
-            for seed in range(5)
-        ])
+        finals[mutation] = np.mean(
+            [
+                optimize_watermark(
+                    distance_score((150.0 + 20 * seed, 30 + 25 * seed, 150 - 20 * seed), placement),
+                    placement,
+                    generations=1000,
+                    max_evaluations=1500,
+                    mutation=mutation,
+                    rng=seed,
+                ).objective
+                for seed in range(5)
+            ]
+        )
     assert finals["basin-hopping"] < 0.75 * finals["random"], finals
 
 
@@ -309,15 +341,19 @@ def test_optimizer_only_scores_feasible_candidates_and_is_reproducible():
     assert not placement.overlaps_lesion(scored[:, 1], scored[:, 2]).any()
     assert (scored[:, 0] >= 100).all() and (scored[:, 0] <= 255).all()
     assert max(len(batch) for batch in log) <= 20
-    second = optimize_watermark(distance_score((200.0, 70, 70), placement), placement, population=20, generations=4, rng=7)
+    second = optimize_watermark(
+        distance_score((200.0, 70, 70), placement), placement, population=20, generations=4, rng=7
+    )
     assert np.array_equal(first.params, second.params) and first.evaluations == second.evaluations
 
 
 def test_ensemble_objective_weights_models_and_needs_every_model_fooled():
-    probs = np.array([
-        [[0.9, 0.1], [0.3, 0.7], [0.2, 0.8]],  # model 1 on three candidates
-        [[0.8, 0.2], [0.6, 0.4], [0.1, 0.9]],  # model 2
-    ])
+    probs = np.array(
+        [
+            [[0.9, 0.1], [0.3, 0.7], [0.2, 0.8]],  # model 1 on three candidates
+            [[0.8, 0.2], [0.6, 0.4], [0.1, 0.9]],  # model 2
+        ]
+    )
     objective, fooled = ensemble_objective(probs, target=0, weights=[0.25, 0.75])
     np.testing.assert_allclose(objective, [0.825, 0.525, 0.125])
     assert fooled.tolist() == [False, False, True]
@@ -326,10 +362,12 @@ def test_ensemble_objective_weights_models_and_needs_every_model_fooled():
 def test_without_a_label_each_model_is_scored_against_its_own_clean_answer():
     """Model 1 said class 0 on the clean image, model 2 class 1: each is pushed away from what it said, so moving
     model 2 to class 0 while model 1 stays there is not success, and success is both changing their answer."""
-    probs = np.array([
-        [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]],  # model 1, clean answer 0
-        [[0.2, 0.8], [0.6, 0.4], [0.7, 0.3]],  # model 2, clean answer 1
-    ])
+    probs = np.array(
+        [
+            [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]],  # model 1, clean answer 0
+            [[0.2, 0.8], [0.6, 0.4], [0.7, 0.3]],  # model 2, clean answer 1
+        ]
+    )
     objective, fooled = ensemble_objective(probs, target=[0, 1], weights=[0.5, 0.5])
     np.testing.assert_allclose(objective, [0.85, 0.6, 0.3])
     assert fooled.tolist() == [False, False, True]
@@ -340,6 +378,7 @@ def test_without_a_label_each_model_is_scored_against_its_own_clean_answer():
 
 
 # --- keys --------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def protected_set(logo):
@@ -465,7 +504,9 @@ def test_key_file_credential_and_default_kdf_cost(protected_set, tmp_path):
     with pytest.raises(InputError, match="already exists"):
         generate_key_file(secret)
     save_key(key, tmp_path / "k.mlkey", key_file=secret)
-    assert np.array_equal(unlock(protected["case1"], load_key(tmp_path / "k.mlkey", key_file=secret)), originals["case1"])
+    assert np.array_equal(
+        unlock(protected["case1"], load_key(tmp_path / "k.mlkey", key_file=secret)), originals["case1"]
+    )
     with pytest.raises(InputError, match="locked with a key file"):
         load_key(tmp_path / "k.mlkey", passphrase="anything")
     other = generate_key_file(tmp_path / "other.key")
@@ -478,6 +519,7 @@ def test_key_file_credential_and_default_kdf_cost(protected_set, tmp_path):
 
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
+
 def test_bad_inputs_give_one_line_errors(logo):
     image = np.zeros((64, 64), dtype=np.uint8)
     with pytest.raises(InputError, match="larger than the image") as excinfo:
@@ -486,7 +528,11 @@ def test_bad_inputs_give_one_line_errors(logo):
     big = fit_logo(logo, (400, 400))
     with pytest.raises(InputError, match="larger than the image"):
         blend(image, big, 150, 0, 0)
-    for bad in (np.zeros((4, 32, 32), dtype=np.uint8), np.zeros((32, 32, 4), dtype=np.uint8), np.zeros(32, dtype=np.uint8)):
+    for bad in (
+        np.zeros((4, 32, 32), dtype=np.uint8),
+        np.zeros((32, 32, 4), dtype=np.uint8),
+        np.zeros(32, dtype=np.uint8),
+    ):
         with pytest.raises(InputError, match="2D") as excinfo:
             watermark(bad, logo, 150, 0, 0)
         one_line_error(excinfo)
@@ -505,7 +551,9 @@ def test_bad_inputs_give_one_line_errors(logo):
     with pytest.raises(InputError, match="no room"):
         Placement("keep-out", (64, 64), (16, 16), [Box(0, 0, 64, 64)])
     with pytest.raises(InputError, match="crossover rate"):
-        optimize_watermark(lambda p: (np.zeros(len(p)), np.zeros(len(p), bool)), Placement("wap", (64, 64), (16, 16)), crossover_rate=2)
+        optimize_watermark(
+            lambda p: (np.zeros(len(p)), np.zeros(len(p), bool)), Placement("wap", (64, 64), (16, 16)), crossover_rate=2
+        )
     key = WatermarkKey()
     key.protect("a", image, logo, 150, 0, 0)
     with pytest.raises(InputError, match="already in this key"):

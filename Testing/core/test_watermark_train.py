@@ -1,4 +1,5 @@
 """MedLocker training data and networks: seeded lesion images, the five 2D networks, a smoke training run."""
+
 from __future__ import annotations
 
 import argparse
@@ -194,11 +195,20 @@ def test_predict_proba_and_input_conversion():
 def smoke_run(tmp_path_factory):
     """One smoke training through the CLI entry point, into a folder whose manifest already holds other models."""
     out = tmp_path_factory.mktemp("wm-models")
-    write_manifest({"models": {"other": {"file": "x", "arch": {"name": "unet"}, "role": "server", "patch_size": [16] * 3,
-                                         "labels": {}}}, "training": {"command": "medprivacy mixup train"}}, out)
+    write_manifest(
+        {
+            "models": {
+                "other": {"file": "x", "arch": {"name": "unet"}, "role": "server", "patch_size": [16] * 3, "labels": {}}
+            },
+            "training": {"command": "medprivacy mixup train"},
+        },
+        out,
+    )
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    args = parser.parse_args(["--preset", "smoke", "--out", str(out), "--seed", "3", "--device", "cpu", "--threads", "1", "--quiet"])
+    args = parser.parse_args(
+        ["--preset", "smoke", "--out", str(out), "--seed", "3", "--device", "cpu", "--threads", "1", "--quiet"]
+    )
     assert run_train(args) == 0
     return out
 
@@ -210,7 +220,10 @@ def test_smoke_training_writes_loadable_models_and_a_manifest_section(smoke_run)
     assert manifest["training"] == {"command": "medprivacy mixup train"}  # the mixup record is kept
     assert "other" in manifest["models"]
     record = manifest[MANIFEST_KEY]
-    assert record["command"] == f"medprivacy watermark train --preset smoke --out {smoke_run} --seed 3 --device cpu --threads 1"
+    assert (
+        record["command"]
+        == f"medprivacy watermark train --preset smoke --out {smoke_run} --seed 3 --device cpu --threads 1"
+    )
     assert record["config"]["preset"] == "smoke" and record["config"]["seed"] == 3
     assert "MNI152" in record["data"] and "retina" in record["data"] and record["seconds"] > 0
     assert set(record["models"]) == set(wm_models.MODEL_NAMES.values())
@@ -250,13 +263,30 @@ def test_models_option_retrains_a_subset_and_keeps_the_other_entries(smoke_run, 
     before = load_manifest(out)
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    args = parser.parse_args(["--preset", "smoke", "--out", str(out), "--seed", "3", "--device", "cpu", "--threads", "1",
-                              "--models", "vgg,resnet18", "--quiet"])
+    args = parser.parse_args(
+        [
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--models",
+            "vgg,resnet18",
+            "--quiet",
+        ]
+    )
     assert run_train(args) == 0
     after = load_manifest(out)
     record = after[MANIFEST_KEY]
     assert set(record["models"]) == set(wm_models.MODEL_NAMES.values())  # the untouched networks keep their entries
-    assert record["command"] == f"medprivacy watermark train --preset smoke --out {out} --seed 3 --device cpu --threads 1"
+    assert (
+        record["command"] == f"medprivacy watermark train --preset smoke --out {out} --seed 3 --device cpu --threads 1"
+    )
     assert record["models"]["wm-cls-vgg"]["command"].endswith("--models vgg,resnet18")
     assert record["models"]["wm-lesion-seg"] == before[MANIFEST_KEY]["models"]["wm-lesion-seg"]
     assert record["config"]["families"] == list(wm_models.FAMILIES)

@@ -1,4 +1,5 @@
 """Wire format: round trips, quantisation bounds and refusal of corrupt or hostile data."""
+
 from __future__ import annotations
 
 import json
@@ -115,8 +116,12 @@ def test_every_truncation_of_a_valid_tensor_is_refused(patches):
 
 def test_element_limit_is_checked_before_decompressing():
     # 1 GiB of zeros compresses to about a megabyte; the limit must refuse it before inflating anything.
-    header = {"shape": [1024, 1024, 1024], "dtype": "uint8", "compression": "zlib",
-              "quantization": {"scheme": "linear", "low": 0.0, "high": 1.0, "levels": 255}}
+    header = {
+        "shape": [1024, 1024, 1024],
+        "dtype": "uint8",
+        "compression": "zlib",
+        "quantization": {"scheme": "linear", "low": 0.0, "high": 1.0, "levels": 255},
+    }
     bomb = _frame(header, zlib.compress(bytes(1 << 20)))
     with pytest.raises(InputError, match="more than the 1000000 allowed"):
         wire.decode_tensor(bomb, max_elements=1_000_000)

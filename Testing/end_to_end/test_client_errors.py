@@ -3,6 +3,7 @@
 Failures our server cannot produce on demand (a hung peer, a gateway answering 503, a non-MedPrivacy web server)
 come from tiny stand-ins in this file; they imitate the network, not our server's logic.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,9 +73,14 @@ def canned_server():
 
 
 def test_unreachable_server_fails_fast_with_a_hint():
-    client = InferenceClient(f"http://127.0.0.1:{free_port()}", token="secret-token-value", connect_timeout=0.5, retries=1)
+    client = InferenceClient(
+        f"http://127.0.0.1:{free_port()}", token="secret-token-value", connect_timeout=0.5, retries=1
+    )
     started = time.monotonic()
-    with pytest.raises(ServerError, match=r"cannot reach http://127\.0\.0\.1:\d+ \(.*refused\); check the URL and that the server is running") as info:
+    with pytest.raises(
+        ServerError,
+        match=r"cannot reach http://127\.0\.0\.1:\d+ \(.*refused\); check the URL and that the server is running",
+    ) as info:
         client.segment(_patches(1))
     assert time.monotonic() - started < 5
     assert "secret-token-value" not in str(info.value) and "\n" not in str(info.value)
@@ -161,7 +167,10 @@ def test_redirect_is_not_followed(canned_server):
 
 def test_other_api_version_in_info(canned_server):
     url, _ = canned_server(body=json.dumps({"api_version": API_VERSION + 1}).encode())
-    with pytest.raises(VersionMismatchError, match=f"speaks MedPrivacy API version {API_VERSION + 1} but this client speaks {API_VERSION}"):
+    with pytest.raises(
+        VersionMismatchError,
+        match=f"speaks MedPrivacy API version {API_VERSION + 1} but this client speaks {API_VERSION}",
+    ):
         InferenceClient(url, retries=0).check_connection()
 
 
@@ -190,7 +199,10 @@ def test_unreadable_answer_is_a_server_error(canned_server):
         ({"url": "ftp://host"}, "must look like https://host:port"),
         ({"url": "https://user:pw@host"}, "must not contain a user name or password"),
         ({"url": "http://127.0.0.1:1", "request_patches": 0}, "request_patches must be at least 1"),
-        ({"url": "http://127.0.0.1:1", "ca_bundle": "/nonexistent/ca.pem"}, "CA bundle /nonexistent/ca.pem does not exist"),
+        (
+            {"url": "http://127.0.0.1:1", "ca_bundle": "/nonexistent/ca.pem"},
+            "CA bundle /nonexistent/ca.pem does not exist",
+        ),
         ({"url": "http://127.0.0.1:1", "token_file": "/nonexistent/token"}, "cannot read token file"),
         ({"url": "http://127.0.0.1:1", "token": "has space"}, "spaces or non-ASCII"),
     ],

@@ -5,6 +5,7 @@ half-written file, and never a protected image that its key cannot restore. The 
 64 KiB tmpfs (or a file size limit), a read-only bind mount, SIGTERM/SIGKILL to a real ``medprivacy watermark
 protect`` process, truncated and bit-flipped files on disk.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,14 +33,24 @@ SEARCH = ["--mode", "wap", "--population", "4", "--generations", "1", "--local-i
 def _cli(*args, preexec=None, timeout=120, env=None) -> subprocess.CompletedProcess:
     child_env = {k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"}
     child_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "medprivacy.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec, env=child_env, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+        env=child_env,
+        cwd=REPO_ROOT,
+    )
 
 
 def _one_line(stderr: str) -> str:
     # Warnings may come first, and a progress bar (tqdm) once work started; the error itself is one line.
-    lines = [line for line in stderr.splitlines()
-             if line.strip() and not line.startswith("medprivacy: warning:") and "%|" not in line]
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith("medprivacy: warning:") and "%|" not in line
+    ]
     assert len(lines) == 1 and lines[0].startswith("medprivacy: error: ") and "Traceback" not in stderr, stderr
     return lines[0]
 
@@ -50,8 +61,9 @@ def _visible(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def wm_server(tmp_path_factory):
-    models = build_watermark_models(tmp_path_factory.mktemp("fault-wm-models"), classifiers=("wm-cls-resnet18", "wm-cls-vit"),
-                                    segmenter=False)
+    models = build_watermark_models(
+        tmp_path_factory.mktemp("fault-wm-models"), classifiers=("wm-cls-resnet18", "wm-cls-vit"), segmenter=False
+    )
     handle = start_server([], models_dir=models)
     yield handle
     handle.stop()
@@ -83,6 +95,7 @@ def _labels_volume(shape=(96, 96, 96)):
 
 # --- 1. disk full while writing a segmentation -----------------------------------------------------------------
 
+
 def test_segmentation_on_a_full_disk_is_an_error_and_leaves_no_file(tmp_path):
     """SimpleITK reports a short write only on stderr; the read-back check turns it into one line, nothing renamed."""
     source = tmp_path / "labels.nrrd"
@@ -98,8 +111,13 @@ def test_segmentation_on_a_full_disk_is_an_error_and_leaves_no_file(tmp_path):
         print("wrote it"); sys.exit(0)
     """)
     with small_disk(tmp_path / "disk") as disk:
-        result = subprocess.run([sys.executable, "-c", script, str(disk.folder / "seg.nii.gz")], capture_output=True, text=True,
-                                timeout=120, preexec_fn=disk.preexec)
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(disk.folder / "seg.nii.gz")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=disk.preexec,
+        )
         assert result.returncode == 2, (disk.kind, result.stdout, result.stderr)
         reason = "the disk is full" if disk.kind == "tmpfs" else "the file size limit (ulimit -f)"
         assert f"could not write {disk.folder / 'seg.nii.gz'}: {reason}" in result.stdout
@@ -107,6 +125,7 @@ def test_segmentation_on_a_full_disk_is_an_error_and_leaves_no_file(tmp_path):
 
 
 # --- 2. damaged input scans ------------------------------------------------------------------------------------
+
 
 def _damaged_copies(folder: Path) -> dict[str, Path]:
     volume = sitk.GetImageFromArray((np.random.default_rng(0).random((48, 48, 48)) * 1000).astype(np.int16))
@@ -143,15 +162,26 @@ def test_truncated_and_bit_flipped_scans_are_refused(tmp_path):
 
 def test_cli_segment_refuses_a_damaged_scan_before_any_work(tmp_path):
     cases = _damaged_copies(tmp_path)
-    result = _cli("mixup", "segment", cases["cut-scan.nii.gz"], "-o", tmp_path / "seg.nii.gz",
-                  "--server", f"http://127.0.0.1:{free_port()}", "--key-dir", tmp_path / "no-key")
+    result = _cli(
+        "mixup",
+        "segment",
+        cases["cut-scan.nii.gz"],
+        "-o",
+        tmp_path / "seg.nii.gz",
+        "--server",
+        f"http://127.0.0.1:{free_port()}",
+        "--key-dir",
+        tmp_path / "no-key",
+    )
     assert result.returncode == 2 and "cut-scan.nii.gz is damaged" in _one_line(result.stderr)
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
 def test_watermark_refuses_a_truncated_nifti_slice(tmp_path):
     path = tmp_path / "slice.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(2).integers(0, 4000, (64, 64)).astype(np.int16)), str(path))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.random.default_rng(2).integers(0, 4000, (64, 64)).astype(np.int16)), str(path)
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputError, match="slice.nii.gz is damaged"):
@@ -160,16 +190,50 @@ def test_watermark_refuses_a_truncated_nifti_slice(tmp_path):
 
 # --- 6. the key always covers every protected file ---------------------------------------------------------------
 
+
 def _protect_until(sig: int, wm_server, tmp_path: Path, secret: Path):
     inputs = _noise_pngs(tmp_path / "in", 12)
     out, key = tmp_path / "out", tmp_path / "k.mlkey"
-    command = [sys.executable, "-m", "medprivacy.cli", "watermark", "protect", *map(str, inputs), "-o", str(out),
-               "--key", str(key), "--key-file", str(secret), "--server", wm_server.url, "--mode", "wap",
-               "--population", "16", "--generations", "2", "--local-iterations", "2", "--seed", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "medprivacy.cli",
+        "watermark",
+        "protect",
+        *map(str, inputs),
+        "-o",
+        str(out),
+        "--key",
+        str(key),
+        "--key-file",
+        str(secret),
+        "--server",
+        wm_server.url,
+        "--mode",
+        "wap",
+        "--population",
+        "16",
+        "--generations",
+        "2",
+        "--local-iterations",
+        "2",
+        "--seed",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 120
-    while len([n for n in _visible(out) if not n.startswith(".")]) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while (
+        len([n for n in _visible(out) if not n.startswith(".")]) < 2
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
@@ -197,21 +261,60 @@ def test_a_stopped_protect_run_leaves_a_key_for_every_protected_image(sig, wm_se
 
 # --- 7. read-only folders and absurd geometry: one line, before any work -------------------------------------------
 
+
 def test_read_only_output_or_key_folder_is_refused_before_the_server_works(wm_server, tmp_path, secret):
     inputs = _noise_pngs(tmp_path / "in", 1, size=(40, 48))
     with read_only_folder(tmp_path / "ro") as locked:
-        result = _cli("watermark", "protect", *inputs, "-o", locked / "out", "--key", tmp_path / "k.mlkey", "--key-file", secret,
-                      "--server", wm_server.url, *SEARCH)
+        result = _cli(
+            "watermark",
+            "protect",
+            *inputs,
+            "-o",
+            locked / "out",
+            "--key",
+            tmp_path / "k.mlkey",
+            "--key-file",
+            secret,
+            "--server",
+            wm_server.url,
+            *SEARCH,
+        )
         assert result.returncode == 2 and f"cannot create output folder {locked / 'out'}" in _one_line(result.stderr)
-        result = _cli("watermark", "protect", *inputs, "-o", locked, "--key", tmp_path / "k.mlkey", "--key-file", secret,
-                      "--server", wm_server.url, *SEARCH)
+        result = _cli(
+            "watermark",
+            "protect",
+            *inputs,
+            "-o",
+            locked,
+            "--key",
+            tmp_path / "k.mlkey",
+            "--key-file",
+            secret,
+            "--server",
+            wm_server.url,
+            *SEARCH,
+        )
         assert result.returncode == 2 and f"cannot write to output folder {locked}" in _one_line(result.stderr)
         assert "read-only file system" in result.stderr
-        result = _cli("watermark", "protect", *inputs, "-o", tmp_path / "out", "--key", locked / "k.mlkey", "--key-file", secret,
-                      "--server", wm_server.url, *SEARCH)
+        result = _cli(
+            "watermark",
+            "protect",
+            *inputs,
+            "-o",
+            tmp_path / "out",
+            "--key",
+            locked / "k.mlkey",
+            "--key-file",
+            secret,
+            "--server",
+            wm_server.url,
+            *SEARCH,
+        )
         assert result.returncode == 2 and f"cannot write to folder of --key {locked}" in _one_line(result.stderr)
         assert _visible(tmp_path / "out") == []  # no protected image without its key
-        result = _cli("mixup", "segment", inputs[0], "-o", locked / "seg.nii.gz", "--server", f"http://127.0.0.1:{free_port()}")
+        result = _cli(
+            "mixup", "segment", inputs[0], "-o", locked / "seg.nii.gz", "--server", f"http://127.0.0.1:{free_port()}"
+        )
         assert result.returncode == 2 and f"cannot write to output folder {locked}" in _one_line(result.stderr)
         assert _visible(locked) == []
 
@@ -221,25 +324,56 @@ def test_absurd_voxel_spacing_is_one_line(shipped_server, small_key_dir, tmp_pat
     image = sitk.GetImageFromArray((np.random.default_rng(3).random((48, 56, 48)) * 1000).astype(np.float32))
     image.SetSpacing((0.001, 0.001, 0.001))
     sitk.WriteImage(image, str(scan))
-    result = _cli("mixup", "segment", scan, "-o", tmp_path / "seg.nii.gz", "--server", shipped_server.url,
-                  "--key-dir", small_key_dir, "--tta", "1")
+    result = _cli(
+        "mixup",
+        "segment",
+        scan,
+        "-o",
+        tmp_path / "seg.nii.gz",
+        "--server",
+        shipped_server.url,
+        "--key-dir",
+        small_key_dir,
+        "--tta",
+        "1",
+    )
     line = _one_line(result.stderr)
-    assert result.returncode == 2 and "cannot align the scan to the brain template: it covers 0.048 x 0.056 x 0.048 mm" in line
+    assert (
+        result.returncode == 2
+        and "cannot align the scan to the brain template: it covers 0.048 x 0.056 x 0.048 mm" in line
+    )
     assert "check the voxel spacing" in line and not (tmp_path / "seg.nii.gz").exists()
 
 
 # --- 8. disk full during protect ---------------------------------------------------------------------------------
+
 
 def test_protect_on_a_full_disk_names_the_disk_and_leaves_nothing_half_written(wm_server, tmp_path, secret):
     inputs = _noise_pngs(tmp_path / "in", 2, size=(160, 192))
     assert all(p.stat().st_size > 64 * 1024 for p in inputs)
     key = tmp_path / "k.mlkey"
     with small_disk(tmp_path / "disk") as disk:
-        result = _cli("watermark", "protect", *inputs, "-o", disk.folder, "--key", key, "--key-file", secret,
-                      "--server", wm_server.url, *SEARCH, preexec=disk.preexec)
+        result = _cli(
+            "watermark",
+            "protect",
+            *inputs,
+            "-o",
+            disk.folder,
+            "--key",
+            key,
+            "--key-file",
+            secret,
+            "--server",
+            wm_server.url,
+            *SEARCH,
+            preexec=disk.preexec,
+        )
         line = _one_line(result.stderr)
         reason = "the disk is full" if disk.kind == "tmpfs" else "the file size limit (ulimit -f)"
-        assert result.returncode == 2 and f"could not write {disk.folder / 'img00.png'}: {reason}" in line, (disk.kind, line)
+        assert result.returncode == 2 and f"could not write {disk.folder / 'img00.png'}: {reason}" in line, (
+            disk.kind,
+            line,
+        )
         assert "damaged" not in line
         assert _visible(disk.folder) == []
     assert not key.exists()  # its only entry was an image that could not be written
@@ -247,31 +381,79 @@ def test_protect_on_a_full_disk_names_the_disk_and_leaves_nothing_half_written(w
 
 # --- 10. unlock checks every image first; plausibility warnings ---------------------------------------------------
 
+
 def test_unlock_with_one_stranger_writes_nothing(wm_server, tmp_path, secret, capsys):
     inputs = _noise_pngs(tmp_path / "in", 2, size=(40, 48))
     out, key = tmp_path / "out", tmp_path / "k.mlkey"
-    assert main(["watermark", "protect", str(inputs[0]), "-o", str(out), "--key", str(key), "--key-file", str(secret),
-                 "--server", wm_server.url, *SEARCH]) == 0
+    assert (
+        main(
+            [
+                "watermark",
+                "protect",
+                str(inputs[0]),
+                "-o",
+                str(out),
+                "--key",
+                str(key),
+                "--key-file",
+                str(secret),
+                "--server",
+                wm_server.url,
+                *SEARCH,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    code = main(["watermark", "unlock", str(out / inputs[0].name), str(inputs[1]), "--key", str(key), "--key-file", str(secret),
-                 "-o", str(tmp_path / "restored")])
+    code = main(
+        [
+            "watermark",
+            "unlock",
+            str(out / inputs[0].name),
+            str(inputs[1]),
+            "--key",
+            str(key),
+            "--key-file",
+            str(secret),
+            "-o",
+            str(tmp_path / "restored"),
+        ]
+    )
     err = capsys.readouterr().err
     assert _visible(tmp_path / "restored") == []
     assert code == 2 and "img01.png is not protected by key" in _one_line(err) and "nothing was restored" in err
 
 
-@pytest.mark.parametrize("spacing, size, expected", [
-    ((1000.0, 1000.0, 1000.0), (64, 64, 64), ["voxel spacing 1000 x 1000 x 1000 mm", "covers 64000 x 64000 x 64000 mm"]),
-    ((1.0, 1.0, 1.0), (160, 192, 20), ["covers 160 x 192 x 20 mm", "only 20 slices along one axis (a slab"]),
-])
+@pytest.mark.parametrize(
+    "spacing, size, expected",
+    [
+        (
+            (1000.0, 1000.0, 1000.0),
+            (64, 64, 64),
+            ["voxel spacing 1000 x 1000 x 1000 mm", "covers 64000 x 64000 x 64000 mm"],
+        ),
+        ((1.0, 1.0, 1.0), (160, 192, 20), ["covers 160 x 192 x 20 mm", "only 20 slices along one axis (a slab"]),
+    ],
+)
 def test_implausible_scans_are_segmented_with_a_warning(spacing, size, expected, tmp_path, capsys):
     scan = tmp_path / "scan.nii.gz"
     image = sitk.GetImageFromArray((np.random.default_rng(4).random(size[::-1]) * 1000).astype(np.float32))
     image.SetSpacing(spacing)
     sitk.WriteImage(image, str(scan))
     # No key: the run stops right after reading, which is where the warnings are printed.
-    code = main(["mixup", "segment", str(scan), "-o", str(tmp_path / "seg.nii.gz"), "--server", "http://127.0.0.1:9",
-                 "--key-dir", str(tmp_path / "no-key")])
+    code = main(
+        [
+            "mixup",
+            "segment",
+            str(scan),
+            "-o",
+            str(tmp_path / "seg.nii.gz"),
+            "--server",
+            "http://127.0.0.1:9",
+            "--key-dir",
+            str(tmp_path / "no-key"),
+        ]
+    )
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("medprivacy: warning: ")]
     assert code == 2 and len(warnings) == len(expected), err

@@ -1,4 +1,5 @@
 """The private path end to end: real shipped models behind a real server on 127.0.0.1, a real key, a real scan."""
+
 from __future__ import annotations
 
 import subprocess
@@ -25,13 +26,19 @@ def _same_grid(a, b) -> bool:
     )
 
 
-def test_server_never_receives_an_unmixed_patch_and_the_result_is_on_the_input_grid(shipped_server, small_key_dir, sample_brain):
+def test_server_never_receives_an_unmixed_patch_and_the_result_is_on_the_input_grid(
+    shipped_server, small_key_dir, sample_brain
+):
     bank = ReferenceBank.load(small_key_dir)
     before = set(shipped_server.audit_files())
     tta = 2
-    result = segment_private(sample_brain.image, shipped_server.client(), bank, tta=tta, unmix="learned", keep_uploaded=True)
+    result = segment_private(
+        sample_brain.image, shipped_server.client(), bank, tta=tta, unmix="learned", keep_uploaded=True
+    )
 
-    received = [to_float32(np.load(path, allow_pickle=False)) for path in shipped_server.audit_files() if path not in before]
+    received = [
+        to_float32(np.load(path, allow_pickle=False)) for path in shipped_server.audit_files() if path not in before
+    ]
     received = np.concatenate(received)[:, 0]
     # The client's secrets of this run regenerate exactly what the server received, bit for bit: the privacy audit
     # attacks these very uploads.
@@ -47,8 +54,8 @@ def test_server_never_receives_an_unmixed_patch_and_the_result_is_on_the_input_g
     closest = np.full(len(received), np.inf)
     flat_targets = quantized_targets.reshape(len(targets), -1)
     for start in range(0, len(received), 32):
-        chunk = received[start:start + 32].reshape(-1, 1, flat_targets.shape[1])
-        closest[start:start + 32] = np.abs(chunk - flat_targets[None]).mean(axis=2).min(axis=1)
+        chunk = received[start : start + 32].reshape(-1, 1, flat_targets.shape[1])
+        closest[start : start + 32] = np.abs(chunk - flat_targets[None]).mean(axis=2).min(axis=1)
     assert closest.min() > 0.03, f"an upload is within {closest.min():.4f} of a patient patch"
     # Every upload carries a reference: no patch is the target merely scaled (an empty reference would do that).
     assert (received.reshape(len(received), -1).mean(axis=1) > 0.05).all()
@@ -84,14 +91,36 @@ def test_learned_unmixing_refuses_a_server_with_other_weights(live_server, tmp_p
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "medprivacy.cli", *map(str, args)], capture_output=True, encoding="utf-8", errors="replace", timeout=900, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "medprivacy.cli", *map(str, args)],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=900,
+        env=env,
+    )
 
 
 def test_cli_segment_writes_a_segmentation_on_the_input_grid(shipped_server, small_key_dir, sample_brain, tmp_path):
     out = tmp_path / "brain.seg.nrrd"
     uploaded = tmp_path / "sent.nii.gz"
-    result = _cli("mixup", "segment", sample_brain.image_path, "-o", out, "--server", shipped_server.url, "--key-dir", small_key_dir,
-                  "--tta", "1", "--unmix", "naive", "--save-uploaded", uploaded)
+    result = _cli(
+        "mixup",
+        "segment",
+        sample_brain.image_path,
+        "-o",
+        out,
+        "--server",
+        shipped_server.url,
+        "--key-dir",
+        small_key_dir,
+        "--tta",
+        "1",
+        "--unmix",
+        "naive",
+        "--save-uploaded",
+        uploaded,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mixed patches sent" in result.stdout
     seg = sitk.ReadImage(str(out))
@@ -133,7 +162,18 @@ def test_cli_segment_bad_input_gives_one_line(case, expected, shipped_server, sm
 def test_cli_segment_with_wrong_token_is_refused(live_server_with_token, small_key_dir, sample_brain, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("not-the-token\n")
-    result = _cli("mixup", "segment", sample_brain.image_path, "-o", tmp_path / "o.nii.gz", "--server", live_server_with_token.url,
-                  "--key-dir", small_key_dir, "--token-file", token_file)
+    result = _cli(
+        "mixup",
+        "segment",
+        sample_brain.image_path,
+        "-o",
+        tmp_path / "o.nii.gz",
+        "--server",
+        live_server_with_token.url,
+        "--key-dir",
+        small_key_dir,
+        "--token-file",
+        token_file,
+    )
     assert result.returncode == 2
     assert "token" in result.stderr.lower() and len(result.stderr.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 verify tells members from strangers, and bad input (3D image, oversized logo, wrong passphrase, corrupt key,
 unreachable server) ends in one line.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -20,7 +21,9 @@ SEARCH = ["--population", "4", "--generations", "1", "--local-iterations", "1", 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    models = build_watermark_models(tmp_path_factory.mktemp("cli-models"), classifiers=("wm-cls-resnet18", "wm-cls-vit"), segmenter=False)
+    models = build_watermark_models(
+        tmp_path_factory.mktemp("cli-models"), classifiers=("wm-cls-resnet18", "wm-cls-vit"), segmenter=False
+    )
     handle = start_server([], models_dir=models)
     yield handle
     handle.stop()
@@ -70,9 +73,15 @@ def _one_line_error(err: str) -> str:
 def test_protect_unlock_round_trip_keeps_format_and_pixels(server, images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
     out, restored, key = tmp_path / "protected", tmp_path / "restored", tmp_path / "dataset.mlkey"
-    code, stdout, err = _run(capsys, "protect", *images, "-o", out, "--key", key, "--server", server.url, "--mode", "wap", *SEARCH)
+    code, stdout, err = _run(
+        capsys, "protect", *images, "-o", out, "--key", key, "--server", server.url, "--mode", "wap", *SEARCH
+    )
     assert code == 0, err
-    assert f"protected {len(images)} image(s)" in stdout and "fundus.jpg -> " in stdout and "(JPEG is lossy: written as PNG)" in stdout
+    assert (
+        f"protected {len(images)} image(s)" in stdout
+        and "fundus.jpg -> " in stdout
+        and "(JPEG is lossy: written as PNG)" in stdout
+    )
     assert "wm-cls-resnet18: " in stdout and " -> " in stdout and key.is_file()
 
     for path in images:
@@ -92,14 +101,20 @@ def test_protect_unlock_round_trip_keeps_format_and_pixels(server, images, tmp_p
     for path in images:
         back = mio.read_image(restored / mio.output_name(path))
         original = mio.read_image(path)
-        assert back.format == ("png" if original.format == "jpeg" else original.format) and back.file_dtype == original.file_dtype
+        assert (
+            back.format == ("png" if original.format == "jpeg" else original.format)
+            and back.file_dtype == original.file_dtype
+        )
         np.testing.assert_array_equal(back.pixels, original.pixels)
     if (restored / "mr.dcm").exists():
         import pydicom
 
         before, after = pydicom.dcmread(images[-1]), pydicom.dcmread(restored / "mr.dcm")
         assert [(e.tag, e.value) for e in before] == [(e.tag, e.value) for e in after]  # every element, pixels too
-    nifti_in, nifti_out = mio.read_image(images[[p.name for p in images].index("slice.nii.gz")]), mio.read_image(restored / "slice.nii.gz")
+    nifti_in, nifti_out = (
+        mio.read_image(images[[p.name for p in images].index("slice.nii.gz")]),
+        mio.read_image(restored / "slice.nii.gz"),
+    )
     assert nifti_out._source.GetSpacing() == nifti_in._source.GetSpacing()
 
 
@@ -115,7 +130,9 @@ def test_key_file_secret_and_append(server, images, tmp_path, capsys):
         assert _run(capsys, "verify", out / mio.output_name(path), "--key", key, "--key-file", secret)[0] == 0
     passphrase = tmp_path / "pass.txt"
     passphrase.write_text(PASSPHRASE + "\n")
-    code, _, err = _run(capsys, "verify", out / mio.output_name(images[0]), "--key", key, "--passphrase-file", passphrase)
+    code, _, err = _run(
+        capsys, "verify", out / mio.output_name(images[0]), "--key", key, "--passphrase-file", passphrase
+    )
     assert code == 2 and "is locked with a key file" in _one_line_error(err)
 
 
@@ -124,22 +141,50 @@ def test_labels_from_a_csv_and_the_report_names_each_target(server, images, tmp_
     labels = tmp_path / "labels.csv"
     labels.write_text(f"image,label\n{images[0].name},lesion\nsomewhere/{images[1].name},0\nnot-in-this-run.png,1\n")
     out, key = tmp_path / "out", tmp_path / "k.mlkey"
-    code, stdout, err = _run(capsys, "protect", *images[:3], "-o", out, "--key", key, "--server", server.url,
-                             "--labels", labels, *SEARCH)
+    code, stdout, err = _run(
+        capsys, "protect", *images[:3], "-o", out, "--key", key, "--server", server.url, "--labels", labels, *SEARCH
+    )
     assert code == 0, err
     targets = [line.strip() for line in stdout.splitlines() if line.strip().startswith("target: ")]
     assert targets == [
         f"target: away from the true class 'lesion' (label from {labels.name})",
         f"target: away from the true class 'no lesion' (label from {labels.name})",
-        "target: away from each model's own answer on the clean image (no label given: 'fooled' means changed, not necessarily wrong)",
+        "target: away from each model's own answer on the clean image (no label given: 'fooled' means changed, "
+        "not necessarily wrong)",
     ]
     labels.write_text(f"image,label\n{images[0].name},tumour\n")
-    code, _, err = _run(capsys, "protect", images[0], "-o", tmp_path / "out2", "--key", tmp_path / "k2.mlkey",
-                        "--server", server.url, "--labels", labels, *SEARCH)
-    assert code == 2 and "unknown class 'tumour'; the classifiers know 0 (no lesion), 1 (lesion)" in _one_line_error(err)
+    code, _, err = _run(
+        capsys,
+        "protect",
+        images[0],
+        "-o",
+        tmp_path / "out2",
+        "--key",
+        tmp_path / "k2.mlkey",
+        "--server",
+        server.url,
+        "--labels",
+        labels,
+        *SEARCH,
+    )
+    assert code == 2 and "unknown class 'tumour'; the classifiers know 0 (no lesion), 1 (lesion)" in _one_line_error(
+        err
+    )
     labels.write_text("file,class\nx.png,1\n")
-    code, _, err = _run(capsys, "protect", images[0], "-o", tmp_path / "out2", "--key", tmp_path / "k2.mlkey",
-                        "--server", server.url, "--labels", labels, *SEARCH)
+    code, _, err = _run(
+        capsys,
+        "protect",
+        images[0],
+        "-o",
+        tmp_path / "out2",
+        "--key",
+        tmp_path / "k2.mlkey",
+        "--server",
+        server.url,
+        "--labels",
+        labels,
+        *SEARCH,
+    )
     assert code == 2 and "needs a header row with the columns image,label" in _one_line_error(err)
     assert not (tmp_path / "k2.mlkey").exists()
 
@@ -147,7 +192,10 @@ def test_labels_from_a_csv_and_the_report_names_each_target(server, images, tmp_
 def test_wrong_passphrase_and_corrupt_key_are_refused_in_one_line(server, images, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", PASSPHRASE)
     key, out = tmp_path / "k.mlkey", tmp_path / "out"
-    assert _run(capsys, "protect", images[1], "-o", out, "--key", key, "--server", server.url, "--mode", "wap", *SEARCH)[0] == 0
+    assert (
+        _run(capsys, "protect", images[1], "-o", out, "--key", key, "--server", server.url, "--mode", "wap", *SEARCH)[0]
+        == 0
+    )
     protected = out / images[1].name
     monkeypatch.setenv("MEDPRIVACY_KEY_PASSPHRASE", "not the passphrase")
     code, _, err = _run(capsys, "unlock", protected, "--key", key, "-o", tmp_path / "restored")
@@ -194,7 +242,9 @@ def test_dicom_with_fewer_stored_bits_gets_them_back_on_unlock(tmp_path):
     if not source:
         pytest.skip("pydicom's MR_small.dcm is not available")
     dataset = pydicom.dcmread(source)
-    dataset.set_pixel_data(np.clip(dataset.pixel_array, -2048, 2047).astype(np.int16), "MONOCHROME2", 12, generate_instance_uid=False)
+    dataset.set_pixel_data(
+        np.clip(dataset.pixel_array, -2048, 2047).astype(np.int16), "MONOCHROME2", 12, generate_instance_uid=False
+    )
     dataset.save_as(tmp_path / "ct12.dcm")
     original = mio.read_image(tmp_path / "ct12.dcm")
     marked = original.pixels.copy()
@@ -210,7 +260,8 @@ def test_dicom_with_fewer_stored_bits_gets_them_back_on_unlock(tmp_path):
 
 
 def test_demo_protects_and_exactly_restores_its_sample_images(server, tmp_path):
-    """The MedLocker part of ``make demo``: DICOM, 8/16-bit PNG, RGB PNG and TIFF, protected then restored bit for bit."""
+    """The MedLocker part of ``make demo``: DICOM, 8/16-bit PNG, RGB PNG and TIFF, protected then restored bit for
+    bit."""
     from medprivacy.watermark.demo import DEMO_IMAGES, run_watermark_demo
 
     out = tmp_path / "watermark"
@@ -218,7 +269,9 @@ def test_demo_protects_and_exactly_restores_its_sample_images(server, tmp_path):
     originals = sorted(p.name for p in (out / "originals").iterdir() if not p.name.endswith(("_mask.png", ".json")))
     assert len(originals) == len(DEMO_IMAGES) and sorted(p.name for p in (out / "restored").iterdir()) == originals
     for name in originals:
-        before, protected, after = (mio.read_image(out / folder / name) for folder in ("originals", "protected", "restored"))
+        before, protected, after = (
+            mio.read_image(out / folder / name) for folder in ("originals", "protected", "restored")
+        )
         assert before.format == protected.format == after.format
         assert not np.array_equal(before.pixels, protected.pixels)
         np.testing.assert_array_equal(before.pixels, after.pixels)

@@ -5,6 +5,7 @@ the ASR definitions on hand-made predictions, and one-line errors on bad input.
 The models are seeded, untrained, tiny versions of the served architectures (32x32): they test the mechanics, not
 watermark strength.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,19 +56,47 @@ def _one_line_error(err: str) -> str:
 def evaluated(servers, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     out, grid = folder / "report.json", folder / "grid.png"
-    code = main(["watermark", "eval", "--server", servers[0].url, "--out", str(out), "--images", "4", "--seed", "3",
-                 "--grid", str(grid), *TINY_SEARCH])
+    code = main(
+        [
+            "watermark",
+            "eval",
+            "--server",
+            servers[0].url,
+            "--out",
+            str(out),
+            "--images",
+            "4",
+            "--seed",
+            "3",
+            "--grid",
+            str(grid),
+            *TINY_SEARCH,
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text(encoding="utf-8")), grid
 
 
 def test_report_has_the_three_tables_keyed_by_source_target_and_method(evaluated):
     report, _ = evaluated
-    assert report["format"] == "medprivacy-watermark-eval" and report["data"]["images"] == 4 and report["data"]["attacked"] == 4
+    assert (
+        report["format"] == "medprivacy-watermark-eval"
+        and report["data"]["images"] == 4
+        and report["data"]["attacked"] == 4
+    )
     assert report["data"]["split"] == "test" and report["images"][0]["seed"] == 900_000
     assert list(report["table1"]) == [*NAMES, ENSEMBLE]
     for row in report["table1"].values():
-        assert {"asr", "successes", "correct_before", "clean_accuracy", "mean_evaluations", "mean_seconds", "psnr", "ssim"} <= set(row)
+        assert {
+            "asr",
+            "successes",
+            "correct_before",
+            "clean_accuracy",
+            "mean_evaluations",
+            "mean_seconds",
+            "psnr",
+            "ssim",
+        } <= set(row)
         assert row["attacked"] == 4 and 0 < row["mean_evaluations"] and row["mean_seconds"] > 0
         assert 10 < row["psnr"] < 60 and 0 < row["ssim"] <= 1
     assert report["table1"][ENSEMBLE]["models"] == NAMES
@@ -78,8 +107,12 @@ def test_report_has_the_three_tables_keyed_by_source_target_and_method(evaluated
         assert list(row) == table2["targets"]
         for target, cell in row.items():
             assert set(cell) == {"asr", "fooled", "pool", "white_box"}
-            member = target == source or source == ENSEMBLE or target == ENSEMBLE or (
-                source.startswith(HELD_OUT_PREFIX) and target != source[len(HELD_OUT_PREFIX):])
+            member = (
+                target == source
+                or source == ENSEMBLE
+                or target == ENSEMBLE
+                or (source.startswith(HELD_OUT_PREFIX) and target != source[len(HELD_OUT_PREFIX) :])
+            )
             assert cell["white_box"] == member, (source, target)
     assert set(table2["held_out_target"]) == set(NAMES)
     assert table2["held_out_target"]["wm-cls-vit"]["source"] == HELD_OUT_PREFIX + "wm-cls-vit"
@@ -142,23 +175,52 @@ def test_grid_is_a_valid_png_with_one_row_per_example(evaluated):
 def test_same_seed_gives_the_same_watermarks(evaluated, servers, tmp_path, capsys):
     report, _ = evaluated
     out = tmp_path / "again.json"
-    code, stdout, _ = _run(capsys, "--server", servers[0].url, "--out", out, "--images", "2", "--seed", "3", "--no-held-out",
-                           "--no-table3", "--models", "wm-cls-resnet18,wm-cls-vit", *TINY_SEARCH)
+    code, stdout, _ = _run(
+        capsys,
+        "--server",
+        servers[0].url,
+        "--out",
+        out,
+        "--images",
+        "2",
+        "--seed",
+        "3",
+        "--no-held-out",
+        "--no-table3",
+        "--models",
+        "wm-cls-resnet18,wm-cls-vit",
+        *TINY_SEARCH,
+    )
     assert code == 0 and "Table 1" in stdout and "Table 3" not in stdout
     again = json.loads(out.read_text(encoding="utf-8"))
     assert list(again["table1"]) == ["wm-cls-resnet18", "wm-cls-vit", ENSEMBLE] and again["table3"] is None
     for first, second in zip(report["images"][:2], again["images"]):
         for name in ("wm-cls-resnet18", "wm-cls-vit"):
             key = f"wap/basin-hopping/{name}"
-            assert {k: first["runs"][key][k] for k in ("alpha", "x", "y", "evaluations")} == \
-                   {k: second["runs"][key][k] for k in ("alpha", "x", "y", "evaluations")}
+            assert {k: first["runs"][key][k] for k in ("alpha", "x", "y", "evaluations")} == {
+                k: second["runs"][key][k] for k in ("alpha", "x", "y", "evaluations")
+            }
 
 
 def test_validation_split_draws_other_images_than_the_test_split(evaluated, servers, tmp_path, capsys):
     report, _ = evaluated
     out = tmp_path / "validation.json"
-    code, _, err = _run(capsys, "--server", servers[0].url, "--out", out, "--images", "2", "--split", "validation", "--no-held-out",
-                        "--no-table3", "--models", "wm-cls-resnet18", *TINY_SEARCH)
+    code, _, err = _run(
+        capsys,
+        "--server",
+        servers[0].url,
+        "--out",
+        out,
+        "--images",
+        "2",
+        "--split",
+        "validation",
+        "--no-held-out",
+        "--no-table3",
+        "--models",
+        "wm-cls-resnet18",
+        *TINY_SEARCH,
+    )
     assert code == 0 and "validation split from seed 500000" in err
     validation = json.loads(out.read_text(encoding="utf-8"))
     assert validation["data"]["split"] == "validation" and validation["config"]["split"] == "validation"
@@ -182,12 +244,20 @@ def test_transfer_asr_pools_watermarks_that_fooled_the_source_and_targets_right_
     source_after = np.array([0, 0, 1, 0, 1, 1])  # fooled: 0, 1, 2 (4 was wrong before, 3 not fooled) and 5
     target_clean = np.array([1, 0, 0, 0, 1, 0])  # image 1 wrong before on the target: out of the pool
     target_after = np.array([0, 0, 0, 1, 0, 1])
-    assert transfer_success_rate(labels, source_clean, source_after, target_clean, target_after) == {"asr": 2 / 3, "fooled": 2, "pool": 3}
+    assert transfer_success_rate(labels, source_clean, source_after, target_clean, target_after) == {
+        "asr": 2 / 3,
+        "fooled": 2,
+        "pool": 3,
+    }
     assert transfer_success_rate([0], [1], [1], [0], [1])["asr"] is None
 
 
 def test_ensemble_prediction_is_the_argmax_of_the_weighted_mean():
-    probs = {"a": np.array([[0.9, 0.1], [0.4, 0.6]]), "b": np.array([[0.2, 0.8], [0.45, 0.55]]), "c": np.array([[0.3, 0.7], [0.9, 0.1]])}
+    probs = {
+        "a": np.array([[0.9, 0.1], [0.4, 0.6]]),
+        "b": np.array([[0.2, 0.8], [0.45, 0.55]]),
+        "c": np.array([[0.3, 0.7], [0.9, 0.1]]),
+    }
     assert ensemble_prediction(probs, ["a", "b", "c"]).tolist() == [1, 0]
     assert ensemble_prediction(probs, ["a", "b"]).tolist() == [0, 1]
     assert ensemble_prediction(probs, ["a", "b", "c"], weights=[1.0, 0.0, 0.0]).tolist() == [0, 1]
@@ -198,9 +268,13 @@ def test_plan_runs_covers_each_table_once():
     keys = [run.key for run in runs]
     assert len(keys) == len(set(keys)) == 4 + 1 + 4 + 5
     assert [run.source for run in runs if run.mode == "wap" and run.mutation == "basin-hopping"] == [
-        *NAMES, ENSEMBLE, *(HELD_OUT_PREFIX + n for n in NAMES)]
+        *NAMES,
+        ENSEMBLE,
+        *(HELD_OUT_PREFIX + n for n in NAMES),
+    ]
     assert {(run.mode, run.mutation) for run in runs if run.lesion_only} == {
-        (m, u) for m in ("keep-in", "keep-out") for u in ("basin-hopping", "random")}
+        (m, u) for m in ("keep-in", "keep-out") for u in ("basin-hopping", "random")
+    }
     equal = plan_runs(NAMES[:1], EvalConfig(held_out=True, equal_budget_random=True), "wm-cls-resnet18")
     assert [run.key for run in equal].count("wap/random-equal-evaluations/wm-cls-resnet18") == 1 and len(equal) == 1 + 8
 
@@ -213,9 +287,15 @@ def test_bad_input_ends_in_one_line(servers, tmp_path, capsys):
         (["--server", bare.url, "--out", out, "--images", "1"], "holds no watermark classifier"),
         (["--server", full.url, "--out", out, "--images", "0"], "--images must be at least 1"),
         (["--server", full.url, "--out", tmp_path / "missing" / "r.json", "--images", "1"], "does not exist"),
-        (["--server", full.url, "--out", out, "--images", "1", "--models", "wm-cls-nope"], "no classifier 'wm-cls-nope'"),
+        (
+            ["--server", full.url, "--out", out, "--images", "1", "--models", "wm-cls-nope"],
+            "no classifier 'wm-cls-nope'",
+        ),
         (["--server", full.url, "--out", out, "--images", "1", "--table3-source", "wm-cls-nope"], "--table3-source"),
-        (["--server", full.url, "--out", out, "--images", "1", "--alpha-min", "200", "--alpha-max", "100"], "alpha range"),
+        (
+            ["--server", full.url, "--out", out, "--images", "1", "--alpha-min", "200", "--alpha-max", "100"],
+            "alpha range",
+        ),
     ]
     for argv, message in cases:
         code, _, err = _run(capsys, *argv)

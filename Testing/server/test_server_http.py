@@ -1,4 +1,5 @@
 """The inference server over real HTTP(S): endpoints, validation, auth, TLS, size limits, audit copies, refusals."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,11 @@ def _patches(count: int, size=TINY_PATCH, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tls_and_small_servers(tiny_models_dir, tls_cert):
     """An HTTPS server and one with a 10 KiB request limit (3 patches exceed it), started side by side."""
-    tls = launch_server(["--ssl-certfile", tls_cert.cert, "--ssl-keyfile", tls_cert.key],
-                        models_dir=tiny_models_dir, ca_bundle=tls_cert.cert)
+    tls = launch_server(
+        ["--ssl-certfile", tls_cert.cert, "--ssl-keyfile", tls_cert.key],
+        models_dir=tiny_models_dir,
+        ca_bundle=tls_cert.cert,
+    )
     small = launch_server(["--max-request-mb", "0.01"], models_dir=tiny_models_dir)
     try:
         yield tls.wait_ready(), small.wait_ready()
@@ -51,7 +55,9 @@ def test_health_and_info(live_server):
     assert info["torch_version"] and info["max_request_bytes"] == 256 * 1024 * 1024
     assert set(info["models"]) == {"mixup-seg", "plain-seg"}
     mixup = info["models"]["mixup-seg"]
-    assert mixup["endpoint"] == "/v1/mixup/segment" and info["models"]["plain-seg"]["endpoint"] == "/v1/baseline/segment"
+    assert (
+        mixup["endpoint"] == "/v1/mixup/segment" and info["models"]["plain-seg"]["endpoint"] == "/v1/baseline/segment"
+    )
     assert mixup["patch_size"] == TINY_PATCH and mixup["labels"] == TINY_LABELS
     assert mixup["arch"] == "unet" and mixup["in_channels"] == 1 and mixup["out_channels"] == 4
     assert len(mixup["sha256"]) == 64
@@ -105,17 +111,36 @@ def test_wrong_patch_size_is_refused_with_the_expected_size(live_server):
 @pytest.mark.parametrize(
     "body, headers, status, message",
     [
-        (wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))), {"X-MedPrivacy-API": "999"}, 409, "version 999 but this server speaks version 1"),
-        (wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))), {"X-MedPrivacy-Response-Dtype": "int8"}, 422, "must be uint8 or float16"),
+        (
+            wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))),
+            {"X-MedPrivacy-API": "999"},
+            409,
+            "version 999 but this server speaks version 1",
+        ),
+        (
+            wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))),
+            {"X-MedPrivacy-Response-Dtype": "int8"},
+            422,
+            "must be uint8 or float16",
+        ),
         (wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH)), "float32"), {}, 422, "send uint8 or float16"),
         (wire.encode_tensor(np.zeros((1, 2, *TINY_PATCH))), {}, 422, "single-channel"),
         (wire.encode_tensor(np.zeros((0, 1, *TINY_PATCH))), {}, 422, "no patches"),
         (b"GIF89a", {}, 422, "not a valid MedPrivacy tensor"),
-        (wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))), {"Content-Type": "text/plain"}, 415,
-         "takes Content-Type application/x-medprivacy-tensor, not text/plain"),
+        (
+            wire.encode_tensor(np.zeros((1, 1, *TINY_PATCH))),
+            {"Content-Type": "text/plain"},
+            415,
+            "takes Content-Type application/x-medprivacy-tensor, not text/plain",
+        ),
         (wire.encode_tensor(np.full((1, 1, *TINY_PATCH), 2.0), "float16"), {}, 422, "patch values span [2, 2]"),
         (wire.encode_tensor(np.full((1, 1, *TINY_PATCH), -1.0), "float16"), {}, 422, "patch values span [-1, -1]"),
-        (wire.encode_tensor(np.full((1, 1, *TINY_PATCH), 65504.0), "float16"), {}, 422, "send intensities scaled to [0, 1]"),
+        (
+            wire.encode_tensor(np.full((1, 1, *TINY_PATCH), 65504.0), "float16"),
+            {},
+            422,
+            "send intensities scaled to [0, 1]",
+        ),
     ],
 )
 def test_raw_requests_get_one_line_json_errors(live_server, body, headers, status, message):
@@ -165,14 +190,18 @@ def test_token_is_required_and_checked(live_server_with_token):
         assert session.get(server.url + "/v1/health", timeout=10).status_code == 200  # health stays open
         missing = session.get(server.url + "/v1/info", timeout=10)
         assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
-        wrong = session.post(server.url + "/v1/mixup/segment", headers={"Authorization": "Bearer x"}, data=b"", timeout=10)
+        wrong = session.post(
+            server.url + "/v1/mixup/segment", headers={"Authorization": "Bearer x"}, data=b"", timeout=10
+        )
         assert wrong.status_code == 403
     assert server.token not in server.log()
 
 
 def test_baseline_disabled_names_the_flag(live_server_with_token):
     assert set(live_server_with_token.client().info()["models"]) == {"mixup-seg"}
-    with pytest.raises(ServerError, match=r"baseline endpoint is disabled on this server; start it with --enable-baseline"):
+    with pytest.raises(
+        ServerError, match=r"baseline endpoint is disabled on this server; start it with --enable-baseline"
+    ):
         live_server_with_token.client().segment(_patches(1), endpoint="baseline")
 
 
@@ -186,7 +215,9 @@ def test_nothing_is_written_without_audit_dir(live_server_with_token, tiny_model
 
 def test_request_over_the_size_limit_is_refused(tls_and_small_servers):
     server = tls_and_small_servers[1]
-    with pytest.raises(ServerError, match=r"request too large .*lower request_patches or ask the operator to raise --max-request-mb"):
+    with pytest.raises(
+        ServerError, match=r"request too large .*lower request_patches or ask the operator to raise --max-request-mb"
+    ):
         server.client().segment(_patches(3))
     # Without Content-Length (chunked upload) the limit is enforced while reading.
     body = wire.encode_tensor(_patches(3))
@@ -212,14 +243,19 @@ def test_tls_is_verified_with_the_given_ca_bundle(tls_and_small_servers):
 
 
 def test_https_url_for_a_plain_http_server(live_server):
-    with pytest.raises(ServerError, match="TLS handshake with .* failed .*if the server runs without --ssl-certfile use http://"):
+    with pytest.raises(
+        ServerError, match="TLS handshake with .* failed .*if the server runs without --ssl-certfile use http://"
+    ):
         InferenceClient(live_server.url.replace("http://", "https://"), retries=0).info()
 
 
 def test_non_loopback_bind_without_token_is_refused(tiny_models_dir):
     result = subprocess.run(
         [*SERVE_COMMAND, "--host", "0.0.0.0", "--port", str(free_port()), "--models-dir", str(tiny_models_dir)],
-        capture_output=True, encoding="utf-8", errors="replace", timeout=120,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
         env={k: v for k, v in os.environ.items() if k != "MEDPRIVACY_TOKEN"},
     )
     assert result.returncode == 2

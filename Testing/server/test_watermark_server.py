@@ -3,6 +3,7 @@
 The models are seeded, untrained, deliberately tiny versions of the served architectures (32x32 inputs): they test
 transport and endpoint mechanics, not watermark strength.
 """
+
 from __future__ import annotations
 
 import base64
@@ -81,14 +82,22 @@ def _post(handle, path, body, headers=None, params=None):
     content_type = "application/json" if path.endswith("/optimize") else CONTENT_TYPE
     with requests.Session() as session:
         session.trust_env = False
-        return session.post(handle.url + path, data=body, headers={"Content-Type": content_type, **(headers or {})},
-                            params=params, timeout=60)
+        return session.post(
+            handle.url + path,
+            data=body,
+            headers={"Content-Type": content_type, **(headers or {})},
+            params=params,
+            timeout=60,
+        )
 
 
 def _optimize_body(image, logo=None, mask=None, **params) -> bytes:
     logo = blending.default_logo(64) if logo is None else logo
-    document = {"image": base64.b64encode(exact_image_tensor(image)).decode(),
-                "logo": base64.b64encode(encode_tensor_raw(np.moveaxis(logo, -1, 0)[None])).decode(), "params": params}
+    document = {
+        "image": base64.b64encode(exact_image_tensor(image)).decode(),
+        "logo": base64.b64encode(encode_tensor_raw(np.moveaxis(logo, -1, 0)[None])).decode(),
+        "params": params,
+    }
     if mask is not None:
         document["mask"] = base64.b64encode(encode_tensor_raw(mask.astype(np.uint8)[None, None])).decode()
     return json.dumps(document).encode()
@@ -102,15 +111,29 @@ def _detail(response) -> str:
 
 # --- info, classify, lesions -----------------------------------------------------------------------------------
 
+
 def test_info_lists_the_watermark_models_with_their_task(server):
     info = _client(server).info()
     models = info["models"]
     assert set(models) == {*CLASSIFIERS, "wm-lesion-seg", "mine"}  # a MedLocker-only server: no mixup-seg needed
     for name in CLASSIFIERS:
         assert models[name]["task"] == "classify" and models[name]["endpoint"] == "/v1/watermark/classify"
-        assert models[name]["patch_size"] == SIZE and models[name]["labels"] == LABELS and models[name]["out_channels"] == 2
-    assert models["wm-lesion-seg"]["task"] == "segment-lesion" and models["wm-lesion-seg"]["endpoint"] == "/v1/watermark/lesions"
-    assert models["mine"] == {**models["mine"], "task": "classify", "arch": "torchscript", "patch_size": list(SCRIPTED_SIZE), "out_channels": 3}
+        assert (
+            models[name]["patch_size"] == SIZE
+            and models[name]["labels"] == LABELS
+            and models[name]["out_channels"] == 2
+        )
+    assert (
+        models["wm-lesion-seg"]["task"] == "segment-lesion"
+        and models["wm-lesion-seg"]["endpoint"] == "/v1/watermark/lesions"
+    )
+    assert models["mine"] == {
+        **models["mine"],
+        "task": "classify",
+        "arch": "torchscript",
+        "patch_size": list(SCRIPTED_SIZE),
+        "out_channels": 3,
+    }
     assert len(models["mine"]["sha256"]) == 64
     # The Mixup endpoint says what is missing rather than failing.
     response = _post(server, "/v1/mixup/segment", encode_tensor(np.zeros((1, 1, 16, 16, 16))))
@@ -130,10 +153,16 @@ def test_classify_gives_probabilities_per_model_at_any_image_size(server):
     # A subset by query, float16 upload, and a gray image (repeated to three channels by the server).
     subset = client.classify(images[:1], models=["wm-cls-vit"], upload_dtype="float16")
     assert set(subset["models"]) == {"wm-cls-vit"}
-    np.testing.assert_allclose(subset["models"]["wm-cls-vit"]["probabilities"], answer["models"]["wm-cls-vit"]["probabilities"][:1], atol=2e-3)
+    np.testing.assert_allclose(
+        subset["models"]["wm-cls-vit"]["probabilities"], answer["models"]["wm-cls-vit"]["probabilities"][:1], atol=2e-3
+    )
     gray = client.classify(images[:1, :1], models=["wm-cls-resnet18"])
     rgb_of_gray = client.classify(np.repeat(images[:1, :1], 3, axis=1), models=["wm-cls-resnet18"])
-    np.testing.assert_allclose(gray["models"]["wm-cls-resnet18"]["probabilities"], rgb_of_gray["models"]["wm-cls-resnet18"]["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(
+        gray["models"]["wm-cls-resnet18"]["probabilities"],
+        rgb_of_gray["models"]["wm-cls-resnet18"]["probabilities"],
+        atol=1e-6,
+    )
 
 
 def test_user_torchscript_classifier_answers_like_the_file(server, wm_files):
@@ -145,7 +174,9 @@ def test_user_torchscript_classifier_answers_like_the_file(server, wm_files):
     net = torch.jit.load(str(wm_files[1]), map_location="cpu")
     sent = torch.from_numpy(np.rint(images * 255) / 255).float()  # what the uint8 upload carries
     with torch.inference_mode():
-        expected = torch.softmax(net(F.interpolate(sent, size=SCRIPTED_SIZE, mode="bilinear", antialias=True, align_corners=False)), dim=1)
+        expected = torch.softmax(
+            net(F.interpolate(sent, size=SCRIPTED_SIZE, mode="bilinear", antialias=True, align_corners=False)), dim=1
+        )
     np.testing.assert_allclose(answer["models"]["mine"]["probabilities"], expected.numpy(), atol=1e-5)
     assert answer["models"]["mine"]["labels"] == {"0": "class 0", "1": "class 1", "2": "class 2"}
 
@@ -154,7 +185,9 @@ def test_lesions_give_a_probability_mask_at_the_image_size(server):
     image = blending.unit_view(_rgb(45, 61, seed=3))
     mask = _client(server).lesions(image)
     assert mask.shape == (45, 61) and mask.dtype == np.float32 and 0 <= mask.min() <= mask.max() <= 1
-    response = _post(server, "/v1/watermark/lesions", encode_tensor(image[None]), headers={"X-MedPrivacy-Response-Dtype": "uint8"})
+    response = _post(
+        server, "/v1/watermark/lesions", encode_tensor(image[None]), headers={"X-MedPrivacy-Response-Dtype": "uint8"}
+    )
     from medprivacy.transport.wire import decode_tensor
 
     as_uint8, _ = decode_tensor(response.content)
@@ -162,6 +195,7 @@ def test_lesions_give_a_probability_mask_at_the_image_size(server):
 
 
 # --- optimize --------------------------------------------------------------------------------------------------
+
 
 def test_optimize_keep_out_and_keep_in_respect_the_lesion_boxes(server):
     client = _client(server)
@@ -174,15 +208,22 @@ def test_optimize_keep_out_and_keep_in_respect_the_lesion_boxes(server):
     boxes = lesion_boxes(mask, MaskParams(kernel=1, iterations=0, min_area=0))
     for mode in ("keep-out", "keep-in"):
         for seed in range(3):
-            answer = client.optimize(image, logo, mask=mask, mode=mode, mask_params=mask_params, seed=seed, models=list(CLASSIFIERS), **FAST)
+            answer = client.optimize(
+                image, logo, mask=mask, mode=mode, mask_params=mask_params, seed=seed, models=list(CLASSIFIERS), **FAST
+            )
             params = answer["params"]
             placement = Placement(mode, image.shape, size, boxes)
             assert placement.feasible(params["x"], params["y"]), (mode, params)
             if mode == "keep-out":
                 assert not placement.overlaps_lesion(params["x"], params["y"])
             else:  # on the lesion box or touching its edge (boxes.py)
-                assert any(params["x"] <= b.x1 and b.x <= params["x"] + size[1] and params["y"] <= b.y1 and b.y <= params["y"] + size[0]
-                           for b in boxes)
+                assert any(
+                    params["x"] <= b.x1
+                    and b.x <= params["x"] + size[1]
+                    and params["y"] <= b.y1
+                    and b.y <= params["y"] + size[0]
+                    for b in boxes
+                )
             assert 100 <= params["alpha"] <= 255 and params["sl"] == 4.0
             assert answer["lesion_boxes"] == [list(b) for b in boxes] and answer["lesion_source"] == "mask"
             assert answer["logo_size"] == list(size) and answer["mode"] == mode
@@ -201,18 +242,22 @@ def test_optimize_keep_out_and_keep_in_respect_the_lesion_boxes(server):
 def test_optimize_is_seeded_and_reports_what_the_watermarked_image_gets(server):
     """The 'after' predictions equal /classify on the image rendered locally from the returned parameters (16-bit)."""
     client = _client(server)
-    image = (np.random.default_rng(6).integers(0, 65536, (48, 40), dtype=np.uint16))
+    image = np.random.default_rng(6).integers(0, 65536, (48, 40), dtype=np.uint16)
     logo = blending.default_logo(64)
-    first = client.optimize(image, logo, mode="wap", seed=11, label=1, weights=[0.7, 0.3],
-                            models=["wm-cls-resnet18", "wm-cls-vit"], **FAST)
-    again = client.optimize(image, logo, mode="wap", seed=11, label=1, weights=[0.7, 0.3],
-                            models=["wm-cls-resnet18", "wm-cls-vit"], **FAST)
+    first = client.optimize(
+        image, logo, mode="wap", seed=11, label=1, weights=[0.7, 0.3], models=["wm-cls-resnet18", "wm-cls-vit"], **FAST
+    )
+    again = client.optimize(
+        image, logo, mode="wap", seed=11, label=1, weights=[0.7, 0.3], models=["wm-cls-resnet18", "wm-cls-vit"], **FAST
+    )
     assert first["params"] == again["params"] and first["objective"] == again["objective"]
     assert first["target"] == 1 and first["target_source"] == "label" and first["lesion_boxes"] == []
     assert first["targets"] == {"wm-cls-resnet18": 1, "wm-cls-vit": 1}
     params = first["params"]
     protected, _ = blending.watermark(image, logo, params["alpha"], params["x"], params["y"], params["sl"])
-    classified = client.classify(blending.unit_view(protected)[None], models=["wm-cls-resnet18", "wm-cls-vit"], upload_dtype="float16")
+    classified = client.classify(
+        blending.unit_view(protected)[None], models=["wm-cls-resnet18", "wm-cls-vit"], upload_dtype="float16"
+    )
     objective = 0.0
     for name, weight in (("wm-cls-resnet18", 0.7), ("wm-cls-vit", 0.3)):
         after = np.array(first["after"][name]["probabilities"][0])
@@ -247,8 +292,16 @@ def test_without_a_label_each_model_moves_away_from_its_own_clean_answer(server)
 def test_optimize_with_the_server_segmenter_and_a_user_model(server):
     client = _client(server)
     image = _rgb(40, 40, seed=8)
-    answer = client.optimize(image, blending.default_logo(64), mode="keep-out", lesions="server", mask_threshold=0.99,
-                             models=["mine"], seed=0, **FAST)
+    answer = client.optimize(
+        image,
+        blending.default_logo(64),
+        mode="keep-out",
+        lesions="server",
+        mask_threshold=0.99,
+        models=["mine"],
+        seed=0,
+        **FAST,
+    )
     assert answer["lesion_source"] == "server" and answer["models"] == ["mine"]
     assert len(answer["before"]["mine"]["probabilities"][0]) == 3
 
@@ -264,9 +317,11 @@ def test_incremental_rendering_matches_rendering_whole_images(wm_files):
     models = [wm.models.classifiers[n] for n in ("wm-cls-resnet18", "wm-cls-vit")]
     rng = np.random.default_rng(9)
     # 8-bit RGB with its full range; 16-bit gray with the full range and with a 12-bit CT-like window that clips
-    cases = ((rng.integers(0, 256, (70, 53, 3), dtype=np.uint8), (0, 255)),
-             (rng.integers(0, 65536, (29, 47), dtype=np.uint16), (0, 65535)),
-             (rng.integers(0, 4096, (29, 47), dtype=np.uint16), (1000, 3000)))
+    cases = (
+        (rng.integers(0, 256, (70, 53, 3), dtype=np.uint8), (0, 255)),
+        (rng.integers(0, 65536, (29, 47), dtype=np.uint16), (0, 65535)),
+        (rng.integers(0, 4096, (29, 47), dtype=np.uint16), (1000, 3000)),
+    )
     for image, window in cases:
         fitted = blending.fit_logo(blending.default_logo(64), image.shape, 2.5)
         max_x, max_y = image.shape[1] - fitted.size[1], image.shape[0] - fitted.size[0]
@@ -282,6 +337,7 @@ def test_incremental_rendering_matches_rendering_whole_images(wm_files):
 
 
 # --- auth and bad input ----------------------------------------------------------------------------------------
+
 
 def test_token_is_required_when_set(servers):
     token_server = servers[1]
@@ -318,21 +374,37 @@ def _optimize_cases():
     return [
         (b"{not json", "request body is not valid JSON"),
         (json.dumps({"image": logo_doc["image"]}).encode(), "request body has no 'logo'; it is required"),
-        (json.dumps({**logo_doc, "extra": 1}).encode(), "unknown field 'extra' in the request body; accepted there: image, logo, mask, params"),
-        (_optimize_body(image, popsize=3), "unknown field 'params.popsize' in the request body; accepted there: mode, lesions"),
+        (
+            json.dumps({**logo_doc, "extra": 1}).encode(),
+            "unknown field 'extra' in the request body; accepted there: image, logo, mask, params",
+        ),
+        (
+            _optimize_body(image, popsize=3),
+            "unknown field 'params.popsize' in the request body; accepted there: mode, lesions",
+        ),
         (_optimize_body(image, sl=0.5, mode="wap"), "is larger than the image"),
         (_optimize_body(image, mode="sideways"), "unknown placement mode 'sideways'"),
         (_optimize_body(image, mask=no_lesion, mode="keep-in", **FAST), "no lesion found in the mask"),
         (_optimize_body(image, mask=np.zeros((4, 4), bool)), "lesion mask has shape [4, 4]"),
         (_optimize_body(image, lesions="mask"), "has no mask"),
         (_optimize_body(image, mode="wap", label=7, **FAST), "label 7 must be a class index between 0 and 1"),
-        (_optimize_body(image, mode="wap", population=0), "params.population: input should be greater than or equal to 1 (got 0)"),
+        (
+            _optimize_body(image, mode="wap", population=0),
+            "params.population: input should be greater than or equal to 1 (got 0)",
+        ),
         (_optimize_body(image, mode="wap", max_evaluations=10**9), "this server's limit"),
-        (_optimize_body(image, mode="wap", weights=[1.0], models=list(CLASSIFIERS)), "weights must be a list of 4 numbers"),
+        (
+            _optimize_body(image, mode="wap", weights=[1.0], models=list(CLASSIFIERS)),
+            "weights must be a list of 4 numbers",
+        ),
         (_optimize_body(image, mode="wap", models=["wm-cls-vit", "mine"]), "different numbers of classes"),
         (_optimize_body(image, mode="wap", alpha_range=[200, 100]), "alpha bounds (200.0, 100.0)"),
-        (json.dumps({**logo_doc, "image": base64.b64encode(encode_tensor(np.zeros((1, 3, 8, 8)), "float16")).decode()}).encode(),
-         "float16, which cannot carry exact pixels"),
+        (
+            json.dumps(
+                {**logo_doc, "image": base64.b64encode(encode_tensor(np.zeros((1, 3, 8, 8)), "float16")).decode()}
+            ).encode(),
+            "float16, which cannot carry exact pixels",
+        ),
         (json.dumps({**logo_doc, "logo": "!!!"}).encode(), "logo is not valid base64"),
     ]
 
@@ -347,7 +419,9 @@ def test_optimize_refuses_bad_input_with_one_line(server, case):
 
 def test_client_errors_are_one_line(server):
     client = _client(server)
-    with pytest.raises(ServerError, match=r"HTTP 422: the logo \(80x80 px at sl=0.5\) is larger than the image \(40x48\)"):
+    with pytest.raises(
+        ServerError, match=r"HTTP 422: the logo \(80x80 px at sl=0.5\) is larger than the image \(40x48\)"
+    ):
         client.optimize(_rgb(40, 48), blending.default_logo(64), sl=0.5, mode="wap")
     with pytest.raises(InputError, match="8- or 16-bit"):
         client.optimize(np.zeros((8, 8), dtype=np.float32), blending.default_logo(64))

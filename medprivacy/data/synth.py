@@ -5,6 +5,7 @@ smooth elastic field (the anatomy varies), with a random bias field, gamma contr
 varies). Seeds fix every draw, so training, held-out evaluation and the private reference bank never overlap:
 training uses seeds from TRAIN_SEED_BASE, evaluation from HELD_OUT_SEED_BASE, keygen a CSPRNG seed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -106,7 +107,9 @@ def to_scanner_space(subject: Subject, seed: int, spacing=(1.0, 1.0, 1.3)):
     labels = sitk.GetImageFromArray(subject.labels)
     labels.CopyInformation(template.image)
 
-    center = np.array(template.image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in template.image.GetSize()]))
+    center = np.array(
+        template.image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in template.image.GetSize()])
+    )
     head_motion = sitk.Euler3DTransform()
     head_motion.SetCenter(center.tolist())
     head_motion.SetRotation(*rng.uniform(-0.17, 0.17, size=3).tolist())
@@ -114,7 +117,9 @@ def to_scanner_space(subject: Subject, seed: int, spacing=(1.0, 1.0, 1.3)):
 
     grid_rotation = sitk.Euler3DTransform()
     grid_rotation.SetRotation(*rng.uniform(-0.3, 0.3, size=3).tolist())
-    direction = np.array(grid_rotation.GetMatrix()).reshape(3, 3) @ np.array(template.image.GetDirection()).reshape(3, 3)
+    direction = np.array(grid_rotation.GetMatrix()).reshape(3, 3) @ np.array(template.image.GetDirection()).reshape(
+        3, 3
+    )
     extent = np.array(template.image.GetSize()) * np.array(template.image.GetSpacing()) * 1.1
     size = np.ceil(extent / np.array(spacing)).astype(int)
     origin = center - direction @ ((size - 1) * np.array(spacing) / 2)

@@ -5,6 +5,7 @@ in ``Resources/Template/LICENSE.txt``), so neither the client in Slicer nor the 
 key generation and every Apply read them from there. Their checksums are pinned below because the model grid, the
 synthetic subjects and the shipped weights are all defined on these exact voxels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,18 @@ from ..errors import InputError
 
 #: file role -> (file name, sha256 of the shipped file)
 _FILES = {
-    "t1": ("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6"),
-    "gm": ("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz", "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed"),
-    "wm": ("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz", "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db"),
+    "t1": (
+        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+    ),
+    "gm": (
+        "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+        "97a5ca69bd24db37a9cb7b32525e1733a209af904129bf1cd36da06d24243bed",
+    ),
+    "wm": (
+        "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+        "382d92812de4744f9c86c7a0e4f680dc317a0a50e4da1f0153618a6798c7b7db",
+    ),
 }
 #: nilearn's own definition of the whole-brain mask: T1 template above 20 % of its range.
 BRAIN_THRESHOLD = 0.2
@@ -61,9 +71,15 @@ def load_template() -> Template:
     for key, (name, expected_sha256) in _FILES.items():
         path = directory / name
         if not path.is_file():
-            raise InputError(f"MNI152 template file {path} is missing; reinstall the MedPrivacy extension (or restore Resources/Template from git)")
+            raise InputError(
+                f"MNI152 template file {path} is missing; reinstall the MedPrivacy extension "
+                "(or restore Resources/Template from git)"
+            )
         if hashlib.sha256(path.read_bytes()).hexdigest() != expected_sha256:
-            raise InputError(f"MNI152 template file {path} is not the shipped file (checksum differs); restore it from git or reinstall the extension")
+            raise InputError(
+                f"MNI152 template file {path} is not the shipped file (checksum differs); "
+                "restore it from git or reinstall the extension"
+            )
         img = sitk.ReadImage(str(path))
         if key == "t1":
             image = sitk.Cast(sitk.Cast(img, sitk.sitkFloat32) / 255.0, sitk.sitkFloat32)

@@ -4,6 +4,7 @@ A bank shipped with the extension would be public and the server could unmix by 
 every installation makes its own: synthetic subjects drawn from 128-bit CSPRNG seeds (never stored), or the
 site's own labelled scans. Stored in a 0700 folder as 0600 files, and never sent anywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,18 +55,27 @@ class ReferenceBank:
         path = directory / BANK_FILE
         if not path.is_file():
             raise InputError(
-                f"no private reference bank in {directory}; create one with 'medprivacy mixup keygen --key-dir {directory}' "
-                "(or 'Generate key' in Slicer)"
+                f"no private reference bank in {directory}; "
+                f"create one with 'medprivacy mixup keygen --key-dir {directory}' (or 'Generate key' in Slicer)"
             )
         _check_private(directory)
         try:
             with np.load(path, allow_pickle=False) as data:
                 images, labels = data["images"].astype(np.float16), data["labels"].astype(np.uint8)
-            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8")) if (directory / META_FILE).is_file() else {}
+            meta = (
+                json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+                if (directory / META_FILE).is_file()
+                else {}
+            )
         except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"the reference bank in {directory} is damaged ({exc}); generate a new key with 'medprivacy mixup keygen --force'") from None
+            raise InputError(
+                f"the reference bank in {directory} is damaged ({exc}); "
+                "generate a new key with 'medprivacy mixup keygen --force'"
+            ) from None
         if images.ndim != 4 or images.shape != labels.shape or len(images) == 0:
-            raise InputError(f"the reference bank in {directory} has an unexpected shape {images.shape}; generate a new key")
+            raise InputError(
+                f"the reference bank in {directory} has an unexpected shape {images.shape}; generate a new key"
+            )
         return cls(directory, images, labels, meta)
 
 
@@ -74,13 +84,19 @@ def _check_private(directory: Path) -> None:
         return
     mode = directory.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InputError(f"key folder {directory} is accessible to other users; run 'chmod 700 {directory}' (it holds your private key)")
+        raise InputError(
+            f"key folder {directory} is accessible to other users; run 'chmod 700 {directory}' "
+            "(it holds your private key)"
+        )
 
 
 def _prepare_key_dir(key_dir: str | os.PathLike | None, force: bool) -> Path:
     directory = Path(key_dir) if key_dir is not None else default_key_dir()
     if (directory / BANK_FILE).exists() and not force:
-        raise InputError(f"a reference bank already exists in {directory}; pass --force to replace it (segmentations made with it stay valid)")
+        raise InputError(
+            f"a reference bank already exists in {directory}; pass --force to replace it "
+            "(segmentations made with it stay valid)"
+        )
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     return directory
@@ -89,6 +105,7 @@ def _prepare_key_dir(key_dir: str | os.PathLike | None, force: bool) -> Path:
 def _write_key_part(path: Path, write: Callable[[object], None]) -> None:
     """Create ``path`` atomically with mode 0600 from the first byte (files.write_atomically's temporary file is
     0600 until the rename): no window where the key is readable by others."""
+
     def write_file(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             write(handle)
@@ -97,7 +114,10 @@ def _write_key_part(path: Path, write: Callable[[object], None]) -> None:
 
 
 def _save(directory: Path, images: np.ndarray, labels: np.ndarray, meta: dict) -> ReferenceBank:
-    _write_key_part(directory / BANK_FILE, lambda h: np.savez_compressed(h, images=images.astype(np.float16), labels=labels.astype(np.uint8)))
+    _write_key_part(
+        directory / BANK_FILE,
+        lambda h: np.savez_compressed(h, images=images.astype(np.float16), labels=labels.astype(np.uint8)),
+    )
     _write_key_part(directory / META_FILE, lambda h: h.write(json.dumps(meta, indent=2).encode()))
     return ReferenceBank(directory, images.astype(np.float16), labels.astype(np.uint8), meta)
 
@@ -137,8 +157,15 @@ def generate_bank(
         images.append(normalize_intensity(subject.image, analysis_mask()))
         labels.append(subject.labels)
     rng = np.random.default_rng(secrets.randbits(128))
-    patch_images, patch_labels = sample_reference_patches(images, labels, patches, patch_size, rng, TEXTURE_OVERSAMPLING)
-    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": f"{subjects} synthetic subjects (CSPRNG seeds, not stored)", "patch_size": list(patch_size), "patches": patches}
+    patch_images, patch_labels = sample_reference_patches(
+        images, labels, patches, patch_size, rng, TEXTURE_OVERSAMPLING
+    )
+    meta = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": f"{subjects} synthetic subjects (CSPRNG seeds, not stored)",
+        "patch_size": list(patch_size),
+        "patches": patches,
+    }
     bank = _save(directory, patch_images, patch_labels, meta)
     if progress:
         progress("reference bank written", 1.0)
@@ -172,7 +199,9 @@ def import_bank(
         image = read_image(image_path)
         label = sitk.ReadImage(str(label_path))
         resampled, transform = to_model_grid(image)
-        model_labels = sitk.GetArrayFromImage(to_model_grid(label, transform=transform, interpolator=sitk.sitkNearestNeighbor)[0]).astype(np.uint8)
+        model_labels = sitk.GetArrayFromImage(
+            to_model_grid(label, transform=transform, interpolator=sitk.sitkNearestNeighbor)[0]
+        ).astype(np.uint8)
         if model_labels.max() > 3:
             raise InputError(f"{label_path} has label values above 3; expected 1 CSF, 2 gray matter, 3 white matter")
         images.append(normalize_intensity(sitk.GetArrayFromImage(resampled), analysis_mask()))
@@ -182,6 +211,13 @@ def import_bank(
             images, labels, patches, patch_size, np.random.default_rng(secrets.randbits(128)), TEXTURE_OVERSAMPLING
         )
     except ValueError as exc:
-        raise InputError(f"cannot build a reference bank from these scans ({exc}); check that the labels cover the brain") from None
-    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": f"{len(scans)} site scans", "patch_size": list(patch_size), "patches": patches}
+        raise InputError(
+            f"cannot build a reference bank from these scans ({exc}); check that the labels cover the brain"
+        ) from None
+    meta = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": f"{len(scans)} site scans",
+        "patch_size": list(patch_size),
+        "patches": patches,
+    }
     return _save(directory, patch_images, patch_labels, meta)

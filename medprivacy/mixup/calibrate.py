@@ -9,6 +9,7 @@ The plain baseline gets its own factors through its own path, so comparisons bet
 The networks run in this process through the same function the server uses (``nets.inference``), on the same
 wire quantisation, and the private path is the real one (``pipeline.private_scores``).
 """
+
 from __future__ import annotations
 
 import shlex
@@ -54,7 +55,11 @@ class LocalSegmenter:
         return {
             "baseline_enabled": True,
             "models": {
-                name: {"patch_size": list(spec.patch_size), "sha256": spec.sha256, **{k: spec.extra[k] for k in ("lambda_range",) if k in spec.extra}}
+                name: {
+                    "patch_size": list(spec.patch_size),
+                    "sha256": spec.sha256,
+                    **{k: spec.extra[k] for k in ("lambda_range",) if k in spec.extra},
+                }
                 for name, spec in self.specs.items()
             },
         }
@@ -83,7 +88,9 @@ def calibration_bank(patch_size, reference_subjects: int = CALIBRATION_REFERENCE
         images.append(normalize_intensity(subject.image, analysis_mask()))
         labels.append(subject.labels)
     rng = np.random.default_rng(CALIBRATION_REFERENCE_SEED_BASE)
-    patch_images, patch_labels = sample_reference_patches(images, labels, CALIBRATION_REFERENCE_PATCHES, tuple(patch_size), rng, TEXTURE_OVERSAMPLING)
+    patch_images, patch_labels = sample_reference_patches(
+        images, labels, CALIBRATION_REFERENCE_PATCHES, tuple(patch_size), rng, TEXTURE_OVERSAMPLING
+    )
     return ReferenceBank(Path(), patch_images.astype(np.float16), patch_labels, {"source": "calibration"})
 
 
@@ -103,7 +110,9 @@ def _dice_means(labels_per_subject, truths) -> float:
     return float(np.mean(means))
 
 
-def fit_decision_weights(scores: list[np.ndarray], truths: list[np.ndarray], passes: int = 3) -> tuple[list[float], float, float]:
+def fit_decision_weights(
+    scores: list[np.ndarray], truths: list[np.ndarray], passes: int = 3
+) -> tuple[list[float], float, float]:
     """Per-class factors maximising mean Dice of argmax(factor · score) over the given (C, M) scores and (M,) truths.
 
     Coordinate ascent over ``CANDIDATE_FACTORS`` (background fixed at 1). Returns (factors, Dice before, after).
@@ -187,12 +196,15 @@ def calibrate(
         image.CopyInformation(load_template().image)  # on the model grid: no registration, labels stay exact
         prepared = prepare_scan(image, patch_size)
         collected["plain-seg"].append(plain_scores(prepared, segmenter)[0][:, mask])
-        collected["mixup-unmix"].append(private_scores(prepared, segmenter, bank, {"learned": unmixer}, settings, rng).averaged["learned"][:, mask])
+        collected["mixup-unmix"].append(
+            private_scores(prepared, segmenter, bank, {"learned": unmixer}, settings, rng).averaged["learned"][:, mask]
+        )
         truths.append(np.asarray(labels)[mask])
     record = {
         "command": command or "medprivacy mixup calibrate " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
         "subjects": cases_description or f"{count} validation cases",
-        "key": f"{CALIBRATION_REFERENCE_PATCHES} reference patches from {reference_subjects} seeded synthetic subjects {CALIBRATION_REFERENCE_SEED_BASE}+",
+        "key": f"{CALIBRATION_REFERENCE_PATCHES} reference patches from {reference_subjects} seeded synthetic subjects "
+        f"{CALIBRATION_REFERENCE_SEED_BASE}+",
         "tta": settings.tta,
         "privacy": settings.to_json(),
         "objective": "mean Dice over " + ", ".join(CLASS_NAMES),

@@ -5,6 +5,7 @@ answers are unmixed both naively and by the learned network — so Naive/Learned
 uploads and differ only in the unmixing — plus a second, independent k=1 draw for the test–retest ICC.
 Dice is computed on each scan's own grid, after the full register → segment → resample-back path.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,7 +64,17 @@ def _cases(images, labels, synthetic: int):
             yield f"synthetic held-out subject (seed {seed})", image, label
 
 
-def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | None = None, seed: int = 0, progress=None, privacy: str | PrivacySettings | None = None) -> dict:
+def evaluate(
+    images,
+    labels,
+    synthetic: int,
+    client,
+    key_dir=None,
+    tta: int | None = None,
+    seed: int = 0,
+    progress=None,
+    privacy: str | PrivacySettings | None = None,
+) -> dict:
     import SimpleITK as sitk
 
     from .bank import ReferenceBank
@@ -90,7 +101,14 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | No
         prepared = prepare_scan(image, bank.patch_size)  # registration once, shared by every method
         baseline, _ = segment_plain(image, client, bank.patch_size, prepared=prepared)
         private = private_scores(prepared, client, bank, unmixers, settings, rng, score_first_copy=True)
-        retest = private_scores(prepared, client, bank, {"learned": unmixers["learned"]}, settings.with_changes(tta=1, level=settings.level), rng)
+        retest = private_scores(
+            prepared,
+            client,
+            bank,
+            {"learned": unmixers["learned"]},
+            settings.with_changes(tta=1, level=settings.level),
+            rng,
+        )
         learned_weights = unmixers["learned"].decision_weights
         predictions = {
             "Baseline": baseline,
@@ -102,14 +120,17 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | No
         }
         stats = private.stats
         dice = {method: dice_per_class(sitk.GetArrayFromImage(p), truth) for method, p in predictions.items()}
-        per_subject.append({"case": name, "dice": dice, "bytes_sent": stats["bytes_sent"], "patches_sent": stats["patches_sent"]})
+        per_subject.append(
+            {"case": name, "dice": dice, "bytes_sent": stats["bytes_sent"], "patches_sent": stats["patches_sent"]}
+        )
 
     table = {}
     for method in METHODS:
         table[method] = {c: float(np.mean([s["dice"][method][c] for s in per_subject])) for c in CLASS_NAMES + ["mean"]}
     icc = {
         c: icc_absolute_agreement(
-            np.array([s["dice"]["Learned"][c] for s in per_subject]), np.array([s["dice"]["Learned (retest)"][c] for s in per_subject])
+            np.array([s["dice"]["Learned"][c] for s in per_subject]),
+            np.array([s["dice"]["Learned (retest)"][c] for s in per_subject]),
         )
         for c in CLASS_NAMES
     }
@@ -121,7 +142,12 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | No
         "tta": settings.tta,
         "privacy": settings.to_json(),
         "subjects": per_subject,
-        "server": {"url": client.url if hasattr(client, "url") else None, "server_version": info.get("server_version"), "device": info.get("device"), "models": {k: v.get("sha256") for k, v in info["models"].items()}},
+        "server": {
+            "url": client.url if hasattr(client, "url") else None,
+            "server_version": info.get("server_version"),
+            "device": info.get("device"),
+            "models": {k: v.get("sha256") for k, v in info["models"].items()},
+        },
         "seconds": time.perf_counter() - started,
     }
 
@@ -129,7 +155,11 @@ def evaluate(images, labels, synthetic: int, client, key_dir=None, tta: int | No
 def format_report(report: dict) -> str:
     header = f"{'Method':<14}" + "".join(f"{c:>14}" for c in CLASS_NAMES) + f"{'Avg':>10}"
     level = report.get("privacy", {}).get("level", "?")
-    lines = [f"Dice on {len(report['subjects'])} held-out scan(s), privacy level {level}, TTA k={report['tta']}", header, "-" * len(header)]
+    lines = [
+        f"Dice on {len(report['subjects'])} held-out scan(s), privacy level {level}, TTA k={report['tta']}",
+        header,
+        "-" * len(header),
+    ]
     for method, row in report["table1"].items():
         lines.append(f"{method:<14}" + "".join(f"{row[c]:>14.3f}" for c in CLASS_NAMES) + f"{row['mean']:>10.3f}")
     icc = report["icc_learned_two_reference_draws"]

@@ -4,6 +4,7 @@ A scan already on the template grid is used as is; otherwise an affine SimpleITK
 affine; Mattes mutual information, two resolutions, 4 and 2 mm) aligns the template to it. The same transform, inverted
 by resampling, brings the class probabilities back onto the scan's exact grid.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,9 @@ def register_to_template(image, seed: int = 7):
     # Normalise so the metric's histogram bins see comparable ranges whatever the scanner units are.
     moving = sitk.RescaleIntensity(moving, 0.0, 1.0)
 
-    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.VersorRigid3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    initial = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.VersorRigid3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
     rigid = _run_registration(fixed, moving, initial, seed, iterations=80)
     affine = sitk.AffineTransform(3)
     affine.SetMatrix(rigid.GetMatrix())
@@ -50,7 +53,9 @@ def _run_registration(fixed, moving, initial, seed: int, iterations: int):
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.05, seed)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([4, 2])
     method.SetSmoothingSigmasPerLevel([2.0, 1.0])
@@ -76,9 +81,11 @@ def to_model_grid(image, transform=None, interpolator=None):
             transform = register_to_template(image)
         except RuntimeError:  # ITK: "All samples map outside moving image buffer" and the like
             extent = " x ".join(f"{n * s:.3g}" for n, s in zip(image.GetSize(), image.GetSpacing()))
-            raise InputError(f"cannot align the scan to the brain template: it covers {extent} mm "
-                             f"(voxel spacing {' x '.join(f'{s:g}' for s in image.GetSpacing())} mm); "
-                             "check the voxel spacing and orientation in the image header") from None
+            raise InputError(
+                f"cannot align the scan to the brain template: it covers {extent} mm "
+                f"(voxel spacing {' x '.join(f'{s:g}' for s in image.GetSpacing())} mm); "
+                "check the voxel spacing and orientation in the image header"
+            ) from None
     if interpolator is None:
         interpolator = sitk.sitkLinear
     pixel_type = sitk.sitkFloat32 if interpolator != sitk.sitkNearestNeighbor else image.GetPixelID()
@@ -103,7 +110,9 @@ def probabilities_to_input_grid(class_volumes: np.ndarray, transform, reference)
         channel.CopyInformation(template)
         # Outside the model grid nothing was segmented: background wins there (score 1 vs 0 for tissues).
         outside = 1.0 if label == 0 else 0.0
-        resampled = sitk.GetArrayFromImage(sitk.Resample(channel, reference, inverse, sitk.sitkLinear, outside, sitk.sitkFloat32))
+        resampled = sitk.GetArrayFromImage(
+            sitk.Resample(channel, reference, inverse, sitk.sitkLinear, outside, sitk.sitkFloat32)
+        )
         if best is None:
             best, best_label = resampled, np.zeros(resampled.shape, dtype=np.uint8)
         else:

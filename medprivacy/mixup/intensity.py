@@ -1,4 +1,5 @@
 """Robust intensity normalisation shared by training and inference (they must match exactly)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Reading scans (any ITK format or a DICOM series folder) and writing results atomically."""
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,9 @@ def read_image(path: str | os.PathLike):
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"cannot read {path} ({reason[:160]}); give an ITK-readable image or a DICOM series folder") from None
+        raise InputError(
+            f"cannot read {path} ({reason[:160]}); give an ITK-readable image or a DICOM series folder"
+        ) from None
     return validate_volume(image, str(path))
 
 
@@ -50,7 +53,10 @@ def validate_volume(image, name: str = "the image"):
     import SimpleITK as sitk
 
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector); give a single-channel T1 scan")
+        raise InputError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour/vector); "
+            "give a single-channel T1 scan"
+        )
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
     if image.GetDimension() != 3:
@@ -82,13 +88,17 @@ def plausibility_warnings(image, name: str = "the image") -> list[str]:
     shown = " x ".join(f"{e:.0f}" if e >= 10 else f"{e:.2g}" for e in extent)
     notes = []
     if not all(PLAUSIBLE_SPACING_MM[0] <= s <= PLAUSIBLE_SPACING_MM[1] for s in spacing):
-        notes.append(f"{name} has voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm, unusual for a brain MRI "
-                     f"({PLAUSIBLE_SPACING_MM[0]:g}-{PLAUSIBLE_SPACING_MM[1]:g} mm); check the spacing in its header")
+        notes.append(
+            f"{name} has voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm, unusual for a brain MRI "
+            f"({PLAUSIBLE_SPACING_MM[0]:g}-{PLAUSIBLE_SPACING_MM[1]:g} mm); check the spacing in its header"
+        )
     if not all(PLAUSIBLE_EXTENT_MM[0] <= e <= PLAUSIBLE_EXTENT_MM[1] for e in extent):
         notes.append(f"{name} covers {shown} mm, not a whole head (about 140-200 mm per side); the result may be wrong")
     if min(size) < MIN_PLAUSIBLE_SLICES:
-        notes.append(f"{name} has only {min(size)} slices along one axis (a slab, not a whole-brain volume); "
-                     "tissue outside the slab cannot be segmented and the alignment to the template may fail")
+        notes.append(
+            f"{name} has only {min(size)} slices along one axis (a slab, not a whole-brain volume); "
+            "tissue outside the slab cannot be segmented and the alignment to the template may fail"
+        )
     return notes
 
 
@@ -106,7 +116,9 @@ def _write_itk_verified(image, path: Path) -> None:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as exc:
-            raise OSError(str(exc).strip().splitlines()[-1] if str(exc).strip() else "SimpleITK could not write the file") from None
+            raise OSError(
+                str(exc).strip().splitlines()[-1] if str(exc).strip() else "SimpleITK could not write the file"
+            ) from None
 
     def verify(tmp: Path) -> None:
         check_file_integrity(tmp)

@@ -5,6 +5,7 @@ drawn independently; the k copies of all patches travel in one shuffled batch. S
 server from grouping the copies of one location (it can place them on the template): privacy.py lists what does,
 and audit/ measures it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -51,7 +52,9 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 #: The 48 symmetries of a cube: an order of the three axes, then a flip of each. Code 0 is the identity and codes
 #: 0..7 keep the axis order (flips only), so "the first n codes" is a subgroup for n = 1, 8 and 48.
-ORIENTATIONS = tuple((order, flips) for order in itertools.permutations(range(3)) for flips in itertools.product((False, True), repeat=3))
+ORIENTATIONS = tuple(
+    (order, flips) for order in itertools.permutations(range(3)) for flips in itertools.product((False, True), repeat=3)
+)
 
 
 def orient(patch: np.ndarray, code: int) -> np.ndarray:
@@ -96,7 +99,9 @@ class MixPlan:
     reference_index: np.ndarray
     reference_orientation: np.ndarray  # cube symmetry of the reference patch: multiplies the bank's size by 8 or 48
     target_orientation: np.ndarray  # cube symmetry of the scan's patch (undone on the answer); 0 = as on the grid
-    fill_index: np.ndarray  # reference patch whose texture replaces the scan outside the analysis region (or a decoy's target)
+    fill_index: (
+        np.ndarray
+    )  # reference patch whose texture replaces the scan outside the analysis region (or a decoy's target)
     fill_orientation: np.ndarray
     lam: np.ndarray
 

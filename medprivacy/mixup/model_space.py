@@ -1,4 +1,5 @@
 """The model grid: the MNI152 template grid (1 mm isotropic, template orientation) and its analysis region."""
+
 from __future__ import annotations
 
 import functools
@@ -47,7 +48,9 @@ def copy_grid(patch_size: tuple[int, int, int], copy: int) -> PatchGrid:
     return patch_grid(tuple(patch_size), TTA_GRID_SHIFTS[copy % len(TTA_GRID_SHIFTS)])
 
 
-def secret_copy_grids(mask: np.ndarray, patch_size: tuple[int, int, int], copies: int, rng: np.random.Generator) -> list[PatchGrid]:
+def secret_copy_grids(
+    mask: np.ndarray, patch_size: tuple[int, int, int], copies: int, rng: np.random.Generator
+) -> list[PatchGrid]:
     """One lattice per TTA copy at its own secret offset (distinct for every copy, uniform within a patch), covering
     ``mask`` over a padded volume: no public lattice, no patch moved back inside at the edges, so no two uploads cover
     the same voxels. Patches holding none of ``mask`` are left out."""

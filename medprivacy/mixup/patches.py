@@ -1,4 +1,5 @@
 """Patch grids over the brain's bounding box on the model grid, and stitching patch scores back into a volume."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class PatchGrid:
         return self.clipped(index)[0]
 
     def clipped(self, index: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-        """(region of the volume, matching region of the patch): the two differ where the patch reaches past the edge."""
+        """(region of the volume, matching region of the patch): the two differ where the patch reaches past the
+        edge."""
         volume_part, patch_part = [], []
         for start, size, length in zip(self.starts[index], self.patch_size, self.volume_shape):
             low, high = max(start, 0), min(start + size, length)
@@ -90,7 +92,11 @@ class PatchGrid:
     def extract(self, volume: np.ndarray) -> np.ndarray:
         """(N, D, H, W) patches of a (Z, Y, X) volume, or (N, C, D, H, W) of a (C, Z, Y, X) one (0 past the edge)."""
         lead = volume.shape[:-3]
-        return np.stack([self.extract_one(volume, i) for i in range(len(self))]) if len(self) else np.zeros((0,) + lead + self.patch_size, volume.dtype)
+        return (
+            np.stack([self.extract_one(volume, i) for i in range(len(self))])
+            if len(self)
+            else np.zeros((0,) + lead + self.patch_size, volume.dtype)
+        )
 
     def stitch(self, patches: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
         """Average (N, C, D, H, W) patches into a (C, Z, Y, X) volume; voxels no patch covers take ``background``.
@@ -126,7 +132,8 @@ class PatchGrid:
 def importance_weights(patch_size) -> np.ndarray:
     """Per-voxel weight of a patch's scores when patches overlap: a Gaussian of σ = a quarter of the patch, 1 at the
     centre. A voxel near a patch's border was segmented with little context on one side, so where shifted grids
-    overlap, the patch that had the voxel near its centre counts most. Never zero, so every covered voxel has a score."""
+    overlap, the patch that had the voxel near its centre counts most. Never zero, so every covered voxel has a
+    score."""
     axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (n / 4)) ** 2) for n in patch_size]
     weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
@@ -143,9 +150,12 @@ class ScoreAccumulator:
         self.weight = np.zeros(tuple(volume_shape), dtype=np.float32)
         self.patch_weights = importance_weights(patch_size) if weighted else np.ones(tuple(patch_size), np.float32)
 
-    def add(self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0, voxel_mask: np.ndarray | None = None) -> None:
+    def add(
+        self, grid: PatchGrid, index: int, scores: np.ndarray, weight: float = 1.0, voxel_mask: np.ndarray | None = None
+    ) -> None:
         """Add one patch's scores; ``weight`` scales how much the whole patch counts against the others, and
-        ``voxel_mask`` (D, H, W) keeps only some of its voxels. The part of a patch past the volume's edge is dropped."""
+        ``voxel_mask`` (D, H, W) keeps only some of its voxels. The part of a patch past the volume's edge is
+        dropped."""
         region, part = grid.clipped(index)
         weights = self.patch_weights[part] * np.float32(weight)
         if voxel_mask is not None:

@@ -4,6 +4,7 @@ Each TTA copy cuts the scan on its own shifted patch grid, so no voxel sits at a
 copies' answers are averaged per voxel, weighted towards patch centres. Memory stays bounded whatever k is: the
 shuffled rows are mixed, sent and unmixed one request at a time into one running average per class.
 """
+
 from __future__ import annotations
 
 import time
@@ -118,11 +119,15 @@ class Unmixer:
             actual = server_info["models"]["mixup-seg"].get("sha256")
             if expected and actual != expected:
                 raise VersionMismatchError(
-                    f"the server's mixup-seg model ({str(actual)[:12]}…) is not the one this client's unmixing network was "
-                    f"trained with ({expected[:12]}…); update the extension or the server, or use --unmix naive"
+                    f"the server's mixup-seg model ({str(actual)[:12]}…) is not the one this client's unmixing "
+                    f"network was trained with ({expected[:12]}…); update the extension or the server, or use "
+                    "--unmix naive"
                 )
             if tuple(spec.patch_size) != tuple(patch_size):
-                raise VersionMismatchError(f"unmixing network patch size {spec.patch_size} differs from the server's {list(patch_size)}; update the extension")
+                raise VersionMismatchError(
+                    f"unmixing network patch size {spec.patch_size} differs from the server's {list(patch_size)}; "
+                    "update the extension"
+                )
             self.lambda_range = tuple(spec.extra.get("lambda_range", self.lambda_range))
             self.decision_weights = spec.extra.get("decision_weights")
 
@@ -135,7 +140,11 @@ class Unmixer:
         with torch.inference_mode():
             for begin in range(0, len(mixed_probs), _UNMIX_ROWS):
                 part = slice(begin, begin + _UNMIX_ROWS)
-                logits = self.net(torch.from_numpy(mixed_probs[part]), torch.from_numpy(reference_onehot[part]), torch.from_numpy(lam[part]))
+                logits = self.net(
+                    torch.from_numpy(mixed_probs[part]),
+                    torch.from_numpy(reference_onehot[part]),
+                    torch.from_numpy(lam[part]),
+                )
                 out[part] = torch.softmax(logits, dim=1).numpy()
         return out
 
@@ -145,10 +154,13 @@ def check_server_model(client, patch_size) -> dict:
     info = client.info()
     model = info.get("models", {}).get("mixup-seg")
     if model is None:
-        raise VersionMismatchError("the server holds no 'mixup-seg' model; ask its operator to install the MedPrivacy models")
+        raise VersionMismatchError(
+            "the server holds no 'mixup-seg' model; ask its operator to install the MedPrivacy models"
+        )
     if tuple(model["patch_size"]) != tuple(patch_size):
         raise VersionMismatchError(
-            f"the server's model uses {tuple(model['patch_size'])} patches but your key has {tuple(patch_size)}; generate a new key"
+            f"the server's model uses {tuple(model['patch_size'])} patches but your key has {tuple(patch_size)}; "
+            "generate a new key"
         )
     return info
 
@@ -172,7 +184,9 @@ class UploadSession:
         return np.nonzero(self.plan.copy == copy)[0]
 
 
-def plan_session(prepared: PreparedScan, bank, settings: PrivacySettings, rng: np.random.Generator, lambda_range=DEFAULT_LAMBDA_RANGE) -> UploadSession:
+def plan_session(
+    prepared: PreparedScan, bank, settings: PrivacySettings, rng: np.random.Generator, lambda_range=DEFAULT_LAMBDA_RANGE
+) -> UploadSession:
     """Draw every secret of one private run: the deformation, the copies' grid offsets, and each row's reference,
     orientations, fill and λ (privacy.py says what each one is for)."""
     from ..data.template import load_template
@@ -193,7 +207,12 @@ def plan_session(prepared: PreparedScan, bank, settings: PrivacySettings, rng: n
         grids = [copy_grid(patch, c) for c in range(settings.tta)]
     real_rows = sum(len(g) for g in grids)
     plan = plan_mixing(
-        [len(g) for g in grids], len(bank), rng, lambda_range, settings.target_orientations, settings.reference_orientations,
+        [len(g) for g in grids],
+        len(bank),
+        rng,
+        lambda_range,
+        settings.target_orientations,
+        settings.reference_orientations,
         decoys=int(round(settings.decoy_fraction * real_rows)),
     )
     return UploadSession(settings, volume, mask, grids, plan, warp)
@@ -224,7 +243,9 @@ def make_uploads(session: UploadSession, bank, rows) -> tuple[np.ndarray, np.nda
             patch = np.where(has_signal, patch, fill_images[n])
             scan_voxels[n] = orient(has_signal, code)
         targets[n] = orient(patch, code)
-    references = orient_rows(bank.images[plan.reference_index[rows]], plan.reference_orientation[rows]).astype(np.float32)
+    references = orient_rows(bank.images[plan.reference_index[rows]], plan.reference_orientation[rows]).astype(
+        np.float32
+    )
     reference_labels = orient_rows(bank.labels[plan.reference_index[rows]], plan.reference_orientation[rows])
     return mix(targets, references, plan.lam[rows]), one_hot(reference_labels, NUM_CLASSES), targets, scan_voxels
 
@@ -344,7 +365,17 @@ def segment_private(
     unmixer = Unmixer(unmix, info, bank.patch_size)
     report("aligning the scan to the brain template", 0.0)
     prepared = prepare_scan(image, bank.patch_size)
-    scores = private_scores(prepared, client, bank, {unmix: unmixer}, settings, np.random.default_rng(seed), progress, cancel, keep_first_copy=keep_uploaded)
+    scores = private_scores(
+        prepared,
+        client,
+        bank,
+        {unmix: unmixer},
+        settings,
+        np.random.default_rng(seed),
+        progress,
+        cancel,
+        keep_first_copy=keep_uploaded,
+    )
     report("resampling the result onto the scan", 1.0)
     labelmap = finish_labelmap(prepared, scores.averaged[unmix], unmixer.decision_weights)
     uploaded = None
@@ -356,19 +387,30 @@ def segment_private(
 
         uploaded.CopyInformation(load_template().image)
     stats = dict(scores.stats)
-    stats.update(seconds=time.perf_counter() - started, tta=settings.tta, unmix=unmix, patches=len(scores.session.grids[0]))
+    stats.update(
+        seconds=time.perf_counter() - started, tta=settings.tta, unmix=unmix, patches=len(scores.session.grids[0])
+    )
     return PrivateSegmentation(labelmap=labelmap, uploaded=uploaded, stats=stats, session=scores.session)
 
 
-def plain_scores(prepared: PreparedScan, client, progress: Progress | None = None, cancel=None) -> tuple[np.ndarray, dict]:
+def plain_scores(
+    prepared: PreparedScan, client, progress: Progress | None = None, cancel=None
+) -> tuple[np.ndarray, dict]:
     """Class scores (C, Z, Y, X) from the server's baseline endpoint, which receives the unmixed patches."""
     sent_before, received_before = client.bytes_sent, client.bytes_received
-    probs = client.segment(prepared.patches[:, None], endpoint="baseline", progress=(lambda d, t: progress("baseline", d / t)) if progress else None, cancel=cancel)
+    probs = client.segment(
+        prepared.patches[:, None],
+        endpoint="baseline",
+        progress=(lambda d, t: progress("baseline", d / t)) if progress else None,
+        cancel=cancel,
+    )
     stats = {"bytes_sent": client.bytes_sent - sent_before, "bytes_received": client.bytes_received - received_before}
     return prepared.grid.stitch(probs, background=_BACKGROUND), stats
 
 
-def segment_plain(image, client, patch_size, progress: Progress | None = None, cancel=None, prepared: PreparedScan | None = None) -> tuple[object, dict]:
+def segment_plain(
+    image, client, patch_size, progress: Progress | None = None, cancel=None, prepared: PreparedScan | None = None
+) -> tuple[object, dict]:
     """Evaluation baseline: unmixed patches to the server's baseline endpoint (never used for private work)."""
     started = time.perf_counter()
     prepared = prepared or prepare_scan(image, patch_size)

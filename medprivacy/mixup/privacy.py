@@ -20,6 +20,7 @@ so the privacy–accuracy curve (bench/mixup_privacy_curve.py) shows what it buy
 - ``tta``: copies per patch. More copies give the client more accurate averages, and give a server that managed
   to place them more to average too.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -50,16 +51,34 @@ class PrivacySettings:
 #: The paper's scheme, as this product first shipped it: public shifted grids, reference flips, zero background.
 #: Kept for comparison (the audit shows what it leaks); never the default.
 PAPER = PrivacySettings(
-    level="paper", tta=16, secret_offsets=False, target_orientations=1, reference_orientations=8,
-    fill_background=False, scan_warp=0.0, decoy_fraction=0.0,
+    level="paper",
+    tta=16,
+    secret_offsets=False,
+    target_orientations=1,
+    reference_orientations=8,
+    fill_background=False,
+    scan_warp=0.0,
+    decoy_fraction=0.0,
 )
 STANDARD = PrivacySettings(
-    level="standard", tta=16, secret_offsets=True, target_orientations=48, reference_orientations=48,
-    fill_background=True, scan_warp=0.0, decoy_fraction=0.0,
+    level="standard",
+    tta=16,
+    secret_offsets=True,
+    target_orientations=48,
+    reference_orientations=48,
+    fill_background=True,
+    scan_warp=0.0,
+    decoy_fraction=0.0,
 )
 STRONG = PrivacySettings(
-    level="strong", tta=16, secret_offsets=True, target_orientations=48, reference_orientations=48,
-    fill_background=True, scan_warp=4.5, decoy_fraction=0.0,
+    level="strong",
+    tta=16,
+    secret_offsets=True,
+    target_orientations=48,
+    reference_orientations=48,
+    fill_background=True,
+    scan_warp=4.5,
+    decoy_fraction=0.0,
 )
 LEVELS = {settings.level: settings for settings in (PAPER, STANDARD, STRONG)}
 DEFAULT_LEVEL = "standard"

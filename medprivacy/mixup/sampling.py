@@ -1,4 +1,5 @@
 """Random patch sampling shared by training and the reference bank, so both see the same distribution."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,5 +65,7 @@ def sample_reference_patches(images, labels, count: int, patch_size, rng: np.ran
     With ``oversampling`` > 1, draws that many times more and keeps the ``count`` most textured patches.
     """
     if oversampling > 1:
-        return keep_most_textured(*sample_reference_patches(images, labels, count * oversampling, patch_size, rng), count)
+        return keep_most_textured(
+            *sample_reference_patches(images, labels, count * oversampling, patch_size, rng), count
+        )
     return draw_reference_patches(images, labels, reference_candidates(labels, patch_size), count, patch_size, rng)

@@ -8,6 +8,7 @@ scan looks like another subject rather than like a distorted image. Segmentation
 the client deforms the scan, the server segments what it receives, and the client brings the class scores back
 through the inverse deformation before the argmax.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,19 +42,25 @@ class SecretWarp:
         image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
         image.CopyInformation(reference)
         interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
-        return sitk.GetArrayFromImage(sitk.Resample(image, reference, self.forward, interpolator, 0.0, sitk.sitkFloat32))
+        return sitk.GetArrayFromImage(
+            sitk.Resample(image, reference, self.forward, interpolator, 0.0, sitk.sitkFloat32)
+        )
 
     def unwarp_scores(self, scores: np.ndarray, reference, background: np.ndarray) -> np.ndarray:
         """(C, Z, Y, X) class scores computed on the warped scan, brought back onto the model grid."""
         import SimpleITK as sitk
 
         field = sitk.TransformToDisplacementField(self.forward, sitk.sitkVectorFloat64, *_field_grid(reference))
-        inverse = sitk.DisplacementFieldTransform(sitk.InvertDisplacementField(field, maximumNumberOfIterations=20, maxErrorToleranceThreshold=0.01))
+        inverse = sitk.DisplacementFieldTransform(
+            sitk.InvertDisplacementField(field, maximumNumberOfIterations=20, maxErrorToleranceThreshold=0.01)
+        )
         out = np.empty_like(scores, dtype=np.float32)
         for channel, (volume, outside) in enumerate(zip(scores, background)):
             image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
             image.CopyInformation(reference)
-            out[channel] = sitk.GetArrayFromImage(sitk.Resample(image, reference, inverse, sitk.sitkLinear, float(outside), sitk.sitkFloat32))
+            out[channel] = sitk.GetArrayFromImage(
+                sitk.Resample(image, reference, inverse, sitk.sitkLinear, float(outside), sitk.sitkFloat32)
+            )
         return out
 
 
@@ -66,7 +73,9 @@ def secret_warp(reference, rms_mm: float, rng: np.random.Generator, region: np.n
     transform = sitk.BSplineTransformInitializer(reference, mesh, 3)
     raw = rng.standard_normal(len(transform.GetParameters()))
     transform.SetParameters(raw.tolist())
-    field = sitk.GetArrayFromImage(sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, *_field_grid(reference)))
+    field = sitk.GetArrayFromImage(
+        sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, *_field_grid(reference))
+    )
     if region is not None:
         coarse_region = region[::FIELD_SHRINK, ::FIELD_SHRINK, ::FIELD_SHRINK]
         field = field[tuple(slice(0, n) for n in coarse_region.shape)][coarse_region]

@@ -4,6 +4,7 @@ The manifest (``manifest.json`` beside the weights) is the single source of trut
 architecture arguments, patch size, labels, sha256, and how it was trained. Loading verifies the sha256 so a
 corrupted or swapped file is refused instead of silently producing garbage segmentations.
 """
+
 from __future__ import annotations
 
 from .registry import (

@@ -2,6 +2,7 @@
 site's VAE, the code classifier servers train on obfuscated frames, and the evaluation's attack network. The
 training and attacks that use them live in ``medprivacy.obfuscation``.
 """
+
 from __future__ import annotations
 
 #: The attack network compares each pixel's code with its neighbours in a 5x5 window: 24 channels.
@@ -26,14 +27,25 @@ def build_code_classifier(arch: dict):
             self.input = arch.get("input", "codes")
             self.pool = int(arch.get("pool", 4))
             if self.input == "codes":
-                self.register_buffer("code_values", torch.tensor([int(v) for v in arch["code_values"]], dtype=torch.long))
+                self.register_buffer(
+                    "code_values", torch.tensor([int(v) for v in arch["code_values"]], dtype=torch.long)
+                )
                 channels = len(arch["code_values"])
             else:
                 channels = 1
             layers = []
             for out, stride in zip(arch["channels"], arch["strides"]):
-                layers.append(ResidualUnit(2, channels, int(out), strides=int(stride), subunits=int(arch.get("subunits", 2)),
-                                           norm="INSTANCE", act="PRELU"))
+                layers.append(
+                    ResidualUnit(
+                        2,
+                        channels,
+                        int(out),
+                        strides=int(stride),
+                        subunits=int(arch.get("subunits", 2)),
+                        norm="INSTANCE",
+                        act="PRELU",
+                    )
+                )
                 channels = int(out)
             self.body = torch.nn.Sequential(*layers)
             self.head = torch.nn.Linear(channels, int(arch["classes"]))
@@ -62,8 +74,12 @@ def invariant_features(codes):
     frequency = torch.gather(counts / (h * w), 1, codes.reshape(n, -1)).reshape(n, 1, h, w)
     half = NEIGHBOURHOOD // 2
     padded = torch.nn.functional.pad(codes[:, None].float(), (half,) * 4, mode="replicate")
-    same = [(padded[:, :, dy:dy + h, dx:dx + w] == codes[:, None]).float()
-            for dy in range(NEIGHBOURHOOD) for dx in range(NEIGHBOURHOOD) if (dy, dx) != (half, half)]
+    same = [
+        (padded[:, :, dy : dy + h, dx : dx + w] == codes[:, None]).float()
+        for dy in range(NEIGHBOURHOOD)
+        for dx in range(NEIGHBOURHOOD)
+        if (dy, dx) != (half, half)
+    ]
     return torch.cat([frequency] + same, dim=1)
 
 
@@ -78,12 +94,20 @@ def build_attack_net(arch: dict):
             super().__init__()
             self.input = arch["input"]
             if self.input == "onehot":
-                self.register_buffer("code_values", torch.tensor([int(v) for v in arch["code_values"]], dtype=torch.long))
+                self.register_buffer(
+                    "code_values", torch.tensor([int(v) for v in arch["code_values"]], dtype=torch.long)
+                )
                 channels_in = len(arch["code_values"])
             else:
                 channels_in = 1 + NEIGHBOURHOOD * NEIGHBOURHOOD - 1
-            self.unet = UNet(spatial_dims=2, in_channels=channels_in, out_channels=1, channels=list(arch["channels"]),
-                             strides=list(arch["strides"]), num_res_units=int(arch.get("num_res_units", 1)))
+            self.unet = UNet(
+                spatial_dims=2,
+                in_channels=channels_in,
+                out_channels=1,
+                channels=list(arch["channels"]),
+                strides=list(arch["strides"]),
+                num_res_units=int(arch.get("num_res_units", 1)),
+            )
 
         def features(self, codes):
             if self.input == "onehot":

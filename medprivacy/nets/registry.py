@@ -1,4 +1,5 @@
 """Save and load networks as safetensors + manifest entries (never pickle: weights are data, not code)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,7 @@ class ModelSpec:
 
 
 def resolve_device(requested: str) -> str:
-    """"auto" → cuda when torch sees a GPU, else cpu; "cuda" without a GPU is a user error, not a silent fallback."""
+    """ "auto" → cuda when torch sees a GPU, else cpu; "cuda" without a GPU is a user error, not a silent fallback."""
     import torch
 
     if requested == "auto":
@@ -123,10 +124,19 @@ def build_network(arch: dict[str, Any]):
         from .unetpp import FinalLogits
 
         params = {
-            "spatial_dims": 2, "in_channels": 3, "img_size": [128, 128], "patch_size": 16, "hidden_size": 192,
-            "mlp_dim": 384, "num_layers": 6, "num_heads": 3, "classification": True, "num_classes": 2,
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "img_size": [128, 128],
+            "patch_size": 16,
+            "hidden_size": 192,
+            "mlp_dim": 384,
+            "num_layers": 6,
+            "num_heads": 3,
+            "classification": True,
+            "num_classes": 2,
             # MONAI's default head ends in Tanh, which would squash logits into [-1, 1]; plain logits for CE.
-            "post_activation": None, **kwargs,
+            "post_activation": None,
+            **kwargs,
         }
         # ViT returns (logits, hidden states); FinalLogits keeps the logits only.
         return FinalLogits(ViT(**params))
@@ -136,11 +146,17 @@ def build_network(arch: dict[str, Any]):
         return VGGClassifier(**kwargs)
     if name == "unet2d":
         params = {
-            "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [16, 32, 64, 128],
-            "strides": [2, 2, 2], "num_res_units": 1, **kwargs,
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "out_channels": 2,
+            "channels": [16, 32, 64, 128],
+            "strides": [2, 2, 2],
+            "num_res_units": 1,
+            **kwargs,
         }
         return UNet(**params)
-    # ObfuscationPrivacy: the client's VAE, the classifiers servers train on obfuscated frames, the evaluation's attackers.
+    # ObfuscationPrivacy: the client's VAE, the classifiers servers train on obfuscated frames, the evaluation's
+    # attackers.
     if name == "varautoencoder":
         from .obfuscation import build_vae
 
@@ -174,7 +190,9 @@ def load_manifest(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise InputError(f"model manifest {path} is not valid JSON ({exc.msg}); restore it from the repository") from None
+        raise InputError(
+            f"model manifest {path} is not valid JSON ({exc.msg}); restore it from the repository"
+        ) from None
 
 
 def write_manifest(manifest: dict[str, Any], directory: str | os.PathLike | None = None) -> Path:
@@ -186,7 +204,9 @@ def write_manifest(manifest: dict[str, Any], directory: str | os.PathLike | None
     return path
 
 
-def save_model(net, spec: ModelSpec, directory: str | os.PathLike | None = None, training: dict | None = None) -> ModelSpec:
+def save_model(
+    net, spec: ModelSpec, directory: str | os.PathLike | None = None, training: dict | None = None
+) -> ModelSpec:
     """Write weights atomically, record their sha256 and spec in the manifest (merging with other entries)."""
     from safetensors.torch import save
 
@@ -219,7 +239,9 @@ def load_model(name: str, directory: str | os.PathLike | None = None, device: st
     spec = ModelSpec.from_json(name, entry)
     path = directory / spec.file
     if not path.is_file():
-        raise InputError(f"weights file {path} is missing; restore Resources/Models or retrain with 'medprivacy mixup train'")
+        raise InputError(
+            f"weights file {path} is missing; restore Resources/Models or retrain with 'medprivacy mixup train'"
+        )
     actual = file_sha256(path)
     if spec.sha256 and actual != spec.sha256:
         raise VersionMismatchError(
@@ -230,5 +252,7 @@ def load_model(name: str, directory: str | os.PathLike | None = None, device: st
     try:
         net.load_state_dict(load_file(str(path), device="cpu"))
     except (RuntimeError, KeyError) as exc:
-        raise VersionMismatchError(f"weights {path.name} do not fit architecture {spec.arch['name']} ({str(exc).splitlines()[0]})") from None
+        raise VersionMismatchError(
+            f"weights {path.name} do not fit architecture {spec.arch['name']} ({str(exc).splitlines()[0]})"
+        ) from None
     return net.to(device).eval(), spec

@@ -1,4 +1,5 @@
 """Adapter so MONAI's BasicUNetPlusPlus (the paper's U-Net++) can stand wherever a plain U-Net does."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,5 +1,6 @@
 """Client-side unmixing network: a small 3D U-Net whose normalisation layers are adaptive instance norm
 conditioned on the mixing coefficient λ (Kim et al., Mixup-Privacy, sec. 4 "Implementation details")."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,9 @@ class AdaptiveInstanceNorm3d(nn.Module):
     def __init__(self, channels: int, hidden: int = 32):
         super().__init__()
         self.norm = nn.InstanceNorm3d(channels, affine=False)
-        self.to_scale_shift = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2 * channels))
+        self.to_scale_shift = nn.Sequential(
+            nn.Linear(1, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2 * channels)
+        )
         # Start as a plain instance norm (scale 1, shift 0) so early training is stable.
         nn.init.zeros_(self.to_scale_shift[-1].weight)
         nn.init.zeros_(self.to_scale_shift[-1].bias)
@@ -28,7 +31,9 @@ class _ConvBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, convs: int = 2):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1) for i in range(convs))
+        self.convs = nn.ModuleList(
+            nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1) for i in range(convs)
+        )
         self.norms = nn.ModuleList(AdaptiveInstanceNorm3d(out_channels) for _ in range(convs))
         self.act = nn.LeakyReLU(0.1, inplace=True)
 

@@ -3,6 +3,7 @@
 ``create_app(ServerConfig(...))`` builds the application; ``medprivacy serve`` (or ``python -m medprivacy.server``)
 runs it.
 """
+
 from __future__ import annotations
 
 __all__ = ["ServerConfig", "create_app"]

@@ -3,6 +3,7 @@
 A GPU box that only serves needs neither the client-side commands nor their dependencies; this entry point
 imports nothing beyond the server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     from .hardening import limit_malloc_arenas
 
     limit_malloc_arenas()  # first, before anything starts threads
-    parser = argparse.ArgumentParser(prog="python -m medprivacy.server", description="run the MedPrivacy inference server")
+    parser = argparse.ArgumentParser(
+        prog="python -m medprivacy.server", description="run the MedPrivacy inference server"
+    )
     cli.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -4,6 +4,7 @@ Startup refuses configurations that would expose the server or fail later in a c
 without a token, half a TLS configuration, an empty token file, or CUDA asked on a machine without it. The process
 limits glibc's malloc arenas and serves with a request timeout (see hardening.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,33 +24,79 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; any other address requires a token)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other address requires a token)"
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="folder with manifest.json and weights (default: MEDPRIVACY_MODELS_DIR or the shipped Resources/Models)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to run the networks (default auto: cuda when available)")
-    parser.add_argument("--token-file", type=Path, default=None,
-                        help=f"file holding the bearer token clients must send (default: environment variable {TOKEN_ENV})")
-    parser.add_argument("--ssl-certfile", type=Path, default=None, help="PEM certificate chain; enables HTTPS together with --ssl-keyfile")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="folder with manifest.json and weights (default: MEDPRIVACY_MODELS_DIR or the shipped Resources/Models)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run the networks (default auto: cuda when available)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the bearer token clients must send (default: environment variable {TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--ssl-certfile",
+        type=Path,
+        default=None,
+        help="PEM certificate chain; enables HTTPS together with --ssl-keyfile",
+    )
     parser.add_argument("--ssl-keyfile", type=Path, default=None, help="PEM private key for --ssl-certfile")
-    parser.add_argument("--audit-dir", type=Path, default=None,
-                        help="save a copy of every received batch here (.npy) to audit what the server sees; off by default")
-    parser.add_argument("--max-request-mb", type=float, default=256.0, help="largest accepted request body in MiB (default 256)")
-    parser.add_argument("--inference-batch", type=int, default=32, help="patches per forward pass (default 32; lower it if the GPU runs out of memory)")
-    parser.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="longest silence allowed while a request arrives (headers or body) before the connection is "
-                             "dropped; uploads must also average 1 KiB/s after that long (default 30)")
-    parser.add_argument("--enable-baseline", action="store_true",
-                        help="also serve the unmixed baseline model (evaluation only: its callers send readable images)")
-    parser.add_argument("--extra-classifier", action="append", default=[], metavar="NAME=MODEL.pt[:HxW]",
-                        help="also serve your own TorchScript classifier for MedLocker watermarks (input float32 (N, 3, H, W) "
-                             "in [0, 1], default 224x224; output logits (N, C)); repeatable. TorchScript is code the server "
-                             "runs: load only files you trust")
-    parser.add_argument("--model-store", type=Path, default=None,
-                        help="keep the classifiers clients train on obfuscated frames in this folder across restarts "
-                             "(default: in memory only, gone when the server stops)")
+    parser.add_argument(
+        "--audit-dir",
+        type=Path,
+        default=None,
+        help="save a copy of every received batch here (.npy) to audit what the server sees; off by default",
+    )
+    parser.add_argument(
+        "--max-request-mb", type=float, default=256.0, help="largest accepted request body in MiB (default 256)"
+    )
+    parser.add_argument(
+        "--inference-batch",
+        type=int,
+        default=32,
+        help="patches per forward pass (default 32; lower it if the GPU runs out of memory)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest silence allowed while a request arrives (headers or body) before the connection is "
+        "dropped; uploads must also average 1 KiB/s after that long (default 30)",
+    )
+    parser.add_argument(
+        "--enable-baseline",
+        action="store_true",
+        help="also serve the unmixed baseline model (evaluation only: its callers send readable images)",
+    )
+    parser.add_argument(
+        "--extra-classifier",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL.pt[:HxW]",
+        help="also serve your own TorchScript classifier for MedLocker watermarks (input float32 (N, 3, H, W) "
+        "in [0, 1], default 224x224; output logits (N, C)); repeatable. TorchScript is code the server "
+        "runs: load only files you trust",
+    )
+    parser.add_argument(
+        "--model-store",
+        type=Path,
+        default=None,
+        help="keep the classifiers clients train on obfuscated frames in this folder across restarts "
+        "(default: in memory only, gone when the server stops)",
+    )
     parser.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="log verbosity (default info)")
 
 
@@ -70,10 +117,15 @@ def read_token(token_file: Path | None) -> str | None:
             text = Path(token_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise InputError(f"cannot read token file {token_file} ({reason}); check the path and its permissions") from None
+            raise InputError(
+                f"cannot read token file {token_file} ({reason}); check the path and its permissions"
+            ) from None
         token, origin = text.strip(), f"token file {token_file}"
         if not token:
-            raise InputError(f"token file {token_file} is empty; write a token into it, e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+            raise InputError(
+                f"token file {token_file} is empty; write a token into it, "
+                'e.g. python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
         _warn_if_shared(Path(token_file))
     else:
         token, origin = os.environ.get(TOKEN_ENV, "").strip(), f"environment variable {TOKEN_ENV}"
@@ -81,7 +133,10 @@ def read_token(token_file: Path | None) -> str | None:
             return None
     # HTTP headers carry printable ASCII only; anything else would fail on the client with a cryptic encoding error.
     if not all(33 <= ord(c) <= 126 for c in token):
-        raise InputError(f"the token in {origin} contains spaces or non-ASCII characters; use a single word such as the output of secrets.token_urlsafe(32)")
+        raise InputError(
+            f"the token in {origin} contains spaces or non-ASCII characters; "
+            "use a single word such as the output of secrets.token_urlsafe(32)"
+        )
     return token
 
 
@@ -91,7 +146,9 @@ def _warn_if_shared(path: Path) -> None:
     except OSError:
         return
     if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logging.getLogger("medprivacy.server").warning("token file %s is readable by other users; run chmod 600 on it", path)
+        logging.getLogger("medprivacy.server").warning(
+            "token file %s is readable by other users; run chmod 600 on it", path
+        )
 
 
 def _check_readable(path: Path, option: str) -> None:
@@ -99,7 +156,9 @@ def _check_readable(path: Path, option: str) -> None:
         with open(path, "rb") as handle:
             handle.read(1)
     except OSError as exc:
-        raise InputError(f"cannot read {option} {path} ({exc.strerror or type(exc).__name__}); check the path and its permissions") from None
+        raise InputError(
+            f"cannot read {option} {path} ({exc.strerror or type(exc).__name__}); check the path and its permissions"
+        ) from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -108,7 +167,10 @@ def _bind(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or stop the program using it") from None
+        raise InputError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "choose another --port or stop the program using it"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,7 +252,10 @@ def run(args: argparse.Namespace) -> int:
     if args.audit_dir is not None:
         log.warning("audit copy on: every received batch is saved under %s", args.audit_dir)
     if not tls and not is_loopback(args.host):
-        log.warning("serving plain HTTP on %s: patches and the token travel unencrypted; add --ssl-certfile/--ssl-keyfile", args.host)
+        log.warning(
+            "serving plain HTTP on %s: patches and the token travel unencrypted; add --ssl-certfile/--ssl-keyfile",
+            args.host,
+        )
     host = f"[{args.host}]" if ":" in args.host else args.host
     # ASCII only: a Windows console with a legacy code page cannot print an em dash.
     print(
@@ -207,4 +272,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0 if server.started else 1
-

@@ -21,6 +21,7 @@ The protocol class below closes a connection whose request headers have not all 
 with a 408 answer. The body of a request is timed by the application itself (``app.read_body``), which can
 answer with a JSON error.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,10 @@ def request_timeout_protocol(timeout: float):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = json.dumps({"detail": f"request headers did not arrive within {timeout:g} s; connection closed"}).encode()
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
     class RequestTimeoutH11Protocol(H11Protocol):
         _request_timer = None
@@ -138,8 +141,11 @@ def request_timeout_protocol(timeout: float):
             if not (waiting_for_head or draining):
                 return
             if self.conn.our_state is h11.IDLE:
-                log.info("connection from %s sent no complete request within %g s; closed",
-                         self.client[0] if self.client else "?", timeout)
+                log.info(
+                    "connection from %s sent no complete request within %g s; closed",
+                    self.client[0] if self.client else "?",
+                    timeout,
+                )
                 self.transport.write(answer)
             self.transport.close()
 

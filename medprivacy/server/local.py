@@ -6,6 +6,7 @@ name a host) with its output in a log file and returns at once, so several slow,
 ``LocalServer.wait_ready`` then blocks until ``/v1/health`` answers, and ``stop`` ends it (also as a context
 manager). Nothing of the server is imported here: the child is a real server process, reached over real HTTP(S).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,14 +67,20 @@ class LocalServer:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise ServerError(f"the local server exited (code {self.process.returncode}); see {self.log_path}{self._log_text()}")
+                    raise ServerError(
+                        f"the local server exited (code {self.process.returncode}); "
+                        f"see {self.log_path}{self._log_text()}"
+                    )
                 try:
                     if poll.get(self.url + HEALTH_PATH, timeout=1.0, verify=verify).status_code == 200:
                         return self
                 except requests.RequestException:
                     pass
                 if time.monotonic() > deadline:
-                    raise ServerError(f"the local server did not answer {HEALTH_PATH} within {timeout:.0f} s; see {self.log_path}{self._log_text()}")
+                    raise ServerError(
+                        f"the local server did not answer {HEALTH_PATH} within {timeout:.0f} s; "
+                        f"see {self.log_path}{self._log_text()}"
+                    )
                 time.sleep(0.1)
         except BaseException:
             self.stop()
@@ -107,8 +114,14 @@ class LocalServer:
         self.stop()
 
 
-def launch_local_server(args: list[str], log_path: str | os.PathLike, *, env: dict[str, str] | None = None,
-                        cwd: str | os.PathLike | None = None, port: int = 0) -> LocalServer:
+def launch_local_server(
+    args: list[str],
+    log_path: str | os.PathLike,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    port: int = 0,
+) -> LocalServer:
     """Start ``medprivacy serve <args> --port <port or a free one>`` and return at once; ``wait_ready()`` before use.
 
     ``env`` replaces the child's environment when given (default: this process's). The URL follows the arguments:
@@ -124,12 +137,18 @@ def launch_local_server(args: list[str], log_path: str | os.PathLike, *, env: di
     scheme = "https" if option_value(args, "--ssl-certfile") else "http"
     log_path = Path(log_path)
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([*SERVE_COMMAND, *args], stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   cwd=str(cwd) if cwd is not None else None)
+        process = subprocess.Popen(
+            [*SERVE_COMMAND, *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(cwd) if cwd is not None else None,
+        )
     return LocalServer(f"{scheme}://{host}:{port}", process, args, log_path)
 
 
-def start_local_server(args: list[str], log_path: str | os.PathLike, *, timeout: float = START_TIMEOUT,
-                       **kwargs) -> LocalServer:
+def start_local_server(
+    args: list[str], log_path: str | os.PathLike, *, timeout: float = START_TIMEOUT, **kwargs
+) -> LocalServer:
     """``launch_local_server(...).wait_ready(timeout)``: a local server that answers /v1/health."""
     return launch_local_server(args, log_path, **kwargs).wait_ready(timeout)

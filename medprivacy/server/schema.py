@@ -9,6 +9,7 @@ parser refuses deeply nested documents instead of recursing until Python's stack
 New routes: subclass ``RequestModel`` (unknown fields refused, strict types, finite numbers) and give every
 number bounds with ``Field(ge=..., le=...)`` and every string and list a ``max_length``.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Type, TypeVar, Union
@@ -114,6 +115,7 @@ def _one_line(exc: ValidationError, what: str, model: type) -> str:
 
 # --- MedLocker ----------------------------------------------------------------------------------------------------
 
+
 class MaskParamsModel(RequestModel):
     kernel: Optional[int] = Field(None, ge=1, le=1025)
     iterations: Optional[int] = Field(None, ge=0, le=100)
@@ -136,13 +138,17 @@ class OptimizeParams(RequestModel):
     crossover_rate: Optional[float] = Field(None, ge=0.0, le=1.0)
     step: Optional[int] = Field(None, ge=1, le=MAX_STEP)
     local_iterations: Optional[int] = Field(None, ge=0, le=MAX_LOCAL_ITERATIONS)
-    alpha_range: Optional[Annotated[List[Annotated[float, Field(ge=0.0, le=255.0)]], Field(min_length=2, max_length=2)]] = None
+    alpha_range: Optional[
+        Annotated[List[Annotated[float, Field(ge=0.0, le=255.0)]], Field(min_length=2, max_length=2)]
+    ] = None
     alpha_step: Optional[float] = Field(None, gt=0.0, le=255.0)
     mutation: Optional[Literal["basin-hopping", "random"]] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     label: Optional[int] = Field(None, ge=0, le=1023)
     max_evaluations: Optional[int] = Field(None, ge=1)  # its upper bound is the server's, checked with its message
-    window: Optional[Annotated[List[Annotated[float, Field(ge=0.0, le=65535.0)]], Field(min_length=2, max_length=2)]] = None
+    window: Optional[
+        Annotated[List[Annotated[float, Field(ge=0.0, le=65535.0)]], Field(min_length=2, max_length=2)]
+    ] = None
 
     def given(self) -> Dict[str, Any]:
         """The parameters the client set (None means: the server's default)."""

@@ -3,6 +3,7 @@
 The client is imported lazily (``from medprivacy.transport.client import InferenceClient``) by callers that need
 it, so code that only encodes tensors does not pay for importing requests.
 """
+
 from __future__ import annotations
 
 from .wire import (
@@ -15,7 +16,16 @@ from .wire import (
     to_float32,
 )
 
-__all__ = ["CONTENT_TYPE", "WIRE_VERSION", "decode_tensor", "decode_tensor_raw", "encode_tensor", "encode_tensor_raw", "to_float32", "InferenceClient"]
+__all__ = [
+    "CONTENT_TYPE",
+    "WIRE_VERSION",
+    "decode_tensor",
+    "decode_tensor_raw",
+    "encode_tensor",
+    "encode_tensor_raw",
+    "to_float32",
+    "InferenceClient",
+]
 
 
 def __getattr__(name: str):

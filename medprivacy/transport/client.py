@@ -4,6 +4,7 @@ Every failure becomes one line from :mod:`medprivacy.errors` that names the prob
 caller is a clinician in Slicer or a CLI user, not someone reading a urllib3 traceback. The token never appears in
 a message or a log record.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -70,7 +71,9 @@ class InferenceClient:
         if retries < 0:
             raise InputError(f"retries must be 0 or more (got {retries})")
         if ca_bundle is not None and not Path(ca_bundle).is_file():
-            raise InputError(f"CA bundle {ca_bundle} does not exist; pass the PEM file with the server's CA certificate")
+            raise InputError(
+                f"CA bundle {ca_bundle} does not exist; pass the PEM file with the server's CA certificate"
+            )
         self._token = _resolve_token(token, token_file)
         self.ca_bundle = str(ca_bundle) if ca_bundle is not None else None
         self.connect_timeout = float(connect_timeout)
@@ -82,7 +85,9 @@ class InferenceClient:
         self.bytes_received = 0
         self._server_info: dict[str, Any] | None = None
         if urlsplit(self.url).scheme == "http" and not _is_loopback(urlsplit(self.url).hostname or ""):
-            log.warning("%s uses plain HTTP: patches and token travel unencrypted; ask the operator for an https URL", self.url)
+            log.warning(
+                "%s uses plain HTTP: patches and token travel unencrypted; ask the operator for an https URL", self.url
+            )
 
         retry = _NoReadTimeoutRetry(
             total=retries,
@@ -129,11 +134,13 @@ class InferenceClient:
         """Server description (GET /v1/info); raises VersionMismatchError when the API versions differ."""
         info = self._json(self._request("GET", INFO_PATH))
         if not isinstance(info, dict) or "api_version" not in info:
-            raise ServerError(f"{self.url} answered /v1/info without an api_version; check that the URL points at a MedPrivacy server")
+            raise ServerError(
+                f"{self.url} answered /v1/info without an api_version; check that the URL points at a MedPrivacy server"
+            )
         if info["api_version"] != API_VERSION:
             raise VersionMismatchError(
-                f"server {self.url} speaks MedPrivacy API version {info['api_version']} but this client speaks {API_VERSION}; "
-                "upgrade the older side so both match"
+                f"server {self.url} speaks MedPrivacy API version {info['api_version']} "
+                f"but this client speaks {API_VERSION}; upgrade the older side so both match"
             )
         self._server_info = info
         return info
@@ -180,11 +187,13 @@ class InferenceClient:
         for start in range(0, total, self.request_patches):
             if is_cancelled():
                 raise CancelledError(f"segmentation cancelled after {start} of {total} patches")
-            chunk = patches[start:start + self.request_patches]
+            chunk = patches[start : start + self.request_patches]
             body = encode_tensor(chunk, dtype=upload_dtype)
             self._check_size(body, chunk.shape[0])
             response = self._request(
-                "POST", path, data=body,
+                "POST",
+                path,
+                data=body,
                 headers={"Content-Type": CONTENT_TYPE, RESPONSE_DTYPE_HEADER: response_dtype},
             )
             self.bytes_sent += len(body)
@@ -193,8 +202,11 @@ class InferenceClient:
             if out is None:
                 out = np.empty((total, probs.shape[1], *spatial), dtype=np.float32)
             elif probs.shape[1] != out.shape[1]:
-                raise ServerError(f"{self.url} changed its number of classes mid-run ({out.shape[1]} then {probs.shape[1]}); retry the segmentation")
-            out[start:start + chunk.shape[0]] = probs
+                raise ServerError(
+                    f"{self.url} changed its number of classes mid-run ({out.shape[1]} then {probs.shape[1]}); "
+                    "retry the segmentation"
+                )
+            out[start : start + chunk.shape[0]] = probs
             if progress is not None:
                 progress(start + chunk.shape[0], total)
         assert out is not None
@@ -213,11 +225,16 @@ class InferenceClient:
     def _decode_probabilities(self, response, count: int, spatial: tuple[int, ...]) -> np.ndarray:
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type != CONTENT_TYPE:
-            raise ServerError(f"{self.url} answered {content_type or 'no content type'} instead of a tensor; check that the URL points at a MedPrivacy server")
+            raise ServerError(
+                f"{self.url} answered {content_type or 'no content type'} instead of a tensor; "
+                "check that the URL points at a MedPrivacy server"
+            )
         try:
             raw, _ = decode_tensor_raw(response.content, max_elements=count * MAX_CLASSES * int(np.prod(spatial)))
         except InputError as exc:
-            raise ServerError(f"{self.url} sent an unreadable answer ({exc}); retry, and report it to the operator if it persists") from None
+            raise ServerError(
+                f"{self.url} sent an unreadable answer ({exc}); retry, and report it to the operator if it persists"
+            ) from None
         if raw.ndim != 5 or raw.shape[0] != count or tuple(raw.shape[2:]) != tuple(spatial) or raw.shape[1] < 1:
             raise ServerError(
                 f"{self.url} answered shape {list(raw.shape)} for {count} patches of {list(spatial)}; "
@@ -233,7 +250,8 @@ class InferenceClient:
         read_timeout = min(self.read_timeout, QUICK_READ_TIMEOUT) if quick else self.read_timeout
         try:
             response = self._session.request(
-                method, url,
+                method,
+                url,
                 timeout=(self.connect_timeout, read_timeout),
                 verify=self.ca_bundle if self.ca_bundle is not None else True,
                 allow_redirects=False,
@@ -246,8 +264,11 @@ class InferenceClient:
                 raise ServerError(
                     f"TLS handshake with {self.url} failed ({reason}); if the server runs without --ssl-certfile use http://"
                 ) from None
-            hint = "pass --ca-bundle with the server's CA certificate" if self.ca_bundle is None else \
-                f"check that {self.ca_bundle} holds the CA certificate that signed the server's certificate"
+            hint = (
+                "pass --ca-bundle with the server's CA certificate"
+                if self.ca_bundle is None
+                else f"check that {self.ca_bundle} holds the CA certificate that signed the server's certificate"
+            )
             raise ServerError(f"TLS certificate of {self.url} could not be verified ({reason}); {hint}") from None
         except exceptions.ConnectTimeout:
             raise ServerError(
@@ -258,7 +279,8 @@ class InferenceClient:
             if quick:
                 raise ServerError(
                     f"{self.url} accepted the connection but did not answer {path} within {read_timeout:g} s; "
-                    "check that the URL points at a running MedPrivacy server (not another service) and that it is not stuck"
+                    "check that the URL points at a running MedPrivacy server (not another service) "
+                    "and that it is not stuck"
                 ) from None
             raise ServerError(
                 f"{self.url} did not answer within {read_timeout:g} s (read timeout); "
@@ -267,10 +289,13 @@ class InferenceClient:
         except exceptions.ConnectionError as exc:
             if _is_reset_during_upload(exc) and "data" in kwargs:
                 raise ServerError(
-                    f"{self.url} dropped the connection while receiving {len(kwargs['data'])} bytes (likely over its size limit); "
+                    f"{self.url} dropped the connection while receiving {len(kwargs['data'])} bytes "
+                    "(likely over its size limit); "
                     "lower request_patches or ask the operator to raise --max-request-mb"
                 ) from None
-            raise ServerError(f"cannot reach {self.url} ({_reason(exc)}); check the URL and that the server is running") from None
+            raise ServerError(
+                f"cannot reach {self.url} ({_reason(exc)}); check the URL and that the server is running"
+            ) from None
         except exceptions.RequestException as exc:
             raise ServerError(f"request to {self.url} failed ({_reason(exc)}); check the URL") from None
         if response.status_code >= 300:
@@ -283,9 +308,13 @@ class InferenceClient:
         if status == 401:
             raise AuthError(f"{self.url} requires a token; pass --token-file or set {TOKEN_ENV}")
         if status == 403:
-            raise AuthError(f"{self.url} rejected the token; check --token-file / {TOKEN_ENV} against the token the operator set")
+            raise AuthError(
+                f"{self.url} rejected the token; check --token-file / {TOKEN_ENV} against the token the operator set"
+            )
         if status == 409:
-            raise VersionMismatchError(detail or f"{self.url} speaks another MedPrivacy API version; upgrade the older side")
+            raise VersionMismatchError(
+                detail or f"{self.url} speaks another MedPrivacy API version; upgrade the older side"
+            )
         if status == 413:
             # The server's detail ends with its own hint for a generic caller; ours names the client setting.
             raise ServerError(
@@ -294,9 +323,14 @@ class InferenceClient:
             )
         if 300 <= status < 400:
             where = response.headers.get("Location", "another address")
-            raise ServerError(f"{self.url} redirects to {where}; use that URL directly (redirects are not followed, to keep the token)")
+            raise ServerError(
+                f"{self.url} redirects to {where}; use that URL directly (redirects are not followed, "
+                "to keep the token)"
+            )
         if status == 404 and not detail.startswith("baseline"):
-            raise ServerError(f"{self.url}{path} does not exist (HTTP 404 {detail}); check that the URL points at a MedPrivacy server")
+            raise ServerError(
+                f"{self.url}{path} does not exist (HTTP 404 {detail}); check that the URL points at a MedPrivacy server"
+            )
         raise ServerError(f"{self.url} answered HTTP {status}: {detail or response.reason}")
 
     @staticmethod
@@ -304,7 +338,9 @@ class InferenceClient:
         try:
             return response.json()
         except ValueError:
-            raise ServerError(f"{response.url} did not answer JSON; check that the URL points at a MedPrivacy server") from None
+            raise ServerError(
+                f"{response.url} did not answer JSON; check that the URL points at a MedPrivacy server"
+            ) from None
 
 
 def _normalise_url(url: str) -> str:
@@ -313,9 +349,13 @@ def _normalise_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputError(f"server URL {url!r} must look like https://host:port or http://127.0.0.1:8765")
     if parts.username or parts.password:
-        raise InputError("server URL must not contain a user name or password; pass the token with --token-file or MEDPRIVACY_TOKEN")
+        raise InputError(
+            "server URL must not contain a user name or password; pass the token with --token-file or MEDPRIVACY_TOKEN"
+        )
     if parts.query or parts.fragment:
-        raise InputError(f"server URL {url!r} must not have a query or fragment; give only scheme, host, port and path prefix")
+        raise InputError(
+            f"server URL {url!r} must not have a query or fragment; give only scheme, host, port and path prefix"
+        )
     return url
 
 
@@ -328,7 +368,9 @@ def _resolve_token(token: str | None, token_file: str | os.PathLike | None) -> s
             token = Path(token_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise InputError(f"cannot read token file {token_file} ({reason}); check the path and its permissions") from None
+            raise InputError(
+                f"cannot read token file {token_file} ({reason}); check the path and its permissions"
+            ) from None
         if not token.strip():
             raise InputError(f"token file {token_file} is empty; put the token the server operator gave you in it")
     if token is None:
@@ -337,7 +379,9 @@ def _resolve_token(token: str | None, token_file: str | os.PathLike | None) -> s
         return None
     token = token.strip()
     if not token or not all(33 <= ord(c) <= 126 for c in token):
-        raise InputError("the token is empty or contains spaces or non-ASCII characters; copy it again from the server operator")
+        raise InputError(
+            "the token is empty or contains spaces or non-ASCII characters; copy it again from the server operator"
+        )
     return token
 
 

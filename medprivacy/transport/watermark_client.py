@@ -7,6 +7,7 @@ more calls: ``classify`` (class probabilities per model), ``lesions`` (a lesion 
 It knows the wire and the HTTP contract only: turning pixels into what the classifiers see, or logos into RGBA, is
 the watermark package's (``medprivacy.watermark.blending``), which calls this client and is never imported here.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,7 +38,9 @@ class WatermarkClient(InferenceClient):
     def segmenters(self) -> dict[str, dict[str, Any]]:
         return {name: d for name, d in self.info().get("models", {}).items() if d.get("task") == "segment-lesion"}
 
-    def classify(self, images: np.ndarray, models: Sequence[str] | None = None, upload_dtype: str = "uint8") -> dict[str, Any]:
+    def classify(
+        self, images: np.ndarray, models: Sequence[str] | None = None, upload_dtype: str = "uint8"
+    ) -> dict[str, Any]:
         """Per-model class probabilities for float images (N, 3, H, W) (or (N, 1, H, W) gray) in [0, 1].
 
         Returns the server's JSON: ``{"count": N, "models": {name: {"labels", "probabilities", "predicted"}}}``.
@@ -47,11 +50,15 @@ class WatermarkClient(InferenceClient):
             raise InputError(f"images must have shape (N>0, 3, H, W) or (N>0, 1, H, W), got {images.shape}")
         body = encode_tensor(images, dtype=upload_dtype)
         params = {"models": ",".join(models)} if models else None
-        response = self._request("POST", WATERMARK_CLASSIFY_PATH, data=body, params=params, headers={"Content-Type": CONTENT_TYPE})
+        response = self._request(
+            "POST", WATERMARK_CLASSIFY_PATH, data=body, params=params, headers={"Content-Type": CONTENT_TYPE}
+        )
         self._count(body, response)
         answer = self._json(response)
         if not isinstance(answer, dict) or not isinstance(answer.get("models"), dict):
-            raise ServerError(f"{self.url} answered /classify without per-model results; check that client and server versions match")
+            raise ServerError(
+                f"{self.url} answered /classify without per-model results; check that client and server versions match"
+            )
         return answer
 
     def lesions(self, image: np.ndarray, model: str | None = None, upload_dtype: str = "uint8") -> np.ndarray:
@@ -60,20 +67,33 @@ class WatermarkClient(InferenceClient):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise InputError(f"the image must have shape (3, H, W) or (1, H, W), got {image.shape}")
         body = encode_tensor(image[None], dtype=upload_dtype)
-        response = self._request("POST", WATERMARK_LESIONS_PATH, data=body, params={"model": model} if model else None,
-                                 headers={"Content-Type": CONTENT_TYPE, RESPONSE_DTYPE_HEADER: "float16"})
+        response = self._request(
+            "POST",
+            WATERMARK_LESIONS_PATH,
+            data=body,
+            params={"model": model} if model else None,
+            headers={"Content-Type": CONTENT_TYPE, RESPONSE_DTYPE_HEADER: "float16"},
+        )
         self._count(body, response)
         if response.headers.get("Content-Type", "").split(";")[0].strip() != CONTENT_TYPE:
-            raise ServerError(f"{self.url} answered /lesions without a tensor; check that the URL points at a MedPrivacy server")
+            raise ServerError(
+                f"{self.url} answered /lesions without a tensor; check that the URL points at a MedPrivacy server"
+            )
         try:
             raw, _ = decode_tensor_raw(response.content, max_elements=int(np.prod(image.shape[1:])))
         except InputError as exc:
-            raise ServerError(f"{self.url} sent an unreadable lesion map ({exc}); retry, and report it to the operator if it persists") from None
+            raise ServerError(
+                f"{self.url} sent an unreadable lesion map ({exc}); retry, and report it to the operator if it persists"
+            ) from None
         if raw.shape != (1, 1, *image.shape[1:]):
-            raise ServerError(f"{self.url} answered a lesion map of shape {list(raw.shape)} for an image of {list(image.shape[1:])}")
+            raise ServerError(
+                f"{self.url} answered a lesion map of shape {list(raw.shape)} for an image of {list(image.shape[1:])}"
+            )
         return to_float32(raw)[0, 0]
 
-    def optimize(self, pixels: np.ndarray, logo: np.ndarray, mask: np.ndarray | None = None, **params: Any) -> dict[str, Any]:
+    def optimize(
+        self, pixels: np.ndarray, logo: np.ndarray, mask: np.ndarray | None = None, **params: Any
+    ) -> dict[str, Any]:
         """Run the watermark search for one image on the server; returns its JSON answer.
 
         ``pixels``: the image exactly as protected, (H, W) or (H, W, 3), uint8 or uint16. ``logo``: RGBA uint8
@@ -99,13 +119,20 @@ class WatermarkClient(InferenceClient):
             raise InputError(f"watermark parameters cannot be sent as JSON ({exc})") from None
         limit = (self._server_info or {}).get("max_request_bytes")
         if isinstance(limit, int) and len(body) > limit:
-            raise ServerError(f"this image makes a {len(body)}-byte request, over the limit of {limit} bytes of {self.url}; "
-                              "ask the operator to raise --max-request-mb")
-        response = self._request("POST", WATERMARK_OPTIMIZE_PATH, data=body, headers={"Content-Type": "application/json"})
+            raise ServerError(
+                f"this image makes a {len(body)}-byte request, over the limit of {limit} bytes of {self.url}; "
+                "ask the operator to raise --max-request-mb"
+            )
+        response = self._request(
+            "POST", WATERMARK_OPTIMIZE_PATH, data=body, headers={"Content-Type": "application/json"}
+        )
         self._count(body, response)
         answer = self._json(response)
         if not isinstance(answer, dict) or not isinstance(answer.get("params"), dict):
-            raise ServerError(f"{self.url} answered /optimize without watermark parameters; check that client and server versions match")
+            raise ServerError(
+                f"{self.url} answered /optimize without watermark parameters; "
+                "check that client and server versions match"
+            )
         return answer
 
     def _count(self, body: bytes, response) -> None:
@@ -119,7 +146,9 @@ class WatermarkClient(InferenceClient):
             if detail.startswith("watermark"):
                 raise ServerError(f"{self.url}: {detail}")
         if response.status_code == 413 and path.startswith(WATERMARK_PREFIX):
-            raise ServerError(f"request too large for {self.url}; send a smaller image or ask the operator to raise --max-request-mb")
+            raise ServerError(
+                f"request too large for {self.url}; send a smaller image or ask the operator to raise --max-request-mb"
+            )
         super()._raise_for_status(response, path)
 
 
@@ -142,8 +171,10 @@ def logo_tensor(logo: np.ndarray) -> bytes:
     logo = np.asarray(logo)
     planar = logo[None] if logo.ndim == 2 else np.moveaxis(logo, -1, 0) if logo.ndim == 3 else None
     if logo.dtype != np.uint8 or planar is None or not 1 <= planar.shape[0] <= 4 or min(planar.shape[1:]) < 1:
-        raise InputError(f"the logo is {logo.dtype} {logo.shape}; give an 8-bit gray, RGB or RGBA picture "
-                         "(medprivacy.watermark.blending.as_rgba converts other ones)")
+        raise InputError(
+            f"the logo is {logo.dtype} {logo.shape}; give an 8-bit gray, RGB or RGBA picture "
+            "(medprivacy.watermark.blending.as_rgba converts other ones)"
+        )
     return encode_tensor_raw(np.ascontiguousarray(planar)[None])
 
 

@@ -12,6 +12,7 @@ No pickle anywhere: a tensor from the network is data, and unpickling data from 
 code. Decoding trusts nothing: every field is checked and the decompressed size is bounded before it is allocated,
 so a few kilobytes of zlib cannot expand into gigabytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,13 @@ from ..errors import InputError
 from ..quantization import LEVELS, to_codes, to_float32
 
 __all__ = [
-    "CONTENT_TYPE", "MAGIC", "WIRE_VERSION", "decode_tensor", "decode_tensor_raw", "encode_tensor", "encode_tensor_raw",
+    "CONTENT_TYPE",
+    "MAGIC",
+    "WIRE_VERSION",
+    "decode_tensor",
+    "decode_tensor_raw",
+    "encode_tensor",
+    "encode_tensor_raw",
     "to_float32",
 ]
 
@@ -85,7 +92,9 @@ def encode_tensor_raw(raw: np.ndarray, compress: bool = True, meta: dict[str, An
     try:
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
-        raise InputError(f"tensor meta data cannot be written as JSON ({exc}); pass only str/number/list/dict values") from None
+        raise InputError(
+            f"tensor meta data cannot be written as JSON ({exc}); pass only str/number/list/dict values"
+        ) from None
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise InputError(f"tensor header is {len(header_bytes)} bytes (limit {MAX_HEADER_BYTES}); send less meta data")
     if compress:
@@ -121,28 +130,38 @@ def decode_tensor_raw(data: bytes, max_elements: int | None = None) -> tuple[np.
         raise InputError(f"tensor data is truncated ({len(view)} bytes, shorter than the {_PREFIX.size}-byte prefix)")
     magic, version, header_len = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
-        raise InputError("data is not a MedPrivacy tensor (bad magic bytes); check that client and server are MedPrivacy")
+        raise InputError(
+            "data is not a MedPrivacy tensor (bad magic bytes); check that client and server are MedPrivacy"
+        )
     if version != WIRE_VERSION:
-        raise InputError(f"tensor wire version {version} is not supported (this side reads version {WIRE_VERSION}); upgrade the older side")
+        raise InputError(
+            f"tensor wire version {version} is not supported (this side reads version {WIRE_VERSION}); "
+            "upgrade the older side"
+        )
     if header_len > MAX_HEADER_BYTES:
         raise InputError(f"tensor header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); the data is corrupt")
     body_start = _PREFIX.size + header_len
     if len(view) < body_start:
         raise InputError("tensor data is truncated inside its header; resend it")
     try:
-        header = json.loads(bytes(view[_PREFIX.size:body_start]).decode("utf-8"))
+        header = json.loads(bytes(view[_PREFIX.size : body_start]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested 30000 deep
         raise InputError("tensor header is not valid JSON; the data is corrupt") from None
     shape, dtype = _check_header(header)
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
-        raise InputError(f"tensor has {count} elements, more than the {max_elements} allowed; send fewer patches per request")
+        raise InputError(
+            f"tensor has {count} elements, more than the {max_elements} allowed; send fewer patches per request"
+        )
     expected = count * dtype.itemsize
     payload = view[body_start:]
     if header["compression"] == "zlib":
         payload = _inflate_exactly(payload, expected)
     elif len(payload) != expected:
-        raise InputError(f"tensor payload is {len(payload)} bytes but shape {shape} of {header['dtype']} needs {expected}; the data is truncated or corrupt")
+        raise InputError(
+            f"tensor payload is {len(payload)} bytes but shape {shape} of {header['dtype']} needs {expected}; "
+            "the data is truncated or corrupt"
+        )
     array = np.frombuffer(payload, dtype=dtype).reshape(shape).copy()
     if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
         raise InputError("tensor contains NaN or infinite values; the sender produced invalid data")
@@ -158,12 +177,17 @@ def _check_header(header: Any) -> tuple[tuple[int, ...], np.dtype]:
         or len(shape) > MAX_NDIM
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     ):
-        raise InputError(f"tensor header has an invalid shape {str(shape)[:80]}; expected a list of at most {MAX_NDIM} non-negative integers")
+        raise InputError(
+            f"tensor header has an invalid shape {str(shape)[:80]}; "
+            f"expected a list of at most {MAX_NDIM} non-negative integers"
+        )
     name = header.get("dtype")
     if name not in _DTYPES:
         raise InputError(f"tensor dtype {str(name)[:40]!r} is not allowed; expected one of {', '.join(_DTYPES)}")
     if header.get("compression") not in _COMPRESSIONS:
-        raise InputError(f"tensor compression {str(header.get('compression'))[:40]!r} is not supported; expected zlib or none")
+        raise InputError(
+            f"tensor compression {str(header.get('compression'))[:40]!r} is not supported; expected zlib or none"
+        )
     if name == "uint8" and header.get("quantization") != _UINT8_QUANTIZATION:
         raise InputError("uint8 tensor uses an unknown quantisation; both sides must map [0, 1] to 0..255")
     meta = header.get("meta", {})
@@ -180,7 +204,10 @@ def _inflate_exactly(payload: memoryview, expected: int) -> bytes:
     except zlib.error:
         raise InputError("tensor payload is not valid zlib data; the data is corrupt") from None
     if len(out) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-        raise InputError(f"tensor payload decompresses to a different size than its header promises ({expected} bytes); the data is truncated or corrupt")
+        raise InputError(
+            f"tensor payload decompresses to a different size than its header promises ({expected} bytes); "
+            "the data is truncated or corrupt"
+        )
     return out
 
 

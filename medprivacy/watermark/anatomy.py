@@ -4,6 +4,7 @@ posed and acquired (see :mod:`medprivacy.watermark.data` for the sources).
 ``mri_base`` / ``fundus_base`` draw a posed, warped view of the real anatomy; ``mri_acquisition`` /
 ``fundus_acquisition`` add scanner or camera effects after the lesion is drawn, so the lesion goes through them too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,7 +15,9 @@ from ..errors import InputError
 
 
 def _grid(shape) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = np.meshgrid(np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64), indexing="ij"
+    )
     return rows, cols
 
 
@@ -65,6 +68,7 @@ def _smooth_field(shape, rng, amplitude: float, knots: int = 4) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------- MRI slices
 
+
 @functools.lru_cache(maxsize=1)
 def _mni_views() -> dict:
     """For each view, (slices (n, rows, cols), brain masks) in display orientation (superior/anterior up), keeping
@@ -94,10 +98,14 @@ def _pydicom_mr() -> tuple[np.ndarray, np.ndarray]:
         import pydicom
         from pydicom.data import get_testdata_file
     except ImportError:
-        raise InputError("image source 'pydicom-mr' needs pydicom; run 'pip install pydicom' or drop that source") from None
+        raise InputError(
+            "image source 'pydicom-mr' needs pydicom; run 'pip install pydicom' or drop that source"
+        ) from None
     path = get_testdata_file("MR_small.dcm")
     if path is None:
-        raise InputError("pydicom's MR_small.dcm test file is missing; reinstall pydicom or drop the 'pydicom-mr' source")
+        raise InputError(
+            "pydicom's MR_small.dcm test file is missing; reinstall pydicom or drop the 'pydicom-mr' source"
+        )
     pixels = pydicom.dcmread(path).pixel_array.astype(np.float32)
     pixels /= np.percentile(pixels, 99.5)
     head = binary_fill_holes(gaussian_filter(pixels, 1.0) > 0.15)
@@ -134,7 +142,9 @@ def mri_base(source: str, rng, shape):
     image = _sample(plane / brain_p99, coords, factor) * rng.uniform(0.7, 0.85)
     anatomy = _sample(brain.astype(np.float32), coords, factor) > 0.5
     # Tumours sit in parenchyma: eroded brain where the (smoothed) tissue is not CSF-dark.
-    parenchyma = binary_erosion(anatomy, iterations=max(1, round(0.03 * max(shape)))) & (gaussian_filter(image, 1.5) > 0.35)
+    parenchyma = binary_erosion(anatomy, iterations=max(1, round(0.03 * max(shape)))) & (
+        gaussian_filter(image, 1.5) > 0.35
+    )
     if not parenchyma.any():
         parenchyma = anatomy
     info.update({"angle_deg": round(float(np.rad2deg(angle)), 2), "flip": flip, "fov": round(float(side), 1)})
@@ -157,6 +167,7 @@ def mri_acquisition(image, anatomy, rng):
 
 # ------------------------------------------------------------------------------------------------------ fundus
 
+
 @functools.lru_cache(maxsize=1)
 def _retina_pyramid() -> tuple[list, np.ndarray, float]:
     """The fundus photograph as float32 RGB at 1, 1/2, 1/4, ... resolution, its FOV centre and radius (level 0)."""
@@ -165,11 +176,20 @@ def _retina_pyramid() -> tuple[list, np.ndarray, float]:
     try:
         from skimage import data
     except ImportError:
-        raise InputError("image source 'retina' needs scikit-image (its data.retina() photograph); run 'pip install scikit-image'") from None
+        raise InputError(
+            "image source 'retina' needs scikit-image (its data.retina() photograph); run 'pip install scikit-image'"
+        ) from None
     try:
         photo = data.retina()
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:  # a build without the bundled file would download it
-        raise InputError(f"scikit-image could not load its bundled retina image ({exc}); reinstall scikit-image") from None
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        ImportError,
+    ) as exc:  # a build without the bundled file would download it
+        raise InputError(
+            f"scikit-image could not load its bundled retina image ({exc}); reinstall scikit-image"
+        ) from None
     level = photo.astype(np.float32) / 255.0
     fov = level.mean(axis=2) > 0.06
     rows, cols = np.nonzero(fov)
@@ -202,7 +222,12 @@ def fundus_base(rng, shape):
     distance = np.hypot(coords[0] - centre[0], coords[1] - centre[1])
     anatomy = distance < radius * 0.98
     allowed = distance < radius * 0.85
-    info = {"view": "fundus", "zoom": round(float(zoom), 3), "angle_deg": round(float(np.rad2deg(angle)), 1), "flip": flip}
+    info = {
+        "view": "fundus",
+        "zoom": round(float(zoom), 3),
+        "angle_deg": round(float(np.rad2deg(angle)), 1),
+        "flip": flip,
+    }
     return np.clip(image, 0.0, 1.0).astype(np.float32), anatomy, allowed, info
 
 

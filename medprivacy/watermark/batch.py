@@ -8,6 +8,7 @@ the exact pixels, saves the key with the image's entry, and then writes the resu
 key on disk therefore always covers every protected file on disk, however the batch stops (an error, a cancel,
 SIGTERM or SIGKILL, a full disk), because only that key can restore them.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ from .optimizer import (
     DEFAULT_POPULATION,
     DEFAULT_STEP,
 )
+from .true_labels import describe_target
 
 LESION_CHOICES = ("auto", "server", "none")
 
@@ -64,11 +66,22 @@ class SearchSettings:
         if self.weights is not None and (self.models is None or len(self.weights) != len(self.models)):
             raise InputError("give one weight per chosen source model, or no weights at all")
         return dict(
-            mode=self.mode, lesions=lesions, models=self.models, weights=self.weights, label=self.label, sl=self.sl,
-            population=self.population, generations=self.generations, crossover_rate=self.crossover_rate,
-            step=self.step, local_iterations=self.local_iterations, alpha_range=[float(v) for v in self.alpha_range],
-            mutation=self.mutation, max_evaluations=self.max_evaluations,
-            seed=None if self.seed is None else int(self.seed) + index, **self.extra,
+            mode=self.mode,
+            lesions=lesions,
+            models=self.models,
+            weights=self.weights,
+            label=self.label,
+            sl=self.sl,
+            population=self.population,
+            generations=self.generations,
+            crossover_rate=self.crossover_rate,
+            step=self.step,
+            local_iterations=self.local_iterations,
+            alpha_range=[float(v) for v in self.alpha_range],
+            mutation=self.mutation,
+            max_evaluations=self.max_evaluations,
+            seed=None if self.seed is None else int(self.seed) + index,
+            **self.extra,
         )
 
 
@@ -100,8 +113,15 @@ def check_target(source: Path, target: Path, overwrite: bool) -> None:
         raise InputError(f"{target} already exists; pass --overwrite or choose another output folder")
 
 
-def plan_protection(images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, key, logo, sl: float,
-                    overwrite: bool = False, key_label: str = "the key") -> list[tuple[Path, Path]]:
+def plan_protection(
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    key,
+    logo,
+    sl: float,
+    overwrite: bool = False,
+    key_label: str = "the key",
+) -> list[tuple[Path, Path]]:
     """(input, output) per image after checking every input: readable, watermarkable, logo fits, name unused."""
     from . import blending, io as mio
 
@@ -115,7 +135,10 @@ def plan_protection(images: Sequence[str | os.PathLike], out_dir: str | os.PathL
         except InputError as exc:
             raise InputError(f"{path.name}: {exc}") from None
         if path.name in names:
-            raise InputError(f"two inputs are named {path.name} ({names[path.name]} and {path}); names identify images in the key, rename one")
+            raise InputError(
+                f"two inputs are named {path.name} ({names[path.name]} and {path}); "
+                "names identify images in the key, rename one"
+            )
         if path.name in key:
             raise InputError(f"{path.name} is already in {key_label}; each image name can be protected once per key")
         names[path.name] = path
@@ -134,7 +157,9 @@ def make_output_folder(folder: str | os.PathLike, what: str = "output folder") -
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create {what} {folder} ({os_error_reason(exc)}); choose a folder you can write to") from None
+        raise InputError(
+            f"cannot create {what} {folder} ({os_error_reason(exc)}); choose a folder you can write to"
+        ) from None
     return check_writable_folder(folder, what)
 
 
@@ -154,91 +179,15 @@ def check_classifiers(client, models: Sequence[str] | None) -> dict[str, Any]:
         raise InputError(f"{client.url} holds no watermark classifier; ask the operator to serve MedLocker models")
     unknown = [m for m in models or [] if m not in available]
     if unknown:
-        raise InputError(f"{client.url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(sorted(available))}")
+        raise InputError(
+            f"{client.url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(sorted(available))}"
+        )
     return info
 
 
-def read_labels_csv(path: str | os.PathLike) -> dict[str, str]:
-    """{image file name: label text} from a CSV with a header row holding the columns ``image`` and ``label``.
-
-    The image column may hold file names or paths (only the name is used); a label is a class index or a class
-    name (``resolve_labels`` maps it on the server's classifiers).
-    """
-    import csv
-
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
-            if "image" not in columns or "label" not in columns:
-                raise InputError(f"{path} needs a header row with the columns image,label (found {', '.join(columns) or 'no header'})")
-            labels: dict[str, str] = {}
-            for line, row in enumerate(reader, start=2):
-                name = Path(str(row.get(columns["image"]) or "").strip()).name
-                label = str(row.get(columns["label"]) or "").strip()
-                if not name and not label:
-                    continue
-                if not name or not label:
-                    raise InputError(f"{path} line {line}: give both an image name and its label")
-                if labels.get(name, label) != label:
-                    raise InputError(f"{path} gives {name} two labels ({labels[name]!r} and {label!r}); keep one")
-                labels[name] = label
-    except OSError as exc:
-        raise InputError(f"cannot read labels file {path} ({exc.strerror or type(exc).__name__})") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path} is not a readable CSV file ({exc}); save it as UTF-8 CSV with columns image,label") from None
-    if not labels:
-        raise InputError(f"{path} lists no image; give one row per image: name,label")
-    return labels
-
-
-def classifier_labels(info: dict[str, Any], models: Sequence[str] | None) -> dict[int, str]:
-    """Class index -> name of the classifiers a search uses (the chosen ones, else every classifier that agrees)."""
-    described = {n: d for n, d in info.get("models", {}).items() if d.get("task") == "classify"}
-    chosen = [described[m] for m in models] if models else list(described.values())
-    names: dict[int, str] = {}
-    for description in chosen:
-        for index, name in (description.get("labels") or {}).items():
-            names.setdefault(int(index), str(name))
-    return names
-
-
-def resolve_label(text: str | int, class_names: dict[int, str], origin: str) -> int:
-    """A label given as a class index or a class name -> the class index."""
-    value = str(text).strip()
-    if value.lstrip("-").isdigit():
-        index = int(value)
-        if class_names and index not in class_names:
-            raise InputError(f"{origin}: class {index} does not exist; the classifiers know {_classes(class_names)}")
-        return index
-    by_name = {name.lower(): index for index, name in class_names.items()}
-    if value.lower() not in by_name:
-        raise InputError(f"{origin}: unknown class {value!r}; the classifiers know {_classes(class_names)}")
-    return by_name[value.lower()]
-
-
-def resolve_labels(raw: dict[str, str], class_names: dict[int, str], csv_path, images: Sequence[Path]) -> dict[str, int]:
-    """{image name: class index} for the ``images`` of a batch, from ``read_labels_csv``'s output."""
-    return {Path(p).name: resolve_label(raw[Path(p).name], class_names, f"{csv_path} ({Path(p).name})")
-            for p in images if Path(p).name in raw}
-
-
-def describe_target(answer: dict[str, Any], label_source: str = "a label") -> str:
-    """What the search pushed the models away from, in words (the report must never leave it implicit)."""
-    if answer.get("target_source") == "label":
-        first = next(iter(answer["before"].values()))
-        name = first["labels"].get(str(answer["target"]), f"class {answer['target']}")
-        return f"away from the true class {name!r} ({label_source})"
-    return ("away from each model's own answer on the clean image (no label given: 'fooled' means changed, "
-            "not necessarily wrong)")
-
-
-def _classes(class_names: dict[int, str]) -> str:
-    return ", ".join(f"{i} ({n})" for i, n in sorted(class_names.items())) or "none"
-
-
-def choose_lesion_source(mode: str, lesions: str, info: dict[str, Any], note: Callable[[str], None] | None = None) -> str:
+def choose_lesion_source(
+    mode: str, lesions: str, info: dict[str, Any], note: Callable[[str], None] | None = None
+) -> str:
     """What the server is told about lesions ("server" or "none") for ``lesions`` in ``LESION_CHOICES``."""
     if lesions not in LESION_CHOICES:
         raise InputError(f"lesions must be one of {', '.join(LESION_CHOICES)}, not {lesions!r}")
@@ -251,7 +200,9 @@ def choose_lesion_source(mode: str, lesions: str, info: dict[str, Any], note: Ca
         return "none"
     if not has_segmenter:
         if mode == "keep-in" or lesions == "server":
-            raise InputError(f"the server holds no lesion segmenter, so it cannot find lesions for --mode {mode}; use --mode wap")
+            raise InputError(
+                f"the server holds no lesion segmenter, so it cannot find lesions for --mode {mode}; use --mode wap"
+            )
         if note is not None:
             note("note: the server holds no lesion segmenter; keep-out places the logo anywhere")
         return "none"
@@ -303,12 +254,16 @@ def protect_files(
                 request["label"] = int(labels[path.name])
             answer = client.optimize(image.pixels, logo, window=image.window, **request)
             found = answer["params"]
-            protected = key.protect(path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], settings.sl, image.window)
+            protected = key.protect(
+                path.name, image.pixels, logo, found["alpha"], found["x"], found["y"], settings.sl, image.window
+            )
             ours = list(key[path.name].logo_size)
             if ours != list(answer["logo_size"]):
                 key.remove(path.name)
-                raise InputError(f"the server sized the logo {answer['logo_size']} but this client {ours}; "
-                                 "update client and server to the same MedPrivacy version")
+                raise InputError(
+                    f"the server sized the logo {answer['logo_size']} but this client {ours}; "
+                    "update client and server to the same MedPrivacy version"
+                )
             # Key first, image second: a protected file must never exist without the key entry that restores it.
             try:
                 writer.save(key)
@@ -333,8 +288,9 @@ def protect_files(
                 on_image(path, target, image, answer)
     except BaseException:
         if done and on_partial_save is not None:
-            on_partial_save(f"key {key_path} holds the {done} image(s) protected before the stop; "
-                            "protect the others with --append")
+            on_partial_save(
+                f"key {key_path} holds the {done} image(s) protected before the stop; protect the others with --append"
+            )
         raise
     if progress is not None:
         progress(f"protected {done} image(s); key saved", 1.0)
@@ -363,8 +319,10 @@ def describe_predictions(answer: dict[str, Any]) -> list[str]:
     """One line per source model, top class before -> after, and a summary line; for the GUI, the worker and logs."""
     params = answer["params"]
     verdict = "every model fooled" if answer.get("fooled") else "not every model fooled"
-    lines = [f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
-             f"{answer.get('evaluations', '?')} evaluations"]
+    lines = [
+        f"{verdict}: alpha {params['alpha']:.1f} at x={params['x']} y={params['y']}, "
+        f"{answer.get('evaluations', '?')} evaluations"
+    ]
     if "target_source" in answer:
         lines.append(f"target: {describe_target(answer)}")
     for name in answer.get("models", []):
@@ -378,10 +336,20 @@ def _top(prediction: dict[str, Any]) -> str:
     return f"{label} {prediction['probabilities'][0][index]:.2f}"
 
 
-def protect_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, key_path: str | os.PathLike, client,
-                   credentials: dict[str, Any] | None, logo: np.ndarray, settings: SearchSettings | None = None,
-                   lesions: str = "auto", append: bool = False, overwrite: bool = False,
-                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> tuple[int, list[str]]:
+def protect_folder(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    key_path: str | os.PathLike,
+    client,
+    credentials: dict[str, Any] | None,
+    logo: np.ndarray,
+    settings: SearchSettings | None = None,
+    lesions: str = "auto",
+    append: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[int, list[str]]:
     """Protect every image file of ``input_dir`` into ``output_dir`` and one key at ``key_path``: the folder workflow
     of the Slicer logic and the worker process. Returns (images protected, one report line per image and note).
 
@@ -417,6 +385,18 @@ def protect_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, 
     def report(path, target, _image, answer) -> None:
         reports.append(f"{path.name} -> {target.name}: " + "; ".join(describe_predictions(answer)))
 
-    done = protect_files(jobs, client, key, logo, settings, source, key_path, credentials,
-                         progress=progress, cancel=cancel, on_image=report, on_partial_save=reports.append)
+    done = protect_files(
+        jobs,
+        client,
+        key,
+        logo,
+        settings,
+        source,
+        key_path,
+        credentials,
+        progress=progress,
+        cancel=cancel,
+        on_image=report,
+        on_partial_save=reports.append,
+    )
     return done, reports

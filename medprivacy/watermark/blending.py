@@ -21,6 +21,7 @@ classifiers see the same window: ``unit_view`` maps L..H to 0..1. Eq. 1 of the p
 Coordinates: (x, y) is the logo's top-left pixel, x the column and y the row, origin at the image's top-left, and
 the whole logo stays inside the image: 0 <= x <= W - w, 0 <= y <= H - h for a logo of w x h pixels.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,15 +46,21 @@ Region = tuple[slice, slice]
 
 # --- images ----------------------------------------------------------------------------------------------------
 
+
 def check_image(image, name: str = "the image") -> np.ndarray:
     """``image`` as an array if MedLocker can watermark it (2D gray or RGB, 8 or 16 bit), else an InputError."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"{name} is a {type(image).__name__}, not a pixel array")
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise InputError(f"{name} has shape {image.shape}; MedLocker needs one 2D image, grayscale (H, W) or RGB (H, W, 3), "
-                         "not a volume or a multi-channel array")
+        raise InputError(
+            f"{name} has shape {image.shape}; MedLocker needs one 2D image, grayscale (H, W) or RGB (H, W, 3), "
+            "not a volume or a multi-channel array"
+        )
     if image.dtype not in SUPPORTED_DTYPES:
-        raise InputError(f"{name} has pixel type {image.dtype}; MedLocker works on 8- or 16-bit unsigned images (uint8, uint16), convert it first")
+        raise InputError(
+            f"{name} has pixel type {image.dtype}; MedLocker works on 8- or 16-bit unsigned images (uint8, uint16), "
+            "convert it first"
+        )
     if min(image.shape[:2]) < 1:
         raise InputError(f"{name} is empty (shape {image.shape})")
     return image
@@ -73,8 +80,12 @@ def check_window(window, dtype) -> tuple[int, int]:
         low, high = (float(v) for v in window)
     except (TypeError, ValueError):
         raise InputError(f"the intensity window must be two numbers (low, high), got {window!r}") from None
-    if not (np.isfinite(low) and np.isfinite(high) and low == int(low) and high == int(high) and 0 <= low < high <= top):
-        raise InputError(f"the intensity window ({low:g}, {high:g}) must be whole pixel values with 0 <= low < high <= {top}")
+    if not (
+        np.isfinite(low) and np.isfinite(high) and low == int(low) and high == int(high) and 0 <= low < high <= top
+    ):
+        raise InputError(
+            f"the intensity window ({low:g}, {high:g}) must be whole pixel values with 0 <= low < high <= {top}"
+        )
     return int(low), int(high)
 
 
@@ -87,6 +98,7 @@ def unit_view(pixels: np.ndarray, window=None) -> np.ndarray:
 
 
 # --- logos -----------------------------------------------------------------------------------------------------
+
 
 def as_rgba(logo) -> np.ndarray:
     """The logo as (h, w, 4) uint8 RGBA, the one form the rest of MedLocker (and its fingerprint) uses.
@@ -111,7 +123,9 @@ def as_rgba(logo) -> np.ndarray:
     else:
         rgba = np.repeat(logo, 4, axis=2)
     if not rgba[:, :, 3].any():
-        raise InputError("the logo is fully transparent (alpha 0, or black without an alpha channel); give a visible logo")
+        raise InputError(
+            "the logo is fully transparent (alpha 0, or black without an alpha channel); give a visible logo"
+        )
     return np.ascontiguousarray(rgba)
 
 
@@ -195,7 +209,9 @@ def default_logo(size: int = 256, style: str = "badge") -> np.ndarray:
         covered = np.clip(0.5 - (mark - 0.035 * s), 0.0, 1.0)  # the mark grown by the outline width
         white, navy = np.array([255.0, 255.0, 255.0]), np.array(OUTLINE_RGB, dtype=np.float64)
         premultiplied = fill[..., None] * white + (covered - fill)[..., None] * navy
-        color = np.divide(premultiplied, covered[..., None], out=np.zeros_like(premultiplied), where=covered[..., None] > 0)
+        color = np.divide(
+            premultiplied, covered[..., None], out=np.zeros_like(premultiplied), where=covered[..., None] > 0
+        )
         rgba = np.concatenate([color, 255.0 * covered[..., None]], axis=2)
     return np.clip(np.rint(rgba), 0, 255).astype(np.uint8)
 
@@ -208,8 +224,10 @@ def _padlock(rows, cols, s: float) -> np.ndarray:
     arc = np.abs(np.hypot(cols - cx, rows - ring_row) - radius) - half_width
     legs = np.maximum(np.abs(np.abs(cols - cx) - radius) - half_width, rows - 0.68 * s)
     shackle = np.where(rows < ring_row, arc, legs)
-    hole = np.minimum(np.hypot(cols - cx, rows - 0.63 * s) - 0.055 * s,
-                      _rounded_box(cols, rows, cx, 0.71 * s, 0.022 * s, 0.08 * s, 0.0))
+    hole = np.minimum(
+        np.hypot(cols - cx, rows - 0.63 * s) - 0.055 * s,
+        _rounded_box(cols, rows, cx, 0.71 * s, 0.022 * s, 0.08 * s, 0.0),
+    )
     return np.maximum(np.minimum(body, shackle), -hole)
 
 
@@ -221,6 +239,7 @@ def _rounded_box(cols, rows, cx, cy, half_w, half_h, corner):
 
 
 # --- size and placement ----------------------------------------------------------------------------------------
+
 
 def fitted_size(image_shape, logo_shape, sl: float = DEFAULT_SL) -> tuple[int, int]:
     """(height, width) of the logo on an image of ``image_shape`` per eq. 2; InputError if it would not fit."""
@@ -236,7 +255,9 @@ def fitted_size(image_shape, logo_shape, sl: float = DEFAULT_SL) -> tuple[int, i
     # floor(v + 0.5): round half up, and W/sl computed as W/(sl*M)*M lands back on W/sl despite float error.
     size = (max(1, int(np.floor(logo_h * factor + 0.5))), max(1, int(np.floor(logo_w * factor + 0.5))))
     if size[0] > height or size[1] > width:
-        raise InputError(f"the logo ({size[0]}x{size[1]} px at sl={sl:g}) is larger than the image ({height}x{width}); use sl >= 1")
+        raise InputError(
+            f"the logo ({size[0]}x{size[1]} px at sl={sl:g}) is larger than the image ({height}x{width}); use sl >= 1"
+        )
     return size
 
 
@@ -252,14 +273,19 @@ def position_limits(image_shape, size) -> tuple[int, int]:
 
 def check_position(image_shape, size, x, y) -> tuple[int, int]:
     if size[0] > image_shape[0] or size[1] > image_shape[1]:
-        raise InputError(f"the logo ({size[0]}x{size[1]} px) is larger than the image ({image_shape[0]}x{image_shape[1]})")
+        raise InputError(
+            f"the logo ({size[0]}x{size[1]} px) is larger than the image ({image_shape[0]}x{image_shape[1]})"
+        )
     if not (_is_integral(x) and _is_integral(y)):
         raise InputError(f"logo position ({x}, {y}) must be whole pixels")
     x, y = int(x), int(y)
     max_x, max_y = position_limits(image_shape, size)
     if not (0 <= x <= max_x and 0 <= y <= max_y):
-        raise InputError(f"logo position (x={x}, y={y}) puts the {size[1]}x{size[0]} logo outside the {image_shape[1]}x{image_shape[0]} image; "
-                         f"use 0 <= x <= {max_x}, 0 <= y <= {max_y}")
+        raise InputError(
+            f"logo position (x={x}, y={y}) puts the {size[1]}x{size[0]} logo outside the "
+            f"{image_shape[1]}x{image_shape[0]} image; "
+            f"use 0 <= x <= {max_x}, 0 <= y <= {max_y}"
+        )
     return x, y
 
 
@@ -281,6 +307,7 @@ def check_alpha(alpha) -> float:
 
 
 # --- blending --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FittedLogo:
@@ -320,7 +347,9 @@ def _resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     sigma = np.maximum(0.0, (ratio - 1.0) / 2.0)
     if sigma.any():
         plane = ndimage.gaussian_filter(plane, sigma, mode="nearest")
-    return ndimage.affine_transform(plane, ratio, offset=0.5 * ratio - 0.5, output_shape=tuple(size), order=1, mode="nearest")
+    return ndimage.affine_transform(
+        plane, ratio, offset=0.5 * ratio - 0.5, output_shape=tuple(size), order=1, mode="nearest"
+    )
 
 
 def blend_terms(fitted: FittedLogo, alpha: float, image_ndim: int, dtype, window=None) -> tuple[np.ndarray, np.ndarray]:
@@ -364,8 +393,9 @@ def blend_batch(image: np.ndarray, fitted: FittedLogo, params, window=None) -> n
     return out
 
 
-def watermark(image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL,
-              window=None) -> tuple[np.ndarray, Region]:
+def watermark(
+    image: np.ndarray, logo, alpha: float, x: int, y: int, sl: float = DEFAULT_SL, window=None
+) -> tuple[np.ndarray, Region]:
     """Fit ``logo`` to ``image`` with scale factor ``sl`` and blend it at (x, y); returns (image, region covered)."""
     image = check_image(image)
     fitted = fit_logo(logo, image.shape, sl)

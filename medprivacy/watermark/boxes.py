@@ -15,6 +15,7 @@ Placement modes:
 
 Boxes are (x, y, w, h) in pixels, x the column and y the row, covering columns [x, x+w) and rows [y, y+h).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ class Box(NamedTuple):
         return self.w * self.h
 
     def intersection(self, other: Box) -> int:
-        return max(0, min(self.x1, other.x1) - max(self.x, other.x)) * max(0, min(self.y1, other.y1) - max(self.y, other.y))
+        return max(0, min(self.x1, other.x1) - max(self.x, other.x)) * max(
+            0, min(self.y1, other.y1) - max(self.y, other.y)
+        )
 
     def iou(self, other: Box) -> float:
         inter = self.intersection(other)
@@ -92,7 +95,12 @@ class MaskParams:
         """
         scale = float(np.sqrt(shape[0] * shape[1] / (PAPER_IMAGE_SHAPE[0] * PAPER_IMAGE_SHAPE[1])))
         kernel = max(1, int(round(1 + (PAPER_KERNEL - 1) * scale)))
-        return cls(kernel=kernel, iterations=PAPER_ITERATIONS, min_area=int(round(PAPER_MIN_AREA * scale**2)), gamma=PAPER_GAMMA)
+        return cls(
+            kernel=kernel,
+            iterations=PAPER_ITERATIONS,
+            min_area=int(round(PAPER_MIN_AREA * scale**2)),
+            gamma=PAPER_GAMMA,
+        )
 
     @property
     def dilation_side(self) -> int:
@@ -109,7 +117,10 @@ def check_mask(mask, image_shape=None) -> np.ndarray:
     if mask.ndim != 2:
         raise InputError(f"the lesion mask has shape {mask.shape}; give one 2D mask (H, W) for the image")
     if image_shape is not None and tuple(mask.shape) != tuple(image_shape[:2]):
-        raise InputError(f"the lesion mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image_shape[0]}x{image_shape[1]}; give the mask of this image")
+        raise InputError(
+            f"the lesion mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image_shape[0]}x{image_shape[1]}; "
+            "give the mask of this image"
+        )
     return mask != 0
 
 
@@ -120,7 +131,9 @@ def lesion_boxes(mask, params: MaskParams | None = None) -> list[Box]:
     mask = check_mask(mask)
     params = params or MaskParams.for_image(mask.shape)
     if params.kernel < 1 or params.iterations < 0 or params.min_area < 0 or not (0.0 <= params.gamma <= 1.0):
-        raise InputError(f"invalid mask parameters {params}: kernel >= 1, iterations >= 0, min_area >= 0, 0 <= gamma <= 1")
+        raise InputError(
+            f"invalid mask parameters {params}: kernel >= 1, iterations >= 0, min_area >= 0, 0 <= gamma <= 1"
+        )
     if not mask.any():
         return []
     side = params.dilation_side
@@ -132,8 +145,10 @@ def lesion_boxes(mask, params: MaskParams | None = None) -> list[Box]:
     kept = int((areas[1:] > params.min_area).sum())
     if kept > MAX_LESION_BOXES:
         # Merging is quadratic in the boxes per pass; a speckled mask would keep the search from ever starting.
-        raise InputError(f"the lesion mask has {kept} separate regions (at most {MAX_LESION_BOXES}); "
-                         "raise min_area or the dilation (kernel, iterations), or send a cleaner mask")
+        raise InputError(
+            f"the lesion mask has {kept} separate regions (at most {MAX_LESION_BOXES}); "
+            "raise min_area or the dilation (kernel, iterations), or send a cleaner mask"
+        )
     boxes = []
     for index, found in enumerate(ndimage.find_objects(labels), start=1):
         if found is not None and areas[index] > params.min_area:
@@ -190,8 +205,15 @@ class Placement:
         self.mode = normalize_mode(mode)
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.logo_size = (int(logo_size[0]), int(logo_size[1]))
-        if self.logo_size[0] > self.image_shape[0] or self.logo_size[1] > self.image_shape[1] or min(self.logo_size) < 1:
-            raise InputError(f"the logo ({self.logo_size[0]}x{self.logo_size[1]} px) does not fit in the image ({self.image_shape[0]}x{self.image_shape[1]})")
+        if (
+            self.logo_size[0] > self.image_shape[0]
+            or self.logo_size[1] > self.image_shape[1]
+            or min(self.logo_size) < 1
+        ):
+            raise InputError(
+                f"the logo ({self.logo_size[0]}x{self.logo_size[1]} px) does not fit in the image "
+                f"({self.image_shape[0]}x{self.image_shape[1]})"
+            )
         self.lesions = tuple(Box(*map(int, b)) for b in lesions) if self.mode != "wap" else ()
         self.expanded = tuple(expand_box(b, self.logo_size) for b in self.lesions)
         self.max_x = self.image_shape[1] - self.logo_size[1]
@@ -200,8 +222,10 @@ class Placement:
             raise InputError("no lesion found in the mask; use keep-out or wap placement")
         self._cells = self._feasible_cells()
         if len(self._cells) == 0:
-            raise InputError(f"the lesion boxes leave no room for the {self.logo_size[1]}x{self.logo_size[0]} logo outside them; "
-                             "use a larger sl (smaller logo), keep-in or wap placement")
+            raise InputError(
+                f"the lesion boxes leave no room for the {self.logo_size[1]}x{self.logo_size[0]} logo outside them; "
+                "use a larger sl (smaller logo), keep-in or wap placement"
+            )
 
     @classmethod
     def from_mask(cls, mode: str, mask, logo_size, params: MaskParams | None = None) -> Placement:

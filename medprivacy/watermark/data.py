@@ -3,10 +3,10 @@
 No labelled lesion data ships offline, so the anatomy is real and the lesions are synthetic:
 
 ``mni152``      axial, coronal and sagittal slices of the MNI152 2009 T1 template (the file shipped in
-                Resources/Template, read by :mod:`medprivacy.data.template`), random rotation/scale/shift, smooth elastic
-                warp, bias field, gamma, Rician noise and blur. Lesions are tumour-like: hyperintense, hypointense
-                or ring-enhancing (bright rim, dark necrotic core) blobs with irregular soft edges and texture,
-                centred in brain parenchyma.
+                Resources/Template, read by :mod:`medprivacy.data.template`), random rotation/scale/shift, smooth
+                elastic warp, bias field, gamma, Rician noise and blur. Lesions are tumour-like: hyperintense,
+                hypointense or ring-enhancing (bright rim, dark necrotic core) blobs with irregular soft edges and
+                texture, centred in brain parenchyma.
 ``retina``      scikit-image's ``data.retina()`` fundus photograph (CC0), random field-of-view crops and zooms,
                 any rotation, left/right flips, colour jitter, blur and noise. Lesions are diabetic-retinopathy
                 like: clusters of yellow hard exudates, dark red blot haemorrhages or pale cotton-wool spots,
@@ -23,6 +23,7 @@ The pixel mask of a positive image is exactly where the lesion opacity is at lea
 clipped to the anatomy); outside a few pixels around it the image equals the lesion-free rendering of the
 same seed (``render_sample(..., with_clean=True)`` returns both). Negative images have an empty mask.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class LesionDataset:
 
 # --------------------------------------------------------------------------------------------- seeds and splits
 
+
 def split_seeds(split: str, count: int, start: int = 0) -> np.ndarray:
     """Sample seeds of ``split``: ``base + start ... base + start + count - 1``."""
     if split not in SPLIT_SEED_BASES:
@@ -134,8 +136,15 @@ def label_of(seed: int) -> int:
     return int(seed) % 2
 
 
-def make_split(split: str, count: int, config: DataConfig | None = None, *, start: int = 0, dtype=np.float32,
-               progress: bool = False) -> LesionDataset:
+def make_split(
+    split: str,
+    count: int,
+    config: DataConfig | None = None,
+    *,
+    start: int = 0,
+    dtype=np.float32,
+    progress: bool = False,
+) -> LesionDataset:
     """Render ``count`` images of ``split``. ``dtype`` uint8 stores images rounded to 8 bits (a quarter the memory)."""
     config = config or DataConfig()
     seeds = split_seeds(split, count, start)
@@ -159,6 +168,7 @@ def make_split(split: str, count: int, config: DataConfig | None = None, *, star
 
 
 # --------------------------------------------------------------------------------------------------- rendering
+
 
 def render_sample(seed: int, config: DataConfig | None = None, with_clean: bool = False) -> Sample:
     """Render the image of ``seed``. Independent random streams for the anatomy, the lesion and the acquisition

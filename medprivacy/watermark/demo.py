@@ -5,6 +5,7 @@ demo already started, and prints them so they can be copied. The samples are hel
 images that ship offline (MNI152 T1 slices and scikit-image's fundus photograph, with synthetic lesions), written at
 256x256 in the formats users bring: DICOM, 8/16-bit PNG, RGB PNG and RGB TIFF.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -26,8 +27,13 @@ DEMO_IMAGES = (
 )
 
 
-def run_watermark_demo(url: str, out: Path, token_file: Path | None = None, mode: str = "keep-out",
-                       search: tuple[str, ...] = ("--seed", "0")) -> int:
+def run_watermark_demo(
+    url: str,
+    out: Path,
+    token_file: Path | None = None,
+    mode: str = "keep-out",
+    search: tuple[str, ...] = ("--seed", "0"),
+) -> int:
     """Protect the demo images through ``url`` (logo placement ``mode``, ``search`` options of ``watermark protect``;
     default the paper's settings), unlock them, check the restoration is exact; 0 when it is."""
     from ..cli import main
@@ -36,8 +42,10 @@ def run_watermark_demo(url: str, out: Path, token_file: Path | None = None, mode
 
     client = WatermarkClient(url, token_file=token_file)
     if not client.classifiers():
-        print(f"MedLocker: {url} serves no watermark classifier; train them with `medprivacy watermark train` "
-              "(see Resources/Models/manifest.json) and run the demo again")
+        print(
+            f"MedLocker: {url} serves no watermark classifier; train them with `medprivacy watermark train` "
+            "(see Resources/Models/manifest.json) and run the demo again"
+        )
         return 0
     out.mkdir(parents=True, exist_ok=True)
     originals = write_demo_images(out / "originals")
@@ -53,17 +61,44 @@ def run_watermark_demo(url: str, out: Path, token_file: Path | None = None, mode
     # it each model would be pushed away from its own clean answer, which for a model that was wrong means towards
     # the truth; "fooled" would then not mean "misled".
     labels = out / "labels.csv"
-    labels.write_text("image,label\n" + "".join(f"{path.name},{label}\n" for path, (_, label, _) in zip(originals, DEMO_IMAGES)))
+    labels.write_text(
+        "image,label\n" + "".join(f"{path.name},{label}\n" for path, (_, label, _) in zip(originals, DEMO_IMAGES))
+    )
     server = ["--server", url] + (["--token-file", str(token_file)] if token_file else [])
-    protect = ["watermark", "protect", *map(str, originals), "-o", str(out / "protected"), "--key", str(key),
-               "--key-file", str(secret), *server, "--mode", mode, "--labels", str(labels), *search]
+    protect = [
+        "watermark",
+        "protect",
+        *map(str, originals),
+        "-o",
+        str(out / "protected"),
+        "--key",
+        str(key),
+        "--key-file",
+        str(secret),
+        *server,
+        "--mode",
+        mode,
+        "--labels",
+        str(labels),
+        *search,
+    ]
     print("$ medprivacy " + shlex.join(protect))
     if main(protect) != 0:
         raise InputError("the MedLocker demo could not protect its sample images (see the message above)")
     from . import io as mio
 
     protected = [out / "protected" / mio.output_name(path) for path in originals]
-    unlock = ["watermark", "unlock", *map(str, protected), "--key", str(key), "--key-file", str(secret), "-o", str(out / "restored")]
+    unlock = [
+        "watermark",
+        "unlock",
+        *map(str, protected),
+        "--key",
+        str(key),
+        "--key-file",
+        str(secret),
+        "-o",
+        str(out / "restored"),
+    ]
     print("$ medprivacy " + shlex.join(unlock))
     if main(unlock) != 0:
         raise InputError("the MedLocker demo could not unlock its protected images (see the message above)")
@@ -75,7 +110,9 @@ def run_watermark_demo(url: str, out: Path, token_file: Path | None = None, mode
         exact += int(before.dtype == again.dtype and np.array_equal(before, again))
         write_before_after_png([before, after, again], out / f"{original.stem.split('.')[0]}_before_after.png")
     grid = out / "before_after.png"
-    write_before_after_png([mio.read_image(p).pixels for row in zip(originals, protected, restored) for p in row], grid, columns=3)
+    write_before_after_png(
+        [mio.read_image(p).pixels for row in zip(originals, protected, restored) for p in row], grid, columns=3
+    )
     print(f"MedLocker: {exact}/{len(originals)} images restored bit for bit; before | protected | restored in {grid}")
     return 0 if exact == len(originals) else 1
 
@@ -113,7 +150,7 @@ def write_before_after_png(images: list[np.ndarray], path: Path, columns: int | 
     canvas = np.zeros((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), np.uint8)
     for index, tile in enumerate(tiles):
         top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
-        canvas[top: top + tile.shape[0], left: left + tile.shape[1]] = tile
+        canvas[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
     write_atomically(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(tmp)))
 
 

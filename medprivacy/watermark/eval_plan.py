@@ -1,5 +1,6 @@
 """What ``medprivacy watermark eval`` runs: its settings, the search configurations (Table 1-3 rows) and the
 per-image state the runner fills in and the report reads."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ REPORT_FORMAT = "medprivacy-watermark-eval"
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class EvalConfig:
@@ -59,7 +61,9 @@ class EvalConfig:
         if self.lesions not in LESION_SOURCES:
             raise InputError(f"--lesions must be one of {', '.join(LESION_SOURCES)}")
         if self.population < 1 or self.generations < 0 or self.local_iterations < 0 or self.step < 1:
-            raise InputError("--population and --step must be at least 1, --generations and --local-iterations at least 0")
+            raise InputError(
+                "--population and --step must be at least 1, --generations and --local-iterations at least 0"
+            )
         if not 0.0 <= self.crossover_rate <= 1.0:
             raise InputError(f"--crossover-rate {self.crossover_rate} must lie in [0, 1]")
         low, high = self.alpha_range
@@ -71,9 +75,16 @@ class EvalConfig:
             raise InputError("--grid-images must not be negative")
 
     def search(self) -> dict[str, Any]:
-        return {"sl": self.sl, "population": self.population, "generations": self.generations,
-                "crossover_rate": self.crossover_rate, "step": self.step, "local_iterations": self.local_iterations,
-                "alpha_range": [float(v) for v in self.alpha_range], "max_evaluations": self.max_evaluations}
+        return {
+            "sl": self.sl,
+            "population": self.population,
+            "generations": self.generations,
+            "crossover_rate": self.crossover_rate,
+            "step": self.step,
+            "local_iterations": self.local_iterations,
+            "alpha_range": [float(v) for v in self.alpha_range],
+            "max_evaluations": self.max_evaluations,
+        }
 
 
 @dataclass(frozen=True)
@@ -102,11 +113,21 @@ def plan_runs(classifiers: Sequence[str], config: EvalConfig, table3_source: str
             for mutation in mutations:
                 if mode == "wap" and mutation == "basin-hopping":
                     continue  # the Table 1 run of the same source, same seed
-                runs.append(Run(f"{mode}/{mutation}/{table3_source}", table3_source, (table3_source,), mode, mutation, mode != "wap"))
+                runs.append(
+                    Run(
+                        f"{mode}/{mutation}/{table3_source}",
+                        table3_source,
+                        (table3_source,),
+                        mode,
+                        mutation,
+                        mode != "wap",
+                    )
+                )
     return runs
 
 
 # --- one image through the evaluation ------------------------------------------------------------------------
+
 
 @dataclass(eq=False)  # compared by identity: the fields hold arrays
 class EvalImage:
@@ -122,4 +143,3 @@ class EvalImage:
     clean: dict[str, np.ndarray] = field(default_factory=dict)  # model -> probabilities (C,)
     runs: dict[str, dict] = field(default_factory=dict)  # run key -> record
     watermarked: dict[str, np.ndarray] = field(default_factory=dict)
-

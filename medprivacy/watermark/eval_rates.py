@@ -2,6 +2,7 @@
 
 Definitions are in :mod:`medprivacy.watermark.evaluate`; these functions take per-image arrays of classes.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -20,11 +21,17 @@ def attack_success_rate(labels, clean_pred, watermarked_pred) -> dict[str, Any]:
     """
     labels, clean_pred, watermarked_pred = (np.asarray(a).reshape(-1) for a in (labels, clean_pred, watermarked_pred))
     if not (labels.shape == clean_pred.shape == watermarked_pred.shape):
-        raise ValueError(f"labels and predictions differ in length: {labels.shape}, {clean_pred.shape}, {watermarked_pred.shape}")
+        raise ValueError(
+            f"labels and predictions differ in length: {labels.shape}, {clean_pred.shape}, {watermarked_pred.shape}"
+        )
     correct = clean_pred == labels
     success = correct & (watermarked_pred != labels)
-    return {"asr": _rate(int(success.sum()), int(correct.sum())), "successes": int(success.sum()),
-            "correct_before": int(correct.sum()), "images": int(labels.size)}
+    return {
+        "asr": _rate(int(success.sum()), int(correct.sum())),
+        "successes": int(success.sum()),
+        "correct_before": int(correct.sum()),
+        "images": int(labels.size),
+    }
 
 
 def transfer_success_rate(labels, source_clean, source_watermarked, target_clean, target_watermarked) -> dict[str, Any]:
@@ -32,7 +39,9 @@ def transfer_success_rate(labels, source_clean, source_watermarked, target_clean
 
     Returns ``{"asr", "fooled", "pool"}``; ``asr`` is None when the pool is empty.
     """
-    arrays = [np.asarray(a).reshape(-1) for a in (labels, source_clean, source_watermarked, target_clean, target_watermarked)]
+    arrays = [
+        np.asarray(a).reshape(-1) for a in (labels, source_clean, source_watermarked, target_clean, target_watermarked)
+    ]
     if len({a.shape for a in arrays}) != 1:
         raise ValueError("labels and predictions differ in length")
     labels, source_clean, source_watermarked, target_clean, target_watermarked = arrays
@@ -46,5 +55,3 @@ def ensemble_prediction(probabilities: dict[str, np.ndarray], members: Sequence[
     stack = np.stack([np.asarray(probabilities[m], dtype=np.float64) for m in members])
     beta = np.full(len(members), 1.0 / len(members)) if weights is None else np.asarray(weights, dtype=np.float64)
     return np.einsum("k,k...c->...c", beta, stack).argmax(axis=-1)
-
-

@@ -2,8 +2,8 @@
 
 Images. The held-out ``test`` split of :mod:`medprivacy.watermark.data` (sample seeds 900000+, which training
 never optimises on; ``--split validation`` draws the validation seeds instead, for choosing settings such as the
-logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's ``/v1/info``, with
-their true labels (odd seed: lesion) and ground-truth lesion masks.
+logo without looking at the test images), rendered as 8-bit RGB at the classifiers' input size from the server's
+``/v1/info``, with their true labels (odd seed: lesion) and ground-truth lesion masks.
 
 Which images are attacked (``--attack``). ``all-correct`` (default, the paper's protocol: "we only attack samples
 that are successfully classified by all networks"): images every evaluated classifier gets right on the clean
@@ -12,9 +12,9 @@ image. ``all``: every drawn image (rates then still only count images the model 
 Every search is one ``/v1/watermark/optimize`` request per image and configuration, with the true label as the
 class to move away from and the same search seed for every configuration of an image (``--seed`` + image index),
 so configurations start from the same random population. A search stops once every source model misclassifies
-(the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is re-rendered here from the
-returned (alpha, x, y) with the key code (``WatermarkKey.protect``) and classified by every classifier through
-``/v1/watermark/classify``; all rates below use those predictions.
+(the server's rule), so an ensemble search runs on until all its members are fooled. Every watermarked image is
+re-rendered here from the returned (alpha, x, y) with the key code (``WatermarkKey.protect``) and classified by every
+classifier through ``/v1/watermark/classify``; all rates below use those predictions.
 
 Definitions (``A``: the attacked images; ``y``: true label; a model's prediction on an ensemble is the argmax of
 the weighted mean probability, eq. 8, weights 1/K):
@@ -34,6 +34,7 @@ clock, and the server's own figure), mean PSNR/SSIM of watermarked vs original (
 ends with a bit-exactness check: every watermarked image is unlocked with the key (after an encrypt/decrypt round
 trip of the key file) and compared with the original.
 """
+
 from __future__ import annotations
 
 import sys
@@ -53,11 +54,15 @@ from .eval_report import build_report, write_grid
 def _server_classifiers(info: dict, wanted: Sequence[str] | None, url: str) -> dict[str, dict]:
     classifiers = {n: d for n, d in sorted(info.get("models", {}).items()) if d.get("task") == "classify"}
     if not classifiers:
-        raise InputError(f"{url} holds no watermark classifier; serve the MedLocker models (medprivacy watermark train) first")
+        raise InputError(
+            f"{url} holds no watermark classifier; serve the MedLocker models (medprivacy watermark train) first"
+        )
     if wanted:
         unknown = [m for m in wanted if m not in classifiers]
         if unknown:
-            raise InputError(f"{url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(classifiers)}")
+            raise InputError(
+                f"{url} has no classifier {', '.join(map(repr, unknown))}; it has {', '.join(classifiers)}"
+            )
         return {m: classifiers[m] for m in dict.fromkeys(wanted)}
     binary = {n: d for n, d in classifiers.items() if d.get("out_channels") in (None, 2)}
     if not binary:
@@ -65,7 +70,10 @@ def _server_classifiers(info: dict, wanted: Sequence[str] | None, url: str) -> d
     # The paper's four backbones first, in its order, then anything else.
     from .models import CLASSIFIER_NAMES
 
-    return {n: binary[n] for n in sorted(binary, key=lambda n: (CLASSIFIER_NAMES.index(n) if n in CLASSIFIER_NAMES else 99, n))}
+    return {
+        n: binary[n]
+        for n in sorted(binary, key=lambda n: (CLASSIFIER_NAMES.index(n) if n in CLASSIFIER_NAMES else 99, n))
+    }
 
 
 def _input_size(classifiers: dict[str, dict], override) -> tuple[int, int]:
@@ -83,14 +91,20 @@ def _classify(client, images: list[np.ndarray], models: Sequence[str], batch: in
     """Probabilities per model (N, C) for uint8 RGB images, through /v1/watermark/classify (uint8 upload: exact)."""
     out: dict[str, list] = {m: [] for m in models}
     for start in range(0, len(images), batch):
-        answer = client.classify(np.stack([_planar(p) for p in images[start:start + batch]]), models=list(models))
+        answer = client.classify(np.stack([_planar(p) for p in images[start : start + batch]]), models=list(models))
         for m in models:
             out[m].append(np.asarray(answer["models"][m]["probabilities"], dtype=np.float64))
     return {m: np.concatenate(parts) for m, parts in out.items()}
 
 
-def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, grid: Path | None = None,
-                   progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_evaluation(
+    client,
+    config: EvalConfig,
+    logo: np.ndarray | None = None,
+    grid: Path | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the evaluation against ``client`` (a WatermarkClient) and return the report (see module docstring)."""
     from tqdm import tqdm
 
@@ -109,25 +123,37 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
     if config.table3:
         if config.table3_source is not None:
             if config.table3_source not in classifiers:
-                raise InputError(f"--table3-source {config.table3_source!r} is not an evaluated classifier ({', '.join(names)})")
+                raise InputError(
+                    f"--table3-source {config.table3_source!r} is not an evaluated classifier ({', '.join(names)})"
+                )
             table3_source = config.table3_source
         else:
             table3_source = TABLE3_PREFERRED if TABLE3_PREFERRED in classifiers else names[0]
     lesion_source = None
     if table3_source is not None:
         if config.lesions == "server" and not segmenters:
-            raise InputError(f"{client.url} holds no lesion segmenter; use --lesions truth (the synthetic images' own masks)")
+            raise InputError(
+                f"{client.url} holds no lesion segmenter; use --lesions truth (the synthetic images' own masks)"
+            )
         lesion_source = "server" if config.lesions in ("auto", "server") and segmenters else "truth"
     size = _input_size(classifiers, config.size)
     logo = blending.default_logo() if logo is None else blending.as_rgba(logo)
-    logo_size = blending.fitted_size(size, logo.shape, config.sl)  # a logo that does not fit stops here, before any search
+    logo_size = blending.fitted_size(
+        size, logo.shape, config.sl
+    )  # a logo that does not fit stops here, before any search
 
     data_config = DataConfig(size=size, seed=config.data_seed)
-    log(f"rendering {config.images} {config.split} images ({size[0]}x{size[1]}, {config.split} split from seed "
-        f"{SPLIT_SEED_BASES[config.split] + config.start})")
-    split = make_split(config.split, config.images, data_config, start=config.start, dtype=np.uint8, progress=bool(progress))
-    images = [EvalImage(i, int(split.seeds[i]), int(split.labels[i]), split.sources[i], split.images[i], split.masks[i])
-              for i in range(len(split))]
+    log(
+        f"rendering {config.images} {config.split} images ({size[0]}x{size[1]}, {config.split} split from seed "
+        f"{SPLIT_SEED_BASES[config.split] + config.start})"
+    )
+    split = make_split(
+        config.split, config.images, data_config, start=config.start, dtype=np.uint8, progress=bool(progress)
+    )
+    images = [
+        EvalImage(i, int(split.seeds[i]), int(split.labels[i]), split.sources[i], split.images[i], split.masks[i])
+        for i in range(len(split))
+    ]
     labels = np.array([im.label for im in images])
 
     clean = _classify(client, [im.pixels for im in images], names)
@@ -138,14 +164,23 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
         clean_pred[ENSEMBLE] = ensemble_prediction(clean, names)
     correct_all = np.all([clean_pred[m] == labels for m in names], axis=0)
     attacked = [im for im in images if config.attack == "all" or correct_all[im.index]]
-    log("clean accuracy: " + ", ".join(f"{m} {np.mean(clean_pred[m] == labels):.3f}" for m in clean_pred)
-        + f"; attacking {len(attacked)} of {len(images)} image(s) ({config.attack})")
+    log(
+        "clean accuracy: "
+        + ", ".join(f"{m} {np.mean(clean_pred[m] == labels):.3f}" for m in clean_pred)
+        + f"; attacking {len(attacked)} of {len(images)} image(s) ({config.attack})"
+    )
 
     if table3_source is not None:
         params = boxes.MaskParams.for_image(size)
         lesion_images = [im for im in attacked if im.label == 1]
-        for im in tqdm(lesion_images, desc="lesion masks", unit="image", file=sys.stderr, leave=False,
-                       disable=None if progress is None else not progress):
+        for im in tqdm(
+            lesion_images,
+            desc="lesion masks",
+            unit="image",
+            file=sys.stderr,
+            leave=False,
+            disable=None if progress is None else not progress,
+        ):
             if lesion_source == "server":
                 im.mask = client.lesions(_planar(im.pixels)) >= 0.5
             else:
@@ -162,8 +197,13 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
     todo = [(im, run) for im in attacked for run in runs if _applies(run, im)]
     key = WatermarkKey()
     search = {k: v for k, v in config.search().items() if v is not None}
-    bar = tqdm(total=len(todo), desc="watermark searches", unit="search", file=sys.stderr,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=len(todo),
+        desc="watermark searches",
+        unit="search",
+        file=sys.stderr,
+        disable=None if progress is None else not progress,
+    )
     try:
         for im in attacked:
             mine = [run for run in runs if _applies(run, im)]
@@ -177,18 +217,33 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
                     options["mutation"] = run.mutation
                 wsm = run.mode != "wap"
                 tic = time.perf_counter()
-                answer = client.optimize(im.pixels, logo, mask=im.mask if wsm else None, mode=run.mode,
-                                         lesions="mask" if wsm else "none", models=list(run.models), label=im.label,
-                                         seed=config.seed + im.index, **options)
+                answer = client.optimize(
+                    im.pixels,
+                    logo,
+                    mask=im.mask if wsm else None,
+                    mode=run.mode,
+                    lesions="mask" if wsm else "none",
+                    models=list(run.models),
+                    label=im.label,
+                    seed=config.seed + im.index,
+                    **options,
+                )
                 wall = time.perf_counter() - tic
                 found = answer["params"]
-                watermarked = key.protect(f"{im.seed}:{run.key}", im.pixels, logo, found["alpha"], found["x"], found["y"], config.sl)
+                watermarked = key.protect(
+                    f"{im.seed}:{run.key}", im.pixels, logo, found["alpha"], found["x"], found["y"], config.sl
+                )
                 im.watermarked[run.key] = watermarked
                 im.runs[run.key] = {
-                    "alpha": float(found["alpha"]), "x": int(found["x"]), "y": int(found["y"]),
-                    "logo_size": list(answer["logo_size"]), "fooled_all_source_models": bool(answer["fooled"]),
-                    "evaluations": int(answer["evaluations"]), "stop_reason": answer["stop_reason"],
-                    "seconds": wall, "server_seconds": float(answer.get("elapsed_s", wall)),
+                    "alpha": float(found["alpha"]),
+                    "x": int(found["x"]),
+                    "y": int(found["y"]),
+                    "logo_size": list(answer["logo_size"]),
+                    "fooled_all_source_models": bool(answer["fooled"]),
+                    "evaluations": int(answer["evaluations"]),
+                    "stop_reason": answer["stop_reason"],
+                    "seconds": wall,
+                    "server_seconds": float(answer.get("elapsed_s", wall)),
                     "lesion_boxes": answer.get("lesion_boxes", []),
                 }
                 bar.update(1)
@@ -202,8 +257,22 @@ def run_evaluation(client, config: EvalConfig, logo: np.ndarray | None = None, g
         bar.close()
 
     unlock = _unlock_check(key, attacked)
-    report = build_report(config, client, info, classifiers, images, attacked, labels, clean_pred, runs, table3_source, lesion_source,
-                     data_config, unlock, time.perf_counter() - started)
+    report = build_report(
+        config,
+        client,
+        info,
+        classifiers,
+        images,
+        attacked,
+        labels,
+        clean_pred,
+        runs,
+        table3_source,
+        lesion_source,
+        data_config,
+        unlock,
+        time.perf_counter() - started,
+    )
     if grid is not None:
         write_grid(grid, attacked, names, table3_source, config.grid_images)
         report["grid"] = str(grid)
@@ -242,8 +311,12 @@ def _unlock_check(key, attacked: list[EvalImage]) -> dict[str, Any]:
                 restored = unlock(watermarked, key[f"{im.seed}:{run_key}"])
                 checked += 1
                 exact += bool(restored.dtype == im.pixels.dtype and np.array_equal(restored, im.pixels))
-    return {"checked": checked, "bit_exact": exact, "all_bit_exact": checked == exact,
-            "key_file_bytes": size, "key_file_bytes_per_image": (size / checked) if checked else None,
-            "method": "WatermarkKey.protect with the found parameters, key encrypted with a key file (AES-GCM), "
-                      "loaded back, keyfile.unlock, compared pixel by pixel with the original"}
-
+    return {
+        "checked": checked,
+        "bit_exact": exact,
+        "all_bit_exact": checked == exact,
+        "key_file_bytes": size,
+        "key_file_bytes_per_image": (size / checked) if checked else None,
+        "method": "WatermarkKey.protect with the found parameters, key encrypted with a key file (AES-GCM), "
+        "loaded back, keyfile.unlock, compared pixel by pixel with the original",
+    }

@@ -1,4 +1,5 @@
 """A few held-out synthetic lesion images written as real files (PNG, TIFF, DICOM, NIfTI) for CLI tests and the demo."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from ..quantization import to_codes
 from .data import MRI_SOURCES, SPLIT_CAPACITY, DataConfig, label_of, render_sample, split_seeds
 
 
-def export_examples(out_dir: str | os.PathLike, config: DataConfig | None = None, per_source: int = 2,
-                    split: str = "test") -> dict:
+def export_examples(
+    out_dir: str | os.PathLike, config: DataConfig | None = None, per_source: int = 2, split: str = "test"
+) -> dict:
     """Write a few held-out images as real files for CLI tests; returns (and writes as index.json) what each is.
 
     MRI images: 8-bit PNG, 16-bit PNG, 16-bit TIFF, DICOM (MR, 16-bit, via pydicom) and 2D NIfTI; fundus
@@ -46,8 +48,11 @@ def export_examples(out_dir: str | os.PathLike, config: DataConfig | None = None
             gray = sample.image[..., 0]
             gray8 = np.round(gray * 255).astype(np.uint8)
             gray16 = np.round(gray * 65535).astype(np.uint16)
-            for key, name, array in (("png8", f"{stem}_gray8.png", gray8), ("png16", f"{stem}_gray16.png", gray16),
-                                     ("tiff16", f"{stem}_gray16.tif", gray16)):
+            for key, name, array in (
+                ("png8", f"{stem}_gray8.png", gray8),
+                ("png16", f"{stem}_gray16.png", gray16),
+                ("tiff16", f"{stem}_gray16.tif", gray16),
+            ):
                 sitk.WriteImage(sitk.GetImageFromArray(array), str(out / name))
                 files[key] = name
             nifti = sitk.GetImageFromArray(gray.astype(np.float32))
@@ -61,8 +66,17 @@ def export_examples(out_dir: str | os.PathLike, config: DataConfig | None = None
             for key, name in (("rgb_png", f"{stem}_rgb.png"), ("rgb_tiff", f"{stem}_rgb.tif")):
                 sitk.WriteImage(sitk.GetImageFromArray(rgb8, isVector=True), str(out / name))
                 files[key] = name
-        entries.append({"seed": seed, "split": split, "source": source, "label": sample.label,
-                        "lesion_pixels": int(sample.mask.sum()), "info": sample.info, "files": files})
+        entries.append(
+            {
+                "seed": seed,
+                "split": split,
+                "source": source,
+                "label": sample.label,
+                "lesion_pixels": int(sample.mask.sum()),
+                "info": sample.info,
+                "files": files,
+            }
+        )
     index = {"data": config.describe(), "config": config.to_json(), "images": entries}
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index

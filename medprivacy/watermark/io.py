@@ -20,6 +20,7 @@ Little Endian), since re-encoding could be lossy.
 Every write is atomic and checked: a temporary file beside the target, read back and compared pixel for pixel, then
 renamed over the target (``medprivacy.files``), so a full disk leaves no half-written image.
 """
+
 from __future__ import annotations
 
 import copy
@@ -114,7 +115,9 @@ def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) ->
         # Catches a short write (SimpleITK reports a full disk only on stderr) and a format that would not keep
         # the exact pixels a MedLocker key fingerprints.
         if read_image(tmp).pixels.tobytes() != pixels.tobytes():
-            raise InputError(f"{path.name} does not read back with the pixels written; this format cannot hold them exactly")
+            raise InputError(
+                f"{path.name} does not read back with the pixels written; this format cannot hold them exactly"
+            )
 
     if image.format == "dicom":
         dataset = _dicom_with_pixels(image, stored)
@@ -125,6 +128,7 @@ def write_image(image: MedImage, pixels: np.ndarray, path: str | os.PathLike) ->
 
 
 # --- pixel types -----------------------------------------------------------------------------------------------
+
 
 def to_watermark_pixels(array: np.ndarray, name: str) -> tuple[np.ndarray, np.dtype]:
     """(unsigned 8/16-bit pixels MedLocker works on, the array's own dtype); signed types are shifted (a bijection)."""
@@ -148,15 +152,21 @@ def to_file_pixels(pixels: np.ndarray, file_dtype: np.dtype) -> np.ndarray:
 def _check_2d(array: np.ndarray, name: str, components: int) -> None:
     if components not in (1, 3):
         what = "gray + alpha" if components == 2 else "RGBA" if components == 4 else f"{components}-channel"
-        raise InputError(f"{name} has {what} pixels; MedLocker protects gray or RGB images, save it without the alpha or extra channels")
+        raise InputError(
+            f"{name} has {what} pixels; MedLocker protects gray or RGB images, "
+            "save it without the alpha or extra channels"
+        )
     if array.ndim != (2 if components == 1 else 3):
-        raise InputError(f"{name} is a {array.ndim if components == 1 else array.ndim - 1}D image {tuple(array.shape)}; "
-                         "MedLocker protects single 2D images, export one slice")
+        raise InputError(
+            f"{name} is a {array.ndim if components == 1 else array.ndim - 1}D image {tuple(array.shape)}; "
+            "MedLocker protects single 2D images, export one slice"
+        )
     if min(array.shape[:2]) < 1:
         raise InputError(f"{name} is empty (shape {tuple(array.shape)})")
 
 
 # --- PNG, JPEG, TIFF, NIfTI through SimpleITK -----------------------------------------------------------------
+
 
 def _read_itk(path: Path, fmt: str) -> MedImage:
     import SimpleITK as sitk
@@ -168,14 +178,24 @@ def _read_itk(path: Path, fmt: str) -> MedImage:
         sliced = True
     elif source.GetDimension() != 2:
         size = "x".join(map(str, source.GetSize()))
-        raise InputError(f"{path.name} is a {source.GetDimension()}D image ({size}); MedLocker protects single 2D images, export one slice")
+        raise InputError(
+            f"{path.name} is a {source.GetDimension()}D image ({size}); "
+            "MedLocker protects single 2D images, export one slice"
+        )
     array = sitk.GetArrayFromImage(source)
     if sliced:
         array = array[0]
     components = source.GetNumberOfComponentsPerPixel()
     _check_2d(array, path.name, components)
     pixels, file_dtype = to_watermark_pixels(array, path.name)
-    return MedImage(path=path, format=fmt, pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=source, _slice_axis=sliced)
+    return MedImage(
+        path=path,
+        format=fmt,
+        pixels=np.ascontiguousarray(pixels),
+        file_dtype=file_dtype,
+        _source=source,
+        _slice_axis=sliced,
+    )
 
 
 def _write_itk(image: MedImage, stored: np.ndarray, path: Path, verify) -> None:
@@ -197,26 +217,36 @@ def _write_itk(image: MedImage, stored: np.ndarray, path: Path, verify) -> None:
         try:
             writer.Execute(out)
         except RuntimeError as exc:
-            raise OSError(str(exc).strip().splitlines()[-1] if str(exc).strip() else "SimpleITK could not write the file") from None
+            raise OSError(
+                str(exc).strip().splitlines()[-1] if str(exc).strip() else "SimpleITK could not write the file"
+            ) from None
 
     write_atomically(path, write, verify)
 
 
 # --- DICOM through pydicom -------------------------------------------------------------------------------------
 
+
 def _read_dicom(path: Path) -> MedImage:
     dataset = read_dicom(path)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise InputError(f"{path.name} is a 3D DICOM with {frames} frames; MedLocker protects single 2D images, export one frame")
+        raise InputError(
+            f"{path.name} is a 3D DICOM with {frames} frames; MedLocker protects single 2D images, export one frame"
+        )
     photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":
-        raise InputError(f"{path.name} is a palette-colour DICOM; watermarking palette indices would be meaningless, convert it to RGB")
+        raise InputError(
+            f"{path.name} is a palette-colour DICOM; watermarking palette indices would be meaningless, "
+            "convert it to RGB"
+        )
     array = dicom_pixels(dataset, path.name)
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     _check_2d(array, path.name, samples)
     pixels, file_dtype = to_watermark_pixels(array, path.name)
-    return MedImage(path=path, format="dicom", pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=dataset)
+    return MedImage(
+        path=path, format="dicom", pixels=np.ascontiguousarray(pixels), file_dtype=file_dtype, _source=dataset
+    )
 
 
 def _bits_needed(stored: np.ndarray) -> int:
@@ -233,8 +263,11 @@ def _dicom_with_pixels(image: MedImage, stored: np.ndarray):
     dataset = copy.deepcopy(image._source)
     allocated = stored.dtype.itemsize * 8
     block = _private_block(dataset)
-    original_bits = int(block[_PRIVATE_BITS_STORED].value) if block is not None and _PRIVATE_BITS_STORED in block else \
-        int(dataset.get("BitsStored", allocated) or allocated)
+    original_bits = (
+        int(block[_PRIVATE_BITS_STORED].value)
+        if block is not None and _PRIVATE_BITS_STORED in block
+        else int(dataset.get("BitsStored", allocated) or allocated)
+    )
     original_bits = min(max(original_bits, 1), allocated)
     fits = _bits_needed(stored) <= original_bits
     bits = original_bits if fits else allocated
@@ -259,6 +292,7 @@ def _private_block(dataset):
 
 
 # --- intensity windows -----------------------------------------------------------------------------------------
+
 
 def _shift_of(file_dtype) -> int:
     return _SIGNED[np.dtype(file_dtype)][1] if np.dtype(file_dtype) in _SIGNED else 0
@@ -293,13 +327,16 @@ def _dicom_window(dataset, dtype) -> tuple[int, int] | None:
         if window is not None:
             return window
     block = _private_block(dataset)
-    bits = int(block[_PRIVATE_BITS_STORED].value) if block is not None and _PRIVATE_BITS_STORED in block else \
-        int(dataset.get("BitsStored", 16) or 16)
+    bits = (
+        int(block[_PRIVATE_BITS_STORED].value)
+        if block is not None and _PRIVATE_BITS_STORED in block
+        else int(dataset.get("BitsStored", 16) or 16)
+    )
     if bits >= np.iinfo(dtype).bits:
         return None
     if signed:
         return _valid_window(shift - 2 ** (bits - 1), shift + 2 ** (bits - 1) - 1, dtype)
-    return _valid_window(0, 2 ** bits - 1, dtype)
+    return _valid_window(0, 2**bits - 1, dtype)
 
 
 def _nifti_window(source, pixels: np.ndarray, file_dtype) -> tuple[int, int] | None:
@@ -313,4 +350,3 @@ def _nifti_window(source, pixels: np.ndarray, file_dtype) -> tuple[int, int] | N
         if window is not None:
             return window
     return _valid_window(float(pixels.min()), float(pixels.max()), pixels.dtype) if pixels.size else None
-

@@ -3,6 +3,7 @@
 Each returns the image with the lesion, the lesion's pixel mask (opacity at least 0.5, inside the anatomy) and
 what was drawn.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,6 +33,7 @@ def _blob(shape, centre, radius: float, softness: float, rng, core: float = 0.0)
     edge = np.ones_like(theta)
     for k in range(2, 6):
         edge += rng.uniform(0.0, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+
     def opacity(margin):
         alpha = 1.0 / (1.0 + np.exp(-np.clip(margin / softness, -50, 50)))
         alpha[alpha < ALPHA_CUTOFF] = 0.0
@@ -57,7 +59,7 @@ def _pick_centre(allowed: np.ndarray, radius: float, rng) -> np.ndarray:
     height, width = allowed.shape
     pad = int(np.ceil(radius)) + 1
     inner = np.zeros_like(allowed)
-    inner[pad:height - pad, pad:width - pad] = allowed[pad:height - pad, pad:width - pad]
+    inner[pad : height - pad, pad : width - pad] = allowed[pad : height - pad, pad : width - pad]
     candidates = np.argwhere(inner if inner.any() else allowed)
     if len(candidates) == 0:
         candidates = np.argwhere(np.ones_like(allowed))
@@ -93,7 +95,6 @@ def mri_lesion(base, anatomy, parenchyma, rng):
     return image, mask, {"lesion": kind, "lesions": count, "radius_px": radii}
 
 
-
 def fundus_lesion(base, anatomy, allowed, rng):
     size = max(base.shape[:2])
     shape = base.shape[:2]
@@ -104,13 +105,22 @@ def fundus_lesion(base, anatomy, allowed, rng):
     if kind == "exudates":
         cluster = _pick_centre(allowed, 0.12 * size, rng)
         spread = rng.uniform(0.04, 0.12) * size
-        spots = [(cluster + rng.normal(0, spread / 2, 2), rng.uniform(0.012, 0.03) * size) for _ in range(int(rng.integers(4, 15)))]
+        spots = [
+            (cluster + rng.normal(0, spread / 2, 2), rng.uniform(0.012, 0.03) * size)
+            for _ in range(int(rng.integers(4, 15)))
+        ]
         softness = (0.4, 0.8)
     elif kind == "haemorrhages":
-        spots = [(_pick_centre(allowed, 0.06 * size, rng), rng.uniform(0.025, 0.06) * size) for _ in range(int(rng.integers(1, 5)))]
+        spots = [
+            (_pick_centre(allowed, 0.06 * size, rng), rng.uniform(0.025, 0.06) * size)
+            for _ in range(int(rng.integers(1, 5)))
+        ]
         softness = (0.5, 1.0)
     else:
-        spots = [(_pick_centre(allowed, 0.06 * size, rng), rng.uniform(0.03, 0.06) * size) for _ in range(int(rng.integers(1, 4)))]
+        spots = [
+            (_pick_centre(allowed, 0.06 * size, rng), rng.uniform(0.03, 0.06) * size)
+            for _ in range(int(rng.integers(1, 4)))
+        ]
         softness = (0.8, 1.2)
     for centre, radius in spots:
         radius = max(radius, 1.2)

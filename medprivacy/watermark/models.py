@@ -6,6 +6,7 @@ on CPU: the paper's source and target backbones) and a 2D U-Net lesion segmenter
 :func:`medprivacy.nets.build_network`. Classifiers take float32 (N, 3, H, W) in [0, 1] and return logits (N, 2);
 the segmenter returns (N, 2, H, W) logits (channel 1: lesion). Manifest names are in :data:`MODEL_NAMES`.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,11 +74,25 @@ def model_arch(family: str, size, overrides: dict | None = None) -> dict[str, An
     elif family == "vgg":
         # Replaced a small ViT, which did not leave chance level on CPU (validation 0.50 after 500 of 2000 steps
         # at 2e-4; it could not fit 64 images in 60 steps). See nets/vgg.py.
-        arch = {"name": "vgg", "spatial_dims": 2, "in_channels": 3, "num_classes": 2, "channels": [16, 32, 64, 128], "convs_per_stage": 2,
-                "stem_stride": 2}
+        arch = {
+            "name": "vgg",
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "num_classes": 2,
+            "channels": [16, 32, 64, 128],
+            "convs_per_stage": 2,
+            "stem_stride": 2,
+        }
     elif family == "unet2d":
-        arch = {"name": "unet2d", "spatial_dims": 2, "in_channels": 3, "out_channels": 2,
-                "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}
+        arch = {
+            "name": "unet2d",
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "out_channels": 2,
+            "channels": [16, 32, 64, 128],
+            "strides": [2, 2, 2],
+            "num_res_units": 1,
+        }
     else:
         raise InputError(f"unknown network family {family!r}; use {', '.join(FAMILIES)}")
     arch.update(overrides or {})
@@ -154,7 +169,9 @@ def to_input(images, size=None):
     if size is not None:
         height, width = _pair(size)
         if tuple(tensor.shape[-2:]) != (height, width):
-            tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+            tensor = F.interpolate(
+                tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            ).clamp(0.0, 1.0)
     return tensor.contiguous()
 
 
@@ -187,7 +204,7 @@ def predict_logits(net, images, batch_size: int = 64, size=None):
     try:
         with torch.inference_mode():
             for start in range(0, tensor.shape[0], max(1, batch_size)):
-                outputs.append(net(tensor[start:start + batch_size].to(device)).float().cpu())
+                outputs.append(net(tensor[start : start + batch_size].to(device)).float().cpu())
     finally:
         net.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros((0, 2))

@@ -19,6 +19,7 @@ target model misclassifies it), when ``max_evaluations`` is spent, or after ``ge
 minimised; for MedLocker it is the weighted ensemble probability of the true class (or, without a label, of
 each model's own clean-image prediction), eq. 3 and 8, see ``ensemble_objective``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,10 +86,14 @@ def ensemble_objective(probabilities, target, weights=None) -> tuple[np.ndarray,
     if probs.ndim == 2:
         probs = probs[None]
     k = probs.shape[0] if probs.ndim == 3 else 0
-    targets = np.broadcast_to(np.asarray(target, dtype=np.int64).reshape(-1), (k,)) if np.size(target) in (1, k) else None
+    targets = (
+        np.broadcast_to(np.asarray(target, dtype=np.int64).reshape(-1), (k,)) if np.size(target) in (1, k) else None
+    )
     if probs.ndim != 3 or targets is None or not ((0 <= targets) & (targets < probs.shape[2])).all():
-        raise ValueError(f"expected probabilities (models, candidates, classes) and one class index (or one per model) below "
-                         f"{probs.shape[-1]}, got {probs.shape} and {target}")
+        raise ValueError(
+            f"expected probabilities (models, candidates, classes) and one class index (or one per model) below "
+            f"{probs.shape[-1]}, got {probs.shape} and {target}"
+        )
     beta = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     if beta.shape != (k,) or (beta < 0).any() or beta.sum() <= 0:
         raise ValueError(f"need {k} non-negative model weights, got {weights}")
@@ -123,7 +128,10 @@ class _Evaluator:
         objective = np.asarray(objective, dtype=np.float64).reshape(-1)
         fooled = np.asarray(fooled, dtype=bool).reshape(-1)
         if objective.shape != (take,) or fooled.shape != (take,):
-            raise ValueError(f"score() returned {objective.shape[0]} objectives and {fooled.shape[0]} fooled flags for {take} candidates")
+            raise ValueError(
+                f"score() returned {objective.shape[0]} objectives and {fooled.shape[0]} fooled flags "
+                f"for {take} candidates"
+            )
         if np.isnan(objective).any():
             raise ValueError("score() returned NaN objectives")
         self.evaluations += take
@@ -137,8 +145,14 @@ class _Evaluator:
     def _keep_best(self, params, objective, fooled) -> None:
         pool = np.flatnonzero(fooled) if fooled.any() else np.arange(len(objective))
         i = pool[np.argmin(objective[pool])]
-        if (fooled[i] and not self.best_fooled) or (fooled[i] == self.best_fooled and objective[i] < self.best_objective):
-            self.best_params, self.best_objective, self.best_fooled = params[i].copy(), float(objective[i]), bool(fooled[i])
+        if (fooled[i] and not self.best_fooled) or (
+            fooled[i] == self.best_fooled and objective[i] < self.best_objective
+        ):
+            self.best_params, self.best_objective, self.best_fooled = (
+                params[i].copy(),
+                float(objective[i]),
+                bool(fooled[i]),
+            )
 
 
 def optimize_watermark(
@@ -164,8 +178,15 @@ def optimize_watermark(
     Evaluations: ``population`` for the start, then per generation ``local_iterations * population`` hops
     (basin hopping only) plus one per child that differs from both its parent and an already scored mutant.
     """
-    _check_options(population, generations, crossover_rate, step, local_iterations, alpha_bounds, mutation, max_evaluations)
-    population, generations, step, local_iterations = int(population), int(generations), int(step), int(local_iterations)
+    _check_options(
+        population, generations, crossover_rate, step, local_iterations, alpha_bounds, mutation, max_evaluations
+    )
+    population, generations, step, local_iterations = (
+        int(population),
+        int(generations),
+        int(step),
+        int(local_iterations),
+    )
     max_evaluations = None if max_evaluations is None else int(max_evaluations)
     rng = np.random.default_rng(rng)
     low, high = float(alpha_bounds[0]), float(alpha_bounds[1])
@@ -178,7 +199,9 @@ def optimize_watermark(
 
     def record(done: bool = True) -> None:
         mean = float(np.mean(pop_obj)) if done and pop_obj is not None else float("nan")
-        history.append(GenerationRecord(generation, evaluate.evaluations, evaluate.best_objective, mean, evaluate.best_fooled))
+        history.append(
+            GenerationRecord(generation, evaluate.evaluations, evaluate.best_objective, mean, evaluate.best_fooled)
+        )
 
     def repair(params: np.ndarray) -> np.ndarray:
         params[:, 0] = np.clip(params[:, 0], low, high)
@@ -224,20 +247,30 @@ def optimize_watermark(
         if not history or history[-1].evaluations != evaluate.evaluations:
             record(done=False)
     return OptimizeResult(
-        params=evaluate.best_params, objective=evaluate.best_objective, fooled=evaluate.best_fooled,
-        evaluations=evaluate.evaluations, stop_reason=stop_reason, history=history,
+        params=evaluate.best_params,
+        objective=evaluate.best_objective,
+        fooled=evaluate.best_fooled,
+        evaluations=evaluate.evaluations,
+        stop_reason=stop_reason,
+        history=history,
     )
 
 
-def _check_options(population, generations, crossover_rate, step, local_iterations, alpha_bounds, mutation, max_evaluations) -> None:
+def _check_options(
+    population, generations, crossover_rate, step, local_iterations, alpha_bounds, mutation, max_evaluations
+) -> None:
     if int(population) < 1 or int(generations) < 0 or int(local_iterations) < 0 or int(step) < 1:
-        raise InputError(f"population ({population}) and step ({step}) must be at least 1, generations ({generations}) and "
-                         f"local iterations ({local_iterations}) at least 0")
+        raise InputError(
+            f"population ({population}) and step ({step}) must be at least 1, generations ({generations}) and "
+            f"local iterations ({local_iterations}) at least 0"
+        )
     if not (0.0 <= float(crossover_rate) <= 1.0):
         raise InputError(f"crossover rate {crossover_rate} must lie in [0, 1]")
     low, high = alpha_bounds
     if not (0.0 <= float(low) <= float(high) <= 255.0):
-        raise InputError(f"alpha bounds {tuple(alpha_bounds)} must satisfy 0 <= low <= high <= 255 (the paper uses 100-255)")
+        raise InputError(
+            f"alpha bounds {tuple(alpha_bounds)} must satisfy 0 <= low <= high <= 255 (the paper uses 100-255)"
+        )
     if mutation not in MUTATIONS:
         raise InputError(f"unknown mutation {mutation!r}; use one of {', '.join(MUTATIONS)}")
     if max_evaluations is not None and int(max_evaluations) < 1:

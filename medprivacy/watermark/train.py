@@ -10,6 +10,7 @@ validation score are kept; accuracy / Dice on the held-out test seeds is reporte
 whose ``watermark_training`` entry records the command, data, config and metrics (the mixup models' ``training``
 entry is left alone).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ from .train_plans import PRESETS, TARGET_ACCURACY, WatermarkTrainConfig, parse_f
 
 # ------------------------------------------------------------------------------------------------ training
 
-def train_watermark_models(config: WatermarkTrainConfig, out_dir: str | os.PathLike, progress: bool = True,
-                           command: str | None = None) -> dict:
+
+def train_watermark_models(
+    config: WatermarkTrainConfig, out_dir: str | os.PathLike, progress: bool = True, command: str | None = None
+) -> dict:
     """Train ``config.families``, save each into ``out_dir`` as soon as it is done, and record the run in the
     manifest's ``watermark_training`` entry. Returns that entry."""
     import torch
@@ -98,18 +101,32 @@ def _summary(metrics: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
+
 def add_train_arguments(parser) -> None:
     """Options of ``medprivacy watermark train``."""
-    parser.add_argument("--preset", choices=PRESETS, default="cpu-small",
-                        help="cpu-small: 128x128, about two hours on one CPU core; smoke: a few steps at 32x32 (tests)")
-    parser.add_argument("--out", type=Path, default=None, help="models folder (default: Resources/Models or $MEDPRIVACY_MODELS_DIR)")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="cpu-small",
+        help="cpu-small: 128x128, about two hours on one CPU core; smoke: a few steps at 32x32 (tests)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="models folder (default: Resources/Models or $MEDPRIVACY_MODELS_DIR)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="training seed (weights, batch order, augmentation)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch (0: torch's default; on a machine busy with other jobs 1 can be much faster)")
-    parser.add_argument("--models", default=None,
-                        help=f"comma-separated subset of {','.join(FAMILIES)} to (re)train; the others keep their weights and "
-                             "manifest entries (each network has its own seed stream, so a subset gives the same weights as a full run)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: torch's default; on a machine busy with other jobs 1 can be much faster)",
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated subset of {','.join(FAMILIES)} to (re)train; the others keep their weights and "
+        "manifest entries (each network has its own seed stream, so a subset gives the same weights as a full run)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -135,7 +152,9 @@ def run_train(args) -> int:
     if args.seed < 0:
         raise InputError("--seed must be 0 or a positive number")
     overrides = {"families": parse_families(args.models)} if args.models else {}
-    config = WatermarkTrainConfig.preset_config(args.preset, seed=args.seed, device=args.device, threads=args.threads, **overrides)
+    config = WatermarkTrainConfig.preset_config(
+        args.preset, seed=args.seed, device=args.device, threads=args.threads, **overrides
+    )
     out = models_dir(args.out)
     record = train_watermark_models(config, out, progress=not args.quiet, command=command_line(args))
     for name, metrics in record["models"].items():

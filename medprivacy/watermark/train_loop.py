@@ -1,5 +1,6 @@
 """The optimisation of one MedLocker network: seeded batches with augmentation, the shared Adam loop keeping the
 best validation state, batch-norm re-estimation, and the classifier's and segmenter's held-out metrics."""
+
 from __future__ import annotations
 
 import copy
@@ -50,7 +51,7 @@ class _Batches:
 
         if len(self.order) < self.batch_size:
             self.order = np.concatenate([self.order, self.rng.permutation(len(self.dataset))])
-        index, self.order = self.order[: self.batch_size], self.order[self.batch_size:]
+        index, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         index = np.sort(index)
         images = torch.from_numpy(self.dataset.float_images(index)).permute(0, 3, 1, 2).contiguous()
         labels = torch.from_numpy(self.dataset.labels[index])
@@ -75,9 +76,9 @@ class _Batches:
             h, w = images.shape[-2:]
             for i in range(n):
                 dy, dx = int(shifts[i, 0]) + s, int(shifts[i, 1]) + s
-                images[i] = padded[i, :, dy:dy + h, dx:dx + w]
+                images[i] = padded[i, :, dy : dy + h, dx : dx + w]
                 if masks is not None:
-                    masks[i] = padded_masks[i, dy:dy + h, dx:dx + w]
+                    masks[i] = padded_masks[i, dy : dy + h, dx : dx + w]
         gain = torch.empty(n, 1, 1, 1).uniform_(0.9, 1.1, generator=g)
         gamma = torch.empty(n, 1, 1, 1).uniform_(0.85, 1.15, generator=g)
         images = (images * gain).clamp(0, 1) ** gamma
@@ -112,7 +113,7 @@ def recalibrate_batchnorm(net, images, batch_size: int = 32, device: str = "cpu"
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                net(images[start:start + batch_size].to(device))
+                net(images[start : start + batch_size].to(device))
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
@@ -133,7 +134,7 @@ def _logits(net, images, device, batch_size: int = 64):
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            out.append(net(images[start:start + batch_size].to(device)).float().cpu())
+            out.append(net(images[start : start + batch_size].to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -204,7 +205,9 @@ def train_classifier(config, plan, family, train, validation, test, device, out_
     import torch
 
     started = time.time()
-    seed, net, arch, batches, calibration, val_images = _setup_model(config, plan, family, train, validation, device, with_masks=False)
+    seed, net, arch, batches, calibration, val_images = _setup_model(
+        config, plan, family, train, validation, device, with_masks=False
+    )
 
     def loss_fn(logits, labels, _masks):
         return torch.nn.functional.cross_entropy(logits, labels)
@@ -217,22 +220,36 @@ def train_classifier(config, plan, family, train, validation, test, device, out_
     metrics = _train_loop(net, plan, config, family, batches, loss_fn, validate, device, progress)
     net.eval()
     test_metrics = _classification_metrics(_logits(net, _eval_tensor(test), device).argmax(1).numpy(), test)
-    metrics.update({
-        "held_out_accuracy": test_metrics["accuracy"],
-        "held_out": test_metrics,
-        "meets_target": test_metrics["accuracy"] >= TARGET_ACCURACY,
-        "steps": plan.steps,
-        "batch_size": plan.batch_size,
-        "learning_rate": plan.learning_rate,
-        "parameters": int(sum(p.numel() for p in net.parameters())),
-        "seconds": round(time.time() - started, 1),
-    })
+    metrics.update(
+        {
+            "held_out_accuracy": test_metrics["accuracy"],
+            "held_out": test_metrics,
+            "meets_target": test_metrics["accuracy"] >= TARGET_ACCURACY,
+            "steps": plan.steps,
+            "batch_size": plan.batch_size,
+            "learning_rate": plan.learning_rate,
+            "parameters": int(sum(p.numel() for p in net.parameters())),
+            "seconds": round(time.time() - started, 1),
+        }
+    )
     if not metrics["meets_target"] and config.preset != "smoke":
-        log.warning("%s held-out accuracy %.3f is below the %.0f %% target", family, metrics["held_out_accuracy"], 100 * TARGET_ACCURACY)
-    save_trained_model(net, family, arch, config, out_dir, {
-        "task": "classify",
-        "held_out_accuracy": metrics["held_out_accuracy"],
-    })
+        log.warning(
+            "%s held-out accuracy %.3f is below the %.0f %% target",
+            family,
+            metrics["held_out_accuracy"],
+            100 * TARGET_ACCURACY,
+        )
+    save_trained_model(
+        net,
+        family,
+        arch,
+        config,
+        out_dir,
+        {
+            "task": "classify",
+            "held_out_accuracy": metrics["held_out_accuracy"],
+        },
+    )
     return metrics
 
 
@@ -267,7 +284,9 @@ def train_segmenter(config, plan, train, validation, test, device, out_dir, prog
 
     started = time.time()
     family = SEGMENTER_FAMILY
-    seed, net, arch, batches, calibration, val_images = _setup_model(config, plan, family, train, validation, device, with_masks=True)
+    seed, net, arch, batches, calibration, val_images = _setup_model(
+        config, plan, family, train, validation, device, with_masks=True
+    )
     # batch=True: Dice over the whole batch, so lesion-free images do not give 0/0 terms. Dice on the lesion class
     # only: with the background's near-perfect Dice in the mean, lesions (~1 % of pixels) gave too little signal
     # and the first cpu-small run collapsed to all-background.
@@ -286,21 +305,32 @@ def train_segmenter(config, plan, train, validation, test, device, out_dir, prog
         return _dice(pred[positives], validation.masks[positives])
 
     metrics = _train_loop(net, plan, config, family, batches, loss_fn, validate, device, progress)
-    test_metrics = _segmentation_metrics((_logits(net, _eval_tensor(test), device, batch_size=32).argmax(1) == 1).numpy(), test)
-    metrics.update({
-        "held_out_dice": test_metrics["dice"],
-        "held_out_accuracy": test_metrics["detection_accuracy"],
-        "held_out": test_metrics,
-        "steps": plan.steps,
-        "batch_size": plan.batch_size,
-        "learning_rate": plan.learning_rate,
-        "parameters": int(sum(p.numel() for p in net.parameters())),
-        "seconds": round(time.time() - started, 1),
-    })
-    save_trained_model(net, family, arch, config, out_dir, {
-        "task": "segment-lesion",
-        # Image-level: an image counts as "lesion" when any pixel is segmented as lesion.
-        "held_out_accuracy": metrics["held_out_accuracy"],
-        "held_out_dice": metrics["held_out_dice"],
-    })
+    test_metrics = _segmentation_metrics(
+        (_logits(net, _eval_tensor(test), device, batch_size=32).argmax(1) == 1).numpy(), test
+    )
+    metrics.update(
+        {
+            "held_out_dice": test_metrics["dice"],
+            "held_out_accuracy": test_metrics["detection_accuracy"],
+            "held_out": test_metrics,
+            "steps": plan.steps,
+            "batch_size": plan.batch_size,
+            "learning_rate": plan.learning_rate,
+            "parameters": int(sum(p.numel() for p in net.parameters())),
+            "seconds": round(time.time() - started, 1),
+        }
+    )
+    save_trained_model(
+        net,
+        family,
+        arch,
+        config,
+        out_dir,
+        {
+            "task": "segment-lesion",
+            # Image-level: an image counts as "lesion" when any pixel is segmented as lesion.
+            "held_out_accuracy": metrics["held_out_accuracy"],
+            "held_out_dice": metrics["held_out_dice"],
+        },
+    )
     return metrics

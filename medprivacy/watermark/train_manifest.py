@@ -1,5 +1,6 @@
 """Where trained MedLocker networks go: each one saved with its spec, and the run recorded in the models
 manifest's ``watermark_training`` entry (the mixup models' ``training`` entry is left alone)."""
+
 from __future__ import annotations
 
 import shlex
@@ -22,7 +23,13 @@ def save_trained_model(net, family: str, arch: dict, config: WatermarkTrainConfi
         role="server",
         patch_size=size,
         labels=dict(LABELS),
-        extra={"family": family, "input": input_description(size), **extra, "preset": config.preset, "seed": config.seed},
+        extra={
+            "family": family,
+            "input": input_description(size),
+            **extra,
+            "preset": config.preset,
+            "seed": config.seed,
+        },
     )
     save_model(net, spec, out_dir)
 
@@ -57,5 +64,5 @@ def _without_models_option(command: str) -> str:
     parts = shlex.split(command)
     if "--models" in parts:
         at = parts.index("--models")
-        del parts[at:at + 2]
+        del parts[at : at + 2]
     return " ".join(shlex.quote(p) for p in parts)

@@ -1,5 +1,6 @@
 """What ``medprivacy watermark train`` trains: the presets, each network family's plan (steps, batch, learning
 rate, widths) and each family's own seed stream."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -64,8 +65,17 @@ class WatermarkTrainConfig:
         elif name == "smoke":
             widths = WIDTHS["smoke"]
             plans = {family: ModelPlan(3, 8, 1e-3, widths[family]) for family in FAMILIES}
-            config = cls(preset=name, size=32, train_samples=48, validation_samples=16, test_samples=16,
-                         validate_every=3, bn_calibration_samples=16, max_shift=2, plans=plans)
+            config = cls(
+                preset=name,
+                size=32,
+                train_samples=48,
+                validation_samples=16,
+                test_samples=16,
+                validate_every=3,
+                bn_calibration_samples=16,
+                max_shift=2,
+                plans=plans,
+            )
         else:
             raise InputError(f"unknown preset {name!r}; use {' or '.join(PRESETS)}")
         return replace(config, **overrides)

@@ -7,6 +7,7 @@ re-identification of reid.py, and reports r, PSNR and 3D MS-SSIM of every rebuil
 template-only guess, the share of uploads placed exactly / within one patch step, and re-identification mAP next to
 chance and to no protection, in JSON plus a PNG (patient | template | what the server could rebuild | bound).
 """
+
 from __future__ import annotations
 
 import time
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: What the product promises at its default level; the audit says yes or no to each (README, "What a curious server can recover").
+#: What the product promises at its default level; the audit says yes or no to each
+#: (README, "What a curious server can recover").
 MARGIN_OVER_TEMPLATE = 0.05
 MAX_PLACED_EXACTLY = 0.10
 MAX_REID_MAP = 0.40
@@ -72,13 +74,18 @@ def run_audit(
         if tuple(captured.uploads.shape[1:]) != tuple(bank.patch_size):
             from ...errors import InputError
 
-            raise InputError(f"the audit copies hold {captured.uploads.shape[1:]} patches, the key {tuple(bank.patch_size)}; use the key of that run")
+            raise InputError(
+                f"the audit copies hold {captured.uploads.shape[1:]} patches, the key {tuple(bank.patch_size)}; "
+                "use the key of that run"
+            )
     else:
         say("making the uploads exactly as a private run would")
         captured = capture(prepared, bank, settings, rng)
     lattice = captured.truth.lattice if captured.truth is not None else ()
     attacker = Attacker.for_settings(settings, models_dir, lattice)
-    scan_report, volumes = audit_uploads(captured, prepared.volume, attacker, rng, pairing_queries, variants, progress, sample)
+    scan_report, volumes = audit_uploads(
+        captured, prepared.volume, attacker, rng, pairing_queries, variants, progress, sample
+    )
     scan_report["name"] = name
     if captured.session is not None and captured.session.warp is not None and "strongest attack" in volumes:
         from .rebuild import image_measures
@@ -89,10 +96,15 @@ def run_audit(
     if reid_subjects and uploads_dir is None and "strongest" in scan_report:
         say("re-identification")
         variant = scan_report["strongest"]["attack"]
-        report["reidentification"] = reidentification(settings, bank, attacker, reid_subjects, variant, rng, progress, reid_sample or sample)
+        report["reidentification"] = reidentification(
+            settings, bank, attacker, reid_subjects, variant, rng, progress, reid_sample or sample
+        )
     report["verdict"] = verdict(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    shown = {"patient": prepared.volume, **{k: v for k, v in volumes.items() if k in ("template only", "strongest attack", "oracle")}}
+    shown = {
+        "patient": prepared.volume,
+        **{k: v for k, v in volumes.items() if k in ("template only", "strongest attack", "oracle")},
+    }
     if out_json is not None:
         from ...files import write_json
 

@@ -8,6 +8,7 @@ Variants, each a full attack a server can run with public means (the template, t
 - each rebuild also blended with the template (the server falls back to its prior where its evidence is weak).
 ``oracle`` averages the copies at their true places: not an attack, the bound a perfect placement would reach.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ def _score(rebuild: Rebuild, patient: np.ndarray) -> dict:
     return {**measured[best], "trust": best, "best_ms_ssim_any_blend": max(m["ms_ssim"] for m in measured.values())}
 
 
-def attack_uploads(captured: CapturedUploads, attacker: Attacker, shape, variants=("template", "separated", "rematched"), progress=None) -> list[Rebuild]:
+def attack_uploads(
+    captured: CapturedUploads, attacker: Attacker, shape, variants=("template", "separated", "rematched"), progress=None
+) -> list[Rebuild]:
     """Run the attack variants on ``captured``; returns the rebuilds (unscored)."""
     say = progress or (lambda message, fraction=None: None)
     uploads = captured.uploads
@@ -79,7 +82,9 @@ def attack_uploads(captured: CapturedUploads, attacker: Attacker, shape, variant
         say("template matching of the raw uploads")
         placement = place_all(uploads, template_guess(), attacker.orientations, attacker.lattice, progress)
         out.append(_rebuild("template", uploads, placement, shape))
-    if ("separated" in variants or "rematched" in variants) and not isinstance(attacker.separator, (type(None), Exception)):
+    if ("separated" in variants or "rematched" in variants) and not isinstance(
+        attacker.separator, (type(None), Exception)
+    ):
         from .separator import separate
 
         say("separating each upload with the attacker's network")
@@ -118,8 +123,16 @@ def projected_rebuild(captured: CapturedUploads, share: float, shape, rng: np.ra
     return oracle_rebuild(subset, shape)
 
 
-def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Attacker, rng: np.random.Generator, pairing_queries: int = 4,
-                  variants=("template", "separated", "rematched"), progress=None, sample: int | None = None) -> tuple[dict, dict]:
+def audit_uploads(
+    captured: CapturedUploads,
+    patient: np.ndarray,
+    attacker: Attacker,
+    rng: np.random.Generator,
+    pairing_queries: int = 4,
+    variants=("template", "separated", "rematched"),
+    progress=None,
+    sample: int | None = None,
+) -> tuple[dict, dict]:
     """Every attack on one scan's uploads, measured against ``patient`` (the normalised scan on the model grid).
     ``sample``: attack that many randomly drawn uploads only (the oracle bound and pairing still use them all).
 
@@ -130,7 +143,12 @@ def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Atta
     shape = patient.shape
     guess = template_guess()
     attacked = captured.sample(sample, rng)
-    report: dict = {"uploads": len(captured), "uploads_attacked": len(attacked), "template_only": image_measures(guess, patient), "attacks": {}}
+    report: dict = {
+        "uploads": len(captured),
+        "uploads_attacked": len(attacked),
+        "template_only": image_measures(guess, patient),
+        "attacks": {},
+    }
     if isinstance(attacker.separator, Exception):
         report["separator_unavailable"] = str(attacker.separator)
     volumes = {"template only": guess}
@@ -138,11 +156,15 @@ def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Atta
     for rebuild in rebuilds:
         entry = _score(rebuild, patient)
         if attacked.truth is not None:
-            entry["placement"] = placement_accuracy(rebuild.placement, attacked.truth, step=attacked.uploads.shape[-1] // 4)
+            entry["placement"] = placement_accuracy(
+                rebuild.placement, attacked.truth, step=attacked.uploads.shape[-1] // 4
+            )
         report["attacks"][rebuild.name] = entry
         volumes[rebuild.name] = rebuild.volume
     if report["attacks"]:
-        strongest = max(report["attacks"], key=lambda name: (report["attacks"][name]["r"], report["attacks"][name]["ms_ssim"]))
+        strongest = max(
+            report["attacks"], key=lambda name: (report["attacks"][name]["r"], report["attacks"][name]["ms_ssim"])
+        )
         attacks = report["attacks"].values()
         report["strongest"] = {
             "attack": strongest,
@@ -152,7 +174,9 @@ def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Atta
         }
         if captured.truth is not None:
             report["strongest"]["placed_exactly"] = max(a["placement"]["placed_exactly"] for a in attacks)
-            report["strongest"]["placed_within_one_step"] = max(a["placement"]["placed_within_one_step"] for a in attacks)
+            report["strongest"]["placed_within_one_step"] = max(
+                a["placement"]["placed_within_one_step"] for a in attacks
+            )
         volumes["strongest attack"] = volumes[strongest]
     if captured.truth is not None:
         oracle = oracle_rebuild(captured, shape)
@@ -164,12 +188,22 @@ def audit_uploads(captured: CapturedUploads, patient: np.ndarray, attacker: Atta
             # the misplaced ones left out, which favours the attacker (it cannot tell which ones it got right).
             share = report["strongest"]["placed_exactly"]
             projected = projected_rebuild(captured, share, shape, rng)
-            report["projected_all_uploads"] = {"placed_share": share, **(_score(projected, patient) if projected else image_measures(guess, patient))}
+            report["projected_all_uploads"] = {
+                "placed_share": share,
+                **(_score(projected, patient) if projected else image_measures(guess, patient)),
+            }
             report["strongest"]["r"] = max(report["strongest"]["r"], report["projected_all_uploads"]["r"])
-            report["strongest"]["ms_ssim"] = max(report["strongest"]["ms_ssim"], report["projected_all_uploads"].get("best_ms_ssim_any_blend", report["projected_all_uploads"]["ms_ssim"]))
+            report["strongest"]["ms_ssim"] = max(
+                report["strongest"]["ms_ssim"],
+                report["projected_all_uploads"].get(
+                    "best_ms_ssim_any_blend", report["projected_all_uploads"]["ms_ssim"]
+                ),
+            )
         if pairing_queries:
             say("pairing uploads by their overlaps")
-            report["pairing"] = pairing_accuracy(captured.uploads, captured.truth, attacker.orientations, pairing_queries, rng, progress=progress)
+            report["pairing"] = pairing_accuracy(
+                captured.uploads, captured.truth, attacker.orientations, pairing_queries, rng, progress=progress
+            )
     return report, volumes
 
 

@@ -5,6 +5,7 @@ sends with) and keeps, next to the uploads, the client's truth about each row, s
 attacks. ``load_audit_dir`` reads what a real server wrote with ``--audit-dir``; there no truth exists, and only the
 image measures are reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,9 +78,17 @@ def of_session(session, bank, batch: int = 64) -> CapturedUploads:
     for begin in range(0, len(plan), batch):
         rows = slice(begin, begin + batch)
         uploads[rows] = as_received(make_uploads(session, bank, rows)[0])
-    starts = np.array([session.grids[c].starts[i] if c >= 0 else (0, 0, 0) for c, i in zip(plan.copy, plan.location)], dtype=np.int64).reshape(-1, 3)
+    starts = np.array(
+        [session.grids[c].starts[i] if c >= 0 else (0, 0, 0) for c, i in zip(plan.copy, plan.location)], dtype=np.int64
+    ).reshape(-1, 3)
     lattice = () if settings.secret_offsets else tuple(sorted({s for g in session.grids for s in g.starts}))
-    truth = UploadTruth(copy=plan.copy.copy(), start=starts, orientation=plan.target_orientation.copy(), lam=plan.lam.copy(), lattice=lattice)
+    truth = UploadTruth(
+        copy=plan.copy.copy(),
+        start=starts,
+        orientation=plan.target_orientation.copy(),
+        lam=plan.lam.copy(),
+        lattice=lattice,
+    )
     return CapturedUploads(uploads, truth, session)
 
 
@@ -89,7 +98,9 @@ def load_audit_dir(folder: str | Path) -> CapturedUploads:
 
     files = sorted(Path(folder).glob("*-mixup.npy"))
     if not files:
-        raise InputError(f"{folder} holds no '*-mixup.npy' files; point --uploads at the folder a server wrote with --audit-dir")
+        raise InputError(
+            f"{folder} holds no '*-mixup.npy' files; point --uploads at the folder a server wrote with --audit-dir"
+        )
     arrays = []
     for path in files:
         try:
@@ -100,5 +111,7 @@ def load_audit_dir(folder: str | Path) -> CapturedUploads:
     if uploads.ndim == 5:
         uploads = uploads[:, 0]
     if uploads.ndim != 4 or len(set(uploads.shape[1:])) != 1:
-        raise InputError(f"the audit copies in {folder} hold arrays of shape {uploads.shape}; expected cubic 3D patches")
+        raise InputError(
+            f"the audit copies in {folder} hold arrays of shape {uploads.shape}; expected cubic 3D patches"
+        )
     return CapturedUploads(uploads.astype(np.float32), None, None)

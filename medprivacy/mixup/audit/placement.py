@@ -9,6 +9,7 @@
   orientation and offset whose overlap correlates best; a server that pairs neighbours could chain them.
 - ``placement_accuracy``: the share of uploads placed exactly (start and orientation) and within one patch step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,9 +50,11 @@ def _ncc_maps(reference, patches, valid_shape):
     window = tuple(slice(0, v) for v in valid_shape)
     local_sum = torch.fft.irfftn(spectrum * torch.conj(ones), s=size)[window]
     local_sq = torch.fft.irfftn(torch.fft.rfftn(reference * reference, s=size) * torch.conj(ones), s=size)[window]
-    local_std = torch.sqrt(torch.clamp(local_sq - local_sum * local_sum / n ** 3, min=1e-6))
+    local_std = torch.sqrt(torch.clamp(local_sq - local_sum * local_sum / n**3, min=1e-6))
     norms = torch.sqrt((patches * patches).sum(dim=(1, 2, 3))).clamp_min(1e-6)
-    products = torch.fft.irfftn(spectrum[None] * torch.conj(torch.fft.rfftn(patches, s=size, dim=(1, 2, 3))), s=size, dim=(1, 2, 3))
+    products = torch.fft.irfftn(
+        spectrum[None] * torch.conj(torch.fft.rfftn(patches, s=size, dim=(1, 2, 3))), s=size, dim=(1, 2, 3)
+    )
     return products[(slice(None),) + window] / (norms.view(-1, 1, 1, 1) * local_std[None])
 
 
@@ -75,8 +78,11 @@ class TemplateMatcher:
         self._torch = torch
 
     def _reference_patches(self, starts) -> np.ndarray:
-        """Zero-mean, unit-norm reference patches at ``starts`` (pooled by 2: a lattice's points are 12 voxels apart)."""
-        patches = np.stack([self.volume[tuple(slice(s + self.pad, s + self.pad + self.patch) for s in start)] for start in starts])
+        """Zero-mean, unit-norm reference patches at ``starts`` (pooled by 2: a lattice's points are 12 voxels
+        apart)."""
+        patches = np.stack(
+            [self.volume[tuple(slice(s + self.pad, s + self.pad + self.patch) for s in start)] for start in starts]
+        )
         pooled = _pool(patches, 2).reshape(len(starts), -1).numpy()
         pooled -= pooled.mean(axis=1, keepdims=True)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-6)
@@ -114,7 +120,9 @@ class TemplateMatcher:
         torch = self._torch
         radius = self.coarse
         low = [max(s + self.pad - radius, 0) for s in start]
-        window = self.volume[tuple(slice(start, min(start + self.patch + 2 * radius, n)) for start, n in zip(low, self.volume.shape))]
+        window = self.volume[
+            tuple(slice(start, min(start + self.patch + 2 * radius, n)) for start, n in zip(low, self.volume.shape))
+        ]
         valid = tuple(w - self.patch + 1 for w in window.shape)
         if min(valid) < 1:
             return (-2.0, start, code)
@@ -134,7 +142,11 @@ def place_all(uploads: np.ndarray, volume: np.ndarray, orientations: int, lattic
         starts.append(start), codes.append(code), scores.append(score)
         if progress is not None and n % 64 == 0:
             progress(f"placing uploads on the template ({n}/{len(uploads)})", n / len(uploads))
-    return Placement(np.array(starts, dtype=np.int64).reshape(-1, 3), np.array(codes, dtype=np.int64), np.array(scores, dtype=np.float32))
+    return Placement(
+        np.array(starts, dtype=np.int64).reshape(-1, 3),
+        np.array(codes, dtype=np.int64),
+        np.array(scores, dtype=np.float32),
+    )
 
 
 def same_turn(code_a: int, code_b: int, relative: int) -> bool:
@@ -169,7 +181,7 @@ def pair_uploads(uploads: np.ndarray, query: int, orientations: int, factor: int
     spectrum_b2 = torch.fft.rfftn(others * others, s=size, dim=(1, 2, 3))
     ones = torch.fft.rfftn(torch.ones((n, n, n)), s=size)
     count = torch.fft.irfftn(ones * torch.conj(ones), s=size).round().clamp_min(1)
-    valid = count >= min_overlap * n ** 3
+    valid = count >= min_overlap * n**3
     query_pooled = others[query].numpy()
     # The partners' windowed sums do not depend on how the query is turned: once, not per orientation.
     sum_b = torch.fft.irfftn(ones[None] * torch.conj(spectrum_b), s=size, dim=(1, 2, 3))
@@ -191,7 +203,15 @@ def pair_uploads(uploads: np.ndarray, query: int, orientations: int, factor: int
     return best[1], best[2], best[0]
 
 
-def pairing_accuracy(uploads: np.ndarray, truth, orientations: int, queries: int, rng: np.random.Generator, factor: int = 2, progress=None) -> dict:
+def pairing_accuracy(
+    uploads: np.ndarray,
+    truth,
+    orientations: int,
+    queries: int,
+    rng: np.random.Generator,
+    factor: int = 2,
+    progress=None,
+) -> dict:
     """Share of sampled real uploads whose best overlap partner truly overlaps them (≥ a quarter of a patch) with
     the right relative orientation."""
     real = np.nonzero(truth.copy >= 0)[0]
@@ -202,9 +222,19 @@ def pairing_accuracy(uploads: np.ndarray, truth, orientations: int, queries: int
         if progress is not None:
             progress(f"pairing uploads by their overlaps ({n}/{len(chosen)})", n / len(chosen))
         partner, code, _ = pair_uploads(uploads, int(query), orientations, factor)
-        overlap = np.prod(np.clip(size - np.abs(truth.start[partner] - truth.start[query]), 0, None)) / size ** 3
-        hits.append(bool(truth.copy[partner] >= 0 and overlap >= 0.25 and same_turn(int(truth.orientation[query]), int(truth.orientation[partner]), code)))
-    return {"queries": len(chosen), "true_neighbour_first": float(np.mean(hits)) if hits else float("nan"), "resolution_mm": factor}
+        overlap = np.prod(np.clip(size - np.abs(truth.start[partner] - truth.start[query]), 0, None)) / size**3
+        hits.append(
+            bool(
+                truth.copy[partner] >= 0
+                and overlap >= 0.25
+                and same_turn(int(truth.orientation[query]), int(truth.orientation[partner]), code)
+            )
+        )
+    return {
+        "queries": len(chosen),
+        "true_neighbour_first": float(np.mean(hits)) if hits else float("nan"),
+        "resolution_mm": factor,
+    }
 
 
 def orientation_count() -> int:

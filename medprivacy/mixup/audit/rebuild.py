@@ -3,6 +3,7 @@
 A server that knows where copies of one region lie averages them: each copy's reference differs, so the references
 average towards their mean while the patient's part adds up (λ·x + (1 − λ)·r averages to λ̄·x + (1 − λ̄)·r̄).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,9 @@ def template_guess() -> np.ndarray:
     return guess
 
 
-def average_placed(patches: np.ndarray, starts: np.ndarray, codes: np.ndarray, shape, weights=None) -> tuple[np.ndarray, np.ndarray]:
+def average_placed(
+    patches: np.ndarray, starts: np.ndarray, codes: np.ndarray, shape, weights=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(mean of the turned-back patches per voxel, summed weight per voxel); parts past the volume's edge dropped."""
     total = np.zeros(shape, dtype=np.float64)
     weight = np.zeros(shape, dtype=np.float64)

@@ -6,6 +6,7 @@ query has exactly one right answer (the other visit). Scan-to-scan variation is 
 head position in another scanner grid (so another registration), another bias field, contrast, noise and gain, with
 the same anatomy. The same retrieval on the plain aligned scans is "no protection"; random ranking is "chance".
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def visit_scan(subject: int, visit: int, patch_size):
     public synthetic data, and registration dominates the time)."""
     from ...data.synth import synthesize_subject, to_scanner_space
     from ..pipeline import PreparedScan, prepare_scan
-    from ..train import cache_dir
+    from ..train_data import cache_dir
 
     seed, scan_seed, scanner_seed = visit_seeds(subject, visit)
     path = cache_dir() / "reid" / f"visit-{seed}-{visit}.npz"
@@ -84,7 +85,16 @@ def _similarities(volumes: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {"correlation": correlation, "ms_ssim": ms_ssim}
 
 
-def reidentification(settings, bank, attacker, subjects: int, variant: str, rng: np.random.Generator, progress=None, sample: int | None = None) -> dict:
+def reidentification(
+    settings,
+    bank,
+    attacker,
+    subjects: int,
+    variant: str,
+    rng: np.random.Generator,
+    progress=None,
+    sample: int | None = None,
+) -> dict:
     """mAP of re-identification among ``subjects`` × 2 visits for: the attack ``variant``'s rebuilds, the oracle
     rebuilds (true places: the bound), and the plain scans (no protection)."""
     from .attack import attack_uploads, oracle_rebuild
@@ -96,21 +106,33 @@ def reidentification(settings, bank, attacker, subjects: int, variant: str, rng:
     rebuilt, oracle, plain, identity = [], [], [], []
     for subject in range(subjects):
         for visit in (0, 1):
-            say(f"re-identification: subject {subject + 1}/{subjects}, visit {visit + 1}", (2 * subject + visit) / (2 * subjects))
+            say(
+                f"re-identification: subject {subject + 1}/{subjects}, visit {visit + 1}",
+                (2 * subject + visit) / (2 * subjects),
+            )
             prepared = visit_scan(subject, visit, patch)
             captured = capture(prepared, bank, settings, rng)
             attacker.lattice = captured.truth.lattice
-            (result,) = attack_uploads(captured.sample(sample, rng), attacker, prepared.volume.shape, variants=(variant,))
+            (result,) = attack_uploads(
+                captured.sample(sample, rng), attacker, prepared.volume.shape, variants=(variant,)
+            )
             rebuilt.append(with_template(result.volume, result.coverage))
             bound = oracle_rebuild(captured, prepared.volume.shape)
             oracle.append(with_template(bound.volume, bound.coverage))
             plain.append(prepared.volume)
             identity.append(subject)
     identity = np.array(identity)
-    out = {"subjects": subjects, "scans": len(identity), "attack": variant, "uploads_attacked_per_scan": sample, "chance": round(chance_map(len(identity)), 4)}
+    out = {
+        "subjects": subjects,
+        "scans": len(identity),
+        "attack": variant,
+        "uploads_attacked_per_scan": sample,
+        "chance": round(chance_map(len(identity)), 4),
+    }
     for name, volumes in (("attack", rebuilt), ("oracle_bound", oracle), ("no_protection", plain)):
         similarity = _similarities(volumes)
-        out[name] = {measure: round(mean_average_precision(matrix, identity), 4) for measure, matrix in similarity.items()}
+        out[name] = {
+            measure: round(mean_average_precision(matrix, identity), 4) for measure, matrix in similarity.items()
+        }
     out["attack_map"] = max(out["attack"].values())
     return out
-

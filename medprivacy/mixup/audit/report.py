@@ -1,4 +1,5 @@
 """The audit's picture (patient | what the server could rebuild) and its one-screen summary."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,21 +40,41 @@ def format_audit(report: dict) -> str:
     level = report.get("privacy", {}).get("level", "?")
     lines.append(f"Privacy audit, level {level}: {report['scan']['uploads']} uploads of {report['scan']['name']}")
     guess = report["scan"]["template_only"]
-    lines.append(f"  template only (no upload)      r {guess['r']:.3f}  PSNR {guess['psnr_db']:5.2f} dB  MS-SSIM {guess['ms_ssim']:.3f}")
+    lines.append(
+        f"  template only (no upload)      r {guess['r']:.3f}  PSNR {guess['psnr_db']:5.2f} dB  MS-SSIM "
+        f"{guess['ms_ssim']:.3f}"
+    )
     for name, entry in report["scan"].get("attacks", {}).items():
         placed = entry.get("placement", {})
-        where = f"  placed exactly {100 * placed['placed_exactly']:5.1f} %, within a step {100 * placed['placed_within_one_step']:5.1f} %" if placed else ""
-        lines.append(f"  attack {name:<23} r {entry['r']:.3f}  PSNR {entry['psnr_db']:5.2f} dB  MS-SSIM {entry['ms_ssim']:.3f}{where}")
+        where = (
+            f"  placed exactly {100 * placed['placed_exactly']:5.1f} %, "
+            f"within a step {100 * placed['placed_within_one_step']:5.1f} %"
+            if placed
+            else ""
+        )
+        lines.append(
+            f"  attack {name:<23} r {entry['r']:.3f}  PSNR {entry['psnr_db']:5.2f} dB  MS-SSIM "
+            f"{entry['ms_ssim']:.3f}{where}"
+        )
     if "projected_all_uploads" in report["scan"]:
         projected = report["scan"]["projected_all_uploads"]
-        lines.append(f"  projected to all {report['scan']['uploads']} uploads    r {projected['r']:.3f}  PSNR {projected['psnr_db']:5.2f} dB  MS-SSIM {projected['ms_ssim']:.3f}"
-                     f"  ({100 * projected['placed_share']:.1f} % at true places; {report['scan']['uploads_attacked']} attacked)")
+        lines.append(
+            f"  projected to all {report['scan']['uploads']} uploads    r {projected['r']:.3f}  PSNR "
+            f"{projected['psnr_db']:5.2f} dB  MS-SSIM {projected['ms_ssim']:.3f}"
+            f"  ({100 * projected['placed_share']:.1f} % at true places; {report['scan']['uploads_attacked']} attacked)"
+        )
     if "oracle_bound" in report["scan"]:
         bound = report["scan"]["oracle_bound"]
-        lines.append(f"  bound: copies at true places   r {bound['r']:.3f}  PSNR {bound['psnr_db']:5.2f} dB  MS-SSIM {bound['ms_ssim']:.3f}")
+        lines.append(
+            f"  bound: copies at true places   r {bound['r']:.3f}  PSNR {bound['psnr_db']:5.2f} dB  MS-SSIM "
+            f"{bound['ms_ssim']:.3f}"
+        )
     if "pairing" in report["scan"]:
         pairing = report["scan"]["pairing"]
-        lines.append(f"  overlap pairing: true neighbour first in {100 * pairing['true_neighbour_first']:.0f} % of {pairing['queries']} queries")
+        lines.append(
+            f"  overlap pairing: true neighbour first in {100 * pairing['true_neighbour_first']:.0f} % of "
+            f"{pairing['queries']} queries"
+        )
     if "reidentification" in report:
         reid = report["reidentification"]
         lines.append(

@@ -5,6 +5,7 @@ keygen-like reference bank, and the client's own upload code (pipeline.plan_sess
 privacy level, so it learns exactly the mixtures clients send. ``train_separator`` (``medprivacy mixup
 train-attacker``) regenerates the shipped weights ``attack-separator`` with a manifest entry.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -19,18 +20,27 @@ from ...data.synth import ATTACKER_BANK_SEED_BASE, ATTACKER_SUBJECT_SEED_BASE, V
 
 MODEL_NAME = "attack-separator"
 MODEL_FILE = "attack_separator.safetensors"
-ARCH = {"name": "unet", "in_channels": 1, "out_channels": 1, "channels": [16, 32, 64], "strides": [2, 2], "num_res_units": 1}
+ARCH = {
+    "name": "unet",
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [16, 32, 64],
+    "strides": [2, 2],
+    "num_res_units": 1,
+}
 
 
 def attacker_bank(patch_size, subjects: int = 4, patches: int = 512):
     """A reference bank made as keygen makes one, from the attacker's own seeded synthetic subjects."""
     from ..bank import ReferenceBank
     from ..sampling import TEXTURE_OVERSAMPLING, sample_reference_patches
-    from ..train import synthetic_subject_normalized
+    from ..train_data import synthetic_subject_normalized
 
     images, labels = zip(*(synthetic_subject_normalized(ATTACKER_BANK_SEED_BASE + i) for i in range(subjects)))
     rng = np.random.default_rng(ATTACKER_BANK_SEED_BASE)
-    patch_images, patch_labels = sample_reference_patches(list(images), list(labels), patches, tuple(patch_size), rng, TEXTURE_OVERSAMPLING)
+    patch_images, patch_labels = sample_reference_patches(
+        list(images), list(labels), patches, tuple(patch_size), rng, TEXTURE_OVERSAMPLING
+    )
     return ReferenceBank(Path(), patch_images.astype(np.float16), patch_labels, {"source": "attacker"})
 
 
@@ -40,7 +50,7 @@ def _prepared(seed: int, patch_size):
 
     from ...data.template import load_template
     from ..pipeline import prepare_scan
-    from ..train import synthetic_subject_normalized
+    from ..train_data import synthetic_subject_normalized
 
     image = sitk.GetImageFromArray(synthetic_subject_normalized(seed)[0].astype(np.float32))
     image.CopyInformation(load_template().image)
@@ -75,8 +85,18 @@ class TrainingMixtures:
         return np.stack([c[0] for c in chosen]), np.stack([c[1] for c in chosen])
 
 
-def train_separator(out_dir, iterations: int = 1500, batch_size: int = 4, crop: int = 32, subjects: int = 4, seed: int = 0,
-                    threads: int = 0, learning_rate: float = 1e-3, progress: bool = True, command: str | None = None) -> dict:
+def train_separator(
+    out_dir,
+    iterations: int = 1500,
+    batch_size: int = 4,
+    crop: int = 32,
+    subjects: int = 4,
+    seed: int = 0,
+    threads: int = 0,
+    learning_rate: float = 1e-3,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
     """Train the separator on 32³ crops of real client uploads (it is fully convolutional: it runs on whole uploads)."""
     import torch
     from tqdm import tqdm
@@ -91,7 +111,9 @@ def train_separator(out_dir, iterations: int = 1500, batch_size: int = 4, crop: 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     patch_size = client_patch_size()
-    data = TrainingMixtures(patch_size, [ATTACKER_SUBJECT_SEED_BASE + i for i in range(subjects)], rng, attacker_bank(patch_size))
+    data = TrainingMixtures(
+        patch_size, [ATTACKER_SUBJECT_SEED_BASE + i for i in range(subjects)], rng, attacker_bank(patch_size)
+    )
     net = build_network(ARCH)
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=learning_rate * 0.05)
@@ -110,16 +132,28 @@ def train_separator(out_dir, iterations: int = 1500, batch_size: int = 4, crop: 
         bar.set_postfix(l1=f"{loss.item():.4f}")
     metrics = validate_separator(net, patch_size, data.bank)
     spec = ModelSpec(
-        MODEL_NAME, MODEL_FILE, dict(ARCH), "attack", list(patch_size), {"0": "scan part of one upload"},
+        MODEL_NAME,
+        MODEL_FILE,
+        dict(ARCH),
+        "attack",
+        list(patch_size),
+        {"0": "scan part of one upload"},
         extra={
-            "purpose": "privacy audit only: the strongest single-upload separator a curious server can train with public means",
+            "purpose": "privacy audit only: the strongest single-upload separator a curious server can train with "
+            "public means",
             "training": {
-                "command": command or "medprivacy mixup train-attacker " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
+                "command": command
+                or "medprivacy mixup train-attacker " + " ".join(shlex.quote(a) for a in sys.argv[3:]),
                 "data": (
-                    f"uploads made by the client's own code at every privacy level from {subjects} attacker-seeded synthetic patients "
-                    f"({ATTACKER_SUBJECT_SEED_BASE}+) and an attacker bank ({ATTACKER_BANK_SEED_BASE}+), λ ~ U{tuple(DEFAULT_LAMBDA_RANGE)}"
+                    f"uploads made by the client's own code at every privacy level from {subjects} attacker-seeded "
+                    f"synthetic patients ({ATTACKER_SUBJECT_SEED_BASE}+) and an attacker bank "
+                    f"({ATTACKER_BANK_SEED_BASE}+), λ ~ U{tuple(DEFAULT_LAMBDA_RANGE)}"
                 ),
-                "iterations": iterations, "batch_size": batch_size, "crop": crop, "seed": seed, "learning_rate": learning_rate,
+                "iterations": iterations,
+                "batch_size": batch_size,
+                "crop": crop,
+                "seed": seed,
+                "learning_rate": learning_rate,
                 "seconds": round(time.time() - started, 1),
                 "validation": metrics,
             },
@@ -143,7 +177,13 @@ def validate_separator(net, patch_size, bank, subjects: int = 1) -> dict:
         return round(float(np.mean(np.abs(values - targets))), 4), round(float(10 * np.log10(1 / max(error, 1e-12))), 2)
 
     (l1_raw, psnr_raw), (l1_net, psnr_net) = measures(uploads), measures(estimates)
-    return {"uploads": 32, "l1_upload": l1_raw, "psnr_upload_db": psnr_raw, "l1_separated": l1_net, "psnr_separated_db": psnr_net}
+    return {
+        "uploads": 32,
+        "l1_upload": l1_raw,
+        "psnr_upload_db": psnr_raw,
+        "l1_separated": l1_net,
+        "psnr_separated_db": psnr_net,
+    }
 
 
 def separate(net, uploads: np.ndarray, batch: int = 8) -> np.ndarray:
@@ -152,8 +192,8 @@ def separate(net, uploads: np.ndarray, batch: int = 8) -> np.ndarray:
     out = np.empty(uploads.shape, dtype=np.float32)
     with torch.inference_mode():
         for begin in range(0, len(uploads), batch):
-            x = torch.from_numpy(np.ascontiguousarray(uploads[begin:begin + batch], dtype=np.float32))[:, None]
-            out[begin:begin + batch] = net(x)[:, 0].numpy()
+            x = torch.from_numpy(np.ascontiguousarray(uploads[begin : begin + batch], dtype=np.float32))[:, None]
+            out[begin : begin + batch] = net(x)[:, 0].numpy()
     return out
 
 

@@ -29,6 +29,7 @@ Storage: trained models live in memory and are gone when the server stops, unles
 folder) and loaded again at the next start. Nothing a client sends is written anywhere, except the audit copy
 (``--audit-dir``) an operator asks for.
 """
+
 from __future__ import annotations
 
 from .routes import add_obfuscation_routes

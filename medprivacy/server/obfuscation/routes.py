@@ -1,4 +1,5 @@
 """The ObfuscationPrivacy HTTP endpoints and their query/parameter models (the service does the work)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -63,5 +64,7 @@ def add_obfuscation_routes(app, service, *, require_token, check_api_version, re
         check_api_version(request)
         query = parse_query(request.query_params, ObfuscationClassifyQuery)
         body = await read_body(request, CONTENT_TYPE)
-        answer = await run_in_threadpool(obf.classify, body, query.model, request.headers.get(OBFUSCATION_KEY_ID_HEADER))
+        answer = await run_in_threadpool(
+            obf.classify, body, query.model, request.headers.get(OBFUSCATION_KEY_ID_HEADER)
+        )
         return JSONResponse(answer)

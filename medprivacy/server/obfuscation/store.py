@@ -1,5 +1,6 @@
 """The obfuscation model store: trained models in memory, and with ``--model-store DIR`` on disk (safetensors + JSON,
 atomically, 0600 in a 0700 folder), loaded again at the next start."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,17 @@ class TrainedModel:
     state: dict | None = field(default=None, repr=False)  # weights not yet on the device (loaded from the store)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "classes": list(self.classes), "frame_size": list(self.frame_size),
-                "key_id": self.key_id, "created": self.created,
-                "validation_accuracy": self.metrics.get("validation_accuracy"),
-                "train_frames": self.metrics.get("train_frames"), "validation_frames": self.metrics.get("validation_frames")}
-
-
+        return {
+            "id": self.id,
+            "name": self.name,
+            "classes": list(self.classes),
+            "frame_size": list(self.frame_size),
+            "key_id": self.key_id,
+            "created": self.created,
+            "validation_accuracy": self.metrics.get("validation_accuracy"),
+            "train_frames": self.metrics.get("train_frames"),
+            "validation_frames": self.metrics.get("validation_frames"),
+        }
 
 
 class ModelStore:
@@ -64,9 +70,16 @@ class ModelStore:
                     raise ValueError("not a MedPrivacy obfuscation model")
                 if file_sha256(self.weights(meta["id"])) != meta["sha256"]:
                     raise ValueError("weights do not match their sha256")
-                model = TrainedModel(meta["id"], list(meta["classes"]), list(meta["frame_size"]), str(meta["key_id"]),
-                                     dict(meta["arch"]), dict(meta.get("metrics", {})), str(meta.get("created", "")),
-                                     str(meta.get("name", "")))
+                model = TrainedModel(
+                    meta["id"],
+                    list(meta["classes"]),
+                    list(meta["frame_size"]),
+                    str(meta["key_id"]),
+                    dict(meta["arch"]),
+                    dict(meta.get("metrics", {})),
+                    str(meta.get("created", "")),
+                    str(meta.get("name", "")),
+                )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("model store: skipping %s (%s)", meta_path.name, exc)
                 continue
@@ -82,9 +95,19 @@ class ModelStore:
 
         weights = self.weights(model.id)
         _write_private(weights, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
-        meta = {"format": MODEL_FORMAT, "version": 1, "id": model.id, "name": model.name, "classes": model.classes,
-                "frame_size": model.frame_size, "key_id": model.key_id, "arch": model.arch, "metrics": model.metrics,
-                "created": model.created, "sha256": file_sha256(weights)}
+        meta = {
+            "format": MODEL_FORMAT,
+            "version": 1,
+            "id": model.id,
+            "name": model.name,
+            "classes": model.classes,
+            "frame_size": model.frame_size,
+            "key_id": model.key_id,
+            "arch": model.arch,
+            "metrics": model.metrics,
+            "created": model.created,
+            "sha256": file_sha256(weights),
+        }
         _write_private(self.folder / f"{model.id}.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
 

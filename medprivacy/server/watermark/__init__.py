@@ -64,6 +64,7 @@ Layout: ``models`` (what the server holds), ``scoring`` (rendering and classifyi
 three requests, the search next to the models), ``routes`` (the HTTP endpoints). The search stops at its next batch
 when the client disconnects.
 """
+
 from __future__ import annotations
 
 from .models import DEFAULT_SIZE, TASK_CLASSIFY, TASK_SEGMENT, ExtraClassifier, WatermarkModels, parse_extra_classifier
@@ -71,6 +72,14 @@ from .routes import add_watermark_routes
 from .service import MAX_EVALUATIONS, MAX_IMAGE_SIDE, WatermarkService
 
 __all__ = [
-    "DEFAULT_SIZE", "MAX_EVALUATIONS", "MAX_IMAGE_SIDE", "TASK_CLASSIFY", "TASK_SEGMENT", "ExtraClassifier",
-    "WatermarkModels", "WatermarkService", "add_watermark_routes", "parse_extra_classifier",
+    "DEFAULT_SIZE",
+    "MAX_EVALUATIONS",
+    "MAX_IMAGE_SIDE",
+    "TASK_CLASSIFY",
+    "TASK_SEGMENT",
+    "ExtraClassifier",
+    "WatermarkModels",
+    "WatermarkService",
+    "add_watermark_routes",
+    "parse_extra_classifier",
 ]

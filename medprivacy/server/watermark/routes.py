@@ -1,4 +1,5 @@
 """The watermark endpoints on the FastAPI application; the request checks are the server's own (``app.py``)."""
+
 from __future__ import annotations
 
 import asyncio

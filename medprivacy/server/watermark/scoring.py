@@ -7,6 +7,7 @@ image is the resized clean image plus the resized change under the logo, ``Ry @ 
 the resize as matrices. That is the same input (to float rounding) as rendering the whole image and resizing it, at
 a small fraction of the cost on large photographs.
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,11 +25,19 @@ class SearchCancelled(Exception):
 class CandidateScorer:
     """``score(params) -> (objective, fooled)`` for the optimiser: renders the logo area, classifies in batches."""
 
-    def __init__(self, wm, models: list[ServedModel], image: np.ndarray, fitted, window: tuple[int, int],
-                 cancel: threading.Event):
+    def __init__(
+        self, wm, models: list[ServedModel], image: np.ndarray, fitted, window: tuple[int, int], cancel: threading.Event
+    ):
         import torch
 
-        self.wm, self.models, self.image, self.fitted, self.window, self.cancel = wm, models, image, fitted, window, cancel
+        self.wm, self.models, self.image, self.fitted, self.window, self.cancel = (
+            wm,
+            models,
+            image,
+            fitted,
+            window,
+            cancel,
+        )
         self.device = wm.device
         self.target, self.weights = 0, None
         height, width = image.shape[:2]
@@ -39,8 +48,11 @@ class CandidateScorer:
         self.resizers: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         with torch.inference_mode():
             for size in {m.size for m in models}:
-                self.resizers[size] = (resize_matrix(height, size[0], self.device), resize_matrix(width, size[1], self.device),
-                                       resize(base, size).to(self.device))
+                self.resizers[size] = (
+                    resize_matrix(height, size[0], self.device),
+                    resize_matrix(width, size[1], self.device),
+                    resize(base, size).to(self.device),
+                )
 
     def _view(self, image: np.ndarray) -> np.ndarray:
         from ...watermark.blending import unit_view
@@ -59,9 +71,9 @@ class CandidateScorer:
         for start in range(0, len(params), batch):
             if self.cancel.is_set():
                 raise SearchCancelled()
-            chunk = params[start:start + batch]
+            chunk = params[start : start + batch]
             for k, model_probs in enumerate(self._score_chunk(chunk)):
-                probs[k, start:start + len(chunk)] = model_probs
+                probs[k, start : start + len(chunk)] = model_probs
         return ensemble_objective(probs, self.target, self.weights)
 
     def _score_chunk(self, params: np.ndarray) -> list[np.ndarray]:
@@ -124,4 +136,3 @@ def resize_matrix(n_in: int, n_out: int, device: str, block: int = 1024):
 
 def three_channels(x):
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-

@@ -1,6 +1,7 @@
 """The watermark requests (classify, lesions, optimize) against the models of an ``InferenceService``: its device,
 inference lock, limits and audit copy. The search itself (``watermark.optimizer``) runs here, next to the models,
 so candidates never travel."""
+
 from __future__ import annotations
 
 import base64
@@ -47,8 +48,11 @@ class WatermarkService:
     # -- helpers ---------------------------------------------------------------------------------------------
     def _pick_classifiers(self, names) -> list[ServedModel]:
         if not self.models.classifiers:
-            raise RequestError(404, "watermark classification is not available: this server holds no classifier "
-                                  "(task 'classify' in the manifest, or --extra-classifier)")
+            raise RequestError(
+                404,
+                "watermark classification is not available: this server holds no classifier "
+                "(task 'classify' in the manifest, or --extra-classifier)",
+            )
         if names is None or names == [] or names == "":
             return list(self.models.classifiers.values())
         if isinstance(names, str):
@@ -57,18 +61,26 @@ class WatermarkService:
             raise RequestError(422, "models must be a list of classifier names")
         unknown = [n for n in names if n not in self.models.classifiers]
         if unknown:
-            raise RequestError(422, f"unknown classifier(s) {', '.join(map(repr, unknown[:5]))}; this server has "
-                                  f"{', '.join(self.models.classifiers) or 'none'}")
+            raise RequestError(
+                422,
+                f"unknown classifier(s) {', '.join(map(repr, unknown[:5]))}; this server has "
+                f"{', '.join(self.models.classifiers) or 'none'}",
+            )
         return [self.models.classifiers[n] for n in dict.fromkeys(names)]
 
     def _pick_segmenter(self, name: str | None) -> ServedModel:
         if not self.models.segmenters:
-            raise RequestError(404, "watermark lesion segmentation is not available: this server holds no lesion segmenter "
-                                  "(task 'segment-lesion' in the manifest)")
+            raise RequestError(
+                404,
+                "watermark lesion segmentation is not available: this server holds no lesion segmenter "
+                "(task 'segment-lesion' in the manifest)",
+            )
         if name is None or name == "":
             return next(iter(self.models.segmenters.values()))
         if name not in self.models.segmenters:
-            raise RequestError(422, f"unknown lesion segmenter {name!r}; this server has {', '.join(self.models.segmenters)}")
+            raise RequestError(
+                422, f"unknown lesion segmenter {name!r}; this server has {', '.join(self.models.segmenters)}"
+            )
         return self.models.segmenters[name]
 
     def _decode(self, body: bytes, what: str):
@@ -84,11 +96,19 @@ class WatermarkService:
         if header["dtype"] not in ("uint8", "float16"):
             raise RequestError(422, f"images arrived as {header['dtype']}; send uint8 or float16 values in [0, 1]")
         if raw.ndim != 4 or raw.shape[1] not in (1, 3) or raw.shape[0] < 1:
-            raise RequestError(422, f"images have shape {list(raw.shape)}; expected (N, 3, H, W) RGB or (N, 1, H, W) gray with N >= 1")
+            raise RequestError(
+                422, f"images have shape {list(raw.shape)}; expected (N, 3, H, W) RGB or (N, 1, H, W) gray with N >= 1"
+            )
         _check_side(raw.shape[2:], "image")
         images = to_float32(raw)
-        if header["dtype"] == "float16" and images.size and (images.min() < -_RANGE_SLACK or images.max() > 1 + _RANGE_SLACK):
-            raise RequestError(422, f"image values span [{images.min():.3g}, {images.max():.3g}]; send intensities scaled to [0, 1]")
+        if (
+            header["dtype"] == "float16"
+            and images.size
+            and (images.min() < -_RANGE_SLACK or images.max() > 1 + _RANGE_SLACK)
+        ):
+            raise RequestError(
+                422, f"image values span [{images.min():.3g}, {images.max():.3g}]; send intensities scaled to [0, 1]"
+            )
         return np.clip(images, 0.0, 1.0)
 
     def _probabilities(self, model: ServedModel, x):
@@ -97,7 +117,11 @@ class WatermarkService:
 
         net = self.models.ensure_loaded(model, self.device)
         logits = logits_of(net(resize(x, model.size)))
-        if logits.ndim != 2 or logits.shape[0] != x.shape[0] or (model.classes is not None and logits.shape[1] != model.classes):
+        if (
+            logits.ndim != 2
+            or logits.shape[0] != x.shape[0]
+            or (model.classes is not None and logits.shape[1] != model.classes)
+        ):
             raise RuntimeError(f"{model.name} produced {tuple(logits.shape)} for input {tuple(x.shape)}")
         return torch.softmax(logits.float(), dim=1)
 
@@ -109,7 +133,7 @@ class WatermarkService:
         out: dict[str, list[np.ndarray]] = {m.name: [] for m in models}
         for start in range(0, images.shape[0], batch):
             with self.service.inference_lock, torch.inference_mode():
-                x = three_channels(torch.from_numpy(images[start:start + batch]).to(self.device))
+                x = three_channels(torch.from_numpy(images[start : start + batch]).to(self.device))
                 for model in models:
                     out[model.name].append(self._probabilities(model, x).cpu().numpy().astype(np.float64))
         return {name: np.concatenate(parts) for name, parts in out.items()}
@@ -120,8 +144,13 @@ class WatermarkService:
         images = self._images(body, "classify")
         started = time.perf_counter()
         probs = self.classify_array(models, images)
-        log.info("watermark classify: %d images %s with %s in %.2f s", images.shape[0], "x".join(map(str, images.shape[2:])),
-                 ", ".join(m.name for m in models), time.perf_counter() - started)
+        log.info(
+            "watermark classify: %d images %s with %s in %.2f s",
+            images.shape[0],
+            "x".join(map(str, images.shape[2:])),
+            ", ".join(m.name for m in models),
+            time.perf_counter() - started,
+        )
         return {"count": int(images.shape[0]), "models": {m.name: _prediction(m, probs[m.name]) for m in models}}
 
     def lesions(self, body: bytes, name: str | None, response_dtype: str) -> bytes:
@@ -129,7 +158,12 @@ class WatermarkService:
         images = self._images(body, "lesions")
         started = time.perf_counter()
         masks = self._lesion_probability(model, images)
-        log.info("watermark lesions: %d images %s in %.2f s", images.shape[0], "x".join(map(str, images.shape[2:])), time.perf_counter() - started)
+        log.info(
+            "watermark lesions: %d images %s in %.2f s",
+            images.shape[0],
+            "x".join(map(str, images.shape[2:])),
+            time.perf_counter() - started,
+        )
         if response_dtype == "uint8":
             return encode_tensor_raw(np.rint(masks * 255.0).astype(np.uint8))
         return encode_tensor_raw(masks.astype(np.float16))
@@ -143,12 +177,12 @@ class WatermarkService:
         for start in range(0, images.shape[0], batch):
             with self.service.inference_lock, torch.inference_mode():
                 net = self.models.ensure_loaded(model, self.device)
-                x = three_channels(torch.from_numpy(images[start:start + batch]).to(self.device))
+                x = three_channels(torch.from_numpy(images[start : start + batch]).to(self.device))
                 logits = logits_of(net(resize(x, model.size)))
                 if logits.ndim != 4 or logits.shape[0] != x.shape[0] or logits.shape[1] < 2:
                     raise RuntimeError(f"{model.name} produced {tuple(logits.shape)} for input {tuple(x.shape)}")
                 lesion = torch.softmax(logits.float(), dim=1)[:, 1:2]
-                out[start:start + batch] = resize(lesion, images.shape[2:]).clamp(0.0, 1.0).cpu().numpy()
+                out[start : start + batch] = resize(lesion, images.shape[2:]).clamp(0.0, 1.0).cpu().numpy()
         return out
 
     def optimize(self, body: bytes, cancel: threading.Event) -> dict[str, Any]:
@@ -167,7 +201,9 @@ class WatermarkService:
             models = _same_classes(models)
         classes = {m.classes for m in models}
         if len(classes) != 1:
-            raise RequestError(422, "the chosen classifiers predict different numbers of classes; pick models with the same labels")
+            raise RequestError(
+                422, "the chosen classifiers predict different numbers of classes; pick models with the same labels"
+            )
         weights = _weights(params.get("weights"), len(models))
         options = _search_options(params)
         try:
@@ -207,13 +243,31 @@ class WatermarkService:
         after = scorer.full_probabilities(protected)
         objective_after, _ = ensemble_objective(np.stack([after[m.name] for m in models]), targets, weights)
         if abs(float(objective_after[0]) - result.objective) > 1e-3:
-            log.warning("watermark search objective %.5f differs from the rendered image's %.5f", result.objective, float(objective_after[0]))
+            log.warning(
+                "watermark search objective %.5f differs from the rendered image's %.5f",
+                result.objective,
+                float(objective_after[0]),
+            )
         elapsed = time.perf_counter() - started
-        log.info("watermark optimize: %s image %dx%d, %s, %d evaluations, %s, fooled=%s in %.1f s", "RGB" if image.ndim == 3 else "gray",
-                 image.shape[1], image.shape[0], mode, result.evaluations, result.stop_reason, result.fooled, elapsed)
+        log.info(
+            "watermark optimize: %s image %dx%d, %s, %d evaluations, %s, fooled=%s in %.1f s",
+            "RGB" if image.ndim == 3 else "gray",
+            image.shape[1],
+            image.shape[0],
+            mode,
+            result.evaluations,
+            result.stop_reason,
+            result.fooled,
+            elapsed,
+        )
         return {
-            "params": {"alpha": float(alpha), "x": int(x), "y": int(y), "sl": float(params.get("sl", blending.DEFAULT_SL)),
-                       "window": list(window)},
+            "params": {
+                "alpha": float(alpha),
+                "x": int(x),
+                "y": int(y),
+                "sl": float(params.get("sl", blending.DEFAULT_SL)),
+                "window": list(window),
+            },
             "logo_size": list(fitted.size),
             "objective": float(result.objective),
             "fooled": bool(result.fooled),
@@ -227,8 +281,13 @@ class WatermarkService:
             "before": {m.name: _prediction(m, clean[m.name]) for m in models},
             "after": {m.name: _prediction(m, after[m.name]) for m in models},
             "history": [
-                {"generation": h.generation, "evaluations": h.evaluations, "best_objective": _finite(h.best_objective),
-                 "population_mean": _finite(h.population_mean), "fooled": bool(h.fooled)}
+                {
+                    "generation": h.generation,
+                    "evaluations": h.evaluations,
+                    "best_objective": _finite(h.best_objective),
+                    "population_mean": _finite(h.population_mean),
+                    "fooled": bool(h.fooled),
+                }
                 for h in result.history
             ],
             "mode": mode,
@@ -260,7 +319,9 @@ class WatermarkService:
     def _exact_image(decoded) -> np.ndarray:
         raw, header = decoded
         if raw.ndim != 4 or raw.shape[0] != 1 or raw.shape[1] not in (1, 3):
-            raise RequestError(422, f"image has shape {list(raw.shape)}; expected (1, C, H, W) with C = 1 (gray) or 3 (RGB)")
+            raise RequestError(
+                422, f"image has shape {list(raw.shape)}; expected (1, C, H, W) with C = 1 (gray) or 3 (RGB)"
+            )
         _check_side(raw.shape[2:], "image")
         if header["dtype"] == "uint8":
             pixels = raw[0]
@@ -272,7 +333,11 @@ class WatermarkService:
                 raise RequestError(422, "a float32 image must hold 16-bit pixels as k/65535 (k = 0..65535)")
             pixels = pixels.astype(np.uint16)
         else:
-            raise RequestError(422, "image arrived as float16, which cannot carry exact pixels; send 8-bit images as uint8 and 16-bit ones as float32 k/65535")
+            raise RequestError(
+                422,
+                "image arrived as float16, which cannot carry exact pixels; "
+                "send 8-bit images as uint8 and 16-bit ones as float32 k/65535",
+            )
         pixels = np.moveaxis(pixels, 0, -1)
         return np.ascontiguousarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
 
@@ -282,7 +347,9 @@ class WatermarkService:
 
         raw, header = decoded
         if header["dtype"] != "uint8" or raw.ndim != 4 or raw.shape[0] != 1 or raw.shape[1] not in (1, 2, 3, 4):
-            raise RequestError(422, f"logo has shape {list(raw.shape)} {header['dtype']}; expected (1, 4, h, w) uint8 RGBA")
+            raise RequestError(
+                422, f"logo has shape {list(raw.shape)} {header['dtype']}; expected (1, 4, h, w) uint8 RGBA"
+            )
         _check_side(raw.shape[2:], "logo")
         try:
             return as_rgba(np.moveaxis(raw[0], 0, -1))
@@ -295,7 +362,9 @@ class WatermarkService:
         if raw.ndim == 4 and raw.shape[:2] == (1, 1):
             raw = raw[0, 0]
         if raw.ndim != 2 or tuple(raw.shape) != tuple(shape[:2]):
-            raise RequestError(422, f"lesion mask has shape {list(raw.shape)}; expected (1, 1, {shape[0]}, {shape[1]}) like the image")
+            raise RequestError(
+                422, f"lesion mask has shape {list(raw.shape)}; expected (1, 1, {shape[0]}, {shape[1]}) like the image"
+            )
         return raw != 0
 
     def _lesion_mask(self, params: dict, mode: str, image: np.ndarray, mask, window):
@@ -317,7 +386,9 @@ class WatermarkService:
 
 def _check_side(shape, what: str) -> None:
     if min(shape) < 1 or max(shape) > MAX_IMAGE_SIDE:
-        raise RequestError(422, f"{what} is {'x'.join(map(str, shape))} pixels; sides must lie between 1 and {MAX_IMAGE_SIDE}")
+        raise RequestError(
+            422, f"{what} is {'x'.join(map(str, shape))} pixels; sides must lie between 1 and {MAX_IMAGE_SIDE}"
+        )
 
 
 def _prediction(model: ServedModel, probs: np.ndarray) -> dict[str, Any]:
@@ -355,8 +426,12 @@ def _mask_params(given, shape):
     if given is None:
         return default
     given = {k: v for k, v in given.items() if v is not None}  # bounds checked by the schema
-    return MaskParams(kernel=int(given.get("kernel", default.kernel)), iterations=int(given.get("iterations", default.iterations)),
-                      min_area=int(given.get("min_area", default.min_area)), gamma=float(given.get("gamma", default.gamma)))
+    return MaskParams(
+        kernel=int(given.get("kernel", default.kernel)),
+        iterations=int(given.get("iterations", default.iterations)),
+        min_area=int(given.get("min_area", default.min_area)),
+        gamma=float(given.get("gamma", default.gamma)),
+    )
 
 
 def _search_options(params: dict) -> dict[str, Any]:
@@ -377,11 +452,12 @@ def _search_options(params: dict) -> dict[str, Any]:
         options["alpha_step"] = float(params["alpha_step"])
     requested = params.get("max_evaluations")
     if requested is not None and requested > MAX_EVALUATIONS:
-        raise RequestError(422, f"max_evaluations must be a whole number between 1 and {MAX_EVALUATIONS} (this server's limit)")
+        raise RequestError(
+            422, f"max_evaluations must be a whole number between 1 and {MAX_EVALUATIONS} (this server's limit)"
+        )
     options["max_evaluations"] = MAX_EVALUATIONS if requested is None else int(requested)
     return options
 
 
 def _finite(value: float):
     return float(value) if math.isfinite(value) else None
-
