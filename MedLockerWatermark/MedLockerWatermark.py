@@ -1,6 +1,7 @@
 """MedLockerWatermark: visible adversarial watermarks that make AI models misread an image, removable bit for bit with
 a key (Pu et al., MedLocker). Declares the module only: the panel is in ``MedLockerWatermarkLib.widget``, logic and
 test bodies in ``MedLockerWatermarkLib`` (on slicer-core only the Lib's names below are defined, re-exported)."""
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ try:
         ScriptedLoadableModuleTest,
         ScriptedLoadableModuleWidget,
     )
+
     _HAVE_APP = True
 except ImportError:  # slicer-core: no application, so no module, widget or test class (nothing is stubbed)
     _HAVE_APP = False
@@ -58,8 +60,8 @@ if _HAVE_APP:
                 "Keep-out placement keeps the logo off the lesions."
             )
             self.parent.acknowledgementText = _(
-                "Method: Pu et al., \"MedLocker: a transferable adversarial watermarking for preventing unauthorized "
-                "analysis of medical image dataset\"."
+                'Method: Pu et al., "MedLocker: a transferable adversarial watermarking for preventing unauthorized '
+                'analysis of medical image dataset".'
             )
 
     class MedLockerWatermarkWidget(ScriptedLoadableModuleWidget):

@@ -11,6 +11,7 @@ dependencies (they are torch and numpy, both already there). torch itself comes 
 
 Everything but ``ensure_installed`` runs without the application (tested under slicer-core).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,17 +25,52 @@ from typing import Callable, Iterable, Sequence
 #: Distributions Slicer ships (its SuperBuild's python requirements) or the PyTorch extension installs. pip must
 #: never replace them: scripted modules and Slicer's own features are built against these exact versions.
 SLICER_DISTRIBUTIONS = (
-    "torch", "numpy", "SimpleITK", "requests", "scipy", "pydicom", "Pillow", "packaging", "urllib3", "certifi",
-    "idna", "charset-normalizer", "cryptography", "cffi", "six", "typing-extensions",
+    "torch",
+    "numpy",
+    "SimpleITK",
+    "requests",
+    "scipy",
+    "pydicom",
+    "Pillow",
+    "packaging",
+    "urllib3",
+    "certifi",
+    "idna",
+    "charset-normalizer",
+    "cryptography",
+    "cffi",
+    "six",
+    "typing-extensions",
 )
 #: Top-level import names that come with Slicer or the PyTorch extension (PyTorchUtils, imported only to install
 #: torch, under ImportError); a module may import them without listing them. (qt, ctk, vtk, slicer, mrml and
 #: sitkUtils are the application's own.)
-SLICER_IMPORTS = frozenset({
-    "torch", "numpy", "SimpleITK", "sitkUtils", "requests", "scipy", "pydicom", "PIL", "packaging", "urllib3",
-    "certifi", "idna", "charset_normalizer", "six", "typing_extensions", "vtk", "qt", "ctk", "slicer", "mrml",
-    "PythonQt", "PyTorchUtils",
-})
+SLICER_IMPORTS = frozenset(
+    {
+        "torch",
+        "numpy",
+        "SimpleITK",
+        "sitkUtils",
+        "requests",
+        "scipy",
+        "pydicom",
+        "PIL",
+        "packaging",
+        "urllib3",
+        "certifi",
+        "idna",
+        "charset_normalizer",
+        "six",
+        "typing_extensions",
+        "vtk",
+        "qt",
+        "ctk",
+        "slicer",
+        "mrml",
+        "PythonQt",
+        "PyTorchUtils",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -143,8 +179,9 @@ def install_running() -> bool:
     return _install_running
 
 
-def ensure_installed(module_title: str, packages: Sequence[Package], needs_torch: bool,
-                     busy_changed: Callable[[], None] = lambda: None) -> bool:
+def ensure_installed(
+    module_title: str, packages: Sequence[Package], needs_torch: bool, busy_changed: Callable[[], None] = lambda: None
+) -> bool:
     """Install what ``packages`` (and torch, if ``needs_torch``) lack, after one confirmation.
 
     Returns False when the user declines. Raises ``MedPrivacyError`` (one line) when an install fails, and
@@ -182,7 +219,8 @@ def ensure_installed(module_title: str, packages: Sequence[Package], needs_torch
     still = [package.name for package in missing_packages(missing)]
     if still:
         raise MedPrivacyError(
-            f"{', '.join(still)} still cannot be imported after installing; restart Slicer and try again")
+            f"{', '.join(still)} still cannot be imported after installing; restart Slicer and try again"
+        )
     return True
 
 

@@ -3,6 +3,7 @@ voxel grids between MRML volume nodes (RAS) and SimpleITK images (LPS).
 
 Needs ``vtk`` (MRML), not Qt, so the logic that uses it runs under slicer-core.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@
 and this one) stay cached in ``sys.modules``, so an edit to a widget or logic file would not show. Each module
 widget's ``onReload`` calls ``reload_packages`` first, lower packages first, as SlicerNNUnet's does.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,7 +24,7 @@ def reload_package(package: str, order: Sequence[str]) -> list[str]:
     if package not in sys.modules:
         return []
     prefix = package + "."
-    loaded = [name[len(prefix):] for name in list(sys.modules) if name.startswith(prefix)]
+    loaded = [name[len(prefix) :] for name in list(sys.modules) if name.startswith(prefix)]
     ordered = [name for name in order if name in loaded] + sorted(name for name in loaded if name not in order)
     reloaded = []
     for name in ordered:

@@ -1,6 +1,8 @@
 """Helpers for the in-application panel tests, which run a module's panel on an injected fake logic (as
-SlicerNNUnet's widget tests do); the fakes' ``start_*`` calls answer through ``FakeWorker``. The host class must be a ``unittest.TestCase``; Qt is imported only inside the
-methods, so the Libs' ``testing.py`` files that mix this in still import under slicer-core."""
+SlicerNNUnet's widget tests do); the fakes' ``start_*`` calls answer through ``FakeWorker``. The host class must
+be a ``unittest.TestCase``; Qt is imported only inside the methods, so the Libs' ``testing.py`` files that mix this
+in still import under slicer-core."""
+
 from __future__ import annotations
 
 import contextlib

@@ -21,6 +21,7 @@ Per-user things (server URL, CA bundle, key folders, servers consented to) live 
 panel (selected nodes, options) lives in the parameter node, so it is saved with the scene. The token is never
 stored.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -158,7 +159,8 @@ class ServerJobPanel(qt.QWidget):
         if parameterNode is not None:
             self._parameterNodeGuiTag = parameterNode.connectParametersToGui(self.parameterNodeGuiMapping())
             self._parameterNodeObserver = parameterNode.parameterNode.AddObserver(
-                vtk.vtkCommand.ModifiedEvent, lambda *_a: self._onParameterNodeModified())
+                vtk.vtkCommand.ModifiedEvent, lambda *_a: self._onParameterNodeModified()
+            )
 
     def _onParameterNodeModified(self) -> None:
         """Called when the parameter node (or a node it references) changes."""
@@ -194,9 +196,11 @@ class ServerJobPanel(qt.QWidget):
                 return
             logic = self.logic
             # A thread, not a worker: one short request, mostly waiting on the network (the GIL is free meanwhile).
-            self._startJob(_("Connection test"),
-                           lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
-                           lambda description: self._setStatus(self._connectedText(description)))
+            self._startJob(
+                _("Connection test"),
+                lambda progress, cancel: logic.test_connection(url, token=token, ca_bundle=caBundle),
+                lambda description: self._setStatus(self._connectedText(description)),
+            )
 
         self._guarded(_("Could not test the connection."), start)
 
@@ -215,8 +219,9 @@ class ServerJobPanel(qt.QWidget):
             return ""
         return str(module.default_key_dir())
 
-    def _startKeyGeneration(self, keyDir: str, replaceQuestion: str, start, doneText: str,
-                            onDone: Callable[[], None] = lambda: None) -> None:
+    def _startKeyGeneration(
+        self, keyDir: str, replaceQuestion: str, start, doneText: str, onDone: Callable[[], None] = lambda: None
+    ) -> None:
         """Generate a key in ``keyDir`` in a worker process: ``start(keyDir, replace, on_progress, on_done,
         on_error)`` (a logic's ``start_key_generation``). A key already there is replaced only after
         ``replaceQuestion`` is answered yes."""
@@ -227,9 +232,11 @@ class ServerJobPanel(qt.QWidget):
         if replace and not slicer.util.confirmYesNoDisplay(replaceQuestion.format(folder=keyDir)):
             return
         self.ui.keyDirectoryPathLineEdit.currentPath = keyDir
-        self._startWorkerJob(_("Key generation"),
-                             lambda onProgress, onResult, onError: start(keyDir, replace, onProgress, onResult, onError),
-                             lambda _result: (onDone(), self._setStatus(doneText.format(folder=keyDir))))
+        self._startWorkerJob(
+            _("Key generation"),
+            lambda onProgress, onResult, onError: start(keyDir, replace, onProgress, onResult, onError),
+            lambda _result: (onDone(), self._setStatus(doneText.format(folder=keyDir))),
+        )
 
     # -- consent, once per server --------------------------------------------------------------------------
 
@@ -300,9 +307,11 @@ class ServerJobPanel(qt.QWidget):
         job = WorkerJob(title)
         self._beginJob(job, onDone)
         try:
-            job.worker = start(lambda text, fraction: self._onJobProgress(job, text, fraction),
-                               lambda result: self._onJobDone(job, result),
-                               lambda message, kind: self._onWorkerError(job, message, kind))
+            job.worker = start(
+                lambda text, fraction: self._onJobProgress(job, text, fraction),
+                lambda result: self._onJobDone(job, result),
+                lambda message, kind: self._onWorkerError(job, message, kind),
+            )
         except BaseException:  # nothing started: the panel is idle again, and _guarded reports the error
             if self._job is job:
                 self._endJob()
@@ -363,8 +372,9 @@ class ServerJobPanel(qt.QWidget):
             return
         onDone = self._endJob()
         self.ui.progressBar.value = 100
-        self._guarded(_("{title} finished, but its result could not be shown.").format(title=job.title),
-                      lambda: onDone(result))
+        self._guarded(
+            _("{title} finished, but its result could not be shown.").format(title=job.title), lambda: onDone(result)
+        )
 
     def _onWorkerError(self, job, message: str, kind: str) -> None:
         _stoppedWorkerJobs.discard(job)  # its process has ended: nothing holds it any more
@@ -383,8 +393,9 @@ class ServerJobPanel(qt.QWidget):
         else:  # a bug, in this process or the worker's: keep what explains it
             logging.error("%s failed:\n%s", job.title, detail)
             self._setStatus(_("{title} failed: {error}").format(title=job.title, error=error))
-            slicer.util.errorDisplay(_("{title} failed: {error}").format(title=job.title, error=error),
-                                     detailedText=detail)
+            slicer.util.errorDisplay(
+                _("{title} failed: {error}").format(title=job.title, error=error), detailedText=detail
+            )
 
     def _showUserError(self, error: Exception) -> None:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

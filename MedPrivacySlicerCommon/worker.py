@@ -16,6 +16,7 @@ scripts and tests. Cancel = SIGTERM (``QProcess.terminate``);
 the worker removes its outputs and reports ``cancelled``. A worker that ignores it is killed after a grace period.
 No Qt import at module level: this file also runs on slicer-core and plain Python.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ class WorkerProtocol:
     without one (a crash, a kill), by ``finish`` with its exit code and last stderr line.
     """
 
-    def __init__(self, on_progress: Progress | None = None, on_result: OnResult | None = None,
-                 on_error: OnError | None = None) -> None:
+    def __init__(
+        self, on_progress: Progress | None = None, on_result: OnResult | None = None, on_error: OnError | None = None
+    ) -> None:
         self.on_progress, self.on_result, self.on_error = on_progress, on_result, on_error
         self._buffer = b""
         self.done = False
@@ -75,8 +77,10 @@ class WorkerProtocol:
             self._finish_error("cancelled", "cancelled")
             return
         last = self.stderr_tail[-1] if self.stderr_tail else "no message"
-        self._finish_error(f"the worker process stopped without an answer (exit code {exit_code}: {last}); "
-                           "see the Python console", "internal")
+        self._finish_error(
+            f"the worker process stopped without an answer (exit code {exit_code}: {last}); see the Python console",
+            "internal",
+        )
 
     def _line(self, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace").strip()
@@ -99,8 +103,9 @@ class WorkerProtocol:
             if self.on_result is not None:
                 self.on_result(dict(message.get("outputs") or {}))
         elif event == "error":
-            self._finish_error(str(message.get("message") or "the worker failed"),
-                               str(message.get("kind") or "internal"))
+            self._finish_error(
+                str(message.get("message") or "the worker failed"), str(message.get("kind") or "internal")
+            )
 
     def _finish_error(self, message: str, kind: str) -> None:
         self.done = True
@@ -109,6 +114,7 @@ class WorkerProtocol:
 
 
 # -- starting the process -------------------------------------------------------------------------------------
+
 
 def in_slicer_app() -> bool:
     try:
@@ -163,8 +169,15 @@ def write_request(request: dict[str, Any], folder: str | os.PathLike | None = No
 class SubprocessWorker:
     """The protocol over ``subprocess.Popen`` with a reader thread; callbacks run in ``poll``/``wait``'s thread."""
 
-    def __init__(self, request: dict[str, Any], on_progress: Progress | None = None, on_result: OnResult | None = None,
-                 on_error: OnError | None = None, env: dict[str, str] | None = None, python: str | None = None) -> None:
+    def __init__(
+        self,
+        request: dict[str, Any],
+        on_progress: Progress | None = None,
+        on_result: OnResult | None = None,
+        on_error: OnError | None = None,
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> None:
         self.protocol = WorkerProtocol(on_progress, on_result, on_error)
         self._request, self._env, self._python = request, env or {}, python or python_executable()
         self._events: queue.Queue = queue.Queue()
@@ -176,8 +189,12 @@ class SubprocessWorker:
     def start(self) -> SubprocessWorker:
         self._request_path = write_request(self._request)
         self.process = subprocess.Popen(
-            [self._python, "-m", "medprivacy.worker", str(self._request_path)], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **self._env})
+            [self._python, "-m", "medprivacy.worker", str(self._request_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **self._env},
+        )
         for stream, kind in ((self.process.stdout, "out"), (self.process.stderr, "err")):
             threading.Thread(target=self._read, args=(stream, kind), daemon=True).start()
         return self
@@ -242,8 +259,15 @@ class SubprocessWorker:
 class QProcessWorker:
     """The protocol over ``qt.QProcess`` (application only); callbacks run on the main thread from Qt's loop."""
 
-    def __init__(self, request: dict[str, Any], on_progress: Progress | None = None, on_result: OnResult | None = None,
-                 on_error: OnError | None = None, env: dict[str, str] | None = None, python: str | None = None) -> None:
+    def __init__(
+        self,
+        request: dict[str, Any],
+        on_progress: Progress | None = None,
+        on_result: OnResult | None = None,
+        on_error: OnError | None = None,
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> None:
         import qt
 
         self.protocol = WorkerProtocol(on_progress, on_result, on_error)
@@ -309,8 +333,10 @@ class QProcessWorker:
         import qt
 
         if error == qt.QProcess.FailedToStart and not self.protocol.done:
-            self.protocol._finish_error(f"could not start {self._python}: {self.process.errorString()}; "
-                                        "check the Slicer installation", "internal")
+            self.protocol._finish_error(
+                f"could not start {self._python}: {self.process.errorString()}; check the Slicer installation",
+                "internal",
+            )
             self._cleanup()
 
     def _cleanup(self) -> None:
@@ -325,8 +351,14 @@ def _as_bytes(data) -> bytes:
     return raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
 
 
-def start_worker(request: dict[str, Any], on_progress: Progress | None = None, on_result: OnResult | None = None,
-                 on_error: OnError | None = None, token: str | None = None, env: dict[str, str] | None = None):
+def start_worker(
+    request: dict[str, Any],
+    on_progress: Progress | None = None,
+    on_result: OnResult | None = None,
+    on_error: OnError | None = None,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+):
     """Start one worker: through ``QProcess`` in the application, ``subprocess`` elsewhere (then call ``poll``).
 
     Keep the returned object until its outcome arrives: a collected ``QProcess`` takes its process down with it.
@@ -350,31 +382,45 @@ def raise_for(message: str, kind: str):
     raise error if isinstance(error, MedPrivacyError) else MedPrivacyError(message)
 
 
-def run_worker(request: dict[str, Any], progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-               token: str | None = None, env: dict[str, str] | None = None) -> dict:
+def run_worker(
+    request: dict[str, Any],
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
     """Run one worker to its end in this thread (a ``BackgroundJob``, a script, a test); returns its outputs.
 
     ``cancel()`` is polled every 50 ms and terminates the worker; errors are raised as one-line MedPrivacyErrors.
     """
     outcome: dict[str, Any] = {}
-    worker = SubprocessWorker(request, progress, lambda outputs: outcome.update(outputs=outputs),
-                              lambda message, kind: outcome.update(error=(message, kind)),
-                              env=worker_environment(token, env)).start()
+    worker = SubprocessWorker(
+        request,
+        progress,
+        lambda outputs: outcome.update(outputs=outputs),
+        lambda message, kind: outcome.update(error=(message, kind)),
+        env=worker_environment(token, env),
+    ).start()
     worker.wait(cancel)
     if "error" in outcome:
         raise_for(*outcome["error"])
     return outcome["outputs"]
 
 
-
 def one_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def start_task(prepare: Callable[[Path], dict[str, Any]], finish: Callable[[dict], Any],
-               on_progress: Progress | None = None, on_done: Callable[[Any], None] | None = None,
-               on_error: OnError | None = None, token: str | None = None, env: dict[str, str] | None = None,
-               prefix: str = "medprivacy-task-"):
+def start_task(
+    prepare: Callable[[Path], dict[str, Any]],
+    finish: Callable[[dict], Any],
+    on_progress: Progress | None = None,
+    on_done: Callable[[Any], None] | None = None,
+    on_error: OnError | None = None,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+    prefix: str = "medprivacy-task-",
+):
     """Start one worker task whose files live in a private temporary folder; returns the worker at once.
 
     ``prepare(folder)`` writes the task's inputs there and returns its request. When the worker answers,
@@ -413,15 +459,19 @@ def start_task(prepare: Callable[[Path], dict[str, Any]], finish: Callable[[dict
         raise
 
 
-def run_task(start: Callable[..., Any], progress: Progress | None = None,
-             cancel: Callable[[], bool] | None = None) -> Any:
+def run_task(
+    start: Callable[..., Any], progress: Progress | None = None, cancel: Callable[[], bool] | None = None
+) -> Any:
     """Run a logic's ``start_*`` call (``start(on_progress=, on_done=, on_error=)``, e.g. a ``functools.partial``)
     to its end in this thread; returns what ``on_done`` got and raises what ``on_error`` got as the in-process
     call's one-line error. For scripts and tests outside the application, where ``start_worker`` gives a
     ``SubprocessWorker``: in the application the panels take the callbacks from Qt's loop instead."""
     outcome: dict[str, Any] = {}
-    worker = start(on_progress=progress, on_done=lambda result: outcome.update(result=result),
-                   on_error=lambda message, kind: outcome.update(error=(message, kind)))
+    worker = start(
+        on_progress=progress,
+        on_done=lambda result: outcome.update(result=result),
+        on_error=lambda message, kind: outcome.update(error=(message, kind)),
+    )
     worker.wait(cancel)
     if "error" in outcome:
         raise_for(*outcome["error"])

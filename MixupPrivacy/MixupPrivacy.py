@@ -4,6 +4,7 @@ This file only declares the module. The panel is ``MixupPrivacyLib.widget``; the
 ``MixupPrivacyLib``, which also runs under PyPI's ``slicer-core``. There, without the application, only the Lib's
 names below are defined here (re-exported, because scripts and Slicer's generic tests look them up on this module).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,11 +54,11 @@ if _HAVE_APP:
                 "Segments CSF, gray matter and white matter of a brain MRI on a remote GPU server without showing "
                 "it the scan: every patch is mixed with a reference patch from this computer's private key before "
                 "upload, and the server's answer is unmixed here. Generate the key once, test the connection, "
-                "then Apply. \"Show what is sent\" adds a volume with exactly the patches the server received."
+                'then Apply. "Show what is sent" adds a volume with exactly the patches the server received.'
             )
             self.parent.acknowledgementText = _(
-                "Method: Kim, Dolz and Desrosiers, \"Mixup-Privacy: a simple yet effective approach for "
-                "privacy-preserving segmentation\" (IPMI 2023)."
+                'Method: Kim, Dolz and Desrosiers, "Mixup-Privacy: a simple yet effective approach for '
+                'privacy-preserving segmentation" (IPMI 2023).'
             )
 
     class MixupPrivacyWidget(ScriptedLoadableModuleWidget):
@@ -112,6 +113,8 @@ if _HAVE_APP:
             url = os.environ.get("MIXUPPRIVACY_TEST_SERVER_URL")
             if not url:
                 skipped = "End-to-end test skipped: set MIXUPPRIVACY_TEST_SERVER_URL to a running server"
-                self.delayDisplay(f"{skipped} (and MIXUPPRIVACY_TEST_AUDIT_DIR to its --audit-dir to check what it got)")
+                self.delayDisplay(
+                    f"{skipped} (and MIXUPPRIVACY_TEST_AUDIT_DIR to its --audit-dir to check what it got)"
+                )
                 return
             self.check_private_segmentation_end_to_end_from_environment(slicer.mrmlScene, url)

@@ -2,6 +2,7 @@
 2022: a VAE followed by a secret random non-bijective intensity mapping). This file only declares the module: the
 panel is in ``ObfuscationPrivacyLib.widget``, the logic and test bodies in ``ObfuscationPrivacyLib`` (also runs on
 slicer-core, where only the Lib's names below are defined here, re-exported for scripts and Slicer's generic tests)."""
+
 from __future__ import annotations
 
 import os
@@ -51,13 +52,13 @@ if _HAVE_APP:
             self.parent.helpText = _(
                 "Obfuscates 2D frames and runs (2D + time) with this site's secret key (a VAE followed by a random "
                 "many-to-one intensity mapping), so that a MedPrivacy server can train a classifier on them and "
-                "classify new frames without seeing readable images. \"Obfuscate\" adds exactly what would leave this "
+                'classify new frames without seeing readable images. "Obfuscate" adds exactly what would leave this '
                 "computer as a new node. Use the same key for training and for classification: a model only "
                 "understands frames made with the key of its training frames. The key never leaves this computer."
             )
             self.parent.acknowledgementText = _(
-                "Method: Popescu et al., \"Obfuscation Algorithm for Privacy-Preserving Deep Learning-Based Medical "
-                "Image Analysis\", Applied Sciences 12(8), 2022."
+                'Method: Popescu et al., "Obfuscation Algorithm for Privacy-Preserving Deep Learning-Based Medical '
+                'Image Analysis", Applied Sciences 12(8), 2022.'
             )
 
     class ObfuscationPrivacyWidget(ScriptedLoadableModuleWidget):

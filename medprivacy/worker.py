@@ -39,6 +39,7 @@ Tasks: this module is the protocol and the table ``TASK_MODULES``; each task's b
 (``mixup/worker_tasks.py``, ``watermark/worker_tasks.py``, ``obfuscation/worker_tasks.py``) and is imported only
 when a request names it, so a watermark worker never imports MONAI or torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -128,7 +129,7 @@ class Task:
         value = (self.inputs if group == "inputs" else self.outputs).get(name)
         if value in (None, ""):
             if required:
-                raise InputError(f"the request names no {group[:-1]} {name!r}; add it under \"{group}\"")
+                raise InputError(f'the request names no {group[:-1]} {name!r}; add it under "{group}"')
             return None
         return Path(value)
 
@@ -149,8 +150,10 @@ class Task:
         url = (self.server.get("url") or "").strip()
         if not url:
             raise InputError("the request names no server URL; enter the server URL")
-        options = {"token_file": self.server.get("token_file") or None,
-                   "ca_bundle": self.server.get("ca_bundle") or None}
+        options = {
+            "token_file": self.server.get("token_file") or None,
+            "ca_bundle": self.server.get("ca_bundle") or None,
+        }
         if self.server.get("timeout"):
             options["read_timeout"] = float(self.server["timeout"])
         return client_class(url, **options)
@@ -159,8 +162,8 @@ class Task:
 # -- tasks, per feature ------------------------------------------------------------------------------------------
 
 #: Task name -> the module holding its body (its ``TASKS`` table). Imported by name only when a request names the
-#: task, so a MedLocker worker never imports MONAI or torch; ``Testing/slicer_modules/test_slicer_dependencies.py`` follows this
-#: table from the task names each Slicer module sends.
+#: task, so a MedLocker worker never imports MONAI or torch; ``Testing/slicer_modules/test_slicer_dependencies.py``
+#: follows this table from the task names each Slicer module sends.
 TASK_MODULES: dict[str, str] = {
     "mixup-keygen": "medprivacy.mixup.worker_tasks",
     "mixup-segment": "medprivacy.mixup.worker_tasks",
@@ -180,6 +183,7 @@ def task_body(name: str) -> tuple[Callable[[Task], dict[str, Any]], bool]:
 
 
 # -- running one request ----------------------------------------------------------------------------------------
+
 
 def read_request(argv: list[str], stdin) -> dict[str, Any]:
     if len(argv) > 1:

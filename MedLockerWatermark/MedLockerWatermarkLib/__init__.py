@@ -4,6 +4,7 @@ Only ``slicer`` (MRML) and ``vtk`` are needed, so this package imports and runs 
 as in the application. Heavy parts of the core package (the HTTP client, scipy, cryptography) are imported inside
 functions, so that Slicer can list and open the module before those dependencies are installed.
 """
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 installs them after the user agrees (keep in sync with pyproject.toml).
 
 The MedLocker client needs no torch: the models run on the server."""
+
 from __future__ import annotations
 
 from MedPrivacySlicerCommon.dependencies import Package

@@ -17,6 +17,7 @@ Everything else belongs on the main thread.
 Heavy modules (requests, scipy, cryptography, SimpleITK) are imported inside functions, so that Slicer lists the
 module before its dependencies are installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -163,8 +164,13 @@ class MedLockerWatermarkLogic:
         name = volume_node.GetName() or "image"
         if slices > 1:  # the key and the output name say which slice of the volume this image is
             name = f"{name} slice {int(slice_index)}"
-        return SliceImage(np.ascontiguousarray(pixels), np.dtype(source_dtype), int(slice_index), name,
-                          self.display_window(volume_node, pixels))
+        return SliceImage(
+            np.ascontiguousarray(pixels),
+            np.dtype(source_dtype),
+            int(slice_index),
+            name,
+            self.display_window(volume_node, pixels),
+        )
 
     @staticmethod
     def display_window(volume_node, pixels: np.ndarray | None = None) -> tuple[int, int] | None:
@@ -220,8 +226,9 @@ class MedLockerWatermarkLogic:
 
     # -- lesion masks and boxes ------------------------------------------------------------------------------------
 
-    def segmentation_to_mask(self, segmentation_node, volume_node, slice_index: int | None = None,
-                             segment_ids: list[str] | None = None) -> np.ndarray:
+    def segmentation_to_mask(
+        self, segmentation_node, volume_node, slice_index: int | None = None, segment_ids: list[str] | None = None
+    ) -> np.ndarray:
         """(H, W) bool lesion mask of the 2D image ``node_to_image(volume_node, slice_index)``: voxels of that slice
         inside any of ``segment_ids`` (default: every segment) of ``segmentation_node``."""
         if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
@@ -229,8 +236,11 @@ class MedLockerWatermarkLogic:
         image = self.node_to_image(volume_node, slice_index)  # validates the volume and the slice
         segmentation = segmentation_node.GetSegmentation()
         ids = vtk.vtkStringArray()
-        for segment_id in segment_ids if segment_ids is not None else [
-                segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]:
+        for segment_id in (
+            segment_ids
+            if segment_ids is not None
+            else [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        ):
             if segmentation.GetSegment(segment_id) is None:
                 raise InputError(f"segmentation {_node_label(segmentation_node)} has no segment {segment_id!r}")
             ids.InsertNextValue(segment_id)
@@ -257,10 +267,14 @@ class MedLockerWatermarkLogic:
         mask = np.asarray(mask)
         if mask.shape != (dims[1], dims[0]) or dims[2] != 1:
             raise InputError(f"the lesion mask is {mask.shape} but the image is {dims[1]}x{dims[0]}")
-        segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{reference_node.GetName()} lesion")
+        segmentation_node = self.scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", name or f"{reference_node.GetName()} lesion"
+        )
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
         segmentation_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
-        segment_id = segmentation_node.GetSegmentation().AddEmptySegment("Lesion", LESION_SEGMENT_NAME, list(LESION_COLOR))
+        segment_id = segmentation_node.GetSegmentation().AddEmptySegment(
+            "Lesion", LESION_SEGMENT_NAME, list(LESION_COLOR)
+        )
         oriented = slicer.vtkOrientedImageData()
         oriented.SetExtent(reference_node.GetImageData().GetExtent())
         oriented.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
@@ -268,7 +282,9 @@ class MedLockerWatermarkLogic:
         oriented.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras(reference_node)))
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(oriented, segmentation_node, ids):
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            oriented, segmentation_node, ids
+        ):
             raise MedPrivacyError("could not import the lesion mask into a segmentation node")
         segmentation_node.CreateDefaultDisplayNodes()
         display_node = segmentation_node.GetDisplayNode()
@@ -288,7 +304,9 @@ class MedLockerWatermarkLogic:
             axes[:, 2] = -axes[:, 2]
         rois = []
         for number, (x, y, w, h) in enumerate(boxes, start=1):
-            center_ijk = np.array([extent[0] + x + (w - 1) / 2.0, extent[2] + y + (h - 1) / 2.0, extent[4] + slice_index, 1.0])
+            center_ijk = np.array(
+                [extent[0] + x + (w - 1) / 2.0, extent[2] + y + (h - 1) / 2.0, extent[4] + slice_index, 1.0]
+            )
             object_to_node = np.eye(4)
             object_to_node[:3, :3] = axes
             object_to_node[:3, 3] = (matrix @ center_ijk)[:3]
@@ -333,15 +351,24 @@ class MedLockerWatermarkLogic:
 
     @staticmethod
     def load_logo(path: str | os.PathLike | None = None) -> np.ndarray:
-        """The logo picture at ``path`` as RGBA, or MedLocker's badge (grey padlock on a dark plate) when no path is given."""
+        """The logo picture at ``path`` as RGBA, or MedLocker's badge (grey padlock on a dark plate) when no path is
+        given."""
         from medprivacy.watermark import blending
 
         if path is None or not str(path).strip():
             return blending.default_logo()
         return blending.load_logo(path)
 
-    def prepare_protection(self, volume_node, slice_index: int | None = None, logo=None, settings=None,
-                           lesion_source: str = "server", segmentation_node=None, segment_ids=None):
+    def prepare_protection(
+        self,
+        volume_node,
+        slice_index: int | None = None,
+        logo=None,
+        settings=None,
+        lesion_source: str = "server",
+        segmentation_node=None,
+        segment_ids=None,
+    ):
         """Everything of a protection that needs MRML or can be checked before the network (main thread):
         (image, logo, settings, lesion mask or None). Raises a one-line InputError for unusable input."""
         from medprivacy.watermark import blending
@@ -361,12 +388,24 @@ class MedLockerWatermarkLogic:
         if settings.mode != "wap" and lesion_source == "segmentation":
             mask = self.segmentation_to_mask(segmentation_node, volume_node, image.slice_index, segment_ids)
         if settings.mode == "keep-in" and lesion_source == "none":
-            raise InputError("keep-in placement puts the logo on the lesions: take the lesion mask from the server or a segmentation")
+            raise InputError(
+                "keep-in placement puts the logo on the lesions: take the lesion mask from the server or a segmentation"
+            )
         return image, logo, settings, mask
 
-    def compute_protection(self, image: SliceImage, logo: np.ndarray, settings, url: str, token: str | None = None,
-                           ca_bundle: str | None = None, lesion_source: str = "server", mask: np.ndarray | None = None,
-                           progress: Progress | None = None, cancel: Cancel | None = None) -> ProtectionAnswer:
+    def compute_protection(
+        self,
+        image: SliceImage,
+        logo: np.ndarray,
+        settings,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        lesion_source: str = "server",
+        mask: np.ndarray | None = None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> ProtectionAnswer:
         """The server's watermark search for one image (worker thread: no MRML).
 
         With ``lesion_source`` "server" the server's segmenter draws the lesion mask first (threshold 0.5) and that
@@ -388,8 +427,10 @@ class MedLockerWatermarkLogic:
             lesions, used_mask = "none", None
             if settings.mode != "wap" and lesion_source == "server":
                 if not any(d.get("task") == "segment-lesion" for d in info.get("models", {}).values()):
-                    raise InputError(f"{client.url} holds no lesion segmenter; take the lesions from a segmentation node, "
-                                     "or use wap placement")
+                    raise InputError(
+                        f"{client.url} holds no lesion segmenter; take the lesions from a segmentation node, "
+                        "or use wap placement"
+                    )
                 if progress:
                     progress("finding lesions on the server", 0.1)
                 used_mask = client.lesions(unit_view(image.pixels, image.window)) >= LESION_THRESHOLD
@@ -401,7 +442,9 @@ class MedLockerWatermarkLogic:
             check_cancel()
             if progress:
                 progress("searching the watermark on the server", 0.2)
-            answer = client.optimize(image.pixels, logo, mask=used_mask, window=image.window, **settings.request(lesions))
+            answer = client.optimize(
+                image.pixels, logo, mask=used_mask, window=image.window, **settings.request(lesions)
+            )
             check_cancel()
         finally:
             client.close()
@@ -413,29 +456,50 @@ class MedLockerWatermarkLogic:
         image, answer = computed.image, computed.answer
         found = answer["params"]
         name = self._unique_key_name(name or image.name)
-        protected = self.key.protect(name, image.pixels, computed.logo, found["alpha"], found["x"], found["y"], found["sl"],
-                                     image.window)
+        protected = self.key.protect(
+            name, image.pixels, computed.logo, found["alpha"], found["x"], found["y"], found["sl"], image.window
+        )
         if list(self.key[name].logo_size) != list(answer["logo_size"]):
-            raise MedPrivacyError(f"the server sized the logo {answer['logo_size']} but this client {list(self.key[name].logo_size)}; "
-                                  "update client and server to the same MedPrivacy version")
+            raise MedPrivacyError(
+                f"the server sized the logo {answer['logo_size']} but this client {list(self.key[name].logo_size)}; "
+                "update client and server to the same MedPrivacy version"
+            )
         self.unsaved += 1
-        output_node = self.image_to_node(protected, image.source_dtype, reference_node, image.slice_index,
-                                         f"{image.name} protected")
+        output_node = self.image_to_node(
+            protected, image.source_dtype, reference_node, image.slice_index, f"{image.name} protected"
+        )
         segmentation_node = None
         if computed.lesion_mask is not None:
             segmentation_node = self.mask_to_segmentation(computed.lesion_mask, output_node)
         rois = self.boxes_to_rois(answer.get("lesion_boxes", []), output_node)
-        return ProtectionResult(name=name, output_node=output_node, segmentation_node=segmentation_node,
-                                roi_nodes=rois, answer=answer)
+        return ProtectionResult(
+            name=name, output_node=output_node, segmentation_node=segmentation_node, roi_nodes=rois, answer=answer
+        )
 
-    def protect(self, volume_node, url: str, slice_index: int | None = None, logo=None, settings=None,
-                lesion_source: str = "server", segmentation_node=None, segment_ids=None, token: str | None = None,
-                ca_bundle: str | None = None, name: str | None = None, progress: Progress | None = None,
-                cancel: Cancel | None = None) -> ProtectionResult:
-        """``prepare_protection`` + ``compute_protection`` + ``apply_protection`` in the calling thread (scripts, tests)."""
-        image, logo, settings, mask = self.prepare_protection(volume_node, slice_index, logo, settings, lesion_source,
-                                                              segmentation_node, segment_ids)
-        computed = self.compute_protection(image, logo, settings, url, token, ca_bundle, lesion_source, mask, progress, cancel)
+    def protect(
+        self,
+        volume_node,
+        url: str,
+        slice_index: int | None = None,
+        logo=None,
+        settings=None,
+        lesion_source: str = "server",
+        segmentation_node=None,
+        segment_ids=None,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        name: str | None = None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> ProtectionResult:
+        """``prepare_protection`` + ``compute_protection`` + ``apply_protection`` in the calling thread (scripts,
+        tests)."""
+        image, logo, settings, mask = self.prepare_protection(
+            volume_node, slice_index, logo, settings, lesion_source, segmentation_node, segment_ids
+        )
+        computed = self.compute_protection(
+            image, logo, settings, url, token, ca_bundle, lesion_source, mask, progress, cancel
+        )
         return self.apply_protection(computed, volume_node, name)
 
     def _unique_key_name(self, name: str) -> str:
@@ -448,8 +512,13 @@ class MedLockerWatermarkLogic:
 
     # -- the key --------------------------------------------------------------------------------------------------
 
-    def export_key(self, path: str | os.PathLike, passphrase: str | None = None, key_file: str | os.PathLike | None = None,
-                   **options) -> Path:
+    def export_key(
+        self,
+        path: str | os.PathLike,
+        passphrase: str | None = None,
+        key_file: str | os.PathLike | None = None,
+        **options,
+    ) -> Path:
         """Save the session key encrypted with a passphrase or a 32-byte key file (``options``: e.g. scrypt cost)."""
         from medprivacy.watermark.keyfile import save_key
 
@@ -457,7 +526,9 @@ class MedLockerWatermarkLogic:
         self.key_path, self.unsaved = Path(path), 0
         return Path(path)
 
-    def load_key(self, path: str | os.PathLike, passphrase: str | None = None, key_file: str | os.PathLike | None = None):
+    def load_key(
+        self, path: str | os.PathLike, passphrase: str | None = None, key_file: str | os.PathLike | None = None
+    ):
         """Open a key file and make it the session key; InputError (one line) on a wrong passphrase or key file."""
         from medprivacy.watermark.keyfile import load_key
 
@@ -488,19 +559,37 @@ class MedLockerWatermarkLogic:
 
         image = self.node_to_image(volume_node, slice_index)
         if self.key.find(image.pixels) is None:
-            raise InputError(f"{_node_label(volume_node)} is not protected by the current key, or it was changed after protection; "
-                             "load the key it was protected with")
+            raise InputError(
+                f"{_node_label(volume_node)} is not protected by the current key, or it was changed after protection; "
+                "load the key it was protected with"
+            )
         restored = unlock(image.pixels, self.key)
-        return self.image_to_node(restored, image.source_dtype, volume_node, image.slice_index,
-                                  name or f"{volume_node.GetName()} unlocked")
+        return self.image_to_node(
+            restored, image.source_dtype, volume_node, image.slice_index, name or f"{volume_node.GetName()} unlocked"
+        )
 
     # -- a dataset folder -----------------------------------------------------------------------------------------
 
-    def protect_folder(self, input_dir, output_dir, key_path, url: str, *, passphrase: str | None = None,
-                       key_file=None, token: str | None = None, ca_bundle: str | None = None, logo=None,
-                       settings=None, lesions: str = "auto", append: bool = False, overwrite: bool = False,
-                       scrypt_log2_n: int | None = None, progress: Progress | None = None,
-                       cancel: Cancel | None = None) -> DatasetResult:
+    def protect_folder(
+        self,
+        input_dir,
+        output_dir,
+        key_path,
+        url: str,
+        *,
+        passphrase: str | None = None,
+        key_file=None,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        logo=None,
+        settings=None,
+        lesions: str = "auto",
+        append: bool = False,
+        overwrite: bool = False,
+        scrypt_log2_n: int | None = None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> DatasetResult:
         """Protect every image file of ``input_dir`` into ``output_dir`` and one key at ``key_path`` (worker thread).
 
         The same code path as ``medprivacy watermark protect`` (``medlocker.batch``): all inputs are checked before
@@ -515,17 +604,45 @@ class MedLockerWatermarkLogic:
         logo = self.load_logo(None) if logo is None else logo
         client = self.client(url, token, ca_bundle)
         try:
-            done, reports = batch.protect_folder(input_dir, output_dir, key_path, client, credentials, logo, settings,
-                                                 lesions, append=append, overwrite=overwrite, progress=progress,
-                                                 cancel=cancel)
+            done, reports = batch.protect_folder(
+                input_dir,
+                output_dir,
+                key_path,
+                client,
+                credentials,
+                logo,
+                settings,
+                lesions,
+                append=append,
+                overwrite=overwrite,
+                progress=progress,
+                cancel=cancel,
+            )
         finally:
             client.close()
         return DatasetResult(protected=done, output_dir=Path(output_dir), key_path=Path(key_path), reports=reports)
 
-    def start_folder_protection(self, input_dir, output_dir, key_path, url: str, *, passphrase: str | None = None,
-                                key_file=None, token: str | None = None, ca_bundle: str | None = None, logo=None,
-                                settings=None, lesions: str = "auto", append: bool = False, overwrite: bool = False,
-                                scrypt_log2_n: int | None = None, on_progress=None, on_done=None, on_error=None):
+    def start_folder_protection(
+        self,
+        input_dir,
+        output_dir,
+        key_path,
+        url: str,
+        *,
+        passphrase: str | None = None,
+        key_file=None,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        logo=None,
+        settings=None,
+        lesions: str = "auto",
+        append: bool = False,
+        overwrite: bool = False,
+        scrypt_log2_n: int | None = None,
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+    ):
         """``protect_folder`` in a worker process, returning the worker at once (main thread; ``cancel()`` stops it
         and the key still restores the images finished so far). ``on_done(DatasetResult)``; failures reach
         ``on_error(message, kind)``. The passphrase and token travel in the worker's environment only."""
@@ -538,34 +655,70 @@ class MedLockerWatermarkLogic:
             raise InputError(f"enter the server URL, e.g. {DEFAULT_SERVER_URL}")
 
         def prepare(folder: Path) -> dict:
-            options = {"key_file": str(key_file) if key_file and not passphrase else None, "lesions": lesions,
-                       "append": bool(append), "overwrite": bool(overwrite), "scrypt_log2_n": scrypt_log2_n,
-                       "settings": dataclasses.asdict(settings) if settings is not None else None}
+            options = {
+                "key_file": str(key_file) if key_file and not passphrase else None,
+                "lesions": lesions,
+                "append": bool(append),
+                "overwrite": bool(overwrite),
+                "scrypt_log2_n": scrypt_log2_n,
+                "settings": dataclasses.asdict(settings) if settings is not None else None,
+            }
             if logo is not None:  # pixels the panel already holds (a chosen picture or the badge)
                 np.save(folder / "logo.npy", np.ascontiguousarray(logo), allow_pickle=False)
                 options["logo"] = str(folder / "logo.npy")
-            return {"task": "watermark-folder", "inputs": {"folder": str(input_dir)},
-                    "outputs": {"folder": str(output_dir), "key": str(key_path)}, "options": options,
-                    "server": {"url": url.strip(), "ca_bundle": ca_bundle or None,
-                               "timeout": self.client_options.get("read_timeout")}}
+            return {
+                "task": "watermark-folder",
+                "inputs": {"folder": str(input_dir)},
+                "outputs": {"folder": str(output_dir), "key": str(key_path)},
+                "options": options,
+                "server": {
+                    "url": url.strip(),
+                    "ca_bundle": ca_bundle or None,
+                    "timeout": self.client_options.get("read_timeout"),
+                },
+            }
 
         def result(outputs: dict) -> DatasetResult:
-            return DatasetResult(protected=int(outputs["protected"]), output_dir=Path(outputs["folder"]),
-                                 key_path=Path(outputs["key"]), reports=list(outputs.get("reports") or []))
+            return DatasetResult(
+                protected=int(outputs["protected"]),
+                output_dir=Path(outputs["folder"]),
+                key_path=Path(outputs["key"]),
+                reports=list(outputs.get("reports") or []),
+            )
 
-        return start_task(prepare, result, on_progress, on_done, on_error, token=token,
-                          env={PASSPHRASE_ENV: passphrase} if passphrase else None, prefix="medprivacy-watermark-")
+        return start_task(
+            prepare,
+            result,
+            on_progress,
+            on_done,
+            on_error,
+            token=token,
+            env={PASSPHRASE_ENV: passphrase} if passphrase else None,
+            prefix="medprivacy-watermark-",
+        )
 
-    def protect_folder_in_worker(self, input_dir, output_dir, key_path, url: str, *, progress: Progress | None = None,
-                                 cancel: Cancel | None = None, **options) -> DatasetResult:
+    def protect_folder_in_worker(
+        self,
+        input_dir,
+        output_dir,
+        key_path,
+        url: str,
+        *,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+        **options,
+    ) -> DatasetResult:
         """``start_folder_protection`` to its end (blocks; scripts, tests): ``protect_folder``'s arguments and
         result. Cancel terminates the worker."""
         import functools
 
         from MedPrivacySlicerCommon.worker import run_task
 
-        return run_task(functools.partial(self.start_folder_protection, input_dir, output_dir, key_path, url,
-                                          **options), progress, cancel)
+        return run_task(
+            functools.partial(self.start_folder_protection, input_dir, output_dir, key_path, url, **options),
+            progress,
+            cancel,
+        )
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
@@ -576,8 +729,11 @@ class MedLockerWatermarkLogic:
         label = _node_label(volume_node)
         # RGB images load as vector volumes, which derive from the tensor class in recent Slicer: allow them by name.
         rgb = volume_node.IsA("vtkMRMLVectorVolumeNode")
-        if not rgb and (not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLTensorVolumeNode")
-                        or volume_node.IsA("vtkMRMLDiffusionWeightedVolumeNode")):
+        if not rgb and (
+            not volume_node.IsA("vtkMRMLScalarVolumeNode")
+            or volume_node.IsA("vtkMRMLTensorVolumeNode")
+            or volume_node.IsA("vtkMRMLDiffusionWeightedVolumeNode")
+        ):
             raise InputError(f"{label} is a {volume_node.GetClassName()}: choose a grayscale or RGB image volume")
         if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
             raise InputError(f"{label} is a labelmap: choose the image itself")

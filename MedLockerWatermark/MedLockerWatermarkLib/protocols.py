@@ -1,5 +1,6 @@
 """What MedLockerWatermark's panel needs from its logic: ``MedLockerWatermarkLogic`` is the real one, in-app widget
 tests inject a fake (``testing.FakeMedLockerWatermarkLogic``). Only these members are the widget's contract."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol
@@ -21,13 +22,31 @@ class MedLockerWatermarkLogicProtocol(Protocol):
 
     def load_logo(self, path=None) -> Any: ...
 
-    def prepare_protection(self, volume_node, slice_index=None, logo=None, settings=None,
-                           lesion_source: str = "server", segmentation_node=None, segment_ids=None) -> tuple:
+    def prepare_protection(
+        self,
+        volume_node,
+        slice_index=None,
+        logo=None,
+        settings=None,
+        lesion_source: str = "server",
+        segmentation_node=None,
+        segment_ids=None,
+    ) -> tuple:
         """(image, logo, settings, lesion mask or None), checked before any upload (main thread)."""
 
-    def compute_protection(self, image, logo, settings, url: str, token: Optional[str] = None,
-                           ca_bundle: Optional[str] = None, lesion_source: str = "server", mask=None,
-                           progress: Optional[Progress] = None, cancel: Optional[Cancel] = None) -> Any:
+    def compute_protection(
+        self,
+        image,
+        logo,
+        settings,
+        url: str,
+        token: Optional[str] = None,
+        ca_bundle: Optional[str] = None,
+        lesion_source: str = "server",
+        mask=None,
+        progress: Optional[Progress] = None,
+        cancel: Optional[Cancel] = None,
+    ) -> Any:
         """The server's watermark search for one image (a ``BackgroundJob`` thread: one request)."""
 
     def apply_protection(self, computed, reference_node, name: Optional[str] = None) -> Any:
@@ -52,8 +71,17 @@ class MedLockerWatermarkLogicProtocol(Protocol):
     def unlock(self, volume_node, slice_index=None, name: Optional[str] = None) -> Any:
         """A new node with the original restored bit for bit."""
 
-    def start_folder_protection(self, input_dir, output_dir, key_path, url: str, *,
-                                on_progress: Optional[Progress] = None, on_done: Optional[Callable[[Any], None]] = None,
-                                on_error: Optional[Callable[[str, str], None]] = None, **options) -> Any:
+    def start_folder_protection(
+        self,
+        input_dir,
+        output_dir,
+        key_path,
+        url: str,
+        *,
+        on_progress: Optional[Progress] = None,
+        on_done: Optional[Callable[[Any], None]] = None,
+        on_error: Optional[Callable[[str, str], None]] = None,
+        **options,
+    ) -> Any:
         """Start protecting every image file of a folder in a worker process; returns the worker (``cancel()``).
         ``on_done(DatasetResult)``, or ``on_error(one-line message, kind)``, from Qt's event loop."""

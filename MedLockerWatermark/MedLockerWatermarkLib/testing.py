@@ -4,6 +4,7 @@ Bodies that need a server take its URL: under pytest a real ``medprivacy serve``
 test mechanics, not watermark strength), in the application a server named by MEDLOCKER_TEST_SERVER_URL. A tiny
 search (population 4, one generation, one local iteration) keeps each protection under a second.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ TEST_SCRYPT_LOG2_N = 12
 def tiny_search(**overrides):
     from medprivacy.watermark.batch import SearchSettings
 
-    options = dict(population=4, generations=1, local_iterations=1, seed=0, models=["wm-cls-resnet18", "wm-cls-vit"],
-                   weights=[0.7, 0.3])
+    options = dict(
+        population=4,
+        generations=1,
+        local_iterations=1,
+        seed=0,
+        models=["wm-cls-resnet18", "wm-cls-vit"],
+        weights=[0.7, 0.3],
+    )
     options.update(overrides)
     return SearchSettings(**options)
 
@@ -63,15 +70,34 @@ class FakeMedLockerWatermarkLogic:
     def load_logo(self, path=None):
         return "logo"
 
-    def prepare_protection(self, volume_node, slice_index=None, logo=None, settings=None, lesion_source="server",
-                           segmentation_node=None, segment_ids=None):
+    def prepare_protection(
+        self,
+        volume_node,
+        slice_index=None,
+        logo=None,
+        settings=None,
+        lesion_source="server",
+        segmentation_node=None,
+        segment_ids=None,
+    ):
         if volume_node is None:
             raise InputError("no input image: select one")
         self.calls.append(("prepare_protection", volume_node.GetID(), slice_index, lesion_source))
         return "image", logo, settings, None
 
-    def compute_protection(self, image, logo, settings, url, token=None, ca_bundle=None, lesion_source="server",
-                           mask=None, progress=None, cancel=None):
+    def compute_protection(
+        self,
+        image,
+        logo,
+        settings,
+        url,
+        token=None,
+        ca_bundle=None,
+        lesion_source="server",
+        mask=None,
+        progress=None,
+        cancel=None,
+    ):
         self.calls.append(("compute_protection", image, url, settings, lesion_source))
         return "computed"
 
@@ -108,13 +134,15 @@ class FakeMedLockerWatermarkLogic:
         self.calls.append(("unlock", volume_node.GetID(), slice_index))
         return self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "restored")
 
-    def start_folder_protection(self, input_dir, output_dir, key_path, url, *, on_progress=None, on_done=None,
-                                on_error=None, **options):
+    def start_folder_protection(
+        self, input_dir, output_dir, key_path, url, *, on_progress=None, on_done=None, on_error=None, **options
+    ):
         from .logic import DatasetResult
 
         self.calls.append(("start_folder_protection", input_dir, output_dir, key_path, url, options))
-        result = DatasetResult(protected=2, output_dir=Path(output_dir), key_path=Path(key_path),
-                               reports=["fake report"])
+        result = DatasetResult(
+            protected=2, output_dir=Path(output_dir), key_path=Path(key_path), reports=["fake report"]
+        )
         return FakeWorker(lambda: result, on_progress, on_done, on_error)
 
 
@@ -142,7 +170,8 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         image_data = vtk.vtkImageData()
         image_data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
         image_data.GetPointData().SetScalars(
-            numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).reshape(-1, components), deep=True))
+            numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).reshape(-1, components), deep=True)
+        )
         node.SetAndObserveImageData(image_data)
         node.SetSpacing(*self.SPACING)
         node.SetOrigin(*self.ORIGIN_RAS)
@@ -159,14 +188,16 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
     @staticmethod
     def sample_pixels(kind: str, shape=(48, 64)) -> np.ndarray:
         """Deterministic, textured 2D pictures: "gray8", "gray16", "rgb" (a single slice each, (1, H, W[, 3]))."""
-        rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+        rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
         texture = (np.sin(rows / 3.0) + np.cos(cols / 5.0) + 2.0) / 4.0
         if kind == "gray8":
             return np.rint(255 * texture).astype(np.uint8)[None]
         if kind == "gray16":
             return np.rint(60000 * texture + 7).astype(np.uint16)[None]
         if kind == "rgb":
-            return np.stack([np.rint(255 * texture), np.rint(255 * texture[::-1]), np.full(shape, 90.0)], axis=-1).astype(np.uint8)[None]
+            return np.stack(
+                [np.rint(255 * texture), np.rint(255 * texture[::-1]), np.full(shape, 90.0)], axis=-1
+            ).astype(np.uint8)[None]
         raise ValueError(kind)
 
     def assert_one_line(self, error: Exception, *fragments: str) -> None:
@@ -200,8 +231,12 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         np.testing.assert_array_equal(voxel_array(single)[0], ct[3])
         # The single slice lies where slice 3 of the volume lies: its voxel (i, j, 0) is the volume's (i, j, 3).
         for index in [(0, 0), (23, 0), (0, 19), (23, 19)]:
-            np.testing.assert_allclose(ijk_to_ras(single) @ np.array([*index, 0, 1.0]),
-                                       ijk_to_ras(volume) @ np.array([*index, 3, 1.0]), rtol=0, atol=1e-9)
+            np.testing.assert_allclose(
+                ijk_to_ras(single) @ np.array([*index, 0, 1.0]),
+                ijk_to_ras(volume) @ np.array([*index, 3, 1.0]),
+                rtol=0,
+                atol=1e-9,
+            )
 
         # The slice through a point (the Red view's centre in the widget), clamped to the volume.
         for k in range(5):
@@ -217,9 +252,15 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
         labels.SetAndObserveImageData(vtk.vtkImageData())
         volume = self.make_volume(scene, np.zeros((4, 8, 8), np.uint8), "volume")
-        for node, slice_index, fragment in [(None, None, "no input image"), (empty, None, "empty"), (rgba, None, "RGBA"),
-                                            (floats, None, "float32"), (labels, None, "labelmap"),
-                                            (volume, None, "choose the slice"), (volume, 4, "slices 0 to 3")]:
+        for node, slice_index, fragment in [
+            (None, None, "no input image"),
+            (empty, None, "empty"),
+            (rgba, None, "RGBA"),
+            (floats, None, "float32"),
+            (labels, None, "labelmap"),
+            (volume, None, "choose the slice"),
+            (volume, 4, "slices 0 to 3"),
+        ]:
             with self.assertRaises(InputError) as raised:
                 logic.node_to_image(node, slice_index)
             self.assert_one_line(raised.exception, fragment)
@@ -250,13 +291,20 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
             voxels = self.sample_pixels(kind)
             node = self.make_volume(scene, voxels, kind, rgb=kind == "rgb")
             stages = []
-            result = logic.protect(node, url, settings=tiny_search(mode="wap"), lesion_source="none",
-                                   progress=lambda text, fraction=None, stages=stages: stages.append(text))
+            result = logic.protect(
+                node,
+                url,
+                settings=tiny_search(mode="wap"),
+                lesion_source="none",
+                progress=lambda text, fraction=None, stages=stages: stages.append(text),
+            )
             self.assertTrue(stages)
             nodes[kind] = (node, result)
             entry = logic.key[result.name]
             self.assertEqual(result.name, kind)
-            self.assertEqual((entry.alpha, entry.x, entry.y), (result.params["alpha"], result.params["x"], result.params["y"]))
+            self.assertEqual(
+                (entry.alpha, entry.x, entry.y), (result.params["alpha"], result.params["x"], result.params["y"])
+            )
 
             # The watermark changes the image inside the logo region only, and does change it there.
             protected = voxel_array(result.output_node)
@@ -308,7 +356,9 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         # A key file instead of a passphrase works the same way.
         secret = logic.generate_key_file(Path(folder) / "secret.bin")
         logic.export_key(Path(folder) / "by-file.mlkey", key_file=secret)
-        self.assertEqual(len(MedLockerWatermarkLogic(scene).load_key(Path(folder) / "by-file.mlkey", key_file=secret)), 3)
+        self.assertEqual(
+            len(MedLockerWatermarkLogic(scene).load_key(Path(folder) / "by-file.mlkey", key_file=secret)), 3
+        )
 
     def check_volume_slice(self, scene, url: str):
         logic = MedLockerWatermarkLogic(scene)
@@ -327,8 +377,12 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         self.assertEqual(output.GetName(), "ct volume slice 2 protected")
         self.assertEqual(output.GetImageData().GetDimensions(), (48, 40, 1))
         self.assertEqual(voxel_array(output).dtype, np.int16)
-        np.testing.assert_allclose(ijk_to_ras(output) @ np.array([0, 0, 0, 1.0]),
-                                   ijk_to_ras(volume) @ np.array([0, 0, 2, 1.0]), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(
+            ijk_to_ras(output) @ np.array([0, 0, 0, 1.0]),
+            ijk_to_ras(volume) @ np.array([0, 0, 2, 1.0]),
+            rtol=0,
+            atol=1e-9,
+        )
         outside = np.ones(ct.shape[1:], dtype=bool)
         outside[entry.region] = False
         np.testing.assert_array_equal(voxel_array(output)[0][outside], ct[2][outside])
@@ -354,12 +408,19 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         node.GetIJKToRASMatrix(matrix)
         labelmap.SetIJKToRASMatrix(matrix)
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesions")
-        self.assertTrue(slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node))
+        self.assertTrue(
+            slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node)
+        )
         np.testing.assert_array_equal(logic.segmentation_to_mask(segmentation_node, node), lesion[0] != 0)
 
         for mode, seed in (("keep-out", 0), ("keep-out", 1), ("keep-in", 2)):
-            result = logic.protect(node, url, settings=tiny_search(mode=mode, seed=seed), lesion_source="segmentation",
-                                   segmentation_node=segmentation_node)
+            result = logic.protect(
+                node,
+                url,
+                settings=tiny_search(mode=mode, seed=seed),
+                lesion_source="segmentation",
+                segmentation_node=segmentation_node,
+            )
             self.assertEqual(result.answer["lesion_source"], "mask")
             self.assertEqual(result.answer["lesion_boxes"], [[30, 36, 14, 10]])
             entry = logic.key[result.name]
@@ -372,14 +433,18 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
             self.assertIsNotNone(result.segmentation_node)
             segmentation = result.segmentation_node.GetSegmentation()
             self.assertEqual(segmentation.GetNthSegment(0).GetName(), "Lesion")
-            np.testing.assert_array_equal(logic.segmentation_to_mask(result.segmentation_node, result.output_node), lesion[0] != 0)
+            np.testing.assert_array_equal(
+                logic.segmentation_to_mask(result.segmentation_node, result.output_node), lesion[0] != 0
+            )
             self.assertEqual(len(result.roi_nodes), 1)
             roi = result.roi_nodes[0]
             self.assertTrue(roi.IsA("vtkMRMLMarkupsROINode"))
             ras_to_ijk = np.linalg.inv(ijk_to_ras(result.output_node))
             center = (ras_to_ijk @ np.array([*roi.GetCenter(), 1.0]))[:3]
             np.testing.assert_allclose(center, [30 + 6.5, 36 + 4.5, 0], atol=1e-6)
-            np.testing.assert_allclose(roi.GetSize(), [14 * self.SPACING[0], 10 * self.SPACING[1], self.SPACING[2]], atol=1e-6)
+            np.testing.assert_allclose(
+                roi.GetSize(), [14 * self.SPACING[0], 10 * self.SPACING[1], self.SPACING[2]], atol=1e-6
+            )
 
     def check_server_lesions(self, scene, url: str):
         """Lesions from the server's segmenter: the overlay is the very mask the search was constrained by."""
@@ -400,7 +465,9 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         mode = "keep-in" if boxes else "keep-out"
         result = logic.protect(node, url, settings=tiny_search(mode=mode, sl=8), lesion_source="server")
         self.assertEqual(result.answer["lesion_source"], "mask")
-        np.testing.assert_array_equal(logic.segmentation_to_mask(result.segmentation_node, result.output_node), expected)
+        np.testing.assert_array_equal(
+            logic.segmentation_to_mask(result.segmentation_node, result.output_node), expected
+        )
         self.assertEqual(result.answer["lesion_boxes"], [list(b) for b in boxes])
         self.assertEqual(len(result.roi_nodes), len(boxes))
 
@@ -416,16 +483,26 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
         folder = Path(folder)
         inputs = folder / "in"
         inputs.mkdir()
-        originals = {"a_gray.png": self.sample_pixels("gray8")[0], "b_rgb.png": self.sample_pixels("rgb")[0],
-                     "c_gray16.tif": self.sample_pixels("gray16")[0]}
+        originals = {
+            "a_gray.png": self.sample_pixels("gray8")[0],
+            "b_rgb.png": self.sample_pixels("rgb")[0],
+            "c_gray16.tif": self.sample_pixels("gray16")[0],
+        }
         for name, pixels in originals.items():
             sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3), str(inputs / name))
         (inputs / "README.txt").write_text("not an image: skipped\n")
 
         stages = []
-        result = logic.protect_folder(inputs, folder / "out", folder / "dataset.mlkey", url, passphrase=PASSPHRASE,
-                                      settings=tiny_search(mode="wap"), scrypt_log2_n=TEST_SCRYPT_LOG2_N,
-                                      progress=lambda text, fraction=None: stages.append(fraction))
+        result = logic.protect_folder(
+            inputs,
+            folder / "out",
+            folder / "dataset.mlkey",
+            url,
+            passphrase=PASSPHRASE,
+            settings=tiny_search(mode="wap"),
+            scrypt_log2_n=TEST_SCRYPT_LOG2_N,
+            progress=lambda text, fraction=None: stages.append(fraction),
+        )
         self.assertEqual(result.protected, 3)
         self.assertEqual(len(result.reports), 3)
         self.assertEqual(stages[-1], 1.0)
@@ -446,15 +523,24 @@ class MedLockerWatermarkTestMixin(PanelTestMixin):
             return len(calls) > 1
 
         with self.assertRaises(CancelledError) as raised:
-            logic.protect_folder(inputs, folder / "out2", folder / "partial.mlkey", url, passphrase=PASSPHRASE,
-                                 settings=tiny_search(mode="wap"), scrypt_log2_n=TEST_SCRYPT_LOG2_N,
-                                 cancel=cancel_after_first)
+            logic.protect_folder(
+                inputs,
+                folder / "out2",
+                folder / "partial.mlkey",
+                url,
+                passphrase=PASSPHRASE,
+                settings=tiny_search(mode="wap"),
+                scrypt_log2_n=TEST_SCRYPT_LOG2_N,
+                cancel=cancel_after_first,
+            )
         self.assert_one_line(raised.exception, "cancelled after 1 of 3")
         written = sorted(p.name for p in (folder / "out2").iterdir())
         self.assertEqual(written, ["a_gray.png"])
         partial = load_key(folder / "partial.mlkey", passphrase=PASSPHRASE)
         self.assertEqual(partial.names(), ["a_gray.png"])
-        np.testing.assert_array_equal(unlock(mio.read_image(folder / "out2" / "a_gray.png").pixels, partial), originals["a_gray.png"])
+        np.testing.assert_array_equal(
+            unlock(mio.read_image(folder / "out2" / "a_gray.png").pixels, partial), originals["a_gray.png"]
+        )
 
         # The same key name again is refused before the server works, and an empty folder says so.
         with self.assertRaises(InputError) as raised:

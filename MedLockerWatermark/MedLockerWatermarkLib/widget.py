@@ -3,6 +3,7 @@
 A dataset folder is protected in a worker process (the logic's ``start_folder_protection``); short server calls
 and one image's search run in a ``BackgroundJob`` (``ServerJobPanel`` says why). Results are put into the scene here.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Union
@@ -60,10 +61,14 @@ class MedLockerWatermarkPanel(ServerJobPanel):
         ServerJobPanel.__init__(self, logic or MedLockerWatermarkLogic(slicer.mrmlScene), installer, parent)
         for button, action in (
             (self.ui.refreshModelsButton, self.onRefreshModels),
-            (self.ui.currentSliceButton, self.onUseCurrentSlice), (self.ui.protectButton, self.onProtect),
-            (self.ui.exportKeyButton, self.onExportKey), (self.ui.loadKeyButton, self.onLoadKey),
-            (self.ui.newKeyButton, self.onNewKey), (self.ui.newKeyFileButton, self.onNewKeyFile),
-            (self.ui.unlockButton, self.onUnlock), (self.ui.verifyButton, self.onVerify),
+            (self.ui.currentSliceButton, self.onUseCurrentSlice),
+            (self.ui.protectButton, self.onProtect),
+            (self.ui.exportKeyButton, self.onExportKey),
+            (self.ui.loadKeyButton, self.onLoadKey),
+            (self.ui.newKeyButton, self.onNewKey),
+            (self.ui.newKeyFileButton, self.onNewKeyFile),
+            (self.ui.unlockButton, self.onUnlock),
+            (self.ui.verifyButton, self.onVerify),
             (self.ui.datasetProtectButton, self.onProtectDataset),
         ):
             button.connect("clicked(bool)", action)
@@ -74,12 +79,22 @@ class MedLockerWatermarkPanel(ServerJobPanel):
     def parameterNodeGuiMapping(self):
         ui = self.ui
         return {
-            "inputVolume": ui.inputSelector, "sliceIndex": ui.sliceSpinBox, "mode": ui.modeComboBox,
-            "lesionSource": ui.lesionSourceComboBox, "lesionSegmentation": ui.segmentationSelector,
-            "logoScale": ui.slSpinBox, "population": ui.populationSpinBox, "generations": ui.generationsSpinBox,
-            "crossoverRate": ui.crossoverSpinBox, "step": ui.stepSpinBox, "localIterations": ui.hopsSpinBox,
-            "alphaMin": ui.alphaMinSpinBox, "alphaMax": ui.alphaMaxSpinBox, "seed": ui.seedSpinBox,
-            "unlockVolume": ui.unlockInputSelector, "unlockSliceIndex": ui.unlockSliceSpinBox,
+            "inputVolume": ui.inputSelector,
+            "sliceIndex": ui.sliceSpinBox,
+            "mode": ui.modeComboBox,
+            "lesionSource": ui.lesionSourceComboBox,
+            "lesionSegmentation": ui.segmentationSelector,
+            "logoScale": ui.slSpinBox,
+            "population": ui.populationSpinBox,
+            "generations": ui.generationsSpinBox,
+            "crossoverRate": ui.crossoverSpinBox,
+            "step": ui.stepSpinBox,
+            "localIterations": ui.hopsSpinBox,
+            "alphaMin": ui.alphaMinSpinBox,
+            "alphaMax": ui.alphaMaxSpinBox,
+            "seed": ui.seedSpinBox,
+            "unlockVolume": ui.unlockInputSelector,
+            "unlockSliceIndex": ui.unlockSliceSpinBox,
             "appendToKey": ui.datasetAppendCheckBox,
         }
 
@@ -102,9 +117,17 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             raise InputError("tick at least one source model, or refresh the list from the server")
         p = self.parameterNode
         return SearchSettings(
-            mode=p.mode, models=models or None, weights=weights or None, sl=p.logoScale, population=p.population,
-            generations=p.generations, crossover_rate=p.crossoverRate, step=p.step, local_iterations=p.localIterations,
-            alpha_range=(p.alphaMin, p.alphaMax), seed=None if p.seed < 0 else p.seed,
+            mode=p.mode,
+            models=models or None,
+            weights=weights or None,
+            sl=p.logoScale,
+            population=p.population,
+            generations=p.generations,
+            crossover_rate=p.crossoverRate,
+            step=p.step,
+            local_iterations=p.localIterations,
+            alpha_range=(p.alphaMin, p.alphaMax),
+            seed=None if p.seed < 0 else p.seed,
         )
 
     def _credentials(self) -> dict[str, str]:
@@ -133,9 +156,11 @@ class MedLockerWatermarkPanel(ServerJobPanel):
                 return
             logic = self.logic
             # A thread, not a worker: one short request, mostly waiting on the network (the GIL is free meanwhile).
-            self._startJob(_("Model list"),
-                           lambda progress, cancel: logic.list_models(url, token=token, ca_bundle=caBundle),
-                           self._showModels)
+            self._startJob(
+                _("Model list"),
+                lambda progress, cancel: logic.list_models(url, token=token, ca_bundle=caBundle),
+                self._showModels,
+            )
 
         self._guarded(_("Could not list the server's models."), start)
 
@@ -152,8 +177,11 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             table.setItem(row, _MODEL_USE, use)
             table.setItem(row, _MODEL_NAME, nameItem)
             table.setItem(row, _MODEL_WEIGHT, qt.QTableWidgetItem("1.0"))
-        self._setStatus(_("{count} source model(s), {segmenters} lesion segmenter(s) on the server.").format(
-            count=len(classifiers), segmenters=len(segmenters)))
+        self._setStatus(
+            _("{count} source model(s), {segmenters} lesion segmenter(s) on the server.").format(
+                count=len(classifiers), segmenters=len(segmenters)
+            )
+        )
 
     # -- protect -------------------------------------------------------------------------------------------
 
@@ -171,8 +199,13 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             inputNode, source = p.inputVolume, p.lesionSource
             # Everything that can be wrong with the input is found before any prompt or upload.
             image, logo, settings, mask = self.logic.prepare_protection(
-                inputNode, self._sliceIndex(inputNode, p.sliceIndex), self._logo(), self._searchSettings(), source,
-                p.lesionSegmentation)
+                inputNode,
+                self._sliceIndex(inputNode, p.sliceIndex),
+                self._logo(),
+                self._searchSettings(),
+                source,
+                p.lesionSegmentation,
+            )
             url, token, caBundle = self._connection()
             if not self._ensureDependencies() or not self._confirmUpload(url):
                 return
@@ -182,8 +215,9 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             # (a dataset folder, the long case, runs in the worker).
             self._startJob(
                 _("Watermark search"),
-                lambda progress, cancel: logic.compute_protection(image, logo, settings, url, token, caBundle, source,
-                                                                  mask, progress=progress, cancel=cancel),
+                lambda progress, cancel: logic.compute_protection(
+                    image, logo, settings, url, token, caBundle, source, mask, progress=progress, cancel=cancel
+                ),
                 lambda computed: self._applyProtection(computed, inputNodeID),
             )
 
@@ -195,12 +229,16 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             raise InputError("the input image was removed from the scene before the result arrived")
         result = self.logic.apply_protection(computed, inputNode)
         slicer.util.setSliceViewerLayers(background=result.output_node, fit=True)
-        self.ui.predictionsTextEdit.setPlainText("\n".join(
-            [_("Protected as {name!r} in {node}.").format(name=result.name, node=result.output_node.GetName())]
-            + result.prediction_lines()))
+        self.ui.predictionsTextEdit.setPlainText(
+            "\n".join(
+                [_("Protected as {name!r} in {node}.").format(name=result.name, node=result.output_node.GetName())]
+                + result.prediction_lines()
+            )
+        )
         self._updateKeyStatus()
-        self._setStatus(_("Done. Export the key (Key tab) before closing Slicer: it is the only way back to the "
-                          "original."))
+        self._setStatus(
+            _("Done. Export the key (Key tab) before closing Slicer: it is the only way back to the original.")
+        )
 
     # -- key -----------------------------------------------------------------------------------------------
 
@@ -219,12 +257,16 @@ class MedLockerWatermarkPanel(ServerJobPanel):
     def onLoadKey(self) -> None:
         def action():
             if self.logic.unsaved and not slicer.util.confirmYesNoDisplay(
-                    _("{count} protected image(s) are not in an exported key yet and can only be unlocked with "
-                      "it. Load another key anyway?").format(count=self.logic.unsaved)):
+                _(
+                    "{count} protected image(s) are not in an exported key yet and can only be unlocked with "
+                    "it. Load another key anyway?"
+                ).format(count=self.logic.unsaved)
+            ):
                 return
             credentials = self._credentials()
-            path = qt.QFileDialog.getOpenFileName(self, _("Load MedLocker key"), "",
-                                                  "MedLocker key (*.mlkey);;All files (*)")
+            path = qt.QFileDialog.getOpenFileName(
+                self, _("Load MedLocker key"), "", "MedLocker key (*.mlkey);;All files (*)"
+            )
             if not path:
                 return
             self.logic.load_key(path, **credentials)
@@ -236,8 +278,10 @@ class MedLockerWatermarkPanel(ServerJobPanel):
     def onNewKey(self) -> None:
         def action():
             if self.logic.unsaved and not slicer.util.confirmYesNoDisplay(
-                    _("{count} protected image(s) are not in an exported key yet. Start a new key anyway?").format(
-                        count=self.logic.unsaved)):
+                _("{count} protected image(s) are not in an exported key yet. Start a new key anyway?").format(
+                    count=self.logic.unsaved
+                )
+            ):
                 return
             self.logic.new_key()
             self._updateKeyStatus()
@@ -271,8 +315,11 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             if entry is None:
                 self._setStatus(_("Not protected by the current key (or changed after protection)."))
             else:
-                self._setStatus(_("Protected by the current key as {name!r}: alpha {alpha:.1f} at x={x} y={y}.").format(
-                    name=entry.name, alpha=entry.alpha, x=entry.x, y=entry.y))
+                self._setStatus(
+                    _("Protected by the current key as {name!r}: alpha {alpha:.1f} at x={x} y={y}.").format(
+                        name=entry.name, alpha=entry.alpha, x=entry.x, y=entry.y
+                    )
+                )
 
         self._guarded(_("Could not verify the image."), action)
 
@@ -305,9 +352,21 @@ class MedLockerWatermarkPanel(ServerJobPanel):
             self._startWorkerJob(
                 _("Dataset protection"),
                 lambda onProgress, onDone, onError: logic.start_folder_protection(
-                    inputDir, outputDir, keyPath, url, token=token, ca_bundle=caBundle, logo=logo, settings=settings,
-                    lesions=lesions, append=append, on_progress=onProgress, on_done=onDone, on_error=onError,
-                    **credentials),
+                    inputDir,
+                    outputDir,
+                    keyPath,
+                    url,
+                    token=token,
+                    ca_bundle=caBundle,
+                    logo=logo,
+                    settings=settings,
+                    lesions=lesions,
+                    append=append,
+                    on_progress=onProgress,
+                    on_done=onDone,
+                    on_error=onError,
+                    **credentials,
+                ),
                 self._showDataset,
             )
 
@@ -315,16 +374,21 @@ class MedLockerWatermarkPanel(ServerJobPanel):
 
     def _showDataset(self, result) -> None:
         self.ui.predictionsTextEdit.setPlainText("\n".join(result.reports))
-        self._setStatus(_("Protected {count} image(s) into {folder}; key {key}.").format(
-            count=result.protected, folder=result.output_dir, key=result.key_path))
+        self._setStatus(
+            _("Protected {count} image(s) into {folder}; key {key}.").format(
+                count=result.protected, folder=result.output_dir, key=result.key_path
+            )
+        )
 
     # -- consent, job messages, buttons --------------------------------------------------------------------
 
     def _uploadConsentPrompt(self, server: str) -> tuple[str, str]:
         return (
-            _("To search the watermark, the image itself (and the logo and any lesion mask) is sent to:\n\n"
-              "{server}\n\nThe key that restores the original stays on this computer. Send images to this server "
-              "now and in the future?").format(server=server),
+            _(
+                "To search the watermark, the image itself (and the logo and any lesion mask) is sent to:\n\n"
+                "{server}\n\nThe key that restores the original stays on this computer. Send images to this server "
+                "now and in the future?"
+            ).format(server=server),
             _("Send images to a server?"),
         )
 

@@ -1,9 +1,11 @@
-"""MixupPrivacy's logic and test bodies (and the core's worker helper, re-exported): everything of the module that runs without Qt.
+"""MixupPrivacy's logic and test bodies (and the core's worker helper, re-exported): everything of the module that
+runs without Qt.
 
 Only ``slicer`` (MRML) and ``vtk`` are needed, so this package imports and runs under PyPI's ``slicer-core`` as well
 as in the application. Heavy parts of the core package (torch, MONAI, the HTTP client) are imported inside
 functions, so that Slicer can list and open the module before those dependencies are installed.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 SimpleITK is imported inside the methods that use it: it is a large extension module, only needed once a volume
 is converted.
 """
+
 from __future__ import annotations
 
 import functools
@@ -127,7 +128,9 @@ class MixupPrivacyLogic:
         labels = sitk.GetArrayFromImage(labelmap)
         unexpected = sorted(set(np.unique(labels).tolist()) - set(TISSUE_SEGMENTS) - {0})
         if unexpected:
-            raise InputError(f"labelmap has unknown label values {unexpected}; expected 0 and {sorted(TISSUE_SEGMENTS)}")
+            raise InputError(
+                f"labelmap has unknown label values {unexpected}; expected 0 and {sorted(TISSUE_SEGMENTS)}"
+            )
 
         if segmentation_node is None:
             segmentation_node = self.scene.AddNewNodeByClass(
@@ -203,8 +206,9 @@ class MixupPrivacyLogic:
 
         return InferenceClient(url, token=token, ca_bundle=ca_bundle or None).check_connection()
 
-    def generate_key(self, key_dir, progress: Callable[[str, float | None], None] | None = None, force: bool = False,
-                     **options):
+    def generate_key(
+        self, key_dir, progress: Callable[[str, float | None], None] | None = None, force: bool = False, **options
+    ):
         """Create this installation's private reference bank (the mixing key) in ``key_dir``; ``force`` replaces an
         existing key, ``options`` go to ``generate_bank`` (e.g. a smaller bank for tests)."""
         from medprivacy.mixup.bank import generate_bank
@@ -295,8 +299,19 @@ class MixupPrivacyLogic:
         """``compute`` + ``apply_result`` in the calling thread, for scripts and tests."""
         image = self.volume_node_to_sitk(input_node)
         result = self.compute(
-            image, url, token=token, ca_bundle=ca_bundle, key_dir=key_dir, tta=tta, unmix=unmix,
-            keep_uploaded=show_uploaded, progress=progress, cancel=cancel, seed=seed, privacy=privacy, rebuild=show_rebuild,
+            image,
+            url,
+            token=token,
+            ca_bundle=ca_bundle,
+            key_dir=key_dir,
+            tta=tta,
+            unmix=unmix,
+            keep_uploaded=show_uploaded,
+            progress=progress,
+            cancel=cancel,
+            seed=seed,
+            privacy=privacy,
+            rebuild=show_rebuild,
         )
         return self.apply_result(result, input_node, output_segmentation_node, show_uploaded=show_uploaded)
 
@@ -304,9 +319,20 @@ class MixupPrivacyLogic:
     # Each task's request is built once, in its ``start_*`` method (main thread, returns the worker at once; the
     # panel calls these). The ``*_in_worker`` twins run the same method to its end for scripts and tests.
 
-    def segmentation_request(self, input_path, folder, url: str, ca_bundle: str | None = None, key_dir=None,
-                             tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
-                             seed: int | None = None, privacy: str | None = None, rebuild: bool = False) -> dict:
+    def segmentation_request(
+        self,
+        input_path,
+        folder,
+        url: str,
+        ca_bundle: str | None = None,
+        key_dir=None,
+        tta: int | None = None,
+        unmix: str = "learned",
+        keep_uploaded: bool = False,
+        seed: int | None = None,
+        privacy: str | None = None,
+        rebuild: bool = False,
+    ) -> dict:
         """The worker request of a private segmentation of the file ``input_path``, its outputs in ``folder``."""
         if unmix not in UNMIX_MODES:
             raise InputError(f"unmixing mode must be one of {', '.join(UNMIX_MODES)}, not {unmix!r}")
@@ -316,10 +342,20 @@ class MixupPrivacyLogic:
             outputs["uploaded"] = str(folder / "uploaded.nrrd")
         if rebuild:
             outputs["rebuild"] = str(folder / "rebuild.nrrd")
-        options = {"key_dir": str(key_dir) if key_dir else None, "tta": None if tta is None else int(tta),
-                   "unmix": unmix, "seed": seed, "privacy": privacy}
-        return {"task": "mixup-segment", "inputs": {"image": str(input_path)}, "outputs": outputs,
-                "server": {"url": url, "ca_bundle": ca_bundle or None}, "options": options}
+        options = {
+            "key_dir": str(key_dir) if key_dir else None,
+            "tta": None if tta is None else int(tta),
+            "unmix": unmix,
+            "seed": seed,
+            "privacy": privacy,
+        }
+        return {
+            "task": "mixup-segment",
+            "inputs": {"image": str(input_path)},
+            "outputs": outputs,
+            "server": {"url": url, "ca_bundle": ca_bundle or None},
+            "options": options,
+        }
 
     @staticmethod
     def read_worker_segmentation(outputs: dict) -> WorkerSegmentation:
@@ -330,11 +366,24 @@ class MixupPrivacyLogic:
 
         return WorkerSegmentation(read("labelmap"), read("uploaded"), read("rebuild"), dict(outputs.get("stats") or {}))
 
-    def start_segmentation_of_image(self, input_sitk, url: str, token: str | None = None,
-                                    ca_bundle: str | None = None, key_dir=None, tta: int | None = None,
-                                    unmix: str = "learned", keep_uploaded: bool = False, seed: int | None = None,
-                                    privacy: str | None = None, rebuild: bool = False, finish=None, on_progress=None,
-                                    on_done=None, on_error=None):
+    def start_segmentation_of_image(
+        self,
+        input_sitk,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        key_dir=None,
+        tta: int | None = None,
+        unmix: str = "learned",
+        keep_uploaded: bool = False,
+        seed: int | None = None,
+        privacy: str | None = None,
+        rebuild: bool = False,
+        finish=None,
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+    ):
         """Start the private segmentation of ``input_sitk`` in a worker: the image is written to a private
         temporary folder, and ``finish(outputs)`` (default: ``read_worker_segmentation``) gives ``on_done`` its
         result before the folder is removed. Returns the worker (``cancel()`` stops it)."""
@@ -342,20 +391,52 @@ class MixupPrivacyLogic:
         def prepare(folder: Path) -> dict:
             from medprivacy.mixup.io import write_image
 
-            request = self.segmentation_request(folder / "input.nrrd", folder, url, ca_bundle, key_dir, tta, unmix,
-                                                keep_uploaded, seed, privacy, rebuild)  # checks before writing
+            request = self.segmentation_request(
+                folder / "input.nrrd",
+                folder,
+                url,
+                ca_bundle,
+                key_dir,
+                tta,
+                unmix,
+                keep_uploaded,
+                seed,
+                privacy,
+                rebuild,
+            )  # checks before writing
             write_image(input_sitk, folder / "input.nrrd")
             return request
 
         from MedPrivacySlicerCommon.worker import start_task
 
-        return start_task(prepare, finish or self.read_worker_segmentation, on_progress, on_done, on_error,
-                          token=token, prefix="medprivacy-mixup-")
+        return start_task(
+            prepare,
+            finish or self.read_worker_segmentation,
+            on_progress,
+            on_done,
+            on_error,
+            token=token,
+            prefix="medprivacy-mixup-",
+        )
 
-    def start_segmentation(self, input_node, url: str, token: str | None = None, ca_bundle: str | None = None,
-                           key_dir=None, tta: int | None = None, unmix: str = "learned", output_segmentation_node=None,
-                           show_uploaded: bool = False, seed: int | None = None, privacy: str | None = None,
-                           show_rebuild: bool = False, on_progress=None, on_done=None, on_error=None):
+    def start_segmentation(
+        self,
+        input_node,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        key_dir=None,
+        tta: int | None = None,
+        unmix: str = "learned",
+        output_segmentation_node=None,
+        show_uploaded: bool = False,
+        seed: int | None = None,
+        privacy: str | None = None,
+        show_rebuild: bool = False,
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+    ):
         """``run`` in a worker process, returning at once (main thread): when the worker answers, its result goes
         into the scene like ``run``'s, then ``on_done(segmentation_node)``; failures reach ``on_error(message,
         kind)``. Returns the worker: keep it until then (``cancel()`` stops it; outside the application call its
@@ -371,38 +452,98 @@ class MixupPrivacyLogic:
             output = self.scene.GetNodeByID(output_id) if output_id else None
             return self.apply_result(self.read_worker_segmentation(outputs), node, output, show_uploaded)
 
-        return self.start_segmentation_of_image(image, url, token, ca_bundle, key_dir, tta, unmix, show_uploaded, seed,
-                                                privacy, show_rebuild, into_scene, on_progress, on_done, on_error)
+        return self.start_segmentation_of_image(
+            image,
+            url,
+            token,
+            ca_bundle,
+            key_dir,
+            tta,
+            unmix,
+            show_uploaded,
+            seed,
+            privacy,
+            show_rebuild,
+            into_scene,
+            on_progress,
+            on_done,
+            on_error,
+        )
 
-    def compute_in_worker(self, input_sitk, url: str, token: str | None = None, ca_bundle: str | None = None,
-                          key_dir=None, tta: int | None = None, unmix: str = "learned", keep_uploaded: bool = False,
-                          progress: Callable[[str, float | None], None] | None = None,
-                          cancel: Callable[[], bool] | None = None, seed: int | None = None, privacy: str | None = None,
-                          rebuild: bool = False) -> WorkerSegmentation:
+    def compute_in_worker(
+        self,
+        input_sitk,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        key_dir=None,
+        tta: int | None = None,
+        unmix: str = "learned",
+        keep_uploaded: bool = False,
+        progress: Callable[[str, float | None], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        seed: int | None = None,
+        privacy: str | None = None,
+        rebuild: bool = False,
+    ) -> WorkerSegmentation:
         """``compute``'s arguments and a result ``apply_result`` takes, through ``start_segmentation_of_image``;
         blocks (scripts, tests). Cancel terminates the worker."""
         from MedPrivacySlicerCommon.worker import run_task
 
-        return run_task(functools.partial(self.start_segmentation_of_image, input_sitk, url, token, ca_bundle, key_dir,
-                                          tta, unmix, keep_uploaded, seed, privacy, rebuild), progress, cancel)
+        return run_task(
+            functools.partial(
+                self.start_segmentation_of_image,
+                input_sitk,
+                url,
+                token,
+                ca_bundle,
+                key_dir,
+                tta,
+                unmix,
+                keep_uploaded,
+                seed,
+                privacy,
+                rebuild,
+            ),
+            progress,
+            cancel,
+        )
 
     @staticmethod
     def key_request(key_dir, force: bool = False, **options) -> dict:
         """The worker request of ``generate_key`` (``options``: subjects, patches, patch_size)."""
-        return {"task": "mixup-keygen", "options": {"key_dir": str(key_dir) if key_dir else None, "force": bool(force),
-                                                     **{k: v for k, v in options.items() if v is not None}}}
+        return {
+            "task": "mixup-keygen",
+            "options": {
+                "key_dir": str(key_dir) if key_dir else None,
+                "force": bool(force),
+                **{k: v for k, v in options.items() if v is not None},
+            },
+        }
 
-    def start_key_generation(self, key_dir, force: bool = False, on_progress=None, on_done=None, on_error=None,
-                             **options):
+    def start_key_generation(
+        self, key_dir, force: bool = False, on_progress=None, on_done=None, on_error=None, **options
+    ):
         """Start ``generate_key`` in a worker; ``on_done(key folder)``. Returns the worker."""
         from MedPrivacySlicerCommon.worker import start_task
 
-        return start_task(lambda _folder: self.key_request(key_dir, force, **options),
-                          lambda outputs: outputs["key_dir"], on_progress, on_done, on_error,
-                          prefix="medprivacy-mixup-")
+        return start_task(
+            lambda _folder: self.key_request(key_dir, force, **options),
+            lambda outputs: outputs["key_dir"],
+            on_progress,
+            on_done,
+            on_error,
+            prefix="medprivacy-mixup-",
+        )
 
-    def generate_key_in_worker(self, key_dir, progress: Callable[[str, float | None], None] | None = None,
-                               force: bool = False, cancel: Callable[[], bool] | None = None, **options):
+    def generate_key_in_worker(
+        self,
+        key_dir,
+        progress: Callable[[str, float | None], None] | None = None,
+        force: bool = False,
+        cancel: Callable[[], bool] | None = None,
+        **options,
+    ):
         """``start_key_generation`` to its end (blocks; scripts, tests); returns the key."""
         from medprivacy.mixup.bank import ReferenceBank
         from MedPrivacySlicerCommon.worker import run_task
@@ -419,7 +560,9 @@ class MixupPrivacyLogic:
         label = _node_label(volume_node)
         # Vector, tensor and diffusion volumes derive from the scalar class, hence the explicit exclusions.
         if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLTensorVolumeNode"):
-            raise InputError(f"{label} is a {volume_node.GetClassName()}: choose a single-channel (scalar) 3D MRI volume")
+            raise InputError(
+                f"{label} is a {volume_node.GetClassName()}: choose a single-channel (scalar) 3D MRI volume"
+            )
         if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
             raise InputError(f"{label} is a labelmap: choose the MRI scan itself")
         image_data = volume_node.GetImageData()

@@ -1,4 +1,5 @@
 """Test bodies shared by the in-application self-test (``MixupPrivacyTest``) and pytest on slicer-core."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,17 @@ class FakeMixupPrivacyLogic:
         self.calls.append(("start_key_generation", key_dir, force))
         return FakeWorker(lambda: key_dir, on_progress, on_done, on_error)
 
-    def start_segmentation(self, input_node, url, output_segmentation_node=None, show_uploaded=False,
-                           on_progress=None, on_done=None, on_error=None, **options):
+    def start_segmentation(
+        self,
+        input_node,
+        url,
+        output_segmentation_node=None,
+        show_uploaded=False,
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+        **options,
+    ):
         self.calls.append(("start_segmentation", input_node.GetID(), url, dict(options, show_uploaded=show_uploaded)))
 
         def into_scene():
@@ -140,8 +150,10 @@ class MixupPrivacyTestMixin(PanelTestMixin):
         display_node = segmentation_node.GetDisplayNode()
         self.assertIsNotNone(display_node)
         self.assertTrue(display_node.GetVisibility())
-        self.assertIs(segmentation_node.GetNodeReference(
-            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), node)
+        self.assertIs(
+            segmentation_node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()),
+            node,
+        )
 
         # Back to an array on the volume grid: same values, same voxels.
         np.testing.assert_array_equal(logic.segmentation_to_labelmap_array(segmentation_node, node), labels)
@@ -172,16 +184,22 @@ class MixupPrivacyTestMixin(PanelTestMixin):
         empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
         labelmap.SetAndObserveImageData(vtk.vtkImageData())
-        for node, reason in [(single_slice, "2D"), (vector, "scalar"), (empty, "no voxels"), (labelmap, "labelmap"),
-                             (None, "no input volume")]:
+        for node, reason in [
+            (single_slice, "2D"),
+            (vector, "scalar"),
+            (empty, "no voxels"),
+            (labelmap, "labelmap"),
+            (None, "no input volume"),
+        ]:
             with self.assertRaises(InputError) as raised:
                 logic.volume_node_to_sitk(node)
             message = str(raised.exception)
             self.assertIn(reason, message)
             self.assertNotIn("\n", message)
 
-    def check_private_segmentation_end_to_end(self, scene, url, key_dir, audit_dir=None, token=None, ca_bundle=None,
-                                              unmix="naive", image=None):
+    def check_private_segmentation_end_to_end(
+        self, scene, url, key_dir, audit_dir=None, token=None, ca_bundle=None, unmix="naive", image=None
+    ):
         """Key generation, then ``run`` against a real server, from a volume node to tissue segments.
 
         ``image`` defaults to the real MNI152 T1 (it lies on the model grid, so no registration slows the test).
@@ -206,17 +224,31 @@ class MixupPrivacyTestMixin(PanelTestMixin):
         audited_before = set(Path(audit_dir).glob("*.npy")) if audit_dir is not None else set()
 
         stages = []
-        segmentation_node = logic.run(node, url, token=token, ca_bundle=ca_bundle, key_dir=key_dir, tta=2, unmix=unmix,
-                                      show_uploaded=True, seed=0, progress=lambda stage, fraction=None: stages.append(stage))
+        segmentation_node = logic.run(
+            node,
+            url,
+            token=token,
+            ca_bundle=ca_bundle,
+            key_dir=key_dir,
+            tta=2,
+            unmix=unmix,
+            show_uploaded=True,
+            seed=0,
+            progress=lambda stage, fraction=None: stages.append(stage),
+        )
         result = logic.last_result
         self.assertTrue(stages, "no progress was reported")
 
         # Exactly the three tissue segments, on the input's geometry, holding exactly the pipeline's labels.
         segmentation = segmentation_node.GetSegmentation()
-        self.assertEqual(sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())),
-                         sorted(name for name, _color in TISSUE_SEGMENTS.values()))
-        self.assertIs(segmentation_node.GetNodeReference(
-            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), node)
+        self.assertEqual(
+            sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())),
+            sorted(name for name, _color in TISSUE_SEGMENTS.values()),
+        )
+        self.assertIs(
+            segmentation_node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()),
+            node,
+        )
         labels = logic.segmentation_to_labelmap_array(segmentation_node, node)
         self.assertEqual(labels.shape, sitk.GetArrayViewFromImage(image).shape)
         np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(result.labelmap))
@@ -245,8 +277,10 @@ class MixupPrivacyTestMixin(PanelTestMixin):
         target_codes = decode_tensor_raw(encode_tensor(sent_targets, "uint8", compress=False))[0]
         target_codes = target_codes.reshape(len(sent_targets), -1)
         target_rows = {row.tobytes() for row in target_codes}
-        self.assertFalse(any(row.astype(np.uint8).tobytes() in target_rows for row in rows),
-                         "the server received an unmixed patch of the scan")
+        self.assertFalse(
+            any(row.astype(np.uint8).tobytes() in target_rows for row in rows),
+            "the server received an unmixed patch of the scan",
+        )
 
     def check_private_segmentation_end_to_end_from_environment(self, scene, url):
         """``check_private_segmentation_end_to_end`` with the options the in-app test reads from the environment."""
@@ -255,7 +289,9 @@ class MixupPrivacyTestMixin(PanelTestMixin):
 
         with tempfile.TemporaryDirectory() as folder:
             self.check_private_segmentation_end_to_end(
-                scene, url, os.path.join(folder, "key"),
+                scene,
+                url,
+                os.path.join(folder, "key"),
                 audit_dir=os.environ.get("MIXUPPRIVACY_TEST_AUDIT_DIR") or None,
                 token=os.environ.get("MEDPRIVACY_TOKEN") or None,
                 unmix=os.environ.get("MIXUPPRIVACY_TEST_UNMIX", "naive"),

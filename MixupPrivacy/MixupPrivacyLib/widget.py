@@ -3,6 +3,7 @@
 Segmentation and key generation run in a worker process through the logic's ``start_*`` calls (``ServerJobPanel``);
 the logic puts the segmentation into the scene when the worker answers, and the panel shows it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -73,7 +74,8 @@ class MixupPrivacyPanel(ServerJobPanel):
         self._privacy = None
         self._restoreKeyDirectory()
         self.ui.keyDirectoryPathLineEdit.connect(
-            "currentPathChanged(QString)", lambda path: self.setUserSetting("KeyDirectory", path))
+            "currentPathChanged(QString)", lambda path: self.setUserSetting("KeyDirectory", path)
+        )
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.generateKeyButton.connect("clicked(bool)", self.onGenerateKey)
         self._setStatus(_("Ready."))
@@ -81,9 +83,13 @@ class MixupPrivacyPanel(ServerJobPanel):
 
     def parameterNodeGuiMapping(self):
         return {
-            "inputVolume": self.ui.inputSelector, "outputSegmentation": self.ui.outputSelector,
-            "privacy": self.ui.privacyComboBox, "tta": self.ui.ttaSpinBox, "unmix": self.ui.unmixComboBox,
-            "showUploaded": self.ui.showUploadedCheckBox, "showRebuild": self.ui.showRebuildCheckBox,
+            "inputVolume": self.ui.inputSelector,
+            "outputSegmentation": self.ui.outputSelector,
+            "privacy": self.ui.privacyComboBox,
+            "tta": self.ui.ttaSpinBox,
+            "unmix": self.ui.unmixComboBox,
+            "showUploaded": self.ui.showUploadedCheckBox,
+            "showRebuild": self.ui.showRebuildCheckBox,
         }
 
     def initializeParameterNode(self) -> None:
@@ -112,17 +118,25 @@ class MixupPrivacyPanel(ServerJobPanel):
             if not self._ensureDependencies() or not self._confirmUpload(url):
                 return
             outputNode = parameters.outputSegmentation
-            kwargs = dict(url=url, token=token, ca_bundle=caBundle,
-                          key_dir=self.ui.keyDirectoryPathLineEdit.currentPath or None,
-                          privacy=parameters.privacy.value, tta=parameters.tta, unmix=parameters.unmix.value,
-                          output_segmentation_node=outputNode, show_uploaded=parameters.showUploaded,
-                          show_rebuild=parameters.showRebuild)
+            kwargs = dict(
+                url=url,
+                token=token,
+                ca_bundle=caBundle,
+                key_dir=self.ui.keyDirectoryPathLineEdit.currentPath or None,
+                privacy=parameters.privacy.value,
+                tta=parameters.tta,
+                unmix=parameters.unmix.value,
+                output_segmentation_node=outputNode,
+                show_uploaded=parameters.showUploaded,
+                show_rebuild=parameters.showRebuild,
+            )
             inputNodeID = inputNode.GetID()  # an ID, not the node, crosses the wait: the scene may change meanwhile
             logic = self.logic
             self._startWorkerJob(
                 _("Private segmentation"),
                 lambda onProgress, onDone, onError: logic.start_segmentation(
-                    inputNode, on_progress=onProgress, on_done=onDone, on_error=onError, **kwargs),
+                    inputNode, on_progress=onProgress, on_done=onDone, on_error=onError, **kwargs
+                ),
                 lambda segmentationNode: self._showResult(segmentationNode, inputNodeID),
             )
 
@@ -136,11 +150,15 @@ class MixupPrivacyPanel(ServerJobPanel):
             logic = self.logic
             self._startKeyGeneration(
                 keyDir,
-                _("{folder} already holds a private key. Replace it with a new one? Segmentations made with the old "
-                  "key stay valid."),
+                _(
+                    "{folder} already holds a private key. Replace it with a new one? Segmentations made with the old "
+                    "key stay valid."
+                ),
                 lambda folder, replace, onProgress, onDone, onError: logic.start_key_generation(
-                    folder, force=replace, on_progress=onProgress, on_done=onDone, on_error=onError),
-                _("Private key stored in {folder}."))
+                    folder, force=replace, on_progress=onProgress, on_done=onDone, on_error=onError
+                ),
+                _("Private key stored in {folder}."),
+            )
 
         self._guarded(_("Could not generate the key."), start)
 
@@ -152,8 +170,9 @@ class MixupPrivacyPanel(ServerJobPanel):
         shown = rebuildNode or uploadedNode
         slicer.util.setSliceViewerLayers(background=shown or inputNode, fit=shown is not None)
         if rebuildNode is not None:
-            self._setStatus(_("Done. Showing what a curious server could rebuild ({name}).").format(
-                name=rebuildNode.GetName()))
+            self._setStatus(
+                _("Done. Showing what a curious server could rebuild ({name}).").format(name=rebuildNode.GetName())
+            )
         elif uploadedNode is not None:
             self._setStatus(_("Done. Showing what the server received ({name}).").format(name=uploadedNode.GetName()))
         else:
@@ -163,9 +182,11 @@ class MixupPrivacyPanel(ServerJobPanel):
 
     def _uploadConsentPrompt(self, server: str) -> tuple[str, str]:
         return (
-            _("The scan will be cut into patches, each mixed with a random reference patch from your private "
-              "key, and only these mixed patches are sent to:\n\n{server}\n\nThe key and the unmixed scan never "
-              "leave this computer. Send mixed patches to this server now and in the future?").format(server=server),
+            _(
+                "The scan will be cut into patches, each mixed with a random reference patch from your private "
+                "key, and only these mixed patches are sent to:\n\n{server}\n\nThe key and the unmixed scan never "
+                "leave this computer. Send mixed patches to this server now and in the future?"
+            ).format(server=server),
             _("Send data to a server?"),
         )
 
@@ -174,7 +195,8 @@ class MixupPrivacyPanel(ServerJobPanel):
         hasInput = self.parameterNode is not None and self.parameterNode.inputVolume is not None
         self.ui.applyButton.enabled = not busy and hasInput
         self.ui.applyButton.toolTip = (
-            _("Segment the input volume through the private path") if hasInput else _("Select an input volume"))
+            _("Segment the input volume through the private path") if hasInput else _("Select an input volume")
+        )
         self.ui.cancelButton.enabled = self._job is not None
         self.ui.testConnectionButton.enabled = not busy
         self.ui.generateKeyButton.enabled = not busy

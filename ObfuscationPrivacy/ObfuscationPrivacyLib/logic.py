@@ -10,8 +10,10 @@ computer.
 Processes: the panel runs key generation, obfuscation, classification and training in a worker process
 (``medprivacy.worker``) through the ``start_*`` methods, which keeps Slicer responsive; ``generate_key``,
 ``obfuscate_frames``, ``classify_frames`` and ``train_from_folder`` are the same work in this process, for scripts
-and the tests that check both give the same answer. Everything else belongs on the main thread. Heavy modules (torch, MONAI, requests) are imported inside functions.
+and the tests that check both give the same answer. Everything else belongs on the main thread. Heavy modules
+(torch, MONAI, requests) are imported inside functions.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,14 +79,22 @@ class ObfuscationPrivacyLogic:
 
     # -- key (worker-safe) --------------------------------------------------------------------------------------
 
-    def generate_key(self, key_dir, force: bool = False, vae_from=None, progress: Progress | None = None,
-                     cancel: Cancel | None = None):
+    def generate_key(
+        self,
+        key_dir,
+        force: bool = False,
+        vae_from=None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ):
         """Create the site key folder (``medprivacy obfuscate keygen``); returns its one-line description."""
         from medprivacy.obfuscation.keygen import create_site_key
 
         if not key_dir:
             raise InputError("choose a folder for the obfuscation key")
-        key = create_site_key(key_dir, force=force, vae_from=vae_from, models_dir=self.models_dir, progress=progress, cancel=cancel)
+        key = create_site_key(
+            key_dir, force=force, vae_from=vae_from, models_dir=self.models_dir, progress=progress, cancel=cancel
+        )
         return key.describe()
 
     @staticmethod
@@ -104,8 +114,13 @@ class ObfuscationPrivacyLogic:
         if node.IsA("vtkMRMLSequenceNode"):
             return self._sequence_frames(node)
         self._check_volume(node)
-        return NodeFrames(np.array(volume_voxels(node), copy=True), ijk_to_ras(node), node.GetTransformNodeID(),
-                          node.GetName() or "frames", sequence=False)
+        return NodeFrames(
+            np.array(volume_voxels(node), copy=True),
+            ijk_to_ras(node),
+            node.GetTransformNodeID(),
+            node.GetName() or "frames",
+            sequence=False,
+        )
 
     def _sequence_frames(self, node) -> NodeFrames:
         count = node.GetNumberOfDataNodes()
@@ -115,41 +130,66 @@ class ObfuscationPrivacyLogic:
         for index in range(count):
             item = node.GetNthDataNode(index)
             if item is None or not item.IsA("vtkMRMLScalarVolumeNode"):
-                raise InputError(f"sequence {_node_label(node)} holds {item.GetClassName() if item else 'nothing'} items; "
-                                 "choose a sequence of 2D image volumes")
+                raise InputError(
+                    f"sequence {_node_label(node)} holds {item.GetClassName() if item else 'nothing'} items; "
+                    "choose a sequence of 2D image volumes"
+                )
             self._check_volume(item)
             voxels = volume_voxels(item)
             if voxels.shape[0] != 1:
-                raise InputError(f"item {index} of sequence {_node_label(node)} is a 3D volume with {voxels.shape[0]} slices; "
-                                 "a sequence for ObfuscationPrivacy holds 2D frames")
+                raise InputError(
+                    f"item {index} of sequence {_node_label(node)} is a 3D volume with {voxels.shape[0]} slices; "
+                    "a sequence for ObfuscationPrivacy holds 2D frames"
+                )
             if frames and voxels.shape[1:] != frames[0].shape:
-                raise InputError(f"the frames of sequence {_node_label(node)} differ in size ({frames[0].shape} and {voxels.shape[1:]})")
+                raise InputError(
+                    f"the frames of sequence {_node_label(node)} differ in size "
+                    f"({frames[0].shape} and {voxels.shape[1:]})"
+                )
             frames.append(np.array(voxels[0], copy=True))
             geometry = ijk_to_ras(item) if geometry is None else geometry
             values.append(node.GetNthIndexValue(index))
-        return NodeFrames(np.stack(frames), geometry, None, node.GetName() or "sequence", sequence=True,
-                          index_values=values, index_name=node.GetIndexName(), index_unit=node.GetIndexUnit())
+        return NodeFrames(
+            np.stack(frames),
+            geometry,
+            None,
+            node.GetName() or "sequence",
+            sequence=True,
+            index_values=values,
+            index_name=node.GetIndexName(),
+            index_unit=node.GetIndexUnit(),
+        )
 
     @staticmethod
     def _check_volume(node) -> None:
         label = _node_label(node)
         if node.IsA("vtkMRMLLabelMapVolumeNode"):
             raise InputError(f"{label} is a labelmap: choose the image itself")
-        if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode") \
-                or node.IsA("vtkMRMLDiffusionWeightedVolumeNode"):
-            raise InputError(f"{label} is a {node.GetClassName()}: ObfuscationPrivacy works on gray frames (a scalar volume)")
+        if (
+            not node.IsA("vtkMRMLScalarVolumeNode")
+            or node.IsA("vtkMRMLVectorVolumeNode")
+            or node.IsA("vtkMRMLTensorVolumeNode")
+            or node.IsA("vtkMRMLDiffusionWeightedVolumeNode")
+        ):
+            raise InputError(
+                f"{label} is a {node.GetClassName()}: ObfuscationPrivacy works on gray frames (a scalar volume)"
+            )
         image_data = node.GetImageData()
         if image_data is None or image_data.GetPointData().GetScalars() is None or min(image_data.GetDimensions()) < 1:
             raise InputError(f"{label} is empty (no pixels): load the image again")
         if image_data.GetNumberOfScalarComponents() != 1:
-            raise InputError(f"{label} has {image_data.GetNumberOfScalarComponents()} components per pixel: choose a gray image")
+            raise InputError(
+                f"{label} has {image_data.GetNumberOfScalarComponents()} components per pixel: choose a gray image"
+            )
 
     def frames_to_node(self, codes: np.ndarray, source: NodeFrames, name: str | None = None):
         """A new node with the obfuscated frames (T, h, w) uint8 over the source's field of view: a volume for a
         volume input, a sequence of 2D volumes (same index values) for a sequence input."""
         codes = np.asarray(codes)
         if codes.ndim != 3 or codes.dtype != np.uint8 or codes.shape[0] != source.pixels.shape[0]:
-            raise InputError(f"expected {source.pixels.shape[0]} obfuscated uint8 frames, got {codes.dtype} {codes.shape}")
+            raise InputError(
+                f"expected {source.pixels.shape[0]} obfuscated uint8 frames, got {codes.dtype} {codes.shape}"
+            )
         matrix = self.obfuscated_ijk_to_ras(source.ijk_to_ras, source.pixels.shape[1:], codes.shape[1:])
         name = name or f"{source.name} obfuscated"
         if not source.sequence:
@@ -165,12 +205,16 @@ class ObfuscationPrivacyLogic:
         return sequence
 
     def _volume(self, voxels: np.ndarray, matrix: np.ndarray, name: str, add: bool = True):
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name) if add else slicer.vtkMRMLScalarVolumeNode()
+        node = (
+            self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name) if add else slicer.vtkMRMLScalarVolumeNode()
+        )
         if not add:
             node.SetName(name)
         image_data = vtk.vtkImageData()
         image_data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
-        image_data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).reshape(-1, 1), deep=True))
+        image_data.GetPointData().SetScalars(
+            numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).reshape(-1, 1), deep=True)
+        )
         node.SetAndObserveImageData(image_data)
         node.SetIJKToRASMatrix(vtk_matrix(matrix))
         if add:
@@ -230,12 +274,23 @@ class ObfuscationPrivacyLogic:
             raise InputError("choose the obfuscation key folder, or generate a key")
         report = None
         if progress is not None:
+
             def report(done, total):
                 progress(f"obfuscating frame {done}/{total}", done / max(1, total))
+
         return Obfuscator(key).obfuscate(pixels, report), key.key_id
 
-    def classify_frames(self, pixels: np.ndarray, key_dir, url: str, model: str, token: str | None = None,
-                        ca_bundle: str | None = None, progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
+    def classify_frames(
+        self,
+        pixels: np.ndarray,
+        key_dir,
+        url: str,
+        model: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> dict:
         """Obfuscate frames here and classify them on the server: {"classes", "probabilities" (T, C), "predicted"}."""
         if not model:
             raise InputError("choose a model trained with this key (refresh the list from the server)")
@@ -250,9 +305,18 @@ class ObfuscationPrivacyLogic:
         finally:
             client.close()
 
-    def train_from_folder(self, dataset, key_dir, url: str, token: str | None = None, ca_bundle: str | None = None,
-                          steps: int = DEFAULT_TRAIN_STEPS, name: str = "", progress: Progress | None = None,
-                          cancel: Cancel | None = None) -> dict:
+    def train_from_folder(
+        self,
+        dataset,
+        key_dir,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        steps: int = DEFAULT_TRAIN_STEPS,
+        name: str = "",
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> dict:
         """Obfuscate a labelled dataset (folder per class, or CSV) and train on the server; cancel cancels the job
         there too. Returns the finished job (its ``model`` is the new model id)."""
         from medprivacy.obfuscation.dataset import dataset_files, train_on_server
@@ -275,13 +339,19 @@ class ObfuscationPrivacyLogic:
     # ``cancel()`` terminates it; the panel calls these). ``on_done`` gets the result of the in-process method above.
     # The ``*_in_worker`` twins run the same ``start_*`` to its end for scripts and tests.
 
-    def _start(self, task: str, options: dict, finish, callbacks: dict, frames=None, url=None, token=None,
-               ca_bundle=None):
+    def _start(
+        self, task: str, options: dict, finish, callbacks: dict, frames=None, url=None, token=None, ca_bundle=None
+    ):
         from MedPrivacySlicerCommon.worker import start_task
 
         def prepare(folder: Path) -> dict:
-            request = {"task": task, "inputs": {}, "outputs": {}, "options": options,
-                       "server": {"url": url, "ca_bundle": ca_bundle or None}}
+            request = {
+                "task": task,
+                "inputs": {},
+                "outputs": {},
+                "options": options,
+                "server": {"url": url, "ca_bundle": ca_bundle or None},
+            }
             if frames is not None:
                 np.save(folder / "frames.npy", np.ascontiguousarray(frames), allow_pickle=False)
                 request["inputs"]["frames"] = str(folder / "frames.npy")
@@ -290,40 +360,91 @@ class ObfuscationPrivacyLogic:
 
         return start_task(prepare, finish, token=token, prefix="medprivacy-obfuscation-", **callbacks)
 
-    def start_key_generation(self, key_dir, force: bool = False, vae_from=None, on_progress=None, on_done=None,
-                             on_error=None):
-        options = {"key_dir": str(key_dir) if key_dir else None, "force": bool(force), "vae_from": vae_from,
-                   "models_dir": str(self.models_dir) if self.models_dir else None}
-        return self._start("obfuscation-keygen", options, lambda outputs: outputs["description"],
-                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error))
+    def start_key_generation(
+        self, key_dir, force: bool = False, vae_from=None, on_progress=None, on_done=None, on_error=None
+    ):
+        options = {
+            "key_dir": str(key_dir) if key_dir else None,
+            "force": bool(force),
+            "vae_from": vae_from,
+            "models_dir": str(self.models_dir) if self.models_dir else None,
+        }
+        return self._start(
+            "obfuscation-keygen",
+            options,
+            lambda outputs: outputs["description"],
+            dict(on_progress=on_progress, on_done=on_done, on_error=on_error),
+        )
 
     def start_obfuscation(self, pixels: np.ndarray, key_dir, on_progress=None, on_done=None, on_error=None):
         def read(outputs):
             return np.load(outputs["codes"], allow_pickle=False), outputs["key_id"]
 
-        return self._start("obfuscation-apply", {"key_dir": str(key_dir) if key_dir else None}, read,
-                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error), frames=pixels)
+        return self._start(
+            "obfuscation-apply",
+            {"key_dir": str(key_dir) if key_dir else None},
+            read,
+            dict(on_progress=on_progress, on_done=on_done, on_error=on_error),
+            frames=pixels,
+        )
 
-    def start_classification(self, pixels: np.ndarray, key_dir, url: str, model: str, token: str | None = None,
-                             ca_bundle: str | None = None, on_progress=None, on_done=None, on_error=None):
+    def start_classification(
+        self,
+        pixels: np.ndarray,
+        key_dir,
+        url: str,
+        model: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+    ):
         def read(answer):
             answer["probabilities"] = np.asarray(answer["probabilities"], dtype=np.float64)
             answer["predicted"] = np.asarray(answer["predicted"])
             return answer
 
         options = {"key_dir": str(key_dir) if key_dir else None, "model": model}
-        return self._start("obfuscation-classify", options, read,
-                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error), frames=pixels, url=url,
-                           token=token, ca_bundle=ca_bundle)
+        return self._start(
+            "obfuscation-classify",
+            options,
+            read,
+            dict(on_progress=on_progress, on_done=on_done, on_error=on_error),
+            frames=pixels,
+            url=url,
+            token=token,
+            ca_bundle=ca_bundle,
+        )
 
-    def start_training(self, dataset, key_dir, url: str, token: str | None = None, ca_bundle: str | None = None,
-                       steps: int = DEFAULT_TRAIN_STEPS, name: str = "", on_progress=None, on_done=None,
-                       on_error=None):
-        options = {"dataset": str(dataset) if dataset else None, "key_dir": str(key_dir) if key_dir else None,
-                   "steps": int(steps or DEFAULT_TRAIN_STEPS), "name": name or ""}
-        return self._start("obfuscation-train", options, lambda outputs: outputs["job"],
-                           dict(on_progress=on_progress, on_done=on_done, on_error=on_error), url=url, token=token,
-                           ca_bundle=ca_bundle)
+    def start_training(
+        self,
+        dataset,
+        key_dir,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        steps: int = DEFAULT_TRAIN_STEPS,
+        name: str = "",
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+    ):
+        options = {
+            "dataset": str(dataset) if dataset else None,
+            "key_dir": str(key_dir) if key_dir else None,
+            "steps": int(steps or DEFAULT_TRAIN_STEPS),
+            "name": name or "",
+        }
+        return self._start(
+            "obfuscation-train",
+            options,
+            lambda outputs: outputs["job"],
+            dict(on_progress=on_progress, on_done=on_done, on_error=on_error),
+            url=url,
+            token=token,
+            ca_bundle=ca_bundle,
+        )
 
     @staticmethod
     def _run(start, progress: Progress | None, cancel: Cancel | None):
@@ -331,25 +452,55 @@ class ObfuscationPrivacyLogic:
 
         return run_task(start, progress, cancel)
 
-    def generate_key_in_worker(self, key_dir, force: bool = False, vae_from=None, progress: Progress | None = None,
-                               cancel: Cancel | None = None) -> str:
+    def generate_key_in_worker(
+        self,
+        key_dir,
+        force: bool = False,
+        vae_from=None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> str:
         return self._run(functools.partial(self.start_key_generation, key_dir, force, vae_from), progress, cancel)
 
-    def obfuscate_frames_in_worker(self, pixels: np.ndarray, key_dir, progress: Progress | None = None,
-                                   cancel: Cancel | None = None) -> tuple[np.ndarray, str]:
+    def obfuscate_frames_in_worker(
+        self, pixels: np.ndarray, key_dir, progress: Progress | None = None, cancel: Cancel | None = None
+    ) -> tuple[np.ndarray, str]:
         return self._run(functools.partial(self.start_obfuscation, pixels, key_dir), progress, cancel)
 
-    def classify_frames_in_worker(self, pixels: np.ndarray, key_dir, url: str, model: str, token: str | None = None,
-                                  ca_bundle: str | None = None, progress: Progress | None = None,
-                                  cancel: Cancel | None = None) -> dict:
-        return self._run(functools.partial(self.start_classification, pixels, key_dir, url, model, token, ca_bundle),
-                         progress, cancel)
+    def classify_frames_in_worker(
+        self,
+        pixels: np.ndarray,
+        key_dir,
+        url: str,
+        model: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> dict:
+        return self._run(
+            functools.partial(self.start_classification, pixels, key_dir, url, model, token, ca_bundle),
+            progress,
+            cancel,
+        )
 
-    def train_from_folder_in_worker(self, dataset, key_dir, url: str, token: str | None = None,
-                                    ca_bundle: str | None = None, steps: int = DEFAULT_TRAIN_STEPS, name: str = "",
-                                    progress: Progress | None = None, cancel: Cancel | None = None) -> dict:
-        return self._run(functools.partial(self.start_training, dataset, key_dir, url, token, ca_bundle, steps, name),
-                         progress, cancel)
+    def train_from_folder_in_worker(
+        self,
+        dataset,
+        key_dir,
+        url: str,
+        token: str | None = None,
+        ca_bundle: str | None = None,
+        steps: int = DEFAULT_TRAIN_STEPS,
+        name: str = "",
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> dict:
+        return self._run(
+            functools.partial(self.start_training, dataset, key_dir, url, token, ca_bundle, steps, name),
+            progress,
+            cancel,
+        )
 
     # -- results (main thread) ----------------------------------------------------------------------------------
 
@@ -358,7 +509,9 @@ class ObfuscationPrivacyLogic:
         table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
         classes = [str(c) for c in answer["classes"]]
         probabilities = np.asarray(answer["probabilities"], dtype=np.float64)
-        columns = [("frame", vtk.vtkStringArray()), ("class", vtk.vtkStringArray())] + [(c, vtk.vtkDoubleArray()) for c in classes]
+        columns = [("frame", vtk.vtkStringArray()), ("class", vtk.vtkStringArray())] + [
+            (c, vtk.vtkDoubleArray()) for c in classes
+        ]
         for title, array in columns:
             array.SetName(title)
         for index, (predicted, row) in enumerate(zip(answer["predicted"], probabilities)):

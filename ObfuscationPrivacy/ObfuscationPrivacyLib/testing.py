@@ -4,6 +4,7 @@ Bodies that need a server take its URL: under pytest a real ``medprivacy serve``
 by OBFUSCATION_TEST_SERVER_URL. ``models_dir`` holds the VAE that key generation copies (pytest: a tiny untrained
 one; in the application: None, the shipped weights). A few training steps keep each server body to seconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,7 @@ class FakeObfuscationPrivacyLogic:
     def describe_key(self, key_dir) -> str:
         return "fake key"
 
-    def start_key_generation(self, key_dir, force=False, vae_from=None, on_progress=None, on_done=None,
-                             on_error=None):
+    def start_key_generation(self, key_dir, force=False, vae_from=None, on_progress=None, on_done=None, on_error=None):
         self.calls.append(("start_key_generation", key_dir, force))
         return FakeWorker(lambda: "fake key", on_progress, on_done, on_error)
 
@@ -43,8 +43,14 @@ class FakeObfuscationPrivacyLogic:
         if node is None:
             raise InputError("no input frames: select a volume or a sequence")
         self.calls.append(("node_to_frames", node.GetID()))
-        return NodeFrames(pixels=np.zeros((2, 4, 4), np.uint8), ijk_to_ras=np.eye(4), transform_id=None,
-                          name=node.GetName(), sequence=False, index_values=["0", "1"])
+        return NodeFrames(
+            pixels=np.zeros((2, 4, 4), np.uint8),
+            ijk_to_ras=np.eye(4),
+            transform_id=None,
+            name=node.GetName(),
+            sequence=False,
+            index_values=["0", "1"],
+        )
 
     def frames_to_node(self, codes, source, name=None):
         self.calls.append(("frames_to_node", len(codes)))
@@ -62,17 +68,30 @@ class FakeObfuscationPrivacyLogic:
         self.calls.append(("list_models", url, key_dir))
         return [{"id": "m1", "classes": ["a", "b"], "validation_accuracy": 0.5}]
 
-    def start_classification(self, pixels, key_dir, url, model, token=None, ca_bundle=None, on_progress=None,
-                             on_done=None, on_error=None):
+    def start_classification(
+        self, pixels, key_dir, url, model, token=None, ca_bundle=None, on_progress=None, on_done=None, on_error=None
+    ):
         self.calls.append(("start_classification", pixels.shape, url, model))
         answer = {"model": model, "classes": ["a", "b"], "predicted": ["a", "b"], "probabilities": [[1, 0], [0, 1]]}
         return FakeWorker(lambda: answer, on_progress, on_done, on_error)
 
-    def start_training(self, dataset, key_dir, url, token=None, ca_bundle=None, steps=None, name=None,
-                       on_progress=None, on_done=None, on_error=None):
+    def start_training(
+        self,
+        dataset,
+        key_dir,
+        url,
+        token=None,
+        ca_bundle=None,
+        steps=None,
+        name=None,
+        on_progress=None,
+        on_done=None,
+        on_error=None,
+    ):
         self.calls.append(("start_training", dataset, url, steps, name))
-        return FakeWorker(lambda: {"model": "m2", "progress": {"validation_accuracy": 0.75}}, on_progress, on_done,
-                          on_error)
+        return FakeWorker(
+            lambda: {"model": "m2", "progress": {"validation_accuracy": 0.75}}, on_progress, on_done, on_error
+        )
 
     def results_table(self, answer, name="Obfuscated classification", frame_labels=None):
         self.calls.append(("results_table", name, list(frame_labels)))
@@ -99,7 +118,9 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
         components = voxels.shape[3] if voxels.ndim == 4 else 1
         image_data = vtk.vtkImageData()
         image_data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
-        image_data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).reshape(-1, components), deep=True))
+        image_data.GetPointData().SetScalars(
+            numpy_support.numpy_to_vtk(np.ascontiguousarray(voxels).reshape(-1, components), deep=True)
+        )
         node.SetAndObserveImageData(image_data)
         node.SetSpacing(*self.SPACING)
         node.SetOrigin(*self.ORIGIN_RAS)
@@ -159,8 +180,12 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
         size_in, size_out = np.array(run.shape[1:][::-1]), np.array(codes.shape[1:][::-1])
         for corner in ((-0.5, -0.5), (size_in[0] - 0.5, size_in[1] - 0.5)):
             scaled = (np.array(corner) + 0.5) * size_out / size_in - 0.5
-            np.testing.assert_allclose(ijk_to_ras(output) @ np.array([*scaled, 2, 1.0]), ijk_to_ras(volume) @ np.array([*corner, 2, 1.0]),
-                                       rtol=0, atol=1e-9)
+            np.testing.assert_allclose(
+                ijk_to_ras(output) @ np.array([*scaled, 2, 1.0]),
+                ijk_to_ras(volume) @ np.array([*corner, 2, 1.0]),
+                rtol=0,
+                atol=1e-9,
+            )
         # The same frames with the same key always give the same codes, frame by frame.
         again, _ = logic.obfuscate_frames(run[2:3], key_dir)
         np.testing.assert_array_equal(again[0], codes[2])
@@ -181,7 +206,12 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
         rgb = self.make_volume(scene, np.zeros((1, 16, 16, 3), np.uint8), "photo", "vtkMRMLVectorVolumeNode")
         labels = self.make_volume(scene, np.zeros((1, 16, 16), np.uint8), "labels", "vtkMRMLLabelMapVolumeNode")
         empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
-        for node, fragment in ((None, "no input selected"), (rgb, "gray frames"), (labels, "labelmap"), (empty, "empty")):
+        for node, fragment in (
+            (None, "no input selected"),
+            (rgb, "gray frames"),
+            (labels, "labelmap"),
+            (empty, "empty"),
+        ):
             with self.assertRaises(InputError) as caught:
                 logic.node_to_frames(node)
             self.assert_one_line(caught.exception, fragment)
@@ -215,7 +245,9 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
             frame = render_angio(seed, size)
             target = root / VIEWS[frame.labels["view"]]
             target.mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(sitk.GetImageFromArray(np.round(frame.image * 65535).astype(np.uint16)), str(target / f"{seed}.png"))
+            sitk.WriteImage(
+                sitk.GetImageFromArray(np.round(frame.image * 65535).astype(np.uint16)), str(target / f"{seed}.png")
+            )
         return str(root)
 
     def check_train_classify_and_cancel(self, scene, url, folder, models_dir=None):
@@ -223,7 +255,9 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
         key_dir = self.key_folder(folder, models_dir, "site")
         dataset = self.write_dataset(folder)
         seen = []
-        job = logic.train_from_folder(dataset, key_dir, url, steps=8, progress=lambda text, fraction: seen.append(fraction))
+        job = logic.train_from_folder(
+            dataset, key_dir, url, steps=8, progress=lambda text, fraction: seen.append(fraction)
+        )
         self.assertEqual(job["status"], "done")
         self.assertTrue(job["model"].startswith("obf-"))
         self.assertTrue(seen and max(seen) <= 1.0)
@@ -237,7 +271,9 @@ class ObfuscationPrivacyTestMixin(PanelTestMixin):
         np.testing.assert_allclose(answer["probabilities"].sum(axis=1), 1.0, atol=1e-4)
         table = logic.results_table(answer)
         self.assertEqual(table.GetNumberOfRows(), 3)
-        self.assertEqual([table.GetColumnName(i) for i in range(table.GetNumberOfColumns())], ["frame", "class", "LCA", "RCA"])
+        self.assertEqual(
+            [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())], ["frame", "class", "LCA", "RCA"]
+        )
 
         # Another key's frames are refused by the model, with the reason.
         other = self.key_folder(folder, models_dir, "other")

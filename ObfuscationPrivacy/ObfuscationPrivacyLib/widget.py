@@ -4,6 +4,7 @@ Key generation, obfuscation, classification and training run in a worker process
 calls; the model list is one short request in a ``BackgroundJob`` (``ServerJobPanel`` says why). Results are put into
 the scene here.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,10 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
         self._restoreKeyDirectory()
         for button, action in (
             (self.ui.generateKeyButton, self.onGenerateKey),
-            (self.ui.obfuscateButton, self.onObfuscate), (self.ui.refreshModelsButton, self.onRefreshModels),
-            (self.ui.classifyButton, self.onClassify), (self.ui.trainButton, self.onTrain),
+            (self.ui.obfuscateButton, self.onObfuscate),
+            (self.ui.refreshModelsButton, self.onRefreshModels),
+            (self.ui.classifyButton, self.onClassify),
+            (self.ui.trainButton, self.onTrain),
         ):
             button.connect("clicked(bool)", action)
         self.ui.keyDirectoryPathLineEdit.connect("currentPathChanged(QString)", self._onKeyChanged)
@@ -56,8 +59,11 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
         self._onKeyChanged()
 
     def parameterNodeGuiMapping(self):
-        return {"inputNode": self.ui.inputSelector, "trainSteps": self.ui.trainStepsSpinBox,
-                "trainName": self.ui.trainNameLineEdit}
+        return {
+            "inputNode": self.ui.inputSelector,
+            "trainSteps": self.ui.trainStepsSpinBox,
+            "trainName": self.ui.trainNameLineEdit,
+        }
 
     # -- key -----------------------------------------------------------------------------------------------
 
@@ -83,11 +89,16 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             logic = self.logic
             self._startKeyGeneration(
                 keyDir,
-                _("{folder} already holds an obfuscation key. Models trained on frames made with it will not "
-                  "understand frames made with a new key. Replace it anyway?"),
+                _(
+                    "{folder} already holds an obfuscation key. Models trained on frames made with it will not "
+                    "understand frames made with a new key. Replace it anyway?"
+                ),
                 lambda folder, replace, onProgress, onDone, onError: logic.start_key_generation(
-                    folder, force=replace, on_progress=onProgress, on_done=onDone, on_error=onError),
-                _("Key stored in {folder}."), onDone=self._onKeyChanged)
+                    folder, force=replace, on_progress=onProgress, on_done=onDone, on_error=onError
+                ),
+                _("Key stored in {folder}."),
+                onDone=self._onKeyChanged,
+            )
 
         self._guarded(_("Could not generate the key."), start)
 
@@ -103,8 +114,10 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             self._startWorkerJob(
                 _("Obfuscation"),
                 lambda onProgress, onDone, onError: logic.start_obfuscation(
-                    frames.pixels, keyDir, on_progress=onProgress, on_done=onDone, on_error=onError),
-                lambda result: self._showObfuscated(result, frames))
+                    frames.pixels, keyDir, on_progress=onProgress, on_done=onDone, on_error=onError
+                ),
+                lambda result: self._showObfuscated(result, frames),
+            )
 
         self._guarded(_("Could not obfuscate the frames."), start)
 
@@ -113,8 +126,11 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
         node = self.logic.frames_to_node(codes, frames)
         if node.IsA("vtkMRMLScalarVolumeNode"):
             slicer.util.setSliceViewerLayers(background=node, fit=True)
-        self._setStatus(_("{count} frame(s) obfuscated with key {key} into {name}: this is what a server would "
-                          "receive.").format(count=len(codes), key=keyId, name=node.GetName()))
+        self._setStatus(
+            _("{count} frame(s) obfuscated with key {key} into {name}: this is what a server would receive.").format(
+                count=len(codes), key=keyId, name=node.GetName()
+            )
+        )
 
     # -- server --------------------------------------------------------------------------------------------
 
@@ -129,7 +145,8 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             self._startJob(
                 _("Model list"),
                 lambda progress, cancel: logic.list_models(url, token=token, ca_bundle=caBundle, key_dir=keyDir),
-                self._showModels)
+                self._showModels,
+            )
 
         self._guarded(_("Could not list the server's models."), start)
 
@@ -157,8 +174,16 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             self._startWorkerJob(
                 _("Classification"),
                 lambda onProgress, onDone, onError: logic.start_classification(
-                    frames.pixels, keyDir, url, model, token, caBundle, on_progress=onProgress, on_done=onDone,
-                    on_error=onError),
+                    frames.pixels,
+                    keyDir,
+                    url,
+                    model,
+                    token,
+                    caBundle,
+                    on_progress=onProgress,
+                    on_done=onDone,
+                    on_error=onError,
+                ),
                 lambda answer: self._showClassification(answer, name, frames.index_values),
             )
 
@@ -167,8 +192,9 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
     def _showClassification(self, answer, name: str, frameLabels) -> None:
         table = self.logic.results_table(answer, name, frameLabels)
         self.ui.resultsTableView.setMRMLTableNode(table)
-        self._setStatus(_("{count} frame(s) classified with {model}.").format(
-            count=len(answer["predicted"]), model=answer["model"]))
+        self._setStatus(
+            _("{count} frame(s) classified with {model}.").format(count=len(answer["predicted"]), model=answer["model"])
+        )
 
     def onTrain(self) -> None:
         def start():
@@ -184,25 +210,39 @@ class ObfuscationPrivacyPanel(ServerJobPanel):
             self._startWorkerJob(
                 _("Training on the server"),
                 lambda onProgress, onDone, onError: logic.start_training(
-                    dataset, keyDir, url, token, caBundle, steps, name, on_progress=onProgress, on_done=onDone,
-                    on_error=onError),
+                    dataset,
+                    keyDir,
+                    url,
+                    token,
+                    caBundle,
+                    steps,
+                    name,
+                    on_progress=onProgress,
+                    on_done=onDone,
+                    on_error=onError,
+                ),
                 self._showTrained,
             )
 
         self._guarded(_("Could not start the training."), start)
 
     def _showTrained(self, job) -> None:
-        self._setStatus(_("Model {model} trained (validation accuracy {accuracy}).").format(
-            model=job["model"], accuracy=job["progress"].get("validation_accuracy")))
+        self._setStatus(
+            _("Model {model} trained (validation accuracy {accuracy}).").format(
+                model=job["model"], accuracy=job["progress"].get("validation_accuracy")
+            )
+        )
         self.onRefreshModels()
 
     # -- consent and buttons -------------------------------------------------------------------------------
 
     def _uploadConsentPrompt(self, server: str) -> tuple[str, str]:
         return (
-            _("The frames are obfuscated here with your key (\"Obfuscate\" shows exactly what is sent), and only "
-              "the obfuscated frames and the key's public id are sent to:\n\n{server}\n\nThe key never leaves this "
-              "computer. Send obfuscated frames to this server now and in the future?").format(server=server),
+            _(
+                'The frames are obfuscated here with your key ("Obfuscate" shows exactly what is sent), and only '
+                "the obfuscated frames and the key's public id are sent to:\n\n{server}\n\nThe key never leaves this "
+                "computer. Send obfuscated frames to this server now and in the future?"
+            ).format(server=server),
             _("Send obfuscated frames to a server?"),
         )
 

@@ -366,8 +366,13 @@ def _modules_named_in(root: Path, module: str) -> list[str]:
     if not path.is_file():
         return []
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-            and re.fullmatch(r"medprivacy(\.\w+)+", node.value)]
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and re.fullmatch(r"medprivacy(\.\w+)+", node.value)
+    ]
 
 
 def reachable_from_slicer(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
@@ -385,8 +390,9 @@ def reachable_from_slicer(root: Path, folders=SLICER_SIDE) -> dict[str, str]:
         parents = [".".join(parts[:i]) for i in range(1, len(parts))]
         # Modules a reached module loads by name (the worker's task table, importlib) count like its imports.
         by_name = _modules_named_in(root, module)
-        todo.extend((other, where) for other in [*graph[module], *parents, *by_name]
-                    if other in graph and other not in reached)
+        todo.extend(
+            (other, where) for other in [*graph[module], *parents, *by_name] if other in graph and other not in reached
+        )
     return reached
 
 

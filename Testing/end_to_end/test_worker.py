@@ -5,6 +5,7 @@ What the Slicer modules rely on: progress lines arrive before the result; Cancel
 and leaves no output; a user's mistake is one JSON error line and no traceback; the result files are valid; and a
 main thread that holds the GIL between its ticks (as Slicer's does) still ticks on time and still gets the progress.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ class Recorder:
         return self.events[-1]
 
     def start(self, request, env=None) -> SubprocessWorker:
-        return SubprocessWorker(request, self.progress, self.result, self.error,
-                                env=worker_environment(extra=env)).start()
+        return SubprocessWorker(
+            request, self.progress, self.result, self.error, env=worker_environment(extra=env)
+        ).start()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,12 @@ def key_dir(live_server, tmp_path_factory) -> Path:
     """A small Mixup key for the tiny server's patch size, made by the worker's own keygen task."""
     patch_size = live_server.client().info()["models"]["mixup-seg"]["patch_size"]
     folder = tmp_path_factory.mktemp("worker-key") / "key"
-    outputs = run_worker({"task": "mixup-keygen", "options": {"key_dir": str(folder), "subjects": 1, "patches": 64,
-                                                              "patch_size": patch_size}})
+    outputs = run_worker(
+        {
+            "task": "mixup-keygen",
+            "options": {"key_dir": str(folder), "subjects": 1, "patches": 64, "patch_size": patch_size},
+        }
+    )
     assert outputs == {"key_dir": str(folder), "patches": 64, "patch_size": list(patch_size)}
     return folder
 
@@ -75,18 +81,22 @@ def brain_file(tmp_path_factory) -> Path:
 
 
 def segment_request(server, key_dir, brain_file, out: Path, tta: int = 2, **extra) -> dict:
-    return {"task": "mixup-segment", "inputs": {"image": str(brain_file)},
-            "outputs": {"labelmap": str(out / "labelmap.nrrd"), **extra},
-            "server": {"url": server.url},
-            "options": {"key_dir": str(key_dir), "tta": tta, "unmix": "naive", "seed": 0}}
+    return {
+        "task": "mixup-segment",
+        "inputs": {"image": str(brain_file)},
+        "outputs": {"labelmap": str(out / "labelmap.nrrd"), **extra},
+        "server": {"url": server.url},
+        "options": {"key_dir": str(key_dir), "tta": tta, "unmix": "naive", "seed": 0},
+    }
 
 
 def test_progress_arrives_before_a_valid_result(live_server, key_dir, brain_file, tmp_path):
     import SimpleITK as sitk
 
     recorder = Recorder()
-    worker = recorder.start(segment_request(live_server, key_dir, brain_file, tmp_path,
-                                            uploaded=str(tmp_path / "uploaded.nrrd")))
+    worker = recorder.start(
+        segment_request(live_server, key_dir, brain_file, tmp_path, uploaded=str(tmp_path / "uploaded.nrrd"))
+    )
     worker.wait()
     kinds = recorder.kinds()
     assert worker.process.returncode == 0, recorder.events
@@ -112,8 +122,9 @@ def test_progress_arrives_before_a_valid_result(live_server, key_dir, brain_file
 
 def test_sigterm_mid_run_exits_promptly_and_leaves_no_output(live_server, key_dir, brain_file, tmp_path):
     recorder = Recorder()
-    worker = recorder.start(segment_request(live_server, key_dir, brain_file, tmp_path, tta=16,
-                                            uploaded=str(tmp_path / "uploaded.nrrd")))
+    worker = recorder.start(
+        segment_request(live_server, key_dir, brain_file, tmp_path, tta=16, uploaded=str(tmp_path / "uploaded.nrrd"))
+    )
     # Cancel once the server is working: the worker is deep in the pipeline, between two requests.
     deadline = time.monotonic() + 120
     while not any(kind == "progress" and "server" in payload[0] for kind, _, payload in recorder.events):
@@ -134,8 +145,13 @@ def _run_cli(request: dict, tmp_path: Path, env: dict | None = None) -> subproce
     path.write_text(json.dumps(request))
     import os
 
-    return subprocess.run([sys.executable, "-m", "medprivacy.worker", str(path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **worker_environment(extra=env)})
+    return subprocess.run(
+        [sys.executable, "-m", "medprivacy.worker", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **worker_environment(extra=env)},
+    )
 
 
 def _one_error_line(completed: subprocess.CompletedProcess) -> dict:
@@ -192,25 +208,37 @@ def test_run_worker_raises_the_in_process_errors(live_server_with_token, key_dir
         run_worker(segment_request(live_server_with_token, key_dir, brain_file, tmp_path), token="wrong")
     assert "\n" not in str(raised.value)
     with pytest.raises(InputError):
-        run_worker({"task": "mixup-segment", "inputs": {"image": str(tmp_path / "missing.nrrd")},
-                    "outputs": {"labelmap": str(tmp_path / "l.nrrd")}})
+        run_worker(
+            {
+                "task": "mixup-segment",
+                "inputs": {"image": str(tmp_path / "missing.nrrd")},
+                "outputs": {"labelmap": str(tmp_path / "l.nrrd")},
+            }
+        )
     started = time.monotonic()
     with pytest.raises(CancelledError):
-        run_worker(segment_request(live_server_with_token, key_dir, brain_file, tmp_path, tta=16),
-                   token=live_server_with_token.token, cancel=lambda: time.monotonic() - started > 1.0)
+        run_worker(
+            segment_request(live_server_with_token, key_dir, brain_file, tmp_path, tta=16),
+            token=live_server_with_token.token,
+            cancel=lambda: time.monotonic() - started > 1.0,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_protocol_parser_handles_split_lines_noise_and_a_silent_death():
     recorder = Recorder()
     protocol = WorkerProtocol(recorder.progress, recorder.result, recorder.error)
-    stream = (b'{"event": "progress", "fraction": 0.5, "message": "half"}\nstray library output\n'
-              b'{"event": "result", "outputs": {"labelmap": "/x.nrrd"}}\n')
+    stream = (
+        b'{"event": "progress", "fraction": 0.5, "message": "half"}\nstray library output\n'
+        b'{"event": "result", "outputs": {"labelmap": "/x.nrrd"}}\n'
+    )
     for start in range(0, len(stream), 7):  # pipes deliver arbitrary chunks
-        protocol.feed(stream[start:start + 7])
+        protocol.feed(stream[start : start + 7])
     protocol.finish(0)
     assert [(kind, payload) for kind, _, payload in recorder.events] == [
-        ("progress", ("half", 0.5)), ("result", {"labelmap": "/x.nrrd"})]
+        ("progress", ("half", 0.5)),
+        ("result", {"labelmap": "/x.nrrd"}),
+    ]
     assert protocol.stderr_tail == ["stray library output"]
 
     recorder = Recorder()

@@ -7,6 +7,7 @@ The panels run only in the application, so here they are checked as source (``as
 logic classes and fakes; the qt-free parts (reloading) run for real. The package file itself must import without
 Qt, since the modules' Libs look for it on ``sys.path`` under slicer-core too.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,10 +24,29 @@ import slicer_support
 COMMON_DIR = slicer_support.REPO_ROOT / "MedPrivacySlicerCommon"
 #: What the shared panel does for every module; a panel that defines one of these again has started a second copy.
 SHARED_METHODS = {
-    "initializeParameterNode", "setParameterNode", "_restoreServerSettings", "_saveServerSettings", "_connection",
-    "_confirmUpload", "_ensureDependencies", "_installDependencies", "onCancel", "_guarded", "_startJob", "_stopJob",
-    "_pollJob", "_showUserError", "_setStatus", "userSetting", "setUserSetting", "cleanup", "onTestConnection",
-    "resourceDir", "_defaultKeyDir", "_restoreKeyDirectory", "_startKeyGeneration",
+    "initializeParameterNode",
+    "setParameterNode",
+    "_restoreServerSettings",
+    "_saveServerSettings",
+    "_connection",
+    "_confirmUpload",
+    "_ensureDependencies",
+    "_installDependencies",
+    "onCancel",
+    "_guarded",
+    "_startJob",
+    "_stopJob",
+    "_pollJob",
+    "_showUserError",
+    "_setStatus",
+    "userSetting",
+    "setUserSetting",
+    "cleanup",
+    "onTestConnection",
+    "resourceDir",
+    "_defaultKeyDir",
+    "_restoreKeyDirectory",
+    "_startKeyGeneration",
 }
 MODULES = ("MixupPrivacy", "MedLockerWatermark", "ObfuscationPrivacy")
 #: The only things a panel keeps in QSettings: per-user, not per-scene.
@@ -96,11 +116,16 @@ def test_panel_lives_in_the_lib_on_the_shared_base_with_an_injected_logic(name):
 
 def _parameter_fields(tree: ast.Module) -> tuple[str, dict[str, str]]:
     """The parameterNodeWrapper class's name and its fields' annotations."""
-    wrapped = [node for node in tree.body if isinstance(node, ast.ClassDef)
-               and any(ast.unparse(decorator) == "parameterNodeWrapper" for decorator in node.decorator_list)]
+    wrapped = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        and any(ast.unparse(decorator) == "parameterNodeWrapper" for decorator in node.decorator_list)
+    ]
     assert len(wrapped) == 1, "one parameterNodeWrapper class per panel"
-    return wrapped[0].name, {node.target.id: ast.unparse(node.annotation)
-                             for node in wrapped[0].body if isinstance(node, ast.AnnAssign)}
+    return wrapped[0].name, {
+        node.target.id: ast.unparse(node.annotation) for node in wrapped[0].body if isinstance(node, ast.AnnAssign)
+    }
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -108,8 +133,9 @@ def test_parameter_node_fields_each_bind_a_real_control(name):
     tree = _tree(_lib(name) / "widget.py")
     wrapper, fields = _parameter_fields(tree)
     panel = _class(tree, f"{name}Panel")
-    assigned = {ast.unparse(node.targets[0]): ast.unparse(node.value)
-                for node in panel.body if isinstance(node, ast.Assign)}
+    assigned = {
+        ast.unparse(node.targets[0]): ast.unparse(node.value) for node in panel.body if isinstance(node, ast.Assign)
+    }
     assert assigned["parameterNodeClass"] == wrapper
     mapping_function = next(node for node in panel.body if getattr(node, "name", "") == "parameterNodeGuiMapping")
     mapping = next(node for node in ast.walk(mapping_function) if isinstance(node, ast.Dict))
@@ -123,8 +149,12 @@ def test_parameter_node_fields_each_bind_a_real_control(name):
         node_types = set(re.findall(r"slicer\.(vtkMRML\w+)", annotation))
         if node_types:
             combo = widgets[bound[field]]
-            offered = {string.text for prop in combo.findall("property") if prop.get("name") == "nodeTypes"
-                       for string in prop.iter("string")}
+            offered = {
+                string.text
+                for prop in combo.findall("property")
+                if prop.get("name") == "nodeTypes"
+                for string in prop.iter("string")
+            }
             assert node_types == offered, (field, sorted(node_types), sorted(offered))
 
 
@@ -158,8 +188,11 @@ def test_logic_protocol_covers_what_the_panel_calls_and_real_and_fake_logic_prov
     declared = _members(protocol)
     assert [ast.unparse(base) for base in protocol.bases] == ["Protocol"]
     widget = (_lib(name) / "widget.py").read_text(encoding="utf-8")
-    used = {node.attr for node in ast.walk(ast.parse(widget))
-            if isinstance(node, ast.Attribute) and ast.unparse(node.value) in ("self.logic", "logic")}
+    used = {
+        node.attr
+        for node in ast.walk(ast.parse(widget))
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in ("self.logic", "logic")
+    }
     assert used and used <= declared, f"the panel calls logic members its Protocol lacks: {sorted(used - declared)}"
     real = _members(_class(_tree(_lib(name) / "logic.py"), f"{name}Logic"))
     assert declared <= real, f"{name}Logic lacks {sorted(declared - real)}"
@@ -228,6 +261,12 @@ def test_a_module_reload_reloads_the_shared_package_then_the_lib():
     pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e .[dev])")
     # In a fresh interpreter: reloading replaces classes, which would confuse the other tests of this process.
     code = RELOAD_PROBE.format(root=str(slicer_support.REPO_ROOT), module_dir=str(slicer_support.MODULE_DIR))
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace",
-                               timeout=120, env=dict(os.environ))
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+        env=dict(os.environ),
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]

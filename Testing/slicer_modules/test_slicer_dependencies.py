@@ -4,11 +4,12 @@ The first test reads, with ``ast``, every import reachable from what the Slicer 
 (panel, logic, worker...) and, transitively, the ``medprivacy`` modules they import, lazy imports inside functions
 included. A worker task a module starts by name (a string such as ``"watermark-folder"`` in its Lib) leads to
 ``medprivacy/worker.py`` and to that task's own module only (``medprivacy.worker.TASK_MODULES``), as in the worker
-process, which imports nothing else. A third-party package found there must be in the module's dependency list or come with Slicer; else a
-fresh Slicer fails on the first click (as Apply once did for nilearn). ``importlib.util.find_spec("name")`` is a
-look-up, not an import, and is not counted. The rest checks the install step's decisions on this environment's real
-installed packages.
+process, which imports nothing else. A third-party package found there must be in the module's dependency list or
+come with Slicer; else a fresh Slicer fails on the first click (as Apply once did for nilearn).
+``importlib.util.find_spec("name")`` is a look-up, not an import, and is not counted. The rest checks the install
+step's decisions on this environment's real installed packages.
 """
+
 from __future__ import annotations
 
 import ast
@@ -152,10 +153,12 @@ def test_every_third_party_import_of_the_actions_is_installed_or_comes_with_slic
         listed.add("torch")
     found = third_party_imports(name)
     assert found, "the walk found no third-party import at all: it is not reading the files"
-    unlisted = {top: places[:3] for top, places in found.items()
-                if top not in listed and top not in dependencies.SLICER_IMPORTS}
-    assert not unlisted, (f"{name}'s actions import packages that neither {name}Lib/dependencies.py lists nor "
-                          f"Slicer ships: {unlisted}")
+    unlisted = {
+        top: places[:3] for top, places in found.items() if top not in listed and top not in dependencies.SLICER_IMPORTS
+    }
+    assert not unlisted, (
+        f"{name}'s actions import packages that neither {name}Lib/dependencies.py lists nor Slicer ships: {unlisted}"
+    )
     if not lib.NEEDS_TORCH:
         assert "torch" not in found, found["torch"][:3]
 
@@ -163,9 +166,14 @@ def test_every_third_party_import_of_the_actions_is_installed_or_comes_with_slic
 def test_each_module_reaches_the_worker_tasks_it_starts_and_no_other():
     # MedLocker's worker runs only the watermark task; were the walk to reach every task it would list torch for
     # MedLocker, and were it to miss the worker a package only the worker imports would go unlisted.
-    worker_modules = {name: {path.relative_to(ROOT).as_posix() for path in reached_files(name)
-                             if path.name == "worker_tasks.py" or path.name == "worker.py" and path.parent.name
-                             == "medprivacy"} for name in MODULES}
+    worker_modules = {
+        name: {
+            path.relative_to(ROOT).as_posix()
+            for path in reached_files(name)
+            if path.name == "worker_tasks.py" or path.name == "worker.py" and path.parent.name == "medprivacy"
+        }
+        for name in MODULES
+    }
     assert worker_modules["MedLockerWatermark"] == {"medprivacy/worker.py", "medprivacy/watermark/worker_tasks.py"}
     assert worker_modules["MixupPrivacy"] == {"medprivacy/worker.py", "medprivacy/mixup/worker_tasks.py"}
     assert worker_modules["ObfuscationPrivacy"] == {"medprivacy/worker.py", "medprivacy/obfuscation/worker_tasks.py"}
@@ -175,8 +183,9 @@ def test_the_walk_sees_lazy_imports_and_skips_find_spec(tmp_path):
     # The walk must count an import inside a function (how the core defers heavy packages) and must not count a
     # package name that is only looked up.
     source = tmp_path / "probe.py"
-    source.write_text("import importlib.util\n\n\ndef f():\n    import einops\n\n"
-                      "    return importlib.util.find_spec('nilearn')\n")
+    source.write_text(
+        "import importlib.util\n\n\ndef f():\n    import einops\n\n    return importlib.util.find_spec('nilearn')\n"
+    )
     names = {module for module, _line in _imports(source)}
     assert "einops" in names and "nilearn" not in names
 
@@ -192,6 +201,7 @@ def test_dependency_lists_name_nothing_the_actions_do_not_import(name):
 
 
 # -- the install step's decisions, on this environment's installed packages ---------------------------------------
+
 
 def test_installed_packages_count_as_present_only_at_an_allowed_version():
     tqdm = importlib.metadata.version("tqdm")
@@ -221,10 +231,16 @@ def test_pip_never_gets_a_slicer_package_and_monai_comes_without_its_dependencie
 
     missing = [dependencies.MONAI, dependencies.Package("safetensors", ">=0.4")]
     runs = dependencies.pip_argument_lists(missing, str(constraints))
-    assert runs == [["-c", str(constraints), "safetensors>=0.4"],
-                    ["--no-deps", "-c", str(constraints), "monai" + dependencies.MONAI.version_specifier]]
-    requested = {argument.split(">")[0].split("=")[0].split("<")[0].lower() for run in runs for argument in run
-                 if not argument.startswith("-") and argument != str(constraints)}
+    assert runs == [
+        ["-c", str(constraints), "safetensors>=0.4"],
+        ["--no-deps", "-c", str(constraints), "monai" + dependencies.MONAI.version_specifier],
+    ]
+    requested = {
+        argument.split(">")[0].split("=")[0].split("<")[0].lower()
+        for run in runs
+        for argument in run
+        if not argument.startswith("-") and argument != str(constraints)
+    }
     assert not requested & {name.lower() for name in dependencies.SLICER_DISTRIBUTIONS}
     assert dependencies.pip_argument_lists([], str(constraints)) == []
 

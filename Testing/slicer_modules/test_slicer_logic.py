@@ -3,6 +3,7 @@
 The test bodies live in ``MixupPrivacyLib.MixupPrivacyTestMixin`` so that the in-application self-test runs the same
 code on ``slicer.mrmlScene``; here each one gets a fresh slicer-core scene (see ``slicer_support``).
 """
+
 from __future__ import annotations
 
 import os
@@ -60,9 +61,13 @@ def test_module_file_loads_without_qt_or_heavy_imports():
         "heavy = sorted({'qt', 'torch', 'monai', 'requests', 'SimpleITK'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"),
-                                                         os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"), os.environ.get("PYTHONPATH", "")]),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
@@ -152,6 +157,11 @@ def private_server(request, tmp_path):
 def test_private_segmentation_end_to_end_on_a_real_server(case, scene, private_server, tmp_path):
     server, unmix = private_server
     case.check_private_segmentation_end_to_end(
-        scene, server.url, tmp_path / "key", audit_dir=server.audit_dir, token=server.token,
-        ca_bundle=server.ca_bundle, unmix=unmix,
+        scene,
+        server.url,
+        tmp_path / "key",
+        audit_dir=server.audit_dir,
+        token=server.token,
+        ca_bundle=server.ca_bundle,
+        unmix=unmix,
     )

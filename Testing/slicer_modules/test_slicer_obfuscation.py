@@ -4,6 +4,7 @@ The VAE is the tiny untrained one (``tiny_obfuscation_models_dir``) and training
 mechanics (frames, geometry, sequences, keys, jobs, tables), not privacy. The test bodies live in
 ``ObfuscationPrivacyLib.ObfuscationPrivacyTestMixin`` so that the in-application self-test runs the same code.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,11 +46,15 @@ def test_volumes_and_sequences_round_trip_with_geometry(case, scene, tmp_path, t
     case.check_frames_round_trip_with_geometry(scene, tmp_path, tiny_obfuscation_models_dir)
 
 
-def test_unusable_inputs_missing_key_and_unreachable_server_give_one_line_errors(case, scene, tmp_path, tiny_obfuscation_models_dir):
+def test_unusable_inputs_missing_key_and_unreachable_server_give_one_line_errors(
+    case, scene, tmp_path, tiny_obfuscation_models_dir
+):
     case.check_rejects_unusable_inputs(scene, f"http://127.0.0.1:{free_port()}", tmp_path, tiny_obfuscation_models_dir)
 
 
-def test_train_from_folder_classify_to_table_and_cancel_on_the_server(case, scene, server, tmp_path, tiny_obfuscation_models_dir):
+def test_train_from_folder_classify_to_table_and_cancel_on_the_server(
+    case, scene, server, tmp_path, tiny_obfuscation_models_dir
+):
     case.check_train_classify_and_cancel(scene, server.url, tmp_path, tiny_obfuscation_models_dir)
 
 
@@ -70,11 +75,17 @@ def test_module_file_loads_without_qt_or_heavy_imports():
         "assert not m._HAVE_APP and not hasattr(m, 'ObfuscationPrivacyWidget')\n"
         "for name in ObfuscationPrivacyLib.__all__:\n"
         "    assert getattr(m, name) is getattr(ObfuscationPrivacyLib, name), name\n"
-        "heavy = sorted({'qt', 'torch', 'monai', 'requests', 'SimpleITK', 'scipy', 'cryptography'} & set(sys.modules))\n"
+        "heavy = {'qt', 'torch', 'monai', 'requests', 'SimpleITK', 'scipy', 'cryptography'}\n"
+        "heavy = sorted(heavy & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"), os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"), os.environ.get("PYTHONPATH", "")]),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
@@ -86,7 +97,9 @@ def test_every_lib_file_and_resource_is_packaged():
     for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert resource in cmake
     assert (module_dir / "Resources" / "Icons" / "ObfuscationPrivacy.png").is_file()
-    assert "add_subdirectory(ObfuscationPrivacy)" in (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "add_subdirectory(ObfuscationPrivacy)" in (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_ui_file_names_every_widget_the_module_uses():
@@ -95,7 +108,10 @@ def test_ui_file_names_every_widget_the_module_uses():
     import xml.etree.ElementTree as ElementTree
 
     module_dir = slicer_support.OBFUSCATION_MODULE_DIR
-    names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "ObfuscationPrivacy.ui").iter("widget")}
+    names = {
+        element.get("name")
+        for element in ElementTree.parse(module_dir / "Resources" / "UI" / "ObfuscationPrivacy.ui").iter("widget")
+    }
     panel = (module_dir / "ObfuscationPrivacyLib" / "widget.py").read_text(encoding="utf-8")
     used = set(re.findall(r"\bui\.(\w+)", panel))
     # The shared panel (ServerJobPanel) reaches these on every module's UI.

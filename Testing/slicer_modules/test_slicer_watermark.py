@@ -4,6 +4,7 @@ The server runs the tiny untrained MedLocker models (``tiny_watermark_models_dir
 (pixels, geometry, keys, placement, MRML outputs), not watermark strength. The test bodies live in
 ``MedLockerWatermarkLib.MedLockerWatermarkTestMixin`` so that the in-application self-test runs the same code.
 """
+
 from __future__ import annotations
 
 import os
@@ -91,13 +92,17 @@ def test_module_file_loads_without_qt_or_heavy_imports():
         "    assert getattr(m, name) is getattr(MedLockerWatermarkLib, name), name\n"
         "import medprivacy.jobs\n"
         "assert m.BackgroundJob is medprivacy.jobs.BackgroundJob\n"
-        "heavy = sorted({'qt', 'torch', 'monai', 'requests', 'SimpleITK', 'scipy', 'cryptography'} & set(sys.modules))\n"
+        "heavy = {'qt', 'torch', 'monai', 'requests', 'SimpleITK', 'scipy', 'cryptography'}\n"
+        "heavy = sorted(heavy & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"),
-                                                         os.environ.get("PYTHONPATH", "")]))
-    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8",
-                               errors="replace", timeout=120)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(slicer_support.REPO_ROOT / "Testing"), os.environ.get("PYTHONPATH", "")]),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
 
 
@@ -110,7 +115,9 @@ def test_every_lib_file_and_resource_is_packaged():
         assert resource in cmake
     assert (module_dir / "Resources" / "Icons" / "MedLockerWatermark.png").is_file()
     assert (module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").is_file()
-    assert "add_subdirectory(MedLockerWatermark)" in (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "add_subdirectory(MedLockerWatermark)" in (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_ui_file_names_every_widget_the_module_uses():
@@ -119,7 +126,10 @@ def test_ui_file_names_every_widget_the_module_uses():
     import xml.etree.ElementTree as ElementTree
 
     module_dir = slicer_support.WATERMARK_MODULE_DIR
-    names = {element.get("name") for element in ElementTree.parse(module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").iter("widget")}
+    names = {
+        element.get("name")
+        for element in ElementTree.parse(module_dir / "Resources" / "UI" / "MedLockerWatermark.ui").iter("widget")
+    }
     panel = (module_dir / "MedLockerWatermarkLib" / "widget.py").read_text(encoding="utf-8")
     used = set(re.findall(r"\bui\.(\w+)", panel))
     assert used and not used - names, sorted(used - names)

@@ -1,6 +1,7 @@
 """The Slicer logics' worker path on real MRML nodes (slicer-core) against real local servers and real worker
 processes: the same results as the in-process calls, nodes in, nodes out, and nothing left behind.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -61,9 +62,17 @@ def test_start_segmentation_loads_the_result_into_the_scene_and_cancel_adds_noth
     node = logic.sitk_to_volume_node(load_template().image, "brain T1")
     before = _our_temporary_folders()
     done, errors, stages = [], [], []
-    worker = logic.start_segmentation(node, live_server.url, key_dir=mixup_key, tta=2, unmix="naive", seed=0,
-                                      on_progress=lambda text, fraction: stages.append(fraction),
-                                      on_done=done.append, on_error=lambda *error: errors.append(error))
+    worker = logic.start_segmentation(
+        node,
+        live_server.url,
+        key_dir=mixup_key,
+        tta=2,
+        unmix="naive",
+        seed=0,
+        on_progress=lambda text, fraction: stages.append(fraction),
+        on_done=done.append,
+        on_error=lambda *error: errors.append(error),
+    )
     while worker.poll(0.05):
         pass
     assert not errors and len(done) == 1 and stages, errors
@@ -75,8 +84,15 @@ def test_start_segmentation_loads_the_result_into_the_scene_and_cancel_adds_noth
     assert _our_temporary_folders() == before, "the exported scan or the result stayed on disk"
 
     nodes = scene.GetNumberOfNodes()
-    worker = logic.start_segmentation(node, live_server.url, key_dir=mixup_key, tta=16, unmix="naive",
-                                      on_done=done.append, on_error=lambda *error: errors.append(error))
+    worker = logic.start_segmentation(
+        node,
+        live_server.url,
+        key_dir=mixup_key,
+        tta=16,
+        unmix="naive",
+        on_done=done.append,
+        on_error=lambda *error: errors.append(error),
+    )
     started = time.monotonic()
     while worker.poll(0.05) and time.monotonic() - started < 1.5:
         pass
@@ -97,8 +113,16 @@ def test_a_result_that_cannot_reach_the_scene_is_one_error_and_leaves_nothing(sc
     node = logic.sitk_to_volume_node(load_template().image, "brain T1")
     before = _our_temporary_folders()
     done, errors = [], []
-    worker = logic.start_segmentation(node, live_server.url, key_dir=mixup_key, tta=2, unmix="naive", seed=0,
-                                      on_done=done.append, on_error=lambda *error: errors.append(error))
+    worker = logic.start_segmentation(
+        node,
+        live_server.url,
+        key_dir=mixup_key,
+        tta=2,
+        unmix="naive",
+        seed=0,
+        on_done=done.append,
+        on_error=lambda *error: errors.append(error),
+    )
     scene.RemoveNode(node)
     nodes = scene.GetNumberOfNodes()
     while worker.poll(0.05):
@@ -117,8 +141,9 @@ def test_obfuscation_in_worker_equals_in_process(scene, tiny_obfuscation_models_
     assert description == logic.describe_key(tmp_path / "key")
     frames = ObfuscationPrivacyTestMixin.angiography_run(3)
     stages = []
-    codes, key_id = logic.obfuscate_frames_in_worker(frames, tmp_path / "key",
-                                                     lambda text, fraction: stages.append(fraction))
+    codes, key_id = logic.obfuscate_frames_in_worker(
+        frames, tmp_path / "key", lambda text, fraction: stages.append(fraction)
+    )
     expected, expected_id = logic.obfuscate_frames(frames, tmp_path / "key")
     np.testing.assert_array_equal(codes, expected)
     assert key_id == expected_id and stages
@@ -136,8 +161,9 @@ def test_obfuscation_training_and_classification_in_worker(scene, tiny_obfuscati
     dataset = mixin.write_dataset(tmp_path)
     with start_server([], models_dir=tiny_obfuscation_models_dir) as server:
         stages = []
-        job = logic.train_from_folder_in_worker(dataset, key_dir, server.url, steps=8,
-                                                progress=lambda text, fraction: stages.append(fraction))
+        job = logic.train_from_folder_in_worker(
+            dataset, key_dir, server.url, steps=8, progress=lambda text, fraction: stages.append(fraction)
+        )
         assert job["status"] == "done" and job["model"].startswith("obf-") and stages and max(stages) <= 1.0
         frames = mixin.angiography_run(3)
         there = logic.classify_frames_in_worker(frames, key_dir, server.url, job["model"])
@@ -149,9 +175,13 @@ def test_obfuscation_training_and_classification_in_worker(scene, tiny_obfuscati
         polls = []
         with pytest.raises(MixupPrivacy.CancelledError):
             logic.train_from_folder_in_worker(
-                dataset, key_dir, server.url, steps=20000,
+                dataset,
+                key_dir,
+                server.url,
+                steps=20000,
                 progress=lambda text, fraction: polls.append(text.startswith("training on the server")),
-                cancel=lambda: sum(polls) >= 2)
+                cancel=lambda: sum(polls) >= 2,
+            )
         client = logic.client(server.url)
         try:
             job_id = client.jobs()[-1]["job"]
@@ -164,7 +194,8 @@ def test_obfuscation_training_and_classification_in_worker(scene, tiny_obfuscati
 
 
 def test_watermark_folder_in_worker_equals_in_process_and_cancel_keeps_a_key_that_restores(
-        scene, tiny_watermark_models_dir, tmp_path):
+    scene, tiny_watermark_models_dir, tmp_path
+):
     import SimpleITK as sitk
 
     from MedLockerWatermarkLib.testing import PASSPHRASE, TEST_SCRYPT_LOG2_N, MedLockerWatermarkTestMixin, tiny_search
@@ -177,13 +208,23 @@ def test_watermark_folder_in_worker_equals_in_process_and_cancel_keeps_a_key_tha
     originals = {f"{kind}.png": MedLockerWatermarkTestMixin.sample_pixels(kind)[0] for kind in ("gray8", "rgb")}
     for name, pixels in originals.items():
         sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 3), str(inputs / name))
-    options = dict(passphrase=PASSPHRASE, settings=tiny_search(mode="wap"), scrypt_log2_n=TEST_SCRYPT_LOG2_N,
-                   logo=logic.load_logo(None))
+    options = dict(
+        passphrase=PASSPHRASE,
+        settings=tiny_search(mode="wap"),
+        scrypt_log2_n=TEST_SCRYPT_LOG2_N,
+        logo=logic.load_logo(None),
+    )
     before = {p.name for p in Path(tempfile.gettempdir()).glob("medprivacy-*")}
     with start_server([], models_dir=tiny_watermark_models_dir) as server:
         stages = []
-        there = logic.protect_folder_in_worker(inputs, tmp_path / "there", tmp_path / "there.mlkey", server.url,
-                                               progress=lambda text, fraction: stages.append(fraction), **options)
+        there = logic.protect_folder_in_worker(
+            inputs,
+            tmp_path / "there",
+            tmp_path / "there.mlkey",
+            server.url,
+            progress=lambda text, fraction: stages.append(fraction),
+            **options,
+        )
         here = logic.protect_folder(inputs, tmp_path / "here", tmp_path / "here.mlkey", server.url, **options)
         assert there.protected == here.protected == 2 and stages and stages[-1] == 1.0
         key = load_key(tmp_path / "there.mlkey", passphrase=PASSPHRASE)
@@ -201,13 +242,20 @@ def test_watermark_folder_in_worker_equals_in_process_and_cancel_keeps_a_key_tha
         # Cancel (SIGTERM) once the first image is done (progress comes before each image: 0, then 1/2): the
         # finished image stays, and the key on disk restores it.
         with pytest.raises(MixupPrivacy.CancelledError):
-            logic.protect_folder_in_worker(inputs, tmp_path / "partial", tmp_path / "partial.mlkey", server.url,
-                                           progress=lambda text, fraction: stages.append(fraction),
-                                           cancel=lambda: stages[-1] == 0.5, **options)
+            logic.protect_folder_in_worker(
+                inputs,
+                tmp_path / "partial",
+                tmp_path / "partial.mlkey",
+                server.url,
+                progress=lambda text, fraction: stages.append(fraction),
+                cancel=lambda: stages[-1] == 0.5,
+                **options,
+            )
         first = sorted(originals)[0]
         assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [first]
         partial = load_key(tmp_path / "partial.mlkey", passphrase=PASSPHRASE)
         assert partial.names() == [first]
-        np.testing.assert_array_equal(unlock(mio.read_image(tmp_path / "partial" / first).pixels, partial),
-                                      originals[first])
+        np.testing.assert_array_equal(
+            unlock(mio.read_image(tmp_path / "partial" / first).pixels, partial), originals[first]
+        )
     assert {p.name for p in Path(tempfile.gettempdir()).glob("medprivacy-*")} == before, "a request or logo stayed"

@@ -3,6 +3,7 @@
 Loaded by task name only, so a worker running another feature's task never imports MONAI or torch. Each task takes
 the worker's ``Task`` (request parts, progress, cancel, the outputs it wrote) and returns the result's outputs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,10 +41,18 @@ def segment(task) -> dict[str, Any]:
     bank = ReferenceBank.load(task.options.get("key_dir") or None)
     client = task.client(InferenceClient)
     tta = task.options.get("tta")
-    result = segment_private(image, client, bank, privacy=task.options.get("privacy"),
-                             tta=None if tta is None else int(tta),
-                             unmix=task.options.get("unmix", "learned"), seed=task.options.get("seed"),
-                             keep_uploaded=uploaded_path is not None, progress=task.progress, cancel=task.cancelled)
+    result = segment_private(
+        image,
+        client,
+        bank,
+        privacy=task.options.get("privacy"),
+        tta=None if tta is None else int(tta),
+        unmix=task.options.get("unmix", "learned"),
+        seed=task.options.get("seed"),
+        keep_uploaded=uploaded_path is not None,
+        progress=task.progress,
+        cancel=task.cancelled,
+    )
     outputs: dict[str, Any] = {"stats": result.stats}
     if rebuild_path is not None:
         from .audit.attack import server_rebuild

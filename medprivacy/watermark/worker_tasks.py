@@ -3,6 +3,7 @@
 Loaded by task name only: a MedLocker install has no torch or MONAI, and this module never reaches them (the
 models run on the server). The task takes the worker's ``Task`` and returns the result's outputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,26 @@ def protect_folder(task) -> dict[str, Any]:
     client = task.client(WatermarkClient)
     try:
         done, reports = batch.protect_folder(
-            task.path("inputs", "folder"), task.path("outputs", "folder"), task.path("outputs", "key"), client,
-            credentials, logo, settings, task.options.get("lesions", "auto"), append=bool(task.options.get("append")),
-            overwrite=bool(task.options.get("overwrite")), progress=task.progress)
+            task.path("inputs", "folder"),
+            task.path("outputs", "folder"),
+            task.path("outputs", "key"),
+            client,
+            credentials,
+            logo,
+            settings,
+            task.options.get("lesions", "auto"),
+            append=bool(task.options.get("append")),
+            overwrite=bool(task.options.get("overwrite")),
+            progress=task.progress,
+        )
     finally:
         client.close()
-    return {"protected": done, "folder": str(task.outputs["folder"]), "key": str(task.outputs["key"]),
-            "reports": reports}
+    return {
+        "protected": done,
+        "folder": str(task.outputs["folder"]),
+        "key": str(task.outputs["key"]),
+        "reports": reports,
+    }
 
 
 TASKS = {"watermark-folder": protect_folder}
