@@ -58,6 +58,7 @@ class EvalConfig:
     attack_batch: int = 16
     domains: tuple = ("angio", "fundus")
     params: dict = field(default_factory=dict)  # mapping parameter overrides (trade-off curves)
+    attacks: tuple = ("a", "b", "oracle")  # which threat models to run (a subset skips the others' training)
     retrain_attack_a: int = 0  # steps: retrain the threat-(a) attackers for these parameters instead of loading the shipped ones
     grid_frames: int = 3
     device: str = "auto"
@@ -77,7 +78,7 @@ class EvalConfig:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        for key in ("leaked", "attack_channels", "domains"):
+        for key in ("leaked", "attack_channels", "domains", "attacks"):
             out[key] = list(out[key])
         return out
 
@@ -178,19 +179,9 @@ def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
 def _privacy(config, domain, public, key, obfuscator, vae, vae_spec, params, models_dir, device, progress):
     import torch
 
-    from .attacks import (
-        AttackSettings,
-        build_attack_net,
-        estimate_table,
-        lut_attack,
-        reconstruct,
-        scores,
-        train_attack,
-        vessel_mask,
-        window_attack,
-    )
+    from .attacks import AttackSettings, build_attack_net, reconstruct, scores, train_attack, vessel_mask
     from .train import public_frames
-    from .transform import obfuscate_with, vae_sample
+    from .transform import vae_sample
 
     scale = vae_spec.extra["latent_scale"]
     latent = int(vae_spec.arch["latent_size"])
@@ -216,11 +207,37 @@ def _privacy(config, domain, public, key, obfuscator, vae, vae_spec, params, mod
             "num_res_units": 1}
     rng = np.random.default_rng([config.key_seed, 31, len(domain)])
 
-    # (a) the algorithm and public data, keys of its own.
-    attack_a = _threat_a_network(config, domain, public, params, vae, scale, arch, models_dir, device, progress)
-    record("a", reconstruct(attack_a, codes, device))
+    # (a) the algorithm and public data, keys of its own (b-finetune starts from it).
+    attack_a = None
+    if "a" in config.attacks or "b" in config.attacks:
+        attack_a = _threat_a_network(config, domain, public, params, vae, scale, arch, models_dir, device, progress)
+        if "a" in config.attacks:
+            record("a", reconstruct(attack_a, codes, device))
+    pool = None
+    if "b" in config.attacks or "oracle" in config.attacks:
+        pool = public_frames(domain, "train", config.public_frames[domain], config.size, config.data_seed, start=30_000)
+    if "b" in config.attacks:
+        _threat_b(config, domain, key, obfuscator, vae, params, scale, latent, codes, attack_a, pool, arch, settings, rng,
+                  record, device, progress)
 
-    # (b) N leaked pairs of the victim's key.
+    # The limit: the victim's whole key known (table and secret), unlimited public pairs made with it.
+    if "oracle" in config.attacks:
+        progress(f"privacy/{domain}: training the key-known (oracle) network ({config.attack_steps} steps)")
+        oracle_codes = obfuscator.obfuscate_prepared(pool)
+        oracle = build_attack_net(dict(arch, input="onehot", code_values=sorted(set(int(v) for v in key.code_values))))
+        train_attack(oracle, lambda step, size: _sample(rng, oracle_codes, pool, size), settings, device)
+        record("oracle", reconstruct(oracle, codes, device))
+    del torch
+    return result, {name: images[:config.grid_frames] for name, images in shown.items()}
+
+
+def _threat_b(config, domain, key, obfuscator, vae, params, scale, latent, codes, attack_a, pool, arch, settings, rng, record,
+              device, progress) -> None:
+    """Threat (b): N leaked pairs of the victim's key, on top of (a)."""
+    from .attacks import build_attack_net, estimate_table, lut_attack, reconstruct, train_attack, window_attack
+    from .train import public_frames
+    from .transform import obfuscate_with, vae_sample
+
     count = max(max(config.leaked), config.leaked_for_networks)
     leaked_plain = public_frames(domain, "validation", count, config.size, config.data_seed)
     leaked_codes = obfuscator.obfuscate_prepared(leaked_plain)
@@ -239,22 +256,12 @@ def _privacy(config, domain, public, key, obfuscator, vae, vae_spec, params, mod
     estimate, explained = estimate_table(noise_free, leaked_codes[:n], params.levels)
     true_table = key.table
     progress(f"privacy/{domain}: b-keyfit table estimate from {n} pairs: {float((estimate == true_table).mean()):.2f} of levels right")
-    pool = public_frames(domain, "train", config.public_frames[domain], config.size, config.data_seed, start=30_000)
     guessed_codes = obfuscate_with(vae, pool, estimate, params, scale, rng, device)
     keyfit = build_attack_net(dict(arch, input="onehot", code_values=sorted(set(int(v) for v in key.code_values))))
     progress(f"privacy/{domain}: training the b-keyfit network ({config.attack_steps} steps)")
     train_attack(keyfit, lambda step, size: _sample(rng, guessed_codes, pool, size), settings, device)
     record(f"b-keyfit/N={n}", reconstruct(keyfit, codes, device),
            {"leaked": n, "levels_recovered": round(float((estimate == true_table).mean()), 4), "explained_on_leaked": round(explained, 4)})
-
-    # The limit: the victim's whole key known (table and secret), unlimited public pairs made with it.
-    progress(f"privacy/{domain}: training the key-known (oracle) network ({config.attack_steps} steps)")
-    oracle_codes = obfuscator.obfuscate_prepared(pool)
-    oracle = build_attack_net(dict(arch, input="onehot", code_values=sorted(set(int(v) for v in key.code_values))))
-    train_attack(oracle, lambda step, size: _sample(rng, oracle_codes, pool, size), settings, device)
-    record("oracle", reconstruct(oracle, codes, device))
-    del torch
-    return result, {name: images[:config.grid_frames] for name, images in shown.items()}
 
 
 def _sample(rng, codes: np.ndarray, plain: np.ndarray, size: int):
@@ -310,6 +317,8 @@ def _targets(report: dict) -> dict:
         rows = {}
         for threat, prefixes in (("a", THREAT_A), ("b", THREAT_B), ("oracle", ("oracle",))):
             attacks = {k: v for k, v in privacy["attacks"].items() if k.split("/")[0] in prefixes}
+            if not attacks:  # a threat model left out with --attacks
+                continue
             worst_ssim = max(attacks.items(), key=lambda kv: kv[1]["ssim"])
             worst_dice = max(attacks.items(), key=lambda kv: kv[1]["vessel_dice"])
             rows[threat] = {"ssim": worst_ssim[1]["ssim"], "ssim_attack": worst_ssim[0], "ssim_ceiling": round(ceiling, 4),
@@ -372,6 +381,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-channels", default=None, help="U-Net widths of the attack networks, e.g. 16,32,64,128 (default 32,64,128,256)")
     parser.add_argument("--retrain-attack-a", type=int, default=0, metavar="STEPS",
                         help="train the threat-(a) attackers for the given parameters instead of loading the shipped ones")
+    parser.add_argument("--attacks", default="a,b,oracle",
+                        help="threat models to run: a subset of a,b,oracle (default all; b needs the (a) network too)")
     parser.add_argument("--skip-utility", action="store_true", help="privacy only")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0)
@@ -383,7 +394,10 @@ def run_eval(args) -> int:
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     if not domains or set(domains) - {"angio", "fundus"}:
         raise InputError("--domains takes angio, fundus or both (comma-separated)")
-    budget = {}
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if not attacks or set(attacks) - {"a", "b", "oracle"}:
+        raise InputError(f"--attacks takes a, b, oracle or a comma-separated subset (got {args.attacks!r})")
+    budget = {"attacks": attacks}
     if args.attack_steps is not None:
         if args.attack_steps < 1:
             raise InputError("--attack-steps must be at least 1")
