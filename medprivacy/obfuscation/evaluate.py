@@ -210,7 +210,8 @@ def _privacy(config, domain, public, key, obfuscator, vae, vae_spec, params, mod
     # (a) the algorithm and public data, keys of its own (b-finetune starts from it).
     attack_a = None
     if "a" in config.attacks or "b" in config.attacks:
-        attack_a = _threat_a_network(config, domain, public, params, vae, scale, arch, models_dir, device, progress)
+        attack_a = _threat_a_network(config, domain, public, params, vae, vae_spec.sha256, scale, arch, models_dir, device, progress)
+        result["attack_a_network"] = attack_a.provenance
         if "a" in config.attacks:
             record("a", reconstruct(attack_a, codes, device))
     pool = None
@@ -269,24 +270,34 @@ def _sample(rng, codes: np.ndarray, plain: np.ndarray, size: int):
     return codes[index], plain[index]
 
 
-def _threat_a_network(config, domain, public, params, vae, scale, arch, models_dir, device, progress):
+def _threat_a_network(config, domain, public, params, vae, vae_sha256, scale, arch, models_dir, device, progress):
     """The shipped threat-(a) attacker, or (``retrain_attack_a``) one retrained for other mapping parameters."""
     import random as pyrandom
 
-    from ..nets.registry import load_model
+    from ..nets.registry import load_manifest, load_model
     from .attacks import AttackSettings, build_attack_net, train_attack
     from .key import random_mapping
+    from .keygen import VAE_MODEL
     from .train import ATTACK_NAMES
     from .transform import obfuscate_with
 
     name = ATTACK_NAMES[domain][0]
     if not config.retrain_attack_a:
+        if name not in load_manifest(models_dir).get("models", {}):
+            raise InputError(f"no threat-(a) attacker {name} in the models folder; pass --retrain-attack-a STEPS to train one, "
+                             f"or write it with 'medprivacy obfuscate train-models --models attack-{domain}'")
         net, spec = load_model(name, models_dir, device)
+        # The shipped attacker learnt one mapping and one VAE; any other would make its figure meaningless.
         if spec.extra.get("mapping") != {**params.to_json(), "frame_size": list(params.frame_size)} and \
                 spec.extra.get("mapping") != params.to_json():
             raise InputError(f"the shipped {name} was trained against mapping {spec.extra.get('mapping')}, not {params.to_json()}; "
                              "pass --retrain-attack-a STEPS to train one for these parameters")
+        if spec.extra.get("trained_against", {}).get(VAE_MODEL) != vae_sha256:
+            raise InputError(f"the shipped {name} was trained against another {VAE_MODEL} than the one in the models folder; "
+                             "pass --retrain-attack-a STEPS to train one for this VAE")
         net.arch = spec.arch
+        net.provenance = {"source": "models folder", "name": name, "sha256": spec.sha256, "channels": spec.arch["channels"],
+                          "command": spec.extra.get("command")}
         return net
     progress(f"privacy/{domain}: retraining the threat-(a) network for these parameters ({config.retrain_attack_a} steps)")
     net = build_attack_net(dict(arch, input="invariant"))
@@ -303,6 +314,7 @@ def _threat_a_network(config, domain, public, params, vae, scale, arch, models_d
         return out, public[index]
 
     train_attack(net, batches, AttackSettings(steps=config.retrain_attack_a, batch_size=config.attack_batch, seed=config.key_seed), device)
+    net.provenance = {"source": "retrained", "steps": config.retrain_attack_a, "channels": list(config.attack_channels)}
     return net
 
 

@@ -2,8 +2,9 @@
 
 - ``obf-vae`` (role client): the VAE of the transform, trained on public frames of both domains (synthetic
   angiograms and fundus crops, normalised like the transform normalises), plus its latent noise scale.
-- ``obf-attack-angio``, ``obf-attack-fundus`` (role evaluation): the threat-(a) attackers, one per domain, trained
-  on public frames obfuscated with a fresh random key per frame, with the default mapping parameters.
+- ``obf-attack-angio``, ``obf-attack-fundus`` (role attack: evaluation only, never in the client): the threat-(a)
+  attackers, one per domain, trained on public frames obfuscated with a fresh random key per frame, with the default
+  mapping parameters. ``obfuscate eval`` loads them when its mapping parameters and VAE are the ones they learnt.
 
 The classifiers are not shipped: each site's classifier is trained by the server on that site's key, and the
 evaluation trains its own (plain and obfuscated, same budget). The run is recorded in the manifest's
@@ -124,7 +125,9 @@ def _train(config: ObfuscationTrainConfig, out_dir: Path, progress: bool, comman
     params = config.mapping()
     for domain in ("angio", "fundus"):
         if f"attack-{domain}" in config.models:
-            record["models"][ATTACK_NAMES[domain][0]] = _train_attacker(config, domain, frames[domain], params, out_dir, device, progress)
+            provenance = {"command": record["command"], "data": record["data"]}
+            record["models"][ATTACK_NAMES[domain][0]] = _train_attacker(config, domain, frames[domain], params, out_dir, device,
+                                                                        progress, provenance)
             _write_record(out_dir, record, started)
     return record
 
@@ -160,7 +163,8 @@ def _train_vae(config, frames: dict, out_dir: Path, device: str, progress: bool)
     return metrics
 
 
-def _train_attacker(config, domain: str, frames: np.ndarray, params, out_dir: Path, device: str, progress: bool) -> dict:
+def _train_attacker(config, domain: str, frames: np.ndarray, params, out_dir: Path, device: str, progress: bool,
+                    provenance: dict) -> dict:
     import random as pyrandom
 
     from ..nets import ModelSpec, load_model, save_model
@@ -198,10 +202,11 @@ def _train_attacker(config, domain: str, frames: np.ndarray, params, out_dir: Pa
     metrics["validation_unseen_key"] = scores(reconstruct(net, codes, device), test)
     metrics["mapping"] = params.to_json()
     name, file = ATTACK_NAMES[domain]
-    save_model(net, ModelSpec(name=name, file=file, arch=arch, role="evaluation", patch_size=[config.size, config.size], labels={},
+    save_model(net, ModelSpec(name=name, file=file, arch=arch, role="attack", patch_size=[config.size, config.size], labels={},
                               extra={"task": "obfuscation-attack", "threat_model": "a", "domain": domain,
                                      "mapping": params.to_json(), "trained_against": {VAE_NAME: spec.sha256},
-                                     "preset": config.preset, "seed": config.seed}), out_dir)
+                                     "preset": config.preset, "seed": config.seed, "steps": config.attack_steps,
+                                     "validation_unseen_key": metrics["validation_unseen_key"], **provenance}), out_dir)
     log.info("%s: %s", name, metrics)
     return metrics
 
