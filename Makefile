@@ -47,7 +47,7 @@ bench-obfuscation: env
 # then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0),
 # then the ObfuscationPrivacy VAE (about 16 min on one core, 9 of them rendering the public frames) and the threat-(a)
 # attackers for the default key parameters (evaluation only, role attack: never in the client; U-Nets of widths
-# 16-128, 1500 steps, the budget of the README's figures; about ATTACK_MINUTES min on one core).
+# 16-128, 1500 steps, the budget of the README's figures; about 20 min on one shared core, 5 of them rendering the public frames).
 train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --calibration-subjects 0 \
 		--out Resources/Models
