@@ -45,8 +45,9 @@ bench-obfuscation: env
 # secret deformation), the first quarter of a 2000-iteration schedule, then the decision weights are fitted again at
 # the default level and the attacker's separator for the audit is trained (about 25 min on one core);
 # then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0),
-# then the ObfuscationPrivacy VAE (about 16 min on one core, 9 of them rendering the public frames). The threat-(a)
-# attackers are evaluation-only and not shipped: `make eval-obfuscation` trains them for the parameters it measures.
+# then the ObfuscationPrivacy VAE (about 16 min on one core, 9 of them rendering the public frames) and the threat-(a)
+# attackers for the default key parameters (evaluation only, role attack: never in the client; U-Nets of widths
+# 16-128, 1500 steps, the budget of the README's figures; about 20 min on one shared core, 5 of them rendering the public frames).
 train: env
 	$(BIN)/medprivacy mixup train --preset cpu-small --seed 0 --threads 1 --iterations 2000 --calibration-subjects 0 \
 		--out Resources/Models
@@ -63,6 +64,8 @@ train: env
 	$(BIN)/medprivacy mixup train-attacker --iterations 1500 --threads 1
 	$(BIN)/medprivacy watermark train --preset cpu-small --seed 0 --threads 1 --out Resources/Models
 	$(BIN)/medprivacy obfuscate train-models --preset cpu-small --seed 0 --threads 1 --models vae --out Resources/Models
+	$(BIN)/medprivacy obfuscate train-models --preset cpu-small --seed 0 --threads 1 --models attack-angio,attack-fundus \
+		--attack-steps 1500 --attack-channels 16,32,64,128 --out Resources/Models
 
 eval: env
 	$(BIN)/python bench/mixup_eval.py

@@ -2,8 +2,8 @@
 
 Runs `medprivacy obfuscate eval` (utility: plain vs obfuscated classifier; privacy: attacks a and b and the
 key-known bound on angiograms and fundus crops) and writes the report and the example grid. The threat-(a) attackers
-are not shipped (evaluation only): unless the models folder has them, each run trains its own for the parameters it
-measures (--retrain-attack-a with the train-models budget). With --parallel the two
+shipped for the default key parameters (role attack, evaluation only) are used when the models folder has them;
+otherwise each run trains its own for the parameters it measures (--retrain-attack-a with the train-models budget). With --parallel the two
 domains run as two processes at once (angiograms with the utility part, fundus crops without) and their reports and
 grids are merged: the same figures as one run (every part is seeded), in about half the time on two cores.
 Figures, not pass/fail. Extra arguments after `--` go to `medprivacy obfuscate eval` (e.g. `-- --task stenosis`).
@@ -32,8 +32,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     extra = [a for a in args.extra if a != "--"]
     if not any(a.startswith("--retrain-attack-a") for a in extra) and not _attackers_shipped(extra):
-        # The threat-(a) attackers are evaluation-only and not shipped: train them here, with the budget
-        # `train-models` would give them, for exactly the parameters being measured.
+        # No threat-(a) attackers in the models folder: train them here, with the budget `train-models` would give
+        # them, for exactly the parameters being measured.
         from medprivacy.obfuscation.train import ObfuscationTrainConfig
 
         steps = ObfuscationTrainConfig.preset_config("cpu-small").attack_steps

@@ -70,3 +70,62 @@ def test_evaluation_refuses_attackers_trained_for_other_parameters(smoke_models,
     code = main(["obfuscate", "eval", "--preset", "smoke", "--models-dir", str(smoke_models), "--out", str(tmp_path / "r.json"),
                  "--codes", "4", "--skip-utility", "--domains", "angio"])
     assert code == 2 and "--retrain-attack-a" in capsys.readouterr().err
+
+
+def test_evaluation_uses_the_attackers_of_the_models_folder_and_runs_a_subset_of_threats(smoke_models, tmp_path, capsys):
+    report_path = tmp_path / "oracle.json"
+    code = main(["obfuscate", "eval", "--preset", "smoke", "--models-dir", str(smoke_models), "--out", str(report_path),
+                 "--skip-utility", "--domains", "angio", "--attacks", "a,oracle", "--threads", "1"])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    privacy = report["privacy"]["angio"]
+    assert set(privacy["attacks"]) == {"a", "oracle"} and set(report["targets"]["angio"]) == {"a", "oracle"}
+    shipped = load_manifest(smoke_models)["models"]["obf-attack-angio"]
+    assert privacy["attack_a_network"]["source"] == "models folder" and privacy["attack_a_network"]["sha256"] == shipped["sha256"]
+    assert main(["obfuscate", "eval", "--preset", "smoke", "--models-dir", str(smoke_models), "--out", str(report_path),
+                 "--attacks", "a,c"]) == 2
+    assert "--attacks takes a, b, oracle" in capsys.readouterr().err
+
+
+def test_evaluation_refuses_attackers_trained_against_another_vae(smoke_models, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(smoke_models, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["models"]["obf-attack-angio"]["trained_against"] = {"obf-vae": "0" * 64}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["obfuscate", "eval", "--preset", "smoke", "--models-dir", str(folder), "--out", str(tmp_path / "r.json"),
+                 "--skip-utility", "--domains", "angio", "--attacks", "a"])
+    assert code == 2 and "another obf-vae" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("domain", ["angio", "fundus"])
+def test_shipped_threat_a_attacker_loads_and_reconstructs_an_obfuscated_frame(domain):
+    import random
+
+    from medprivacy.nets.registry import DEFAULT_MODELS_DIR, load_model
+    from medprivacy.obfuscation.attacks import reconstruct
+    from medprivacy.obfuscation.key import random_mapping
+    from medprivacy.obfuscation.keygen import default_params
+    from medprivacy.obfuscation.train import ATTACK_NAMES, public_frames
+    from medprivacy.obfuscation.transform import obfuscate_with
+
+    name, file = ATTACK_NAMES[domain]
+    manifest = load_manifest(DEFAULT_MODELS_DIR)
+    entry, vae_entry = manifest["models"][name], manifest["models"]["obf-vae"]
+    path = DEFAULT_MODELS_DIR / file
+    assert entry["file"] == file and entry["sha256"] == file_sha256(path) and path.stat().st_size < 5 * 1024 * 1024
+    # Evaluation only: the client build copies role "client" weights alone (Testing/test_packaging.py).
+    assert entry["role"] == "attack" and entry["trained_against"] == {"obf-vae": vae_entry["sha256"]}
+    assert entry["command"].startswith("medprivacy obfuscate train-models") and 0 <= entry["validation_unseen_key"]["vessel_dice"] <= 1
+    vae, vae_spec = load_model("obf-vae")
+    params = default_params(vae_spec.patch_size)
+    assert entry["mapping"] in (params.to_json(), {**params.to_json(), "frame_size": list(params.frame_size)})
+    net, spec = load_model(name)  # refuses weights whose sha256 differs from the manifest
+    frames = public_frames(domain, "test", 2, 64, 0)
+    assignment, values = random_mapping(params, random.Random(5))
+    codes = obfuscate_with(vae, frames, values[assignment].astype(np.uint8), params, vae_spec.extra["latent_scale"],
+                           np.random.default_rng(0), "cpu")
+    guess = reconstruct(net, codes)
+    assert guess.shape == frames.shape == (2, 64, 64) and np.isfinite(guess).all()

@@ -58,6 +58,7 @@ class EvalConfig:
     attack_batch: int = 16
     domains: tuple = ("angio", "fundus")
     params: dict = field(default_factory=dict)  # mapping parameter overrides (trade-off curves)
+    attacks: tuple = ("a", "b", "oracle")  # which threat models to run (a subset skips the others' training)
     retrain_attack_a: int = 0  # steps: retrain the threat-(a) attackers for these parameters instead of loading the shipped ones
     grid_frames: int = 3
     device: str = "auto"
@@ -77,7 +78,7 @@ class EvalConfig:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        for key in ("leaked", "attack_channels", "domains"):
+        for key in ("leaked", "attack_channels", "domains", "attacks"):
             out[key] = list(out[key])
         return out
 
@@ -101,6 +102,7 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
 
     from ..nets.registry import load_model
     from .data import TASKS
+    from .eval_privacy import privacy
     from .key import MappingParams
     from .keygen import VAE_MODEL, create_site_key, default_params
     from .train import public_frames
@@ -129,8 +131,8 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
         examples = {}
         for domain in config.domains:
             public = public_frames(domain, "train", config.public_frames[domain], config.size, config.data_seed)
-            report["privacy"][domain], examples[domain] = _privacy(config, domain, public, key, obfuscator, vae, vae_spec,
-                                                                   params, models_dir, device, progress)
+            report["privacy"][domain], examples[domain] = privacy(config, domain, public, key, obfuscator, vae, vae_spec,
+                                                                  params, models_dir, device, progress)
     report["targets"] = _targets(report)
     report["seconds"] = round(time.time() - started, 1)
     if grid is not None:
@@ -173,132 +175,6 @@ def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
     return out
 
 
-# --- privacy ---------------------------------------------------------------------------------------------------
-
-def _privacy(config, domain, public, key, obfuscator, vae, vae_spec, params, models_dir, device, progress):
-    import torch
-
-    from .attacks import (
-        AttackSettings,
-        build_attack_net,
-        estimate_table,
-        lut_attack,
-        reconstruct,
-        scores,
-        train_attack,
-        vessel_mask,
-        window_attack,
-    )
-    from .train import public_frames
-    from .transform import obfuscate_with, vae_sample
-
-    scale = vae_spec.extra["latent_scale"]
-    latent = int(vae_spec.arch["latent_size"])
-    private = public_frames(domain, "test", config.privacy_frames, config.size, config.data_seed)
-    masks = [vessel_mask(frame) for frame in private]
-    progress(f"privacy/{domain}: obfuscating {len(private)} private frames with the victim key")
-    codes = obfuscator.obfuscate_prepared(private)
-    result = {"frames": len(private), "baselines": {}, "reference": {}, "attacks": {}}
-    result["baselines"]["mean-frame"] = scores(np.repeat(public.mean(axis=0)[None], len(private), axis=0), private, masks)
-    result["baselines"]["obfuscated-frame"] = scores(codes.astype(np.float32) / 255.0, private, masks)
-    decoded = vae_sample(vae, private, np.zeros((len(private), latent), np.float32), 0.0, scale, device)
-    result["reference"]["vae-output"] = scores(decoded, private, masks)
-    shown = {"original": private, "vae-output": decoded, "obfuscated": codes.astype(np.float32) / 255.0,
-             "mean-frame": np.repeat(public.mean(axis=0)[None], len(private), axis=0)}
-
-    def record(name: str, guess: np.ndarray, extra: dict | None = None) -> None:
-        result["attacks"][name] = dict(scores(guess, private, masks), **(extra or {}))
-        shown[name] = guess
-        progress(f"privacy/{domain}: {name} {result['attacks'][name]}")
-
-    settings = AttackSettings(steps=config.attack_steps, batch_size=config.attack_batch, seed=config.key_seed)
-    arch = {"name": "obf-attack", "channels": list(config.attack_channels), "strides": [2] * (len(config.attack_channels) - 1),
-            "num_res_units": 1}
-    rng = np.random.default_rng([config.key_seed, 31, len(domain)])
-
-    # (a) the algorithm and public data, keys of its own.
-    attack_a = _threat_a_network(config, domain, public, params, vae, scale, arch, models_dir, device, progress)
-    record("a", reconstruct(attack_a, codes, device))
-
-    # (b) N leaked pairs of the victim's key.
-    count = max(max(config.leaked), config.leaked_for_networks)
-    leaked_plain = public_frames(domain, "validation", count, config.size, config.data_seed)
-    leaked_codes = obfuscator.obfuscate_prepared(leaked_plain)
-    for n in config.leaked:
-        guess, fit = lut_attack(leaked_plain[:n], leaked_codes[:n], codes)
-        record(f"b-lut/N={n}", guess, {"leaked": n, **fit})
-        guess, fit = window_attack(leaked_plain[:n], leaked_codes[:n], codes)
-        record(f"b-window/N={n}", guess, {"leaked": n, **fit})
-    n = config.leaked_for_networks
-    finetuned = build_attack_net(attack_a.arch if hasattr(attack_a, "arch") else dict(arch, input="invariant"))
-    finetuned.load_state_dict(attack_a.state_dict())
-    train_attack(finetuned, lambda step, size: _sample(rng, leaked_codes[:n], leaked_plain[:n], size),
-                 replace(settings, steps=config.finetune_steps, learning_rate=5e-4), device)
-    record(f"b-finetune/N={n}", reconstruct(finetuned, codes, device), {"leaked": n})
-    noise_free = vae_sample(vae, leaked_plain[:n], np.zeros((n, latent), np.float32), 0.0, scale, device)
-    estimate, explained = estimate_table(noise_free, leaked_codes[:n], params.levels)
-    true_table = key.table
-    progress(f"privacy/{domain}: b-keyfit table estimate from {n} pairs: {float((estimate == true_table).mean()):.2f} of levels right")
-    pool = public_frames(domain, "train", config.public_frames[domain], config.size, config.data_seed, start=30_000)
-    guessed_codes = obfuscate_with(vae, pool, estimate, params, scale, rng, device)
-    keyfit = build_attack_net(dict(arch, input="onehot", code_values=sorted(set(int(v) for v in key.code_values))))
-    progress(f"privacy/{domain}: training the b-keyfit network ({config.attack_steps} steps)")
-    train_attack(keyfit, lambda step, size: _sample(rng, guessed_codes, pool, size), settings, device)
-    record(f"b-keyfit/N={n}", reconstruct(keyfit, codes, device),
-           {"leaked": n, "levels_recovered": round(float((estimate == true_table).mean()), 4), "explained_on_leaked": round(explained, 4)})
-
-    # The limit: the victim's whole key known (table and secret), unlimited public pairs made with it.
-    progress(f"privacy/{domain}: training the key-known (oracle) network ({config.attack_steps} steps)")
-    oracle_codes = obfuscator.obfuscate_prepared(pool)
-    oracle = build_attack_net(dict(arch, input="onehot", code_values=sorted(set(int(v) for v in key.code_values))))
-    train_attack(oracle, lambda step, size: _sample(rng, oracle_codes, pool, size), settings, device)
-    record("oracle", reconstruct(oracle, codes, device))
-    del torch
-    return result, {name: images[:config.grid_frames] for name, images in shown.items()}
-
-
-def _sample(rng, codes: np.ndarray, plain: np.ndarray, size: int):
-    index = rng.integers(len(codes), size=size)
-    return codes[index], plain[index]
-
-
-def _threat_a_network(config, domain, public, params, vae, scale, arch, models_dir, device, progress):
-    """The shipped threat-(a) attacker, or (``retrain_attack_a``) one retrained for other mapping parameters."""
-    import random as pyrandom
-
-    from ..nets.registry import load_model
-    from .attacks import AttackSettings, build_attack_net, train_attack
-    from .key import random_mapping
-    from .train import ATTACK_NAMES
-    from .transform import obfuscate_with
-
-    name = ATTACK_NAMES[domain][0]
-    if not config.retrain_attack_a:
-        net, spec = load_model(name, models_dir, device)
-        if spec.extra.get("mapping") != {**params.to_json(), "frame_size": list(params.frame_size)} and \
-                spec.extra.get("mapping") != params.to_json():
-            raise InputError(f"the shipped {name} was trained against mapping {spec.extra.get('mapping')}, not {params.to_json()}; "
-                             "pass --retrain-attack-a STEPS to train one for these parameters")
-        net.arch = spec.arch
-        return net
-    progress(f"privacy/{domain}: retraining the threat-(a) network for these parameters ({config.retrain_attack_a} steps)")
-    net = build_attack_net(dict(arch, input="invariant"))
-    net.arch = dict(arch, input="invariant")
-    rng = np.random.default_rng([config.key_seed, 41, len(domain)])
-    keys = pyrandom.Random(config.key_seed + 77)
-
-    def batches(step, size):
-        index = rng.integers(len(public), size=size)
-        out = np.empty((size,) + public.shape[1:], dtype=np.uint8)
-        for i, j in enumerate(index):
-            assignment, values = random_mapping(params, keys)
-            out[i] = obfuscate_with(vae, public[j:j + 1], values[assignment].astype(np.uint8), params, scale, rng, device)[0]
-        return out, public[index]
-
-    train_attack(net, batches, AttackSettings(steps=config.retrain_attack_a, batch_size=config.attack_batch, seed=config.key_seed), device)
-    return net
-
-
 def _targets(report: dict) -> dict:
     out = {}
     utility = report.get("utility")
@@ -310,6 +186,8 @@ def _targets(report: dict) -> dict:
         rows = {}
         for threat, prefixes in (("a", THREAT_A), ("b", THREAT_B), ("oracle", ("oracle",))):
             attacks = {k: v for k, v in privacy["attacks"].items() if k.split("/")[0] in prefixes}
+            if not attacks:  # a threat model left out with --attacks
+                continue
             worst_ssim = max(attacks.items(), key=lambda kv: kv[1]["ssim"])
             worst_dice = max(attacks.items(), key=lambda kv: kv[1]["vessel_dice"])
             rows[threat] = {"ssim": worst_ssim[1]["ssim"], "ssim_attack": worst_ssim[0], "ssim_ceiling": round(ceiling, 4),
@@ -372,6 +250,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack-channels", default=None, help="U-Net widths of the attack networks, e.g. 16,32,64,128 (default 32,64,128,256)")
     parser.add_argument("--retrain-attack-a", type=int, default=0, metavar="STEPS",
                         help="train the threat-(a) attackers for the given parameters instead of loading the shipped ones")
+    parser.add_argument("--attacks", default="a,b,oracle",
+                        help="threat models to run: a subset of a,b,oracle (default all; b needs the (a) network too)")
     parser.add_argument("--skip-utility", action="store_true", help="privacy only")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0)
@@ -383,7 +263,10 @@ def run_eval(args) -> int:
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     if not domains or set(domains) - {"angio", "fundus"}:
         raise InputError("--domains takes angio, fundus or both (comma-separated)")
-    budget = {}
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if not attacks or set(attacks) - {"a", "b", "oracle"}:
+        raise InputError(f"--attacks takes a, b, oracle or a comma-separated subset (got {args.attacks!r})")
+    budget = {"attacks": attacks}
     if args.attack_steps is not None:
         if args.attack_steps < 1:
             raise InputError("--attack-steps must be at least 1")

@@ -2,8 +2,9 @@
 
 - ``obf-vae`` (role client): the VAE of the transform, trained on public frames of both domains (synthetic
   angiograms and fundus crops, normalised like the transform normalises), plus its latent noise scale.
-- ``obf-attack-angio``, ``obf-attack-fundus`` (role evaluation): the threat-(a) attackers, one per domain, trained
-  on public frames obfuscated with a fresh random key per frame, with the default mapping parameters.
+- ``obf-attack-angio``, ``obf-attack-fundus`` (role attack: evaluation only, never in the client): the threat-(a)
+  attackers, one per domain, trained on public frames obfuscated with a fresh random key per frame, with the default
+  mapping parameters. ``obfuscate eval`` loads them when its mapping parameters and VAE are the ones they learnt.
 
 The classifiers are not shipped: each site's classifier is trained by the server on that site's key, and the
 evaluation trains its own (plain and obfuscated, same budget). The run is recorded in the manifest's
@@ -105,8 +106,10 @@ def _train(config: ObfuscationTrainConfig, out_dir: Path, progress: bool, comman
         raise InputError(f"unknown model(s) {unknown}; choose from vae, attack-angio, attack-fundus")
     started = time.time()
     t0 = time.time()
-    frames = {"angio": public_frames("angio", "train", config.angio_frames, config.size, config.data_seed),
-              "fundus": public_frames("fundus", "train", config.fundus_frames, config.size, config.data_seed)}
+    # Only the domains a model of this run learns from are rendered (the VAE needs both; an attacker its own).
+    needed = {"angio", "fundus"} if "vae" in config.models else {m.split("-")[1] for m in config.models}
+    counts = {"angio": config.angio_frames, "fundus": config.fundus_frames}
+    frames = {domain: public_frames(domain, "train", counts[domain], config.size, config.data_seed) for domain in sorted(needed)}
     record = {
         "command": command or f"medprivacy obfuscate train-models --preset {config.preset} --seed {config.seed}",
         "config": config.to_json(),
@@ -122,7 +125,9 @@ def _train(config: ObfuscationTrainConfig, out_dir: Path, progress: bool, comman
     params = config.mapping()
     for domain in ("angio", "fundus"):
         if f"attack-{domain}" in config.models:
-            record["models"][ATTACK_NAMES[domain][0]] = _train_attacker(config, domain, frames[domain], params, out_dir, device, progress)
+            provenance = {"command": record["command"], "data": record["data"]}
+            record["models"][ATTACK_NAMES[domain][0]] = _train_attacker(config, domain, frames[domain], params, out_dir, device,
+                                                                        progress, provenance)
             _write_record(out_dir, record, started)
     return record
 
@@ -158,7 +163,8 @@ def _train_vae(config, frames: dict, out_dir: Path, device: str, progress: bool)
     return metrics
 
 
-def _train_attacker(config, domain: str, frames: np.ndarray, params, out_dir: Path, device: str, progress: bool) -> dict:
+def _train_attacker(config, domain: str, frames: np.ndarray, params, out_dir: Path, device: str, progress: bool,
+                    provenance: dict) -> dict:
     import random as pyrandom
 
     from ..nets import ModelSpec, load_model, save_model
@@ -196,10 +202,11 @@ def _train_attacker(config, domain: str, frames: np.ndarray, params, out_dir: Pa
     metrics["validation_unseen_key"] = scores(reconstruct(net, codes, device), test)
     metrics["mapping"] = params.to_json()
     name, file = ATTACK_NAMES[domain]
-    save_model(net, ModelSpec(name=name, file=file, arch=arch, role="evaluation", patch_size=[config.size, config.size], labels={},
+    save_model(net, ModelSpec(name=name, file=file, arch=arch, role="attack", patch_size=[config.size, config.size], labels={},
                               extra={"task": "obfuscation-attack", "threat_model": "a", "domain": domain,
                                      "mapping": params.to_json(), "trained_against": {VAE_NAME: spec.sha256},
-                                     "preset": config.preset, "seed": config.seed}), out_dir)
+                                     "preset": config.preset, "seed": config.seed, "steps": config.attack_steps,
+                                     "validation_unseen_key": metrics["validation_unseen_key"], **provenance}), out_dir)
     log.info("%s: %s", name, metrics)
     return metrics
 
@@ -248,6 +255,9 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--models", default=None, help="comma-separated subset of vae,attack-angio,attack-fundus (default all; "
                                                          "the attackers need the VAE of the same folder)")
+    parser.add_argument("--attack-steps", type=int, default=None, help="training steps of the threat-(a) attackers (preset default)")
+    parser.add_argument("--attack-channels", default=None,
+                        help="U-Net widths of the threat-(a) attackers, e.g. 16,32,64,128 (preset default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -258,6 +268,10 @@ def command_line(args) -> str:
     parts += ["--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads)]
     if args.models:
         parts += ["--models", args.models]
+    if args.attack_steps is not None:
+        parts += ["--attack-steps", str(args.attack_steps)]
+    if args.attack_channels:
+        parts += ["--attack-channels", args.attack_channels]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -270,6 +284,17 @@ def run_train(args) -> int:
     overrides = {}
     if args.models:
         overrides["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.attack_steps is not None:
+        if args.attack_steps < 1:
+            raise InputError("--attack-steps must be at least 1")
+        overrides["attack_steps"] = args.attack_steps
+    if args.attack_channels:
+        try:
+            overrides["attack_channels"] = tuple(int(v) for v in args.attack_channels.split(","))
+        except ValueError:
+            raise InputError(f"--attack-channels takes comma-separated widths, e.g. 16,32,64,128 (got {args.attack_channels!r})") from None
+        if len(overrides["attack_channels"]) < 2 or min(overrides["attack_channels"]) < 1:
+            raise InputError("--attack-channels takes at least two positive widths, e.g. 16,32,64,128")
     config = ObfuscationTrainConfig.preset_config(args.preset, seed=args.seed, device=args.device, threads=args.threads, **overrides)
     out = models_dir(args.out)
     record = train_models(config, out, progress=not args.quiet, command=command_line(args))
