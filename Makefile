@@ -19,13 +19,15 @@ $(STAMP): pyproject.toml
 demo: env
 	$(BIN)/medprivacy demo --out out/demo
 
-# Applies ruff's safe fixes (what make test checks).
+# Applies ruff's safe fixes and its formatting (what make test checks).
 lint-fix: env
 	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
-# Lint first (seconds), then the tests.
+# Lint and format check first (seconds), then the tests.
 test: env
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: env

@@ -13,6 +13,7 @@ Prints (and writes to --out as JSON):
 
 Figures, not pass/fail. ``--quick`` for a fast smoke run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def vm_hwm_mb(pid: str = "self") -> float | None:
 def angiography_frames(count: int, size: int, start: int = 0) -> np.ndarray:
     from medprivacy.obfuscation.data import render_angio
 
-    return np.stack([np.round(render_angio(902_000 + start + i, size).image * 4095).astype(np.uint16) for i in range(count)])
+    return np.stack(
+        [np.round(render_angio(902_000 + start + i, size).image * 4095).astype(np.uint16) for i in range(count)]
+    )
 
 
 def run_memory(key_dir: Path, frames: int, threads: int) -> int:
@@ -64,7 +67,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "obfuscation_bench.json")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "Resources" / "Models")
     parser.add_argument("--frames", type=int, default=256, help="512x512 frames timed per path (default 256)")
-    parser.add_argument("--run-frames", type=int, default=500, help="frames of the run obfuscated for the memory figure (default 500)")
+    parser.add_argument(
+        "--run-frames", type=int, default=500, help="frames of the run obfuscated for the memory figure (default 500)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating plain/obfuscated repetitions (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and on the server (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 frames, a 40-frame run, one repetition")
@@ -86,8 +91,15 @@ def main() -> int:
     from medprivacy.server.local import start_local_server
     from medprivacy.transport.obfuscation_client import ObfuscationClient
 
-    results: dict = {"settings": {"frames": args.frames, "frame_size": [512, 512], "bits": 12, "threads": args.threads,
-                                  "quick": args.quick}}
+    results: dict = {
+        "settings": {
+            "frames": args.frames,
+            "frame_size": [512, 512],
+            "bits": 12,
+            "threads": args.threads,
+            "quick": args.quick,
+        }
+    }
     work = Path(tempfile.mkdtemp(prefix="obfuscation-bench-"))
     key = create_site_key(work / "key", models_dir=args.models_dir)
     obfuscator = Obfuscator(SiteKey.load(key.directory))
@@ -104,10 +116,17 @@ def main() -> int:
     tic = time.perf_counter()
     obfuscator.obfuscate_prepared(prepared)
     small_seconds = time.perf_counter() - tic
-    results["obfuscate"] = {"frames_per_second_512": args.frames / big_seconds, "frames_per_second_model_size": args.frames / small_seconds,
-                            "model_size": list(size)}
-    print(f"client: {args.frames / big_seconds:.1f} frames/s from 512x512 12-bit, {args.frames / small_seconds:.1f} frames/s "
-          f"from {size[0]}x{size[1]} prepared frames", flush=True)
+    results["obfuscate"] = {
+        "frames_per_second_512": args.frames / big_seconds,
+        "frames_per_second_model_size": args.frames / small_seconds,
+        "model_size": list(size),
+    }
+    print(
+        f"client: {args.frames / big_seconds:.1f} frames/s from 512x512 12-bit, {args.frames / small_seconds:.1f} "
+        "frames/s "
+        f"from {size[0]}x{size[1]} prepared frames",
+        flush=True,
+    )
 
     server = start_local_server(["--host", "127.0.0.1", "--models-dir", str(args.models_dir)], work / "server.log")
     process, url = server.process, server.url
@@ -122,7 +141,7 @@ def main() -> int:
         def plain_path():
             # Prepared a batch at a time, like the obfuscated path: normalising 256 large frames at once in float64
             # is slower per frame than in batches, and would be charged to the plain side of the ratio.
-            prepared = np.concatenate([obfuscator.prepare(big[i:i + BATCH]) for i in range(0, len(big), BATCH)])
+            prepared = np.concatenate([obfuscator.prepare(big[i : i + BATCH]) for i in range(0, len(big), BATCH)])
             return client.classify(np.round(prepared * 255).astype(np.uint8), model, key.key_id)
 
         def obfuscated_path():
@@ -139,26 +158,58 @@ def main() -> int:
                 sent[name] += client.bytes_sent - before
         frames_total = args.frames * args.repeats
         per_frame = {name: timings[name] / frames_total for name in timings}
-        results["classify"] = {"seconds_per_frame": per_frame, "overhead_ratio": per_frame["obfuscated"] / per_frame["plain"],
-                               "definition": "obfuscate here + classify request ÷ normalise + resize + 8-bit + the same request"}
-        results["wire"] = {name: {"bytes_per_model_pixel": sent[name] / frames_total / (size[0] * size[1]),
-                                  "bytes_per_original_pixel": sent[name] / frames_total / (512 * 512)} for name in sent}
-        print(f"classify: {1000 * per_frame['plain']:.2f} ms/frame plain, {1000 * per_frame['obfuscated']:.2f} ms/frame obfuscated; "
-              f"overhead ratio {results['classify']['overhead_ratio']:.2f}", flush=True)
+        results["classify"] = {
+            "seconds_per_frame": per_frame,
+            "overhead_ratio": per_frame["obfuscated"] / per_frame["plain"],
+            "definition": "obfuscate here + classify request ÷ normalise + resize + 8-bit + the same request",
+        }
+        results["wire"] = {
+            name: {
+                "bytes_per_model_pixel": sent[name] / frames_total / (size[0] * size[1]),
+                "bytes_per_original_pixel": sent[name] / frames_total / (512 * 512),
+            }
+            for name in sent
+        }
+        print(
+            f"classify: {1000 * per_frame['plain']:.2f} ms/frame plain, {1000 * per_frame['obfuscated']:.2f} "
+            "ms/frame obfuscated; "
+            f"overhead ratio {results['classify']['overhead_ratio']:.2f}",
+            flush=True,
+        )
         for name, row in results["wire"].items():
-            print(f"wire ({name}): {row['bytes_per_model_pixel']:.3f} bytes per {size[0]}x{size[1]} pixel, "
-                  f"{row['bytes_per_original_pixel']:.4f} bytes per original 512x512 pixel", flush=True)
+            print(
+                f"wire ({name}): {row['bytes_per_model_pixel']:.3f} bytes per {size[0]}x{size[1]} pixel, "
+                f"{row['bytes_per_original_pixel']:.4f} bytes per original 512x512 pixel",
+                flush=True,
+            )
         results["server_peak_rss_mb"] = vm_hwm_mb(str(process.pid))
     finally:
         server.stop()
 
     # In a fresh process, so that the figure is the run's own peak, not this process's earlier work.
-    child = subprocess.run([sys.executable, __file__, "--run-memory", str(key.directory), "--run-frames", str(args.run_frames),
-                            "--threads", str(args.threads)], capture_output=True, encoding="utf-8", check=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--run-memory",
+            str(key.directory),
+            "--run-frames",
+            str(args.run_frames),
+            "--threads",
+            str(args.threads),
+        ],
+        capture_output=True,
+        encoding="utf-8",
+        check=True,
+    )
     results["client_peak_rss_mb"] = float(child.stdout.split()[-1])
     results["run_frames"] = args.run_frames
-    print(f"peak memory: client {results['client_peak_rss_mb']:.0f} MB (obfuscating a {args.run_frames}-frame 512x512 run), "
-          f"server {results['server_peak_rss_mb'] or float('nan'):.0f} MB", flush=True)
+    print(
+        f"peak memory: client {results['client_peak_rss_mb']:.0f} MB (obfuscating a {args.run_frames}-frame 512x512 "
+        "run), "
+        f"server {results['server_peak_rss_mb'] or float('nan'):.0f} MB",
+        flush=True,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")

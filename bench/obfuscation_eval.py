@@ -3,11 +3,13 @@
 Runs `medprivacy obfuscate eval` (utility: plain vs obfuscated classifier; privacy: attacks a and b and the
 key-known bound on angiograms and fundus crops) and writes the report and the example grid. The threat-(a) attackers
 shipped for the default key parameters (role attack, evaluation only) are used when the models folder has them;
-otherwise each run trains its own for the parameters it measures (--retrain-attack-a with the train-models budget). With --parallel the two
-domains run as two processes at once (angiograms with the utility part, fundus crops without) and their reports and
-grids are merged: the same figures as one run (every part is seeded), in about half the time on two cores.
+otherwise each run trains its own for the parameters it measures (--retrain-attack-a with the train-models budget).
+With --parallel the two domains run as two processes at once (angiograms with the utility part, fundus crops
+without) and their reports and grids are merged: the same figures as one run (every part is seeded), in about half
+the time on two cores.
 Figures, not pass/fail. Extra arguments after `--` go to `medprivacy obfuscate eval` (e.g. `-- --task stenosis`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +28,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "obfuscation_eval.json")
     parser.add_argument("--grid", type=Path, default=ROOT / "bench" / "results" / "obfuscation_eval_examples.png")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parallel", action="store_true", help="run the two domains as two processes and merge the reports")
+    parser.add_argument(
+        "--parallel", action="store_true", help="run the two domains as two processes and merge the reports"
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more `medprivacy obfuscate eval` options")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +52,14 @@ def main() -> int:
     parts = {"angio": ["--domains", "angio"], "fundus": ["--domains", "fundus", "--skip-utility"]}
     processes = {}
     for domain, options in parts.items():
-        command = base + ["--out", str(work / f"{domain}.json"), "--grid", str(work / f"{domain}.png"), *options, *extra]
+        command = base + [
+            "--out",
+            str(work / f"{domain}.json"),
+            "--grid",
+            str(work / f"{domain}.png"),
+            *options,
+            *extra,
+        ]
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         with open(work / f"{domain}.log", "w") as log:
             processes[domain] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

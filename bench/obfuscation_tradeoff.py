@@ -6,6 +6,7 @@ setting, the threat-(b) attacks and the key-known bound. To fit a CPU, the attac
 smaller and shorter than the default evaluation's (--attack-channels 16,32,64,128, 1500 steps); the summary says
 so. Writes one report per point to bench/results/tradeoff/ and the summary to bench/results/obfuscation_tradeoff.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ BUDGET = ["--attack-channels", "16,32,64,128", "--attack-steps", "1500", "--retr
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", default=",".join(name for name, _ in POINTS), help="comma-separated subset of the points")
+    parser.add_argument(
+        "--points", default=",".join(name for name, _ in POINTS), help="comma-separated subset of the points"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "obfuscation_tradeoff.json")
     args = parser.parse_args()
@@ -39,8 +42,21 @@ def main() -> int:
         if name not in wanted:
             continue
         report = folder / f"{name}.json"
-        command = [sys.executable, "-m", "medprivacy.cli", "obfuscate", "eval", "--domains", "angio", "--out", str(report),
-                   "--threads", str(args.threads), *BUDGET, *options]
+        command = [
+            sys.executable,
+            "-m",
+            "medprivacy.cli",
+            "obfuscate",
+            "eval",
+            "--domains",
+            "angio",
+            "--out",
+            str(report),
+            "--threads",
+            str(args.threads),
+            *BUDGET,
+            *options,
+        ]
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         if subprocess.run(command, cwd=ROOT).returncode != 0:
             return 1
@@ -52,16 +68,25 @@ def main() -> int:
         report = json.loads(path.read_text())
         privacy, targets = report["privacy"]["angio"], report["targets"]
         summary["points"][name] = {
-            "mapping": report["mapping"], "options": options,
-            "accuracy_plain": report["utility"]["plain"]["accuracy"], "accuracy_obfuscated": report["utility"]["obfuscated"]["accuracy"],
+            "mapping": report["mapping"],
+            "options": options,
+            "accuracy_plain": report["utility"]["plain"]["accuracy"],
+            "accuracy_obfuscated": report["utility"]["obfuscated"]["accuracy"],
             "accuracy_ratio": report["utility"]["accuracy_ratio"],
-            "mean_frame_ssim": privacy["baselines"]["mean-frame"]["ssim"], "vae_output": privacy["reference"]["vae-output"],
-            "threats": {threat: {k: row[k] for k in ("ssim", "ssim_attack", "vessel_dice", "dice_attack", "ssim_met", "dice_met")}
-                        for threat, row in targets["angio"].items()},
+            "mean_frame_ssim": privacy["baselines"]["mean-frame"]["ssim"],
+            "vae_output": privacy["reference"]["vae-output"],
+            "threats": {
+                threat: {
+                    k: row[k] for k in ("ssim", "ssim_attack", "vessel_dice", "dice_attack", "ssim_met", "dice_met")
+                }
+                for threat, row in targets["angio"].items()
+            },
         }
         point = summary["points"][name]
-        print(f"{name}: accuracy ratio {point['accuracy_ratio']}; " + "; ".join(
-            f"{t}: SSIM {r['ssim']} Dice {r['vessel_dice']}" for t, r in point["threats"].items()))
+        print(
+            f"{name}: accuracy ratio {point['accuracy_ratio']}; "
+            + "; ".join(f"{t}: SSIM {r['ssim']} Dice {r['vessel_dice']}" for t, r in point["threats"].items())
+        )
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"written to {args.out}")
     return 0

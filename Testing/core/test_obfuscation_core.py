@@ -3,6 +3,7 @@ keys, non-bijectivity), frames in and out of real files, datasets, the classifie
 
 The VAE is the tiny untrained one of ``tiny_obfuscation_models_dir``: these tests check mechanics, not privacy.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ def angiograms(count: int = 6, size: int = 48) -> np.ndarray:
 
 
 # --- the key -----------------------------------------------------------------------------------------------------
+
 
 def test_keygen_writes_a_private_folder_of_private_files(key_dir):
     assert stat.S_IMODE(os.stat(key_dir).st_mode) == 0o700
@@ -129,7 +131,10 @@ def test_tampered_damaged_or_exposed_keys_are_refused(key_dir, tmp_path):
 
 # --- the transform -----------------------------------------------------------------------------------------------
 
-def test_same_key_and_frame_give_the_same_codes_other_keys_independent_ones(key_dir, obfuscator, tmp_path, tiny_obfuscation_models_dir):
+
+def test_same_key_and_frame_give_the_same_codes_other_keys_independent_ones(
+    key_dir, obfuscator, tmp_path, tiny_obfuscation_models_dir
+):
     frames = angiograms()
     first = obfuscator.obfuscate(frames)
     assert first.dtype == np.uint8 and first.shape == (len(frames), OBF_SIZE, OBF_SIZE)
@@ -169,13 +174,18 @@ def test_unusable_frames_give_one_line_errors(obfuscator):
 
 def test_any_frame_size_and_pixel_type_ends_at_the_key_frame_size(obfuscator):
     frames = angiograms(2, size=96)
-    for pixels in (np.round(frames * 255).astype(np.uint8), np.round(frames * 4095).astype(np.uint16),
-                   (frames * 3000 - 1000).astype(np.int16), frames):
+    for pixels in (
+        np.round(frames * 255).astype(np.uint8),
+        np.round(frames * 4095).astype(np.uint16),
+        (frames * 3000 - 1000).astype(np.int16),
+        frames,
+    ):
         codes = obfuscator.obfuscate(pixels)
         assert codes.shape == (2, OBF_SIZE, OBF_SIZE)
 
 
 # --- files -------------------------------------------------------------------------------------------------------
+
 
 def _write_dicom(path, pixels: np.ndarray, multiframe: bool) -> None:
     import pydicom
@@ -268,8 +278,10 @@ def test_dataset_folder_csv_and_their_mistakes(tmp_path, obfuscator):
     for label, seeds in (("LCA", (900_000, 900_002)), ("RCA", (900_001,))):
         (root / label).mkdir(parents=True)
         for seed in seeds:
-            sitk.WriteImage(sitk.GetImageFromArray(np.round(data.render_angio(seed, 48).image * 255).astype(np.uint8)),
-                            str(root / label / f"{seed}.png"))
+            sitk.WriteImage(
+                sitk.GetImageFromArray(np.round(data.render_angio(seed, 48).image * 255).astype(np.uint8)),
+                str(root / label / f"{seed}.png"),
+            )
     (root / "LCA" / ".DS_Store").write_text("x")
     files = dataset_files(root)
     assert files.classes == ["LCA", "RCA"] and files.counts() == {"LCA": 2, "RCA": 1}
@@ -293,13 +305,16 @@ def test_dataset_folder_csv_and_their_mistakes(tmp_path, obfuscator):
 
 # --- classifier and measures ---------------------------------------------------------------------------------------
 
+
 def test_code_classifier_learns_from_code_statistics_and_refuses_plain_frames():
     rng = np.random.default_rng(0)
     labels = np.arange(80) % 2
     # Class 1 frames hold code 200 in their upper half more often: a statistical, not a per-pixel, signal.
     frames = rng.choice(np.array([0, 100, 200], np.uint8), size=(80, 32, 32), p=[0.45, 0.45, 0.1])
     frames[labels == 1, :16] = rng.choice(np.array([0, 100, 200], np.uint8), size=(40, 16, 32), p=[0.3, 0.3, 0.4])
-    result = train_classifier(frames, labels, ["a", "b"], TrainSettings(steps=60, validate_every=20, validation_fraction=0.2))
+    result = train_classifier(
+        frames, labels, ["a", "b"], TrainSettings(steps=60, validate_every=20, validation_fraction=0.2)
+    )
     assert result.arch["code_values"] == [0, 100, 200] and result.metrics["validation_frames"] == 16
     metrics = binary_metrics(predict_probabilities(result.net, frames)[:, 1], labels)
     assert metrics["accuracy"] > 0.9 and metrics["auc"] > 0.9
@@ -349,4 +364,6 @@ def test_keygen_can_fine_tune_the_vae_on_site_frames_which_then_stays_in_the_key
     assert codes.shape == (2, OBF_SIZE, OBF_SIZE)
     sitk.WriteImage(sitk.GetImageFromArray(run[:3]), str(tmp_path / "short.nrrd"))
     with pytest.raises(InputError, match="only 3 frames.*at least 16"):
-        create_site_key(tmp_path / "key2", models_dir=tiny_obfuscation_models_dir, vae_from=[tmp_path / "short.nrrd"], vae_steps=1)
+        create_site_key(
+            tmp_path / "key2", models_dir=tiny_obfuscation_models_dir, vae_from=[tmp_path / "short.nrrd"], vae_steps=1
+        )

@@ -3,6 +3,7 @@ errors for a missing key, a replaced key, a corrupt image, a one-class dataset a
 
 The VAE is the tiny untrained one and training runs a few steps: mechanics, not privacy.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 def _png(path, seed: int, size: int = 48) -> None:
     import SimpleITK as sitk
 
-    sitk.WriteImage(sitk.GetImageFromArray(np.round(data.render_angio(seed, size).image * 65535).astype(np.uint16)), str(path))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.round(data.render_angio(seed, size).image * 65535).astype(np.uint16)), str(path)
+    )
 
 
 def _dataset(root, per_class: int = 4):
@@ -62,24 +65,43 @@ def test_keygen_apply_train_classify_round_trip(capsys, server, tmp_path):
     run.SetSpacing((0.3, 0.3, 0.0667))
     sitk.WriteImage(run, str(tmp_path / "run.nrrd"))
     out_dir = tmp_path / "out"
-    code, out, err = _run(capsys, "apply", tmp_path / "frame.png", tmp_path / "run.nrrd", "-o", out_dir, "--key-dir", key_dir)
+    code, out, err = _run(
+        capsys, "apply", tmp_path / "frame.png", tmp_path / "run.nrrd", "-o", out_dir, "--key-dir", key_dir
+    )
     assert code == 0 and "obfuscated 5 frame(s) from 2 file(s)" in out, err
     written = sitk.ReadImage(str(out_dir / "run.nrrd"))
-    assert written.GetSize() == (OBF_SIZE, OBF_SIZE, 4) and written.GetSpacing()[0] == pytest.approx(0.3 * 48 / OBF_SIZE)
+    assert written.GetSize() == (OBF_SIZE, OBF_SIZE, 4) and written.GetSpacing()[0] == pytest.approx(
+        0.3 * 48 / OBF_SIZE
+    )
     again = tmp_path / "again"
     assert _run(capsys, "apply", tmp_path / "run.nrrd", "-o", again, "--key-dir", key_dir)[0] == 0
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(again / "run.nrrd"))), sitk.GetArrayFromImage(written))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(again / "run.nrrd"))), sitk.GetArrayFromImage(written)
+    )
     code, _, err = _run(capsys, "apply", tmp_path / "run.nrrd", "-o", again, "--key-dir", key_dir)
     assert code == 2 and "already exists; pass --overwrite" in err
 
     dataset = _dataset(tmp_path / "dataset")
-    code, out, err = _run(capsys, "train", dataset, "--server", server.url, "--key-dir", key_dir, "--steps", "6", "--name", "cli")
+    code, out, err = _run(
+        capsys, "train", dataset, "--server", server.url, "--key-dir", key_dir, "--steps", "6", "--name", "cli"
+    )
     assert code == 0, err
     model = next(word for word in out.split() if word.startswith("obf-"))
     code, out, err = _run(capsys, "models", "--server", server.url)
     assert code == 0 and model in out and "classes LCA, RCA" in out
-    code, out, err = _run(capsys, "classify", tmp_path / "run.nrrd", "--server", server.url, "--model", model, "--key-dir", key_dir,
-                          "--out", tmp_path / "results.csv")
+    code, out, err = _run(
+        capsys,
+        "classify",
+        tmp_path / "run.nrrd",
+        "--server",
+        server.url,
+        "--model",
+        model,
+        "--key-dir",
+        key_dir,
+        "--out",
+        tmp_path / "results.csv",
+    )
     assert code == 0, err
     assert out.count("run.nrrd frame") == 4
     rows = (tmp_path / "results.csv").read_text().splitlines()
@@ -87,7 +109,9 @@ def test_keygen_apply_train_classify_round_trip(capsys, server, tmp_path):
 
     other = tmp_path / "other-key"
     assert _run(capsys, "keygen", "--key-dir", other)[0] == 0
-    code, _, err = _run(capsys, "classify", tmp_path / "frame.png", "--server", server.url, "--model", model, "--key-dir", other)
+    code, _, err = _run(
+        capsys, "classify", tmp_path / "frame.png", "--server", server.url, "--model", model, "--key-dir", other
+    )
     assert code == 2 and "classify with the key folder the model was trained with" in err and err.count("\n") == 1
 
 
@@ -106,7 +130,17 @@ def test_mistakes_end_in_one_line(capsys, server, tmp_path):
     code, _, err = _run(capsys, "train", tmp_path / "one", "--server", server.url, "--key-dir", key_dir)
     assert code == 2 and "at least two classes" in err
     _png(tmp_path / "f.png", 900_001)
-    code, _, err = _run(capsys, "classify", tmp_path / "f.png", "--server", server.url, "--model", "obf-abcdefabcdef", "--key-dir", key_dir)
+    code, _, err = _run(
+        capsys,
+        "classify",
+        tmp_path / "f.png",
+        "--server",
+        server.url,
+        "--model",
+        "obf-abcdefabcdef",
+        "--key-dir",
+        key_dir,
+    )
     assert code == 2 and "is not on this server" in err
     code, _, err = _run(capsys, "models", "--server", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and "cannot reach" in err

@@ -4,6 +4,7 @@ with the training key only, and one-line errors for every bad request.
 Frames are synthetic codes whose class shows in their code statistics, so a few training steps learn them; the
 tests check the server's mechanics, not privacy.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,7 +32,9 @@ def codes(count: int = 48, size: int = 32, seed: int = 0) -> tuple[np.ndarray, n
     rng = np.random.default_rng(seed)
     labels = np.arange(count) % 2
     frames = rng.choice(np.array([0, 100, 200], np.uint8), size=(count, size, size), p=[0.45, 0.45, 0.1])
-    frames[labels == 1, : size // 2] = rng.choice(np.array([0, 100, 200], np.uint8), size=(int(labels.sum()), size // 2, size), p=[0.3, 0.3, 0.4])
+    frames[labels == 1, : size // 2] = rng.choice(
+        np.array([0, 100, 200], np.uint8), size=(int(labels.sum()), size // 2, size), p=[0.3, 0.3, 0.4]
+    )
     return frames, labels
 
 
@@ -39,8 +42,10 @@ def codes(count: int = 48, size: int = 32, seed: int = 0) -> tuple[np.ndarray, n
 def servers(tiny_models_dir, tmp_path_factory):
     """An open server, and one that requires a token and runs in an empty folder with an empty TMPDIR."""
     cwd, tmpdir = tmp_path_factory.mktemp("obf-server-cwd"), tmp_path_factory.mktemp("obf-server-tmp")
-    with open_and_token_servers(dict(args=[], models_dir=tiny_models_dir),
-                                dict(args=[], env={"TMPDIR": str(tmpdir)}, models_dir=tiny_models_dir, cwd=cwd)) as pair:
+    with open_and_token_servers(
+        dict(args=[], models_dir=tiny_models_dir),
+        dict(args=[], env={"TMPDIR": str(tmpdir)}, models_dir=tiny_models_dir, cwd=cwd),
+    ) as pair:
         yield pair
 
 
@@ -75,8 +80,13 @@ def _post(handle, path, body, headers=None, params=None):
 
 
 def _train_body(frames, labels, classes=CLASSES, key_id=KEY, **extra) -> bytes:
-    document = {"frames": base64.b64encode(encode_tensor_raw(frames)).decode(), "labels": [int(v) for v in labels],
-                "classes": classes, "key_id": key_id, **extra}
+    document = {
+        "frames": base64.b64encode(encode_tensor_raw(frames)).decode(),
+        "labels": [int(v) for v in labels],
+        "classes": classes,
+        "key_id": key_id,
+        **extra,
+    }
     return json.dumps(document).encode()
 
 
@@ -92,7 +102,12 @@ def test_training_job_reports_progress_and_its_model_classifies_frames_of_its_ke
     assert 0.0 <= trained["progress"]["validation_accuracy"] <= 1.0
     models = {m["id"]: m for m in client.models()}
     model = models[trained["model"]]
-    assert model["classes"] == CLASSES and model["frame_size"] == [32, 32] and model["key_id"] == KEY and model["name"] == "unit test"
+    assert (
+        model["classes"] == CLASSES
+        and model["frame_size"] == [32, 32]
+        and model["key_id"] == KEY
+        and model["name"] == "unit test"
+    )
     frames, labels = codes(count=20, seed=1)
     answer = client.classify(frames, trained["model"], KEY, batch=8)
     assert answer["classes"] == CLASSES and answer["probabilities"].shape == (20, 2)
@@ -120,7 +135,10 @@ def test_bad_training_requests_get_one_line_reasons_and_start_nothing(server):
     cases = [
         (_train_body(frames, np.zeros(8, int)), "at least two classes"),
         (_train_body(frames, labels[:5]), "8 frames but 5 labels"),
-        (_train_body(np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8), labels), "obfuscate them with the site key"),
+        (
+            _train_body(np.random.default_rng(0).integers(0, 256, (8, 32, 32), dtype=np.uint8), labels),
+            "obfuscate them with the site key",
+        ),
         (_train_body(frames, labels, classes=["only"]), "at least two classes"),
         (_train_body(frames, labels, key_id="not a key"), "key_id must be"),
         (_train_body(frames[:, :30, :30], labels), "divisible by 4"),
@@ -178,7 +196,9 @@ def test_models_survive_a_restart_only_with_a_model_store(tiny_models_dir, tmp_p
     with start_server(["--model-store", str(store)], models_dir=tiny_models_dir) as handle:
         client = _client(handle)
         assert [m["id"] for m in client.models()] == [done["model"]]
-        np.testing.assert_allclose(client.classify(frames[:4], done["model"], KEY)["probabilities"], expected, atol=1e-6)
+        np.testing.assert_allclose(
+            client.classify(frames[:4], done["model"], KEY)["probabilities"], expected, atol=1e-6
+        )
         assert "skipping obf-badbadbadbad.json" in handle.log()
 
 
@@ -197,16 +217,26 @@ def _fuzz_obfuscation_requests(count: int, frames: np.ndarray, labels: np.ndarra
     """(method, path, headers, params, body), seeded: every obfuscation endpoint, each request broken in one way."""
     rng = np.random.default_rng(seed)
     good_tensor = encode_tensor_raw(frames[:4])
-    endpoints = ["/v1/obfuscation/train", "/v1/obfuscation/classify", "/v1/obfuscation/jobs", "/v1/obfuscation/jobs/{id}",
-                 "/v1/obfuscation/models"]
+    endpoints = [
+        "/v1/obfuscation/train",
+        "/v1/obfuscation/classify",
+        "/v1/obfuscation/jobs",
+        "/v1/obfuscation/jobs/{id}",
+        "/v1/obfuscation/models",
+    ]
     for index in range(count):
         path = endpoints[index % len(endpoints)]
         method, headers, params, body = ("POST" if path.endswith(("train", "classify")) else "GET"), {}, None, None
         kind = int(rng.integers(0, 12))
         if path.endswith("/train"):
             headers["Content-Type"] = "application/json"
-            document = {"frames": base64.b64encode(encode_tensor_raw(frames)).decode(), "labels": [int(v) for v in labels],
-                        "classes": CLASSES, "key_id": KEY, "params": {"steps": 1}}
+            document = {
+                "frames": base64.b64encode(encode_tensor_raw(frames)).decode(),
+                "labels": [int(v) for v in labels],
+                "classes": CLASSES,
+                "key_id": KEY,
+                "params": {"steps": 1},
+            }
             if kind == 0:
                 body = rng.bytes(int(rng.integers(0, 3000)))
             elif kind == 1:
@@ -225,7 +255,9 @@ def _fuzz_obfuscation_requests(count: int, frames: np.ndarray, labels: np.ndarra
             elif kind == 7:
                 document["name"] = ["x" * 100_000, 5, None, ["a"]][int(rng.integers(0, 4))]
             elif kind == 8:
-                document["frames"] = base64.b64encode(encode_tensor_raw(rng.random((4, 32, 32), dtype=np.float32))).decode()
+                document["frames"] = base64.b64encode(
+                    encode_tensor_raw(rng.random((4, 32, 32), dtype=np.float32))
+                ).decode()
             elif kind == 9:
                 headers["Content-Type"] = ["text/plain", "", CONTENT_TYPE][int(rng.integers(0, 3))]
             elif kind == 10:
@@ -259,7 +291,9 @@ def _fuzz_obfuscation_requests(count: int, frames: np.ndarray, labels: np.ndarra
             else:
                 body = good_tensor
         elif path.endswith("{id}"):
-            path = "/v1/obfuscation/jobs/" + ["0" * 16, "x" * 3000, "..", "%00", "\u00e9", "-1"][int(rng.integers(0, 6))]
+            path = (
+                "/v1/obfuscation/jobs/" + ["0" * 16, "x" * 3000, "..", "%00", "\u00e9", "-1"][int(rng.integers(0, 6))]
+            )
             method = ["GET", "DELETE"][int(rng.integers(0, 2))]
         elif kind < 3:
             params = {["x", "model", "all"][kind]: "1"}
@@ -288,4 +322,4 @@ def test_fuzz_every_obfuscation_endpoint_never_answers_5xx(server, trained):
     assert statuses.get(200, 0) >= 20 and statuses.get(422, 0) >= 50, statuses
     log = server.log()
     problems = [line for line in log.splitlines() if "Traceback" in line or " ERROR " in line]
-    assert not problems, log[log.find(problems[0]):][:3000] if problems else ""
+    assert not problems, log[log.find(problems[0]) :][:3000] if problems else ""

@@ -52,6 +52,7 @@ Modules: ``data`` (synthetic angiograms, fundus crops), ``key`` / ``keygen`` (th
 ``attacks`` (threat models a and b, measures), ``evaluate``, ``train`` (shipped weights), ``cli``, ``demo``. The core
 never imports slicer or qt.
 """
+
 from __future__ import annotations
 
 #: Quantisation levels Q of the VAE output.

@@ -28,6 +28,7 @@ Measures (originals and reconstructions are the normalised model-size frames in 
 frames), Dice of the two masks. Unrelated images score about 0.1 (chance overlap of two 10 % masks). Baselines:
 the mean training frame (what knowing nothing gives) and the obfuscated frame itself, read as an image.
 """
+
 from __future__ import annotations
 
 import time
@@ -46,6 +47,7 @@ INTENSITY_BINS = 16
 
 
 # ---------------------------------------------------------------------------------------------------- measures
+
 
 def vessel_mask(image: np.ndarray, fraction: float = VESSEL_FRACTION) -> np.ndarray:
     from skimage.filters import frangi
@@ -68,14 +70,21 @@ def scores(reconstructions: np.ndarray, originals: np.ndarray, original_masks: l
     masks = original_masks if original_masks is not None else [vessel_mask(o) for o in originals]
     ssim = [structural_similarity(r, o, data_range=1.0) for r, o in zip(reconstructions, originals)]
     # An exact copy has infinite PSNR; 99 dB stands for it, so means stay finite.
-    psnr = [min(99.0, peak_signal_noise_ratio(o, r, data_range=1.0)) if np.any(o != r) else 99.0
-            for r, o in zip(reconstructions, originals)]
+    psnr = [
+        min(99.0, peak_signal_noise_ratio(o, r, data_range=1.0)) if np.any(o != r) else 99.0
+        for r, o in zip(reconstructions, originals)
+    ]
     dices = [dice(vessel_mask(r), m) for r, m in zip(reconstructions, masks)]
-    return {"ssim": round(float(np.mean(ssim)), 4), "psnr": round(float(np.mean(psnr)), 2),
-            "vessel_dice": round(float(np.mean(dices)), 4), "frames": int(len(originals))}
+    return {
+        "ssim": round(float(np.mean(ssim)), 4),
+        "psnr": round(float(np.mean(psnr)), 2),
+        "vessel_dice": round(float(np.mean(dices)), 4),
+        "frames": int(len(originals)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- networks
+
 
 @dataclass
 class AttackSettings:
@@ -85,8 +94,14 @@ class AttackSettings:
     seed: int = 0
 
 
-def train_attack(net, batches: Callable[[int, int], tuple], settings: AttackSettings, device: str = "cpu",
-                 progress: Callable[[int, int, float], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+def train_attack(
+    net,
+    batches: Callable[[int, int], tuple],
+    settings: AttackSettings,
+    device: str = "cpu",
+    progress: Callable[[int, int, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
     """Fit ``net`` to ``batches(step, batch_size) -> (codes uint8 (B, H, W), originals float32 (B, H, W))`` with the
     loss a strong attacker picks for these measures: L1 + 0.5 (1 - SSIM)."""
     import torch
@@ -115,8 +130,11 @@ def train_attack(net, batches: Callable[[int, int], tuple], settings: AttackSett
         if progress is not None and (step % 100 == 0 or step == settings.steps):
             progress(step, settings.steps, float(np.mean(recent[-100:])))
     net.eval()
-    return {"steps": settings.steps, "final_loss": round(float(np.mean(recent[-100:])), 4),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "steps": settings.steps,
+        "final_loss": round(float(np.mean(recent[-100:])), 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def reconstruct(net, codes: np.ndarray, device: str = "cpu", batch: int = 64) -> np.ndarray:
@@ -126,11 +144,17 @@ def reconstruct(net, codes: np.ndarray, device: str = "cpu", batch: int = 64) ->
     out = []
     with torch.inference_mode():
         for start in range(0, len(codes), batch):
-            out.append(net(torch.from_numpy(np.ascontiguousarray(codes[start:start + batch])).to(device)).float().cpu().numpy())
+            out.append(
+                net(torch.from_numpy(np.ascontiguousarray(codes[start : start + batch])).to(device))
+                .float()
+                .cpu()
+                .numpy()
+            )
     return np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------- (b) without a network
+
 
 def fit_lut_inverse(plain: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """(256,) mean plain intensity behind each code value in the leaked pairs (the overall mean where unseen)."""
@@ -141,7 +165,9 @@ def fit_lut_inverse(plain: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def lut_attack(plain: np.ndarray, leaked: np.ndarray, codes: np.ndarray, sigmas=(0.0, 0.7, 1.0, 1.5, 2.0, 3.0)) -> tuple[np.ndarray, dict]:
+def lut_attack(
+    plain: np.ndarray, leaked: np.ndarray, codes: np.ndarray, sigmas=(0.0, 0.7, 1.0, 1.5, 2.0, 3.0)
+) -> tuple[np.ndarray, dict]:
     """b-lut: per-pixel inverse lookup, then the Gaussian smoothing that scores best on the leaked pairs."""
     from scipy.ndimage import gaussian_filter
 
@@ -162,8 +188,13 @@ def _fit_score(guess: np.ndarray, plain: np.ndarray) -> float:
     return float(np.mean([structural_similarity(np.clip(g, 0, 1), p, data_range=1.0) for g, p in zip(guess, plain)]))
 
 
-def window_attack(plain: np.ndarray, leaked: np.ndarray, codes: np.ndarray, sigmas=(0.7, 1.0, 1.5, 2.0, 3.0),
-                  bins: int = INTENSITY_BINS) -> tuple[np.ndarray, dict]:
+def window_attack(
+    plain: np.ndarray,
+    leaked: np.ndarray,
+    codes: np.ndarray,
+    sigmas=(0.7, 1.0, 1.5, 2.0, 3.0),
+    bins: int = INTENSITY_BINS,
+) -> tuple[np.ndarray, dict]:
     """b-window: naive-Bayes decoding of each pixel's intensity bin from the codes in a Gaussian window."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -180,15 +211,20 @@ def window_attack(plain: np.ndarray, leaked: np.ndarray, codes: np.ndarray, sigm
     return _decode(codes, log_likelihood, log_prior, centres, best), {"sigma": best, "bins": bins}
 
 
-def _decode(codes: np.ndarray, log_likelihood: np.ndarray, log_prior: np.ndarray, centres: np.ndarray, sigma: float) -> np.ndarray:
+def _decode(
+    codes: np.ndarray, log_likelihood: np.ndarray, log_prior: np.ndarray, centres: np.ndarray, sigma: float
+) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
     out = np.empty(codes.shape, dtype=np.float32)
     for i, frame in enumerate(codes):
         evidence = log_likelihood[:, frame.astype(np.int64)]  # (bins, H, W)
         # A Gaussian window sums the evidence of the neighbours (weights normalised to the centre pixel's 1).
-        weight = 2 * np.pi * sigma ** 2
-        pooled = np.stack([gaussian_filter(plane, sigma, mode="nearest") * weight for plane in evidence]) + log_prior[:, None, None]
+        weight = 2 * np.pi * sigma**2
+        pooled = (
+            np.stack([gaussian_filter(plane, sigma, mode="nearest") * weight for plane in evidence])
+            + log_prior[:, None, None]
+        )
         pooled -= pooled.max(axis=0, keepdims=True)
         posterior = np.exp(pooled)
         posterior /= posterior.sum(axis=0, keepdims=True)

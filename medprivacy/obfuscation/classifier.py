@@ -11,6 +11,7 @@ intensities, fitted the training frames perfectly and stayed near chance on new 
 The evaluation's plain baseline uses the same network with an ``intensity`` front end (the frame / 255, averaged
 over the same blocks), so both see 16x16 maps of a 64x64 frame and train with the same budget.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,10 @@ def code_values(frames: np.ndarray) -> list:
     """The distinct values of obfuscated frames: the classifier's one-hot channels."""
     values = np.flatnonzero(np.bincount(np.asarray(frames, dtype=np.uint8).ravel(), minlength=256))
     if len(values) > MAX_CODES:
-        raise InputError(f"the frames hold {len(values)} distinct values; obfuscated frames hold at most {MAX_CODES} codes: "
-                         "these look like plain images, obfuscate them with the site key first")
+        raise InputError(
+            f"the frames hold {len(values)} distinct values; obfuscated frames hold at most {MAX_CODES} codes: "
+            "these look like plain images, obfuscate them with the site key first"
+        )
     return [int(v) for v in values]
 
 
@@ -54,7 +57,9 @@ class TrainSettings:
     learning_rate: float = 2e-3
     validation_fraction: float = 0.1
     validate_every: int = 100
-    max_shift: int = 3  # augmentation: random translation in pixels (the mapping is per pixel, so shifts commute with it)
+    max_shift: int = (
+        3  # augmentation: random translation in pixels (the mapping is per pixel, so shifts commute with it)
+    )
     seed: int = 0
 
     def check(self) -> TrainSettings:
@@ -113,23 +118,37 @@ def check_dataset(frames: np.ndarray, labels: np.ndarray, classes: list, input: 
     if labels.shape != (len(frames),):
         raise InputError(f"there are {len(frames)} frames but {labels.size} labels")
     if len(classes) < 2:
-        raise InputError(f"a classifier needs at least two classes (got {len(classes)}: {', '.join(map(str, classes)) or 'none'})")
+        raise InputError(
+            f"a classifier needs at least two classes (got {len(classes)}: {', '.join(map(str, classes)) or 'none'})"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise InputError(f"labels must lie in 0..{len(classes) - 1}")
     present = np.unique(labels)
     if len(present) < 2:
-        raise InputError(f"every frame has the label {classes[int(present[0])]!r}; a classifier needs frames of at least two classes")
+        raise InputError(
+            f"every frame has the label {classes[int(present[0])]!r}; a classifier needs frames of at least two classes"
+        )
     pool = int(DEFAULT_ARCH["pool"])
     if frames.shape[1] % pool or frames.shape[2] % pool:
-        raise InputError(f"frames of {frames.shape[2]}x{frames.shape[1]} cannot be pooled in {pool}x{pool} blocks; use sides divisible by {pool}")
+        raise InputError(
+            f"frames of {frames.shape[2]}x{frames.shape[1]} cannot be pooled in {pool}x{pool} blocks; use sides "
+            f"divisible by {pool}"
+        )
     if input == "codes":
         code_values(frames)
 
 
-def train_classifier(frames: np.ndarray, labels: np.ndarray, classes: list, settings: TrainSettings,
-                     device: str = "cpu", arch: dict | None = None,
-                     progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None,
-                     lock=None) -> TrainResult:
+def train_classifier(
+    frames: np.ndarray,
+    labels: np.ndarray,
+    classes: list,
+    settings: TrainSettings,
+    device: str = "cpu",
+    arch: dict | None = None,
+    progress: Callable[[dict], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    lock=None,
+) -> TrainResult:
     """Train a ``code-classifier`` on uint8 frames (N, H, W) with integer ``labels``; keeps the weights of the best
     validation accuracy (the last ones without a validation split). ``progress(state)`` gets a dict after every
     validation; ``cancel()`` is checked every step; ``lock`` (e.g. the server's inference lock) is held per step."""
@@ -147,7 +166,10 @@ def train_classifier(frames: np.ndarray, labels: np.ndarray, classes: list, sett
         arch["code_values"] = code_values(frames)
     pool = int(arch.get("pool", 1))
     if frames.shape[1] % pool or frames.shape[2] % pool:
-        raise InputError(f"frames of {frames.shape[2]}x{frames.shape[1]} cannot be pooled in {pool}x{pool} blocks; use sides divisible by {pool}")
+        raise InputError(
+            f"frames of {frames.shape[2]}x{frames.shape[1]} cannot be pooled in {pool}x{pool} blocks; use sides "
+            f"divisible by {pool}"
+        )
     train_index, val_index = split_validation(labels, settings.validation_fraction, settings.seed)
     torch.manual_seed(settings.seed)
     net = build_code_classifier(arch).to(device)
@@ -188,9 +210,13 @@ def train_classifier(frames: np.ndarray, labels: np.ndarray, classes: list, sett
         net.load_state_dict(best_state)
     net.eval()
     metrics = {
-        "train_frames": int(len(train_index)), "validation_frames": int(len(val_index)),
-        "validation_accuracy": round(best, 4) if len(val_index) else None, "best_step": best_step or settings.steps,
-        "history": history, "seconds": round(time.perf_counter() - started, 1), "settings": settings.to_json(),
+        "train_frames": int(len(train_index)),
+        "validation_frames": int(len(val_index)),
+        "validation_accuracy": round(best, 4) if len(val_index) else None,
+        "best_step": best_step or settings.steps,
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": settings.to_json(),
     }
     return TrainResult(net, arch, metrics)
 
@@ -206,7 +232,7 @@ def shift_batch(x, rng, max_shift: int):
     out = torch.empty_like(x)
     shifts = rng.integers(0, 2 * max_shift + 1, size=(len(x), 2))
     for i, (dy, dx) in enumerate(shifts):
-        out[i] = padded[i, dy:dy + h, dx:dx + w]
+        out[i] = padded[i, dy : dy + h, dx : dx + w]
     return out
 
 
@@ -218,7 +244,7 @@ def predict_probabilities(net, frames: np.ndarray, device: str = "cpu", batch: i
     out = []
     with torch.inference_mode():
         for start in range(0, len(frames), batch):
-            x = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(device)
+            x = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch])).to(device)
             out.append(torch.softmax(net(x).float(), dim=1).cpu().numpy().astype(np.float64))
     return np.concatenate(out) if out else np.zeros((0, 0))
 
@@ -233,7 +259,9 @@ def binary_metrics(probability: np.ndarray, labels: np.ndarray) -> dict:
     auc = None
     if positives.any() and negatives.any():
         ranks = rankdata(probability)
-        auc = (ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * negatives.sum())
+        auc = (ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (
+            positives.sum() * negatives.sum()
+        )
     return {
         "accuracy": round(float((predicted == positives).mean()), 4),
         "auc": None if auc is None else round(float(auc), 4),

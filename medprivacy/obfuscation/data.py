@@ -22,6 +22,7 @@ one integer seed (``numpy.random.default_rng([data_seed, seed, stream])``); the 
 the stenosis label the parity of ``seed // 2``, so any run of four consecutive seeds holds every combination once.
 Train, validation and held-out test draw from disjoint seed ranges (:data:`SPLIT_SEED_BASES`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,7 +84,9 @@ def labels_of(seed: int) -> dict:
     return {"view": int(seed) % 2, "stenosis": (int(seed) // 2) % 2}
 
 
-def make_split(domain: str, split: str, count: int, size: int = DEFAULT_SIZE, data_seed: int = 0, start: int = 0) -> FrameSet:
+def make_split(
+    domain: str, split: str, count: int, size: int = DEFAULT_SIZE, data_seed: int = 0, start: int = 0
+) -> FrameSet:
     """Render ``count`` frames of ``domain`` from ``split``'s seeds."""
     if domain not in DOMAINS:
         raise InputError(f"unknown image domain {domain!r}; use {' or '.join(DOMAINS)}")
@@ -97,8 +100,6 @@ def make_split(domain: str, split: str, count: int, size: int = DEFAULT_SIZE, da
         for task in TASKS:
             labels[task][i] = frame.labels.get(task, 0)
     return FrameSet(images, labels, seeds, domain, split)
-
-
 
 
 @dataclass
@@ -151,12 +152,12 @@ def _chord_map(vessels: list[Vessel], size: int, contrast: float, motion: np.nda
         xs = corner[:, 0, None, None] + offsets[None, None, :]  # (segments, 1, side)
         ys = corner[:, 1, None, None] + offsets[None, :, None]  # (segments, side, 1)
         ab = b - a
-        length2 = np.maximum((ab ** 2).sum(axis=1), 1e-12)[:, None, None]
+        length2 = np.maximum((ab**2).sum(axis=1), 1e-12)[:, None, None]
         px, py = xs + 0.5 - a[:, 0, None, None], ys + 0.5 - a[:, 1, None, None]
         t = np.clip((px * ab[:, 0, None, None] + py * ab[:, 1, None, None]) / length2, 0.0, 1.0)
         d2 = (px - t * ab[:, 0, None, None]) ** 2 + (py - t * ab[:, 1, None, None]) ** 2
         r = ra[:, None, None] + t * (rb - ra)[:, None, None]
-        chord = 2.0 * np.sqrt(np.maximum(r ** 2 - d2, 0.0))
+        chord = 2.0 * np.sqrt(np.maximum(r**2 - d2, 0.0))
         xs, ys = np.broadcast_to(xs, chord.shape), np.broadcast_to(ys, chord.shape)
         keep = (chord > 0) & (xs >= 0) & (xs < size) & (ys >= 0) & (ys < size)
         if not keep.any():
@@ -190,7 +191,7 @@ def _background(rng, size: int) -> np.ndarray:
     along = ys * np.cos(angle) + xs * np.sin(angle)
     ribs = np.sin(2 * np.pi * along * rng.uniform(3.0, 5.0) + rng.uniform(0, 2 * np.pi))
     image -= rng.uniform(0.01, 0.05) * np.clip(ribs, 0, None) ** 2
-    spine = np.exp(-((xs - rng.uniform(0.1, 0.35)) / rng.uniform(0.05, 0.1)) ** 2)
+    spine = np.exp(-(((xs - rng.uniform(0.1, 0.35)) / rng.uniform(0.05, 0.1)) ** 2))
     image -= rng.uniform(0.0, 0.08) * spine
     texture = gaussian_filter(rng.normal(size=(size, size)), rng.uniform(1.0, 2.5) * size / 128)
     image += rng.uniform(0.01, 0.03) * texture / (texture.std() + 1e-8)
@@ -199,7 +200,9 @@ def _background(rng, size: int) -> np.ndarray:
     return np.clip(image, 0.35, 0.95)
 
 
-def _acquire(background: np.ndarray, chord: np.ndarray, mu: float, noise: float, blur: float, rng, size: int) -> np.ndarray:
+def _acquire(
+    background: np.ndarray, chord: np.ndarray, mu: float, noise: float, blur: float, rng, size: int
+) -> np.ndarray:
     """Attenuate, average the supersampled grid down to ``size``, add quantum noise and detector blur."""
     from scipy.ndimage import gaussian_filter
 
@@ -237,7 +240,9 @@ def render_angio(seed: int, size: int = DEFAULT_SIZE, data_seed: int = 0) -> Fra
     mu = rng.uniform(0.22, 0.32) * _vessel_scale(big)
     acquisition = np.random.default_rng([data_seed, seed, 3])
     background = _background(acquisition, big)
-    image = _acquire(background, chord, mu, acquisition.uniform(0.012, 0.03), acquisition.uniform(0.3, 0.6), acquisition, size)
+    image = _acquire(
+        background, chord, mu, acquisition.uniform(0.012, 0.03), acquisition.uniform(0.3, 0.6), acquisition, size
+    )
     vessels = chord.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3)) >= 0.2 * SUPERSAMPLE
     info = dict(tree.info, phase=round(float(phase), 3), contrast=round(float(contrast), 3))
     return Frame(image, labels_of(seed), "angio", int(seed), vessels, info)
@@ -269,17 +274,22 @@ def render_run(seed: int, frames: int = 12, size: int = DEFAULT_SIZE, data_seed:
 
 # ------------------------------------------------------------------------------------------------------ fundus
 
+
 @functools.lru_cache(maxsize=1)
 def _retina() -> tuple[np.ndarray, np.ndarray, float]:
     """The fundus photograph's green channel (float32 [0, 1]), its field-of-view centre (row, col) and radius."""
     try:
         from skimage import data
     except ImportError:
-        raise InputError("the fundus domain needs scikit-image (its data.retina() photograph); run 'pip install scikit-image'") from None
+        raise InputError(
+            "the fundus domain needs scikit-image (its data.retina() photograph); run 'pip install scikit-image'"
+        ) from None
     try:
         photo = data.retina()
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        raise InputError(f"scikit-image could not load its bundled retina image ({exc}); reinstall scikit-image") from None
+        raise InputError(
+            f"scikit-image could not load its bundled retina image ({exc}); reinstall scikit-image"
+        ) from None
     green = photo[..., 1].astype(np.float32) / 255.0
     fov = photo.astype(np.float32).mean(axis=2) / 255.0 > 0.06
     rows, cols = np.nonzero(fov)
@@ -302,8 +312,9 @@ def render_fundus(seed: int, size: int = DEFAULT_SIZE, data_seed: int = 0) -> Fr
     u = (cols + 0.5 - size / 2) * side / size
     if rng.random() < 0.5:
         u = -u
-    coords = np.stack([view_centre[0] + np.cos(angle) * v - np.sin(angle) * u,
-                       view_centre[1] + np.sin(angle) * v + np.cos(angle) * u])
+    coords = np.stack(
+        [view_centre[0] + np.cos(angle) * v - np.sin(angle) * u, view_centre[1] + np.sin(angle) * v + np.cos(angle) * u]
+    )
     factor = side / size
     source = gaussian_filter(green, 0.5 * (factor - 1.0) + 0.3) if factor > 1.05 else green
     image = map_coordinates(source, coords, order=1, mode="constant", cval=0.0)

@@ -5,6 +5,7 @@ file inside (not in deeper folders, hidden files skipped) is one example, and ev
 (a run) gets the label of its folder. CSV: one ``path,label`` row per file (a header row ``path,label`` is
 allowed), paths relative to the CSV's folder; classes are the distinct labels in sorted order.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,14 +50,21 @@ def dataset_files(dataset: str | os.PathLike) -> LabelledFiles:
             labels += [len(classes) - 1] * len(files)
         if len(classes) < 2:
             found = f"only the class folder {classes[0]!r}" if classes else "no class folder with image files"
-            raise InputError(f"{dataset} has {found}; a classifier needs at least two classes: one subfolder per class, "
-                             "each holding PNG, TIFF, DICOM, NIfTI or NRRD frames")
+            raise InputError(
+                f"{dataset} has {found}; a classifier needs at least two classes: one subfolder per class, "
+                "each holding PNG, TIFF, DICOM, NIfTI or NRRD frames"
+            )
         return LabelledFiles(paths, labels, classes)
     if dataset.is_file() and dataset.suffix.lower() == ".csv":
         return _csv_files(dataset)
     if not dataset.exists():
-        raise InputError(f"dataset {dataset} does not exist; give a folder with one subfolder per class, or a CSV of path,label")
-    raise InputError(f"dataset {dataset} is neither a folder nor a .csv file; give a folder with one subfolder per class, or a CSV of path,label")
+        raise InputError(
+            f"dataset {dataset} does not exist; give a folder with one subfolder per class, or a CSV of path,label"
+        )
+    raise InputError(
+        f"dataset {dataset} is neither a folder nor a .csv file; give a folder with one subfolder per class, or a "
+        "CSV of path,label"
+    )
 
 
 def _csv_files(path: Path) -> LabelledFiles:
@@ -64,7 +72,9 @@ def _csv_files(path: Path) -> LabelledFiles:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"cannot read {path} as CSV ({type(exc).__name__}); write one 'path,label' row per file") from None
+        raise InputError(
+            f"cannot read {path} as CSV ({type(exc).__name__}); write one 'path,label' row per file"
+        ) from None
     if rows and [cell.strip().lower() for cell in rows[0]] == ["path", "label"]:
         rows = rows[1:]
     entries = []
@@ -84,23 +94,36 @@ def _csv_files(path: Path) -> LabelledFiles:
     return LabelledFiles([f for f, _ in entries], [index[label] for _, label in entries], classes)
 
 
-def obfuscate_dataset(files: LabelledFiles, obfuscator, progress: Callable[[str, float], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def obfuscate_dataset(
+    files: LabelledFiles,
+    obfuscator,
+    progress: Callable[[str, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every frame of every file through the site key: (codes (N, h, w) uint8, labels (N,) int64)."""
     codes, labels = [], []
     for number, (path, label) in enumerate(zip(files.paths, files.labels)):
         if cancel is not None and cancel():
             raise CancelledError(f"obfuscation cancelled after {number} of {len(files.paths)} files")
         if progress is not None:
-            progress(f"obfuscating {Path(path).name} ({number + 1}/{len(files.paths)})", number / max(1, len(files.paths)))
+            progress(
+                f"obfuscating {Path(path).name} ({number + 1}/{len(files.paths)})", number / max(1, len(files.paths))
+            )
         frames = read_frames(path)
         codes.append(obfuscator.obfuscate(frames.pixels))
         labels.append(np.full(frames.count, label, dtype=np.int64))
     return np.concatenate(codes), np.concatenate(labels)
 
 
-def train_on_server(dataset: str | os.PathLike, key, client, steps: int, name: str = "",
-                    progress: Callable[[str, float], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+def train_on_server(
+    dataset: str | os.PathLike,
+    key,
+    client,
+    steps: int,
+    name: str = "",
+    progress: Callable[[str, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
     """Obfuscate a labelled dataset (folder per class, or CSV) under the site ``key`` here, train a model on the
     server (an ``ObfuscationClient``) and follow the job; a cancel cancels the job there too. Returns the finished job
     (its ``model`` is the new model id). The Slicer logic and the worker process share this path."""
@@ -124,6 +147,8 @@ def train_on_server(dataset: str | os.PathLike, key, client, steps: int, name: s
             fraction = float(done.get("fraction") or 0.0)
             accuracy = done.get("validation_accuracy")
             text = f"training on the server: step {done.get('step', 0)}/{done.get('steps', steps)}"
-            progress(text + (f", validation accuracy {accuracy:.3f}" if accuracy is not None else ""), 0.3 + 0.7 * fraction)
+            progress(
+                text + (f", validation accuracy {accuracy:.3f}" if accuracy is not None else ""), 0.3 + 0.7 * fraction
+            )
 
     return client.wait(job["job"], progress=follow, cancel=cancel, poll=0.5)

@@ -5,6 +5,7 @@ It drives the same commands a user types (``medprivacy obfuscate keygen | train 
 server the demo already started, and prints them so they can be copied. Frames are synthetic coronary angiograms
 (held-out seeds, 16-bit PNG) of the two views, LCA and RCA; the run to classify is a multi-frame DICOM.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -31,8 +32,11 @@ def run_obfuscation_demo(url: str, out: Path, token_file: Path | None = None) ->
     from .keygen import VAE_MODEL
 
     if VAE_MODEL not in load_manifest().get("models", {}):
-        print(f"ObfuscationPrivacy: no {VAE_MODEL} in the model manifest; train it with `medprivacy obfuscate train-models` "
-              "and run the demo again")
+        print(
+            f"ObfuscationPrivacy: no {VAE_MODEL} in the model manifest; train it with `medprivacy obfuscate "
+            "train-models` "
+            "and run the demo again"
+        )
         return 0
     client = ObfuscationClient(url, token_file=token_file)
     if "obfuscation" not in client.info():
@@ -67,12 +71,18 @@ def run_obfuscation_demo(url: str, out: Path, token_file: Path | None = None) ->
     with open(out / "classification.csv", newline="", encoding="utf-8") as handle:
         predicted = {row["file"]: row["class"] for row in csv.DictReader(handle) if row["file"] != run.name}
     correct = sum(1 for path in tests if predicted.get(path.name) == _truth(path))
-    print(f"ObfuscationPrivacy: {correct}/{len(tests)} held-out frames classified correctly (LCA vs RCA) by a model the server "
-          f"trained on obfuscated frames only")
+    print(
+        f"ObfuscationPrivacy: {correct}/{len(tests)} held-out frames classified correctly (LCA vs RCA) by a model "
+        "the server "
+        f"trained on obfuscated frames only"
+    )
     grid = out / "before_after.png"
     write_before_after(tests[:4] + [run], key_dir, grid)
-    print(f"ObfuscationPrivacy: pairs of original | what the server received in {grid}; {out / 'what_left_this_computer'} "
-          "holds the run and two frames exactly as they are sent (codes and geometry only: no header, no patient data)")
+    print(
+        f"ObfuscationPrivacy: pairs of original | what the server received in {grid}; "
+        f"{out / 'what_left_this_computer'} "
+        "holds the run and two frames exactly as they are sent (codes and geometry only: no header, no patient data)"
+    )
     return 0
 
 
@@ -93,7 +103,9 @@ def write_demo_frames(out: Path) -> tuple[Path, list, Path]:
         frame = render_angio(seed, DEMO_SIZE)
         folder = dataset / VIEWS[frame.labels["view"]]
         folder.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(sitk.GetImageFromArray(np.round(frame.image * 65535).astype(np.uint16)), str(folder / f"{seed}.png"))
+        sitk.WriteImage(
+            sitk.GetImageFromArray(np.round(frame.image * 65535).astype(np.uint16)), str(folder / f"{seed}.png")
+        )
     tests_folder = out / "new_frames"
     tests_folder.mkdir()
     tests = []
@@ -156,14 +168,16 @@ def write_before_after(paths: list, key_dir: Path, target: Path) -> None:
         import torch
         import torch.nn.functional as F
 
-        return F.interpolate(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None], size=(size, size), mode="nearest")[0, 0].numpy()
+        return F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None], size=(size, size), mode="nearest"
+        )[0, 0].numpy()
 
     rows = -(-len(tiles) // pairs_per_row)
     pair_width = 2 * size + gap
     canvas = np.ones((rows * (size + gap) - gap, pairs_per_row * (pair_width + 3 * gap) - 3 * gap), dtype=np.float32)
     for index, (original, obfuscated) in enumerate(tiles):
         top, left = (index // pairs_per_row) * (size + gap), (index % pairs_per_row) * (pair_width + 3 * gap)
-        canvas[top:top + size, left:left + size] = fit(original)
-        canvas[top:top + size, left + size + gap:left + pair_width] = fit(obfuscated)
+        canvas[top : top + size, left : left + size] = fit(original)
+        canvas[top : top + size, left + size + gap : left + pair_width] = fit(obfuscated)
     pixels = np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
     write_atomically(target, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(pixels), str(tmp)))

@@ -15,6 +15,7 @@ accuracies. Privacy (angiograms and fundus crops): every attack of :mod:`medpriv
 with SSIM, PSNR and vessel Dice against the two baselines, and the issue's targets: SSIM at most the mean-frame
 baseline + 0.05 and vessel Dice at most 0.3 for the strongest attack of each threat model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ class EvalConfig:
     domains: tuple = ("angio", "fundus")
     params: dict = field(default_factory=dict)  # mapping parameter overrides (trade-off curves)
     attacks: tuple = ("a", "b", "oracle")  # which threat models to run (a subset skips the others' training)
-    retrain_attack_a: int = 0  # steps: retrain the threat-(a) attackers for these parameters instead of loading the shipped ones
+    retrain_attack_a: int = (
+        0  # steps: retrain the threat-(a) attackers for these parameters instead of loading the shipped ones
+    )
     grid_frames: int = 3
     device: str = "auto"
     threads: int = 0
@@ -69,9 +72,22 @@ class EvalConfig:
         if name == "cpu-small":
             config = cls(preset=name)
         elif name == "smoke":
-            config = cls(preset=name, size=32, train_frames=48, test_frames=16, classifier_steps=4, privacy_frames=4,
-                         public_frames={"angio": 24, "fundus": 12}, leaked=(1, 2), leaked_for_networks=2, attack_steps=3,
-                         finetune_steps=2, attack_channels=(4, 8, 16), attack_batch=4, grid_frames=1)
+            config = cls(
+                preset=name,
+                size=32,
+                train_frames=48,
+                test_frames=16,
+                classifier_steps=4,
+                privacy_frames=4,
+                public_frames={"angio": 24, "fundus": 12},
+                leaked=(1, 2),
+                leaked_for_networks=2,
+                attack_steps=3,
+                finetune_steps=2,
+                attack_channels=(4, 8, 16),
+                attack_batch=4,
+                grid_frames=1,
+            )
         else:
             raise InputError(f"unknown preset {name!r}; use {' or '.join(PRESETS)}")
         return replace(config, **overrides)
@@ -113,15 +129,28 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
     started = time.time()
     vae, vae_spec = load_model(VAE_MODEL, models_dir, device)
     if tuple(vae_spec.patch_size) != (config.size, config.size):
-        raise InputError(f"the VAE in the models folder works on {vae_spec.patch_size[0]}x{vae_spec.patch_size[1]} frames, "
-                         f"not {config.size}x{config.size}; pick the matching preset")
+        raise InputError(
+            f"the VAE in the models folder works on {vae_spec.patch_size[0]}x{vae_spec.patch_size[1]} frames, "
+            f"not {config.size}x{config.size}; pick the matching preset"
+        )
     params = MappingParams(**{**asdict(default_params(vae_spec.patch_size)), **config.params}).check()
-    report = {"format": REPORT_FORMAT, "config": config.to_json(), "mapping": params.to_json(),
-              "vae": {"sha256": vae_spec.sha256, "latent_size": vae_spec.arch["latent_size"]}, "device": device}
+    report = {
+        "format": REPORT_FORMAT,
+        "config": config.to_json(),
+        "mapping": params.to_json(),
+        "vae": {"sha256": vae_spec.sha256, "latent_size": vae_spec.arch["latent_size"]},
+        "device": device,
+    }
     with tempfile.TemporaryDirectory(prefix="obfuscation-eval-") as folder:
         secret = np.random.default_rng([config.key_seed, 1]).bytes(32)
-        key = create_site_key(Path(folder) / "victim-key", params=params, models_dir=models_dir, device=device,
-                              random=pyrandom.Random(config.key_seed), secret=secret)
+        key = create_site_key(
+            Path(folder) / "victim-key",
+            params=params,
+            models_dir=models_dir,
+            device=device,
+            random=pyrandom.Random(config.key_seed),
+            secret=secret,
+        )
         obfuscator = Obfuscator(key, device)
         report["victim_key"] = {"key_id": key.key_id, "seed": config.key_seed}
         progress(f"victim key {key.key_id}: {key.describe()}")
@@ -131,8 +160,9 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
         examples = {}
         for domain in config.domains:
             public = public_frames(domain, "train", config.public_frames[domain], config.size, config.data_seed)
-            report["privacy"][domain], examples[domain] = privacy(config, domain, public, key, obfuscator, vae, vae_spec,
-                                                                  params, models_dir, device, progress)
+            report["privacy"][domain], examples[domain] = privacy(
+                config, domain, public, key, obfuscator, vae, vae_spec, params, models_dir, device, progress
+            )
     report["targets"] = _targets(report)
     report["seconds"] = round(time.time() - started, 1)
     if grid is not None:
@@ -143,6 +173,7 @@ def _evaluate(config: EvalConfig, models_dir, grid, progress, device: str) -> di
 
 # --- utility ---------------------------------------------------------------------------------------------------
 
+
 def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
     from .classifier import DEFAULT_ARCH, TrainSettings, binary_metrics, predict_probabilities, train_classifier
     from .data import TASKS, make_split
@@ -152,12 +183,19 @@ def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
     progress(f"utility: rendering {config.train_frames} training and {config.test_frames} test angiograms")
     train = make_split("angio", "train", config.train_frames, config.size, config.data_seed, start=VICTIM_TRAIN_OFFSET)
     test = make_split("angio", "test", config.test_frames, config.size, config.data_seed)
-    prepared = {"train": resize(normalise(train.images), (config.size, config.size)),
-                "test": resize(normalise(test.images), (config.size, config.size))}
+    prepared = {
+        "train": resize(normalise(train.images), (config.size, config.size)),
+        "test": resize(normalise(test.images), (config.size, config.size)),
+    }
     labels = {"train": train.labels[config.task], "test": test.labels[config.task]}
     settings = TrainSettings(steps=config.classifier_steps, seed=config.key_seed)
-    out = {"task": config.task, "classes": classes, "train_frames": config.train_frames, "test_frames": config.test_frames,
-           "steps": config.classifier_steps}
+    out = {
+        "task": config.task,
+        "classes": classes,
+        "train_frames": config.train_frames,
+        "test_frames": config.test_frames,
+        "steps": config.classifier_steps,
+    }
     for name, arch in (("plain", dict(DEFAULT_ARCH, input="intensity")), ("obfuscated", dict(DEFAULT_ARCH))):
         t0 = time.time()
         if name == "plain":
@@ -168,8 +206,11 @@ def _utility(config: EvalConfig, obfuscator, device: str, progress) -> dict:
         progress(f"utility: training the {name} classifier ({config.classifier_steps} steps)")
         result = train_classifier(frames["train"], labels["train"], classes, settings, device=device, arch=arch)
         probabilities = predict_probabilities(result.net, frames["test"], device)[:, 1]
-        out[name] = dict(binary_metrics(probabilities, labels["test"]), validation_accuracy=result.metrics["validation_accuracy"],
-                         seconds=round(time.time() - t0, 1))
+        out[name] = dict(
+            binary_metrics(probabilities, labels["test"]),
+            validation_accuracy=result.metrics["validation_accuracy"],
+            seconds=round(time.time() - t0, 1),
+        )
         progress(f"utility: {name} {out[name]}")
     out["accuracy_ratio"] = round(out["obfuscated"]["accuracy"] / max(out["plain"]["accuracy"], 1e-9), 4)
     return out
@@ -179,8 +220,11 @@ def _targets(report: dict) -> dict:
     out = {}
     utility = report.get("utility")
     if utility:
-        out["utility"] = {"accuracy_ratio": utility["accuracy_ratio"], "target": UTILITY_TARGET,
-                          "met": utility["accuracy_ratio"] >= UTILITY_TARGET}
+        out["utility"] = {
+            "accuracy_ratio": utility["accuracy_ratio"],
+            "target": UTILITY_TARGET,
+            "met": utility["accuracy_ratio"] >= UTILITY_TARGET,
+        }
     for domain, privacy in report.get("privacy", {}).items():
         ceiling = privacy["baselines"]["mean-frame"]["ssim"] + SSIM_MARGIN
         rows = {}
@@ -190,9 +234,16 @@ def _targets(report: dict) -> dict:
                 continue
             worst_ssim = max(attacks.items(), key=lambda kv: kv[1]["ssim"])
             worst_dice = max(attacks.items(), key=lambda kv: kv[1]["vessel_dice"])
-            rows[threat] = {"ssim": worst_ssim[1]["ssim"], "ssim_attack": worst_ssim[0], "ssim_ceiling": round(ceiling, 4),
-                            "ssim_met": worst_ssim[1]["ssim"] <= ceiling, "vessel_dice": worst_dice[1]["vessel_dice"],
-                            "dice_attack": worst_dice[0], "dice_target": DICE_TARGET, "dice_met": worst_dice[1]["vessel_dice"] <= DICE_TARGET}
+            rows[threat] = {
+                "ssim": worst_ssim[1]["ssim"],
+                "ssim_attack": worst_ssim[0],
+                "ssim_ceiling": round(ceiling, 4),
+                "ssim_met": worst_ssim[1]["ssim"] <= ceiling,
+                "vessel_dice": worst_dice[1]["vessel_dice"],
+                "dice_attack": worst_dice[0],
+                "dice_target": DICE_TARGET,
+                "dice_met": worst_dice[1]["vessel_dice"] <= DICE_TARGET,
+            }
         out[domain] = rows
     return out
 
@@ -225,7 +276,7 @@ def write_grid(examples: dict, path: Path) -> None:
         for c, image in enumerate(row):
             tile = np.kron(np.clip(image, 0, 1), np.ones((scale, scale)))
             top, left = r * (size * scale + gap), c * (size * scale + gap)
-            canvas[top:top + size * scale, left:left + size * scale] = tile
+            canvas[top : top + size * scale, left : left + size * scale] = tile
     pixels = np.round(canvas * 255).astype(np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,32 +285,63 @@ def write_grid(examples: dict, path: Path) -> None:
 
 # --- CLI -------------------------------------------------------------------------------------------------------
 
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="report (JSON) to write")
-    parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of example frames and reconstructions")
-    parser.add_argument("--preset", choices=PRESETS, default="cpu-small", help="cpu-small (about an hour on one core) or smoke (tests)")
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="also write a PNG of example frames and reconstructions"
+    )
+    parser.add_argument(
+        "--preset", choices=PRESETS, default="cpu-small", help="cpu-small (about an hour on one core) or smoke (tests)"
+    )
     parser.add_argument("--models-dir", type=Path, default=None, help="models folder (default: Resources/Models)")
-    parser.add_argument("--task", choices=("view", "stenosis"), default="view", help="classification task (default view: LCA vs RCA)")
+    parser.add_argument(
+        "--task", choices=("view", "stenosis"), default="view", help="classification task (default view: LCA vs RCA)"
+    )
     parser.add_argument("--key-seed", type=int, default=0, help="seed of the victim key's table and secret (default 0)")
     parser.add_argument("--domains", default="angio,fundus", help="privacy domains (default angio,fundus)")
-    parser.add_argument("--temperature", type=float, default=None, help="override the mapping default (trade-off curves)")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="override the mapping default (trade-off curves)"
+    )
     parser.add_argument("--dither", type=float, default=None)
     parser.add_argument("--levels", type=int, default=None)
     parser.add_argument("--codes", type=int, default=None)
-    parser.add_argument("--attack-steps", type=int, default=None, help="steps of the b-keyfit and key-known networks (default 2000)")
-    parser.add_argument("--attack-channels", default=None, help="U-Net widths of the attack networks, e.g. 16,32,64,128 (default 32,64,128,256)")
-    parser.add_argument("--retrain-attack-a", type=int, default=0, metavar="STEPS",
-                        help="train the threat-(a) attackers for the given parameters instead of loading the shipped ones")
-    parser.add_argument("--attacks", default="a,b,oracle",
-                        help="threat models to run: a subset of a,b,oracle (default all; b needs the (a) network too)")
+    parser.add_argument(
+        "--attack-steps", type=int, default=None, help="steps of the b-keyfit and key-known networks (default 2000)"
+    )
+    parser.add_argument(
+        "--attack-channels",
+        default=None,
+        help="U-Net widths of the attack networks, e.g. 16,32,64,128 (default 32,64,128,256)",
+    )
+    parser.add_argument(
+        "--retrain-attack-a",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="train the threat-(a) attackers for the given parameters instead of loading the shipped ones",
+    )
+    parser.add_argument(
+        "--attacks",
+        default="a,b,oracle",
+        help="threat models to run: a subset of a,b,oracle (default all; b needs the (a) network too)",
+    )
     parser.add_argument("--skip-utility", action="store_true", help="privacy only")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0)
 
 
 def run_eval(args) -> int:
-    overrides = {k: v for k, v in (("temperature", args.temperature), ("dither", args.dither), ("levels", args.levels),
-                                   ("codes", args.codes)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("temperature", args.temperature),
+            ("dither", args.dither),
+            ("levels", args.levels),
+            ("codes", args.codes),
+        )
+        if v is not None
+    }
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     if not domains or set(domains) - {"angio", "fundus"}:
         raise InputError("--domains takes angio, fundus or both (comma-separated)")
@@ -275,9 +357,20 @@ def run_eval(args) -> int:
         try:
             budget["attack_channels"] = tuple(int(v) for v in args.attack_channels.split(","))
         except ValueError:
-            raise InputError(f"--attack-channels takes comma-separated widths, e.g. 16,32,64,128 (got {args.attack_channels!r})") from None
-    config = EvalConfig.preset_config(args.preset, task=args.task, key_seed=args.key_seed, domains=domains, params=overrides,
-                                      retrain_attack_a=args.retrain_attack_a, device=args.device, threads=args.threads, **budget)
+            raise InputError(
+                f"--attack-channels takes comma-separated widths, e.g. 16,32,64,128 (got {args.attack_channels!r})"
+            ) from None
+    config = EvalConfig.preset_config(
+        args.preset,
+        task=args.task,
+        key_seed=args.key_seed,
+        domains=domains,
+        params=overrides,
+        retrain_attack_a=args.retrain_attack_a,
+        device=args.device,
+        threads=args.threads,
+        **budget,
+    )
     if args.skip_utility:
         config = replace(config, train_frames=0)
     if not args.out.parent.is_dir():
@@ -297,14 +390,21 @@ def summary(report: dict) -> str:
     if utility:
         for name in ("plain", "obfuscated"):
             m = utility[name]
-            lines.append(f"utility ({utility['task']}) {name}: accuracy {m['accuracy']}, AUC {m['auc']}, sensitivity "
-                         f"{m['sensitivity']}, specificity {m['specificity']}")
+            lines.append(
+                f"utility ({utility['task']}) {name}: accuracy {m['accuracy']}, AUC {m['auc']}, sensitivity "
+                f"{m['sensitivity']}, specificity {m['specificity']}"
+            )
         lines.append(f"accuracy ratio obfuscated/plain {utility['accuracy_ratio']} (target >= {UTILITY_TARGET})")
     for domain, privacy in report.get("privacy", {}).items():
         for name, row in {**privacy["baselines"], **privacy["reference"], **privacy["attacks"]}.items():
-            lines.append(f"privacy/{domain} {name}: SSIM {row['ssim']}, PSNR {row['psnr']}, vessel Dice {row['vessel_dice']}")
+            lines.append(
+                f"privacy/{domain} {name}: SSIM {row['ssim']}, PSNR {row['psnr']}, vessel Dice {row['vessel_dice']}"
+            )
         for threat, row in report["targets"][domain].items():
-            lines.append(f"targets/{domain} threat {threat}: SSIM {row['ssim']} ({row['ssim_attack']}) vs ceiling {row['ssim_ceiling']} "
-                         f"{'met' if row['ssim_met'] else 'MISSED'}; vessel Dice {row['vessel_dice']} ({row['dice_attack']}) "
-                         f"{'met' if row['dice_met'] else 'MISSED'}")
+            lines.append(
+                f"targets/{domain} threat {threat}: SSIM {row['ssim']} ({row['ssim_attack']}) vs ceiling "
+                f"{row['ssim_ceiling']} "
+                f"{'met' if row['ssim_met'] else 'MISSED'}; vessel Dice {row['vessel_dice']} ({row['dice_attack']}) "
+                f"{'met' if row['dice_met'] else 'MISSED'}"
+            )
     return "\n".join(lines)

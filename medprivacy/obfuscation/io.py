@@ -10,6 +10,7 @@ the pixel spacing grows by the same factor and the origin moves by half the chan
 place. It carries nothing else: no DICOM header, no patient name, no description, whatever the input held (a DICOM
 input becomes NRRD). Writes are atomic.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,11 @@ class Frames:
 
 
 def frame_format(path: str | os.PathLike) -> str:
-    return file_format(path, READ_FORMATS, "ObfuscationPrivacy reads PNG, TIFF, DICOM (single or multi-frame), "
-                                           "NIfTI (.nii, .nii.gz) and NRRD")
+    return file_format(
+        path,
+        READ_FORMATS,
+        "ObfuscationPrivacy reads PNG, TIFF, DICOM (single or multi-frame), NIfTI (.nii, .nii.gz) and NRRD",
+    )
 
 
 def read_frames(path: str | os.PathLike) -> Frames:
@@ -71,10 +75,14 @@ def _check(pixels: np.ndarray, name: str) -> None:
     if pixels.ndim != 3 or min(pixels.shape) < 1:
         raise InputError(f"{name} holds no frames (shape {pixels.shape})")
     if pixels.shape[0] > MAX_FRAMES or max(pixels.shape[1:]) > MAX_SIDE:
-        raise InputError(f"{name} is {pixels.shape[2]}x{pixels.shape[1]} with {pixels.shape[0]} frames; at most {MAX_FRAMES} "
-                         f"frames of at most {MAX_SIDE} pixels a side are accepted")
+        raise InputError(
+            f"{name} is {pixels.shape[2]}x{pixels.shape[1]} with {pixels.shape[0]} frames; at most {MAX_FRAMES} "
+            f"frames of at most {MAX_SIDE} pixels a side are accepted"
+        )
     if min(pixels.shape[1:]) < 8:
-        raise InputError(f"{name} is only {pixels.shape[2]}x{pixels.shape[1]} pixels; give frames at least 8 pixels a side")
+        raise InputError(
+            f"{name} is only {pixels.shape[2]}x{pixels.shape[1]} pixels; give frames at least 8 pixels a side"
+        )
     if pixels.dtype.kind not in "biuf":
         raise InputError(f"{name} has pixels of type {pixels.dtype}; give gray intensities")
 
@@ -85,8 +93,10 @@ def _read_itk(path: Path, fmt: str) -> Frames:
     image = read_itk(path, fmt)
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
-        raise InputError(f"{path.name} has {components} components per pixel (colour); ObfuscationPrivacy works on gray frames, "
-                         "convert it first (for a fundus photograph, its green channel)")
+        raise InputError(
+            f"{path.name} has {components} components per pixel (colour); ObfuscationPrivacy works on gray frames, "
+            "convert it first (for a fundus photograph, its green channel)"
+        )
     dimension = image.GetDimension()
     if dimension == 4 and image.GetSize()[3] == 1:
         image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
@@ -116,8 +126,14 @@ def _read_dicom(path: Path) -> Frames:
         array = array.max() - array.astype(np.float64) + array.min()
     spacing = _dicom_spacing(dataset)
     frame_time = float(dataset.get("FrameTime", 0) or 0) / 1000.0 or 1.0
-    return Frames(np.ascontiguousarray(array), path, "dicom", (spacing[1], spacing[0], frame_time), (0.0, 0.0, 0.0),
-                  info={"frame_time_s": frame_time})
+    return Frames(
+        np.ascontiguousarray(array),
+        path,
+        "dicom",
+        (spacing[1], spacing[0], frame_time),
+        (0.0, 0.0, 0.0),
+        info={"frame_time_s": frame_time},
+    )
 
 
 def _dicom_spacing(dataset) -> tuple[float, float]:

@@ -20,6 +20,7 @@ the VAE file's sha256. Loading refuses a folder or file that other users can rea
 VAE weights that do not match. This detects damage, hand edits and swapped files; it cannot stop someone who can
 write the folder, since that person holds the key anyway.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,18 +69,28 @@ class MappingParams:
 
     def check(self) -> MappingParams:
         if not (2 <= self.codes <= 256 and self.codes < self.levels <= 4096 and self.levels % self.codes == 0):
-            raise InputError(f"the mapping needs 2 <= codes < levels <= 4096 with levels a multiple of codes "
-                             f"(got {self.levels} levels, {self.codes} codes): it must be many-to-one")
+            raise InputError(
+                f"the mapping needs 2 <= codes < levels <= 4096 with levels a multiple of codes "
+                f"(got {self.levels} levels, {self.codes} codes): it must be many-to-one"
+            )
         if not (0.0 <= self.dither <= 64.0) or not (0.0 <= self.temperature <= 4.0):
-            raise InputError(f"dither {self.dither} must lie in [0, 64] quantisation steps and temperature {self.temperature} in [0, 4]")
+            raise InputError(
+                f"dither {self.dither} must lie in [0, 64] quantisation steps and temperature {self.temperature} in "
+                "[0, 4]"
+            )
         size = tuple(int(v) for v in self.frame_size)
         if len(size) != 2 or min(size) < 8:
             raise InputError(f"frame size {self.frame_size} must be (H, W), both at least 8")
         return self
 
     def to_json(self) -> dict:
-        return {"levels": self.levels, "codes": self.codes, "dither": self.dither, "temperature": self.temperature,
-                "frame_size": [int(v) for v in self.frame_size]}
+        return {
+            "levels": self.levels,
+            "codes": self.codes,
+            "dither": self.dither,
+            "temperature": self.temperature,
+            "frame_size": [int(v) for v in self.frame_size],
+        }
 
 
 @dataclass
@@ -105,8 +116,10 @@ class SiteKey:
 
     def describe(self) -> str:
         p = self.params
-        return (f"key {self.key_id}: {p.levels} levels -> {p.codes} codes, dither {p.dither:g}, temperature "
-                f"{p.temperature:g}, frames {p.frame_size[0]}x{p.frame_size[1]}, VAE {self.vae.get('source', '?')}")
+        return (
+            f"key {self.key_id}: {p.levels} levels -> {p.codes} codes, dither {p.dither:g}, temperature "
+            f"{p.temperature:g}, frames {p.frame_size[0]}x{p.frame_size[1]}, VAE {self.vae.get('source', '?')}"
+        )
 
     def frame_seed(self, digest: bytes) -> bytes:
         """32 bytes for one frame's randomness: only the key holder can compute them."""
@@ -117,50 +130,89 @@ class SiteKey:
         directory = Path(key_dir) if key_dir is not None else default_key_dir()
         path = directory / KEY_FILE
         if not path.is_file():
-            raise InputError(f"no obfuscation key in {directory}; create one with 'medprivacy obfuscate keygen --key-dir {directory}' "
-                             "(or 'Generate key' in Slicer)")
+            raise InputError(
+                f"no obfuscation key in {directory}; create one with 'medprivacy obfuscate keygen --key-dir "
+                f"{directory}' "
+                "(or 'Generate key' in Slicer)"
+            )
         _check_private(directory, path)
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"the obfuscation key in {directory} is damaged ({type(exc).__name__}); restore it from your backup") from None
+            raise InputError(
+                f"the obfuscation key in {directory} is damaged ({type(exc).__name__}); restore it from your backup"
+            ) from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise InputError(f"{path} is not a MedPrivacy obfuscation key")
         if document.get("version") != FORMAT_VERSION:
-            raise VersionMismatchError(f"{path} is an obfuscation key of version {document.get('version')}; this MedPrivacy reads "
-                                       f"version {FORMAT_VERSION}: update MedPrivacy")
+            raise VersionMismatchError(
+                f"{path} is an obfuscation key of version {document.get('version')}; this MedPrivacy reads "
+                f"version {FORMAT_VERSION}: update MedPrivacy"
+            )
         try:
             secret = base64.b64decode(document["secret"], validate=True)
             given_mac = str(document["mac"])
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"the obfuscation key in {directory} is damaged (no secret or integrity code); restore it from your backup") from None
+            raise InputError(
+                f"the obfuscation key in {directory} is damaged (no secret or integrity code); restore it from your "
+                "backup"
+            ) from None
         if len(secret) != SECRET_BYTES or not hmac.compare_digest(_mac(secret, document), given_mac):
-            raise InputError(f"the obfuscation key in {directory} fails its integrity check (a byte was changed or the file is "
-                             "damaged); restore it from your backup: a new key cannot read data made with the old one")
+            raise InputError(
+                f"the obfuscation key in {directory} fails its integrity check (a byte was changed or the file is "
+                "damaged); restore it from your backup: a new key cannot read data made with the old one"
+            )
         vae_path = directory / VAE_FILE
         if not vae_path.is_file():
-            raise InputError(f"the obfuscation key in {directory} lacks its VAE weights ({VAE_FILE}); restore the whole folder from your backup")
+            raise InputError(
+                f"the obfuscation key in {directory} lacks its VAE weights ({VAE_FILE}); restore the whole folder "
+                "from your backup"
+            )
         _check_private(directory, vae_path)
         from ..nets.registry import file_sha256
 
         if file_sha256(vae_path) != document["vae"]["sha256"]:
-            raise InputError(f"{vae_path} does not match the key (sha256 differs): the file was replaced or damaged; "
-                             "restore the whole key folder from your backup")
+            raise InputError(
+                f"{vae_path} does not match the key (sha256 differs): the file was replaced or damaged; "
+                "restore the whole key folder from your backup"
+            )
         try:
             mapping = document["mapping"]
-            params = MappingParams(levels=int(mapping["levels"]), codes=int(mapping["codes"]), dither=float(document["params"]["dither"]),
-                                   temperature=float(document["params"]["temperature"]),
-                                   frame_size=tuple(int(v) for v in document["params"]["frame_size"])).check()
+            params = MappingParams(
+                levels=int(mapping["levels"]),
+                codes=int(mapping["codes"]),
+                dither=float(document["params"]["dither"]),
+                temperature=float(document["params"]["temperature"]),
+                frame_size=tuple(int(v) for v in document["params"]["frame_size"]),
+            ).check()
             assignment = np.asarray(mapping["assignment"], dtype=np.int64)
             code_values = np.asarray(mapping["code_values"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"the obfuscation key in {directory} is incomplete ({type(exc).__name__}); restore it from your backup") from None
-        if assignment.shape != (params.levels,) or code_values.shape != (params.codes,) or assignment.min() < 0 \
-                or assignment.max() >= params.codes or len(set(code_values.tolist())) != params.codes \
-                or code_values.min() < 0 or code_values.max() > 255:
-            raise InputError(f"the mapping table of the key in {directory} is inconsistent; restore it from your backup")
-        return cls(directory, str(document["key_id"]), secret, assignment, code_values.astype(np.uint8), params,
-                   dict(document["vae"]), str(document.get("created", "")))
+            raise InputError(
+                f"the obfuscation key in {directory} is incomplete ({type(exc).__name__}); restore it from your backup"
+            ) from None
+        if (
+            assignment.shape != (params.levels,)
+            or code_values.shape != (params.codes,)
+            or assignment.min() < 0
+            or assignment.max() >= params.codes
+            or len(set(code_values.tolist())) != params.codes
+            or code_values.min() < 0
+            or code_values.max() > 255
+        ):
+            raise InputError(
+                f"the mapping table of the key in {directory} is inconsistent; restore it from your backup"
+            )
+        return cls(
+            directory,
+            str(document["key_id"]),
+            secret,
+            assignment,
+            code_values.astype(np.uint8),
+            params,
+            dict(document["vae"]),
+            str(document.get("created", "")),
+        )
 
 
 def key_id_of(secret: bytes) -> str:
@@ -179,9 +231,17 @@ def random_mapping(params: MappingParams, random: Any = None) -> tuple[np.ndarra
     return np.asarray(assignment, dtype=np.int64), values
 
 
-def generate_key(key_dir: str | os.PathLike | None, params: MappingParams, vae_state: dict, vae_arch: dict,
-                 vae_source: str, force: bool = False, random: Any = None, secret: bytes | None = None,
-                 latent_scale: list | None = None) -> SiteKey:
+def generate_key(
+    key_dir: str | os.PathLike | None,
+    params: MappingParams,
+    vae_state: dict,
+    vae_arch: dict,
+    vae_source: str,
+    force: bool = False,
+    random: Any = None,
+    secret: bytes | None = None,
+    latent_scale: list | None = None,
+) -> SiteKey:
     """Create a key folder: a fresh secret and mapping from the CSPRNG, and a copy of ``vae_state`` (safetensors).
 
     ``random``/``secret`` exist for the evaluation, which needs reproducible victim keys; a site key never passes them.
@@ -192,8 +252,10 @@ def generate_key(key_dir: str | os.PathLike | None, params: MappingParams, vae_s
     params.check()
     directory = Path(key_dir) if key_dir is not None else default_key_dir()
     if (directory / KEY_FILE).exists() and not force:
-        raise InputError(f"an obfuscation key already exists in {directory}; models trained on its frames only work with it, so "
-                         "pass --force only if you mean to replace it (keep a backup of the old one)")
+        raise InputError(
+            f"an obfuscation key already exists in {directory}; models trained on its frames only work with it, so "
+            "pass --force only if you mean to replace it (keep a backup of the old one)"
+        )
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} is a file; give a folder for the key")
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -209,11 +271,19 @@ def generate_key(key_dir: str | os.PathLike | None, params: MappingParams, vae_s
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "key_id": key_id_of(secret),
         "secret": base64.b64encode(secret).decode("ascii"),
-        "mapping": {"levels": params.levels, "codes": params.codes, "assignment": assignment.tolist(),
-                    "code_values": code_values.tolist()},
+        "mapping": {
+            "levels": params.levels,
+            "codes": params.codes,
+            "assignment": assignment.tolist(),
+            "code_values": code_values.tolist(),
+        },
         "params": {k: v for k, v in params.to_json().items() if k not in ("levels", "codes")},
-        "vae": {"arch": vae_arch, "sha256": hashlib.sha256(blob).hexdigest(), "source": vae_source,
-                "latent_scale": [float(v) for v in (latent_scale or [1.0] * int(vae_arch["latent_size"]))]},
+        "vae": {
+            "arch": vae_arch,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "source": vae_source,
+            "latent_scale": [float(v) for v in (latent_scale or [1.0] * int(vae_arch["latent_size"]))],
+        },
     }
     document["mac"] = _mac(secret, document)
     # The VAE first: a key file that exists always has its weights beside it.
@@ -233,7 +303,10 @@ def _check_private(directory: Path, path: Path) -> None:
     if sys.platform.startswith("win"):
         return
     if directory.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InputError(f"key folder {directory} is accessible to other users; run 'chmod 700 {directory}' (it holds your secret key)")
+        raise InputError(
+            f"key folder {directory} is accessible to other users; run 'chmod 700 {directory}' (it holds your secret "
+            "key)"
+        )
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise InputError(f"{path} is readable by other users; run 'chmod 600 {path}' (it is part of your secret key)")
 

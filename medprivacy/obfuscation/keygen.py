@@ -1,4 +1,6 @@
-"""``medprivacy obfuscate keygen``: a new site key from the CSPRNG, with the shipped VAE or one fine-tuned on site frames."""
+"""``medprivacy obfuscate keygen``: a new site key from the CSPRNG, with the shipped VAE or one fine-tuned on
+site frames."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +21,13 @@ def default_params(frame_size=None) -> MappingParams:
     from . import DEFAULT_CODES, DEFAULT_DITHER, DEFAULT_LEVELS, DEFAULT_TEMPERATURE
 
     size = tuple(frame_size) if frame_size is not None else shipped_vae_spec().patch_size
-    return MappingParams(levels=DEFAULT_LEVELS, codes=DEFAULT_CODES, dither=DEFAULT_DITHER, temperature=DEFAULT_TEMPERATURE,
-                         frame_size=tuple(int(v) for v in size))
+    return MappingParams(
+        levels=DEFAULT_LEVELS,
+        codes=DEFAULT_CODES,
+        dither=DEFAULT_DITHER,
+        temperature=DEFAULT_TEMPERATURE,
+        frame_size=tuple(int(v) for v in size),
+    )
 
 
 def shipped_vae_spec(models_dir=None):
@@ -28,8 +35,10 @@ def shipped_vae_spec(models_dir=None):
 
     entry = load_manifest(models_dir).get("models", {}).get(VAE_MODEL)
     if entry is None:
-        raise InputError(f"the model manifest has no {VAE_MODEL!r} entry; regenerate it with 'medprivacy obfuscate train-models' "
-                         "or restore Resources/Models")
+        raise InputError(
+            f"the model manifest has no {VAE_MODEL!r} entry; regenerate it with 'medprivacy obfuscate train-models' "
+            "or restore Resources/Models"
+        )
     return ModelSpec.from_json(VAE_MODEL, entry)
 
 
@@ -42,8 +51,11 @@ def site_frames(paths: list, frame_size) -> np.ndarray:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                            and has_suffix_of(p, READ_FORMATS))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and has_suffix_of(p, READ_FORMATS)
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -57,9 +69,19 @@ def site_frames(paths: list, frame_size) -> np.ndarray:
     return frames
 
 
-def create_site_key(key_dir: str | os.PathLike | None = None, force: bool = False, params: MappingParams | None = None,
-                    vae_from: list | None = None, vae_steps: int = 1000, models_dir=None, device: str = "cpu",
-                    progress: Progress | None = None, cancel=None, random=None, secret: bytes | None = None) -> SiteKey:
+def create_site_key(
+    key_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    params: MappingParams | None = None,
+    vae_from: list | None = None,
+    vae_steps: int = 1000,
+    models_dir=None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    cancel=None,
+    random=None,
+    secret: bytes | None = None,
+) -> SiteKey:
     """Generate the key folder. With ``vae_from`` the shipped VAE is fine-tuned on those frames first (its weights
     are then part of the secret); otherwise the key holds a copy of the shipped VAE."""
     from ..nets.registry import load_model
@@ -67,12 +89,17 @@ def create_site_key(key_dir: str | os.PathLike | None = None, force: bool = Fals
 
     directory = Path(key_dir) if key_dir is not None else default_key_dir()
     if (directory / KEY_FILE).exists() and not force:
-        raise InputError(f"an obfuscation key already exists in {directory}; models trained on its frames only work with it, so "
-                         "pass --force only if you mean to replace it (keep a backup of the old one)")
+        raise InputError(
+            f"an obfuscation key already exists in {directory}; models trained on its frames only work with it, so "
+            "pass --force only if you mean to replace it (keep a backup of the old one)"
+        )
     net, spec = load_model(VAE_MODEL, models_dir, device)
     params = params or default_params(spec.patch_size)
     if tuple(params.frame_size) != tuple(spec.patch_size):
-        raise InputError(f"the VAE works on {spec.patch_size[0]}x{spec.patch_size[1]} frames, not {params.frame_size[0]}x{params.frame_size[1]}")
+        raise InputError(
+            f"the VAE works on {spec.patch_size[0]}x{spec.patch_size[1]} frames, not "
+            f"{params.frame_size[0]}x{params.frame_size[1]}"
+        )
     scale = list(spec.extra["latent_scale"])
     source = f"shipped {VAE_MODEL} (sha256 {spec.sha256[:12]})"
     if vae_from:
@@ -84,18 +111,31 @@ def create_site_key(key_dir: str | os.PathLike | None = None, force: bool = Fals
 
         def report(step, steps, loss):
             if progress:
-                progress(f"fine-tuning the VAE on {len(frames)} site frames: step {step}/{steps}", 0.05 + 0.9 * step / steps)
+                progress(
+                    f"fine-tuning the VAE on {len(frames)} site frames: step {step}/{steps}", 0.05 + 0.9 * step / steps
+                )
 
         import secrets
 
         settings = VAESettings(steps=int(vae_steps), learning_rate=5e-4, seed=secrets.randbits(31))
-        net, _ = train_vae(frames, spec.arch, settings, device, init_state=net.state_dict(), progress=report, cancel=cancel)
+        net, _ = train_vae(
+            frames, spec.arch, settings, device, init_state=net.state_dict(), progress=report, cancel=cancel
+        )
         scale = latent_scale(net, frames, device)
         source = f"fine-tuned from the shipped {VAE_MODEL} on {len(frames)} site frames ({vae_steps} steps)"
     if progress:
         progress("writing the key", 0.97)
-    key = generate_key(directory, params, net.state_dict(), spec.arch, source, force=force, random=random, secret=secret,
-                       latent_scale=scale)
+    key = generate_key(
+        directory,
+        params,
+        net.state_dict(),
+        spec.arch,
+        source,
+        force=force,
+        random=random,
+        secret=secret,
+        latent_scale=scale,
+    )
     if progress:
         progress("key written", 1.0)
     return key

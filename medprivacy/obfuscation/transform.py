@@ -4,6 +4,7 @@ quantise -> secret many-to-one mapping -> uint8 codes. See :mod:`medprivacy.obfu
 ``Obfuscator(key).obfuscate(frames)`` is all a caller needs; the steps are separate functions so the evaluation can
 run the same code with its own (attacker's) keys.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,9 @@ def resize(frames: np.ndarray, size) -> np.ndarray:
         return np.ascontiguousarray(frames, dtype=np.float32)
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))[:, None]
-        return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[:, 0].clamp(0, 1).numpy()
+        return (
+            F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[:, 0].clamp(0, 1).numpy()
+        )
 
 
 def frame_digest(frame: np.ndarray) -> bytes:
@@ -96,11 +99,11 @@ def vae_sample(vae, frames: np.ndarray, eps: np.ndarray, temperature: float, sca
     scale_t = torch.as_tensor(np.asarray(scale, dtype=np.float32), device=device)
     with torch.inference_mode():
         for start in range(0, len(frames), BATCH):
-            x = torch.from_numpy(frames[start:start + BATCH])[:, None].to(device)
+            x = torch.from_numpy(frames[start : start + BATCH])[:, None].to(device)
             mu, _ = vae.encode_forward(x)
-            noise = torch.from_numpy(eps[start:start + BATCH]).to(device)
+            noise = torch.from_numpy(eps[start : start + BATCH]).to(device)
             z = mu + float(temperature) * scale_t * noise
-            out[start:start + BATCH] = vae.decode_forward(z, True)[:, 0].float().cpu().numpy()
+            out[start : start + BATCH] = vae.decode_forward(z, True)[:, 0].float().cpu().numpy()
     return out
 
 
@@ -143,7 +146,7 @@ class Obfuscator:
         out = np.empty((len(frames),) + self.frame_size, dtype=np.uint8)
         for start in range(0, len(frames), BATCH):
             try:
-                out[start:start + BATCH] = self.obfuscate_prepared(self.prepare(frames[start:start + BATCH]))
+                out[start : start + BATCH] = self.obfuscate_prepared(self.prepare(frames[start : start + BATCH]))
             except InputError as exc:
                 raise InputError(_renumber(str(exc), start)) from None
             if progress is not None:
@@ -154,17 +157,19 @@ class Obfuscator:
         """Codes of frames already normalised and resized (``prepare``); ``progress(done, total)`` after each batch."""
         out = np.empty(prepared.shape, dtype=np.uint8)
         for start in range(0, len(prepared), BATCH):
-            chunk = np.ascontiguousarray(prepared[start:start + BATCH], dtype=np.float32)
+            chunk = np.ascontiguousarray(prepared[start : start + BATCH], dtype=np.float32)
             eps, dither = frame_noise(self.key.frame_seed, chunk, self.latent_size)
-            decoded = vae_sample(self.vae, chunk, eps, self.key.params.temperature, self.key.vae["latent_scale"], self.device)
-            out[start:start + BATCH] = apply_mapping(quantise(decoded, dither, self.key.params), self.key.table)
+            decoded = vae_sample(
+                self.vae, chunk, eps, self.key.params.temperature, self.key.vae["latent_scale"], self.device
+            )
+            out[start : start + BATCH] = apply_mapping(quantise(decoded, dither, self.key.params), self.key.table)
             if progress is not None:
                 progress(min(start + BATCH, len(prepared)), len(prepared))
         return out
 
 
 def _renumber(message: str, offset: int) -> str:
-    """"frame 3 is empty" of a batch starting at ``offset`` -> the frame's number in the whole run."""
+    """ "frame 3 is empty" of a batch starting at ``offset`` -> the frame's number in the whole run."""
     import re
 
     return re.sub(r"^frame (\d+)", lambda m: f"frame {int(m.group(1)) + offset}", message)
@@ -180,13 +185,22 @@ def load_key_vae(key: SiteKey, device: str = "cpu"):
     try:
         net.load_state_dict(load_file(str(key.vae_path), device="cpu"))
     except (RuntimeError, KeyError) as exc:
-        raise InputError(f"the VAE in {key.directory} does not fit its recorded architecture ({str(exc).splitlines()[0][:120]}); "
-                         "restore the key folder from your backup") from None
+        raise InputError(
+            f"the VAE in {key.directory} does not fit its recorded architecture ({str(exc).splitlines()[0][:120]}); "
+            "restore the key folder from your backup"
+        ) from None
     return net.to(device).eval()
 
 
-def obfuscate_with(vae, prepared: np.ndarray, table: np.ndarray, params: MappingParams, scale, rng: np.random.Generator,
-                   device: str = "cpu") -> np.ndarray:
+def obfuscate_with(
+    vae,
+    prepared: np.ndarray,
+    table: np.ndarray,
+    params: MappingParams,
+    scale,
+    rng: np.random.Generator,
+    device: str = "cpu",
+) -> np.ndarray:
     """The transform with noise from ``rng`` instead of a key's keystream: what an attacker running this code with a
     key of its own (threat model a) produces. Same distribution as ``Obfuscator``; not reproducible by frame."""
     latent = len(scale)

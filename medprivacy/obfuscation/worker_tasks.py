@@ -4,6 +4,7 @@ classifying them on the server and training there from a dataset folder.
 Loaded by task name only, like the other features' tasks. Each task takes the worker's ``Task`` and returns the
 result's outputs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,13 @@ def keygen(task) -> dict[str, Any]:
     if not key_dir:
         raise InputError("choose a folder for the obfuscation key")
     existed = Path(key_dir).exists()
-    key = create_site_key(key_dir, force=bool(task.options.get("force")), vae_from=task.options.get("vae_from") or None,
-                          models_dir=task.options.get("models_dir") or None, progress=task.progress)
+    key = create_site_key(
+        key_dir,
+        force=bool(task.options.get("force")),
+        vae_from=task.options.get("vae_from") or None,
+        models_dir=task.options.get("models_dir") or None,
+        progress=task.progress,
+    )
     if not existed:
         task.wrote(Path(key_dir))
     return {"key_dir": str(key_dir), "description": key.describe()}
@@ -34,8 +40,9 @@ def load_frames(task):
     try:
         frames = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise InputError(f"input frames {path} are not a readable .npy array ({str(exc).splitlines()[0]}); "
-                         "export them again") from None
+        raise InputError(
+            f"input frames {path} are not a readable .npy array ({str(exc).splitlines()[0]}); export them again"
+        ) from None
     if frames.ndim != 3:
         raise InputError(f"input frames {path} hold a {frames.ndim}-D array; expected (frames, height, width)")
     return frames
@@ -87,8 +94,13 @@ def classify(task) -> dict[str, Any]:
         answer = client.classify(codes, model, key_id)
     finally:
         client.close()
-    return {"model": model, "classes": list(answer["classes"]), "probabilities": answer["probabilities"],
-            "predicted": answer["predicted"], "key_id": key_id}
+    return {
+        "model": model,
+        "classes": list(answer["classes"]),
+        "probabilities": answer["probabilities"],
+        "predicted": answer["predicted"],
+        "key_id": key_id,
+    }
 
 
 def train(task) -> dict[str, Any]:
@@ -104,12 +116,23 @@ def train(task) -> dict[str, Any]:
     client = task.client(ObfuscationClient)
     task.cancel_cooperatively()  # a Cancel must reach the server's job: the core cancels it at its next check
     try:
-        job = train_on_server(dataset, key, client, int(task.options.get("steps") or 1500),
-                              task.options.get("name") or "", task.progress, task.cancelled)
+        job = train_on_server(
+            dataset,
+            key,
+            client,
+            int(task.options.get("steps") or 1500),
+            task.options.get("name") or "",
+            task.progress,
+            task.cancelled,
+        )
     finally:
         client.close()
     return {"job": job}
 
 
-TASKS = {"obfuscation-keygen": keygen, "obfuscation-apply": apply, "obfuscation-classify": classify,
-         "obfuscation-train": train}
+TASKS = {
+    "obfuscation-keygen": keygen,
+    "obfuscation-apply": apply,
+    "obfuscation-classify": classify,
+    "obfuscation-train": train,
+}
