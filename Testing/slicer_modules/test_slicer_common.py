@@ -114,6 +114,45 @@ def test_panel_lives_in_the_lib_on_the_shared_base_with_an_injected_logic(name):
     assert "qt.QSettings" not in source, "per-user settings go through userSetting; panel state is the parameter node"
 
 
+#: Controls the shared panel (ServerJobPanel) reaches on every module's UI; the key folder is only for modules
+#: that have one, so each module's own panel names it.
+SHARED_CONTROLS = {
+    "statusLabel",
+    "progressBar",
+    "cancelButton",
+    "serverUrlLineEdit",
+    "tokenLineEdit",
+    "caBundlePathLineEdit",
+    "testConnectionButton",
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_lib_file_and_resource_is_packaged(name):
+    # A Lib file missing from MODULE_PYTHON_SCRIPTS still works from a source checkout, and only fails once built.
+    module_dir = slicer_support.REPO_ROOT / name
+    cmake = (module_dir / "CMakeLists.txt").read_text(encoding="utf-8")
+    lib_files = sorted(path.name for path in _lib(name).glob("*.py"))
+    assert lib_files and all(f"${{MODULE_NAME}}Lib/{lib_file}" in cmake for lib_file in lib_files), lib_files
+    for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert resource in cmake
+    assert (module_dir / "Resources" / "Icons" / f"{name}.png").is_file()
+    assert (module_dir / "Resources" / "UI" / f"{name}.ui").is_file()
+    top_level = (slicer_support.REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert f"add_subdirectory({name})" in top_level
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_ui_file_names_every_widget_the_module_uses(name):
+    # The panel reaches its controls as self.ui.<objectName>; a renamed control only fails inside Slicer.
+    ui = slicer_support.REPO_ROOT / name / "Resources" / "UI" / f"{name}.ui"
+    names = {element.get("name") for element in ElementTree.parse(ui).iter("widget")}
+    used = set(re.findall(r"\bui\.(\w+)", (_lib(name) / "widget.py").read_text(encoding="utf-8")))
+    assert used, "the panel reaches no control: the pattern no longer matches the panel's source"
+    missing = (used | SHARED_CONTROLS) - names
+    assert not missing, sorted(missing)
+
+
 def _parameter_fields(tree: ast.Module) -> tuple[str, dict[str, str]]:
     """The parameterNodeWrapper class's name and its fields' annotations."""
     wrapped = [
