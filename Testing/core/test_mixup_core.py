@@ -139,12 +139,13 @@ def test_weighted_accumulation_averages_overlapping_patches_towards_their_centre
 
 
 def test_copies_mixed_with_more_of_the_target_count_more_in_the_average():
-    from medprivacy.mixup.mixing import copy_weights, naive_unmix
+    from medprivacy.mixup.mixing import COPY_WEIGHT_POWER, copy_weights, naive_unmix
     from medprivacy.mixup.patches import ScoreAccumulator
 
     lam = np.array([0.35, 0.65], np.float32)
     weights = copy_weights(lam)
-    np.testing.assert_allclose(weights, lam**2)  # inverse variance: eq. 4 divides the server's error by λ
+    np.testing.assert_allclose(weights, lam**COPY_WEIGHT_POWER)
+    assert COPY_WEIGHT_POWER >= 2  # at least the inverse variance: eq. 4 divides the server's error by λ
     # the same server error becomes a larger unmixing error at small λ
     truth = np.zeros((2, 2, 1, 1, 1), np.float32)
     truth[:, 1] = 1.0

@@ -274,7 +274,7 @@ def private_scores(
     score_first_copy: bool = False,
 ) -> PrivateScores:
     """Send every row of a freshly drawn upload session (``plan_session``) in its shuffled order, unmix each answer,
-    turn it back and average it into the volume (weighted by λ², see ``copy_weights``), for every unmixer."""
+    turn it back and average it into the volume (weighted by λ⁶, see ``copy_weights``), for every unmixer."""
     lambda_range = next(iter(unmixers.values())).lambda_range
     session = plan_session(prepared, bank, settings, rng, lambda_range)
     plan, grids = session.plan, session.grids
