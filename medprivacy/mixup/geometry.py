@@ -92,27 +92,41 @@ def to_model_grid(image, transform=None, interpolator=None):
     return sitk.Resample(image, template, transform, interpolator, 0.0, pixel_type), transform
 
 
-def probabilities_to_input_grid(class_volumes: np.ndarray, transform, reference) -> np.ndarray:
-    """Resample (C, Z, Y, X) per-class scores from the model grid onto ``reference``'s grid; returns argmax labels.
-
-    Scores are resampled linearly before the argmax so boundaries are smooth on anisotropic scanner grids.
-    """
+def _channels_on_input_grid(class_volumes: np.ndarray, transform, reference):
+    """Each (Z, Y, X) class score volume resampled linearly onto ``reference``'s grid, one at a time."""
     import SimpleITK as sitk
 
     template = load_template().image
-    if transform is None:
-        return np.argmax(class_volumes, axis=0).astype(np.uint8)
     inverse = transform.GetInverse()
-    best = None
-    best_label = None
     for label, volume in enumerate(class_volumes):
         channel = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
         channel.CopyInformation(template)
         # Outside the model grid nothing was segmented: background wins there (score 1 vs 0 for tissues).
         outside = 1.0 if label == 0 else 0.0
-        resampled = sitk.GetArrayFromImage(
+        yield sitk.GetArrayFromImage(
             sitk.Resample(channel, reference, inverse, sitk.sitkLinear, outside, sitk.sitkFloat32)
         )
+
+
+def scores_to_input_grid(class_volumes: np.ndarray, transform, reference) -> np.ndarray:
+    """(C, Z, Y, X) class scores on the model grid → the same scores on ``reference``'s grid, before any argmax
+    (for fitting decision weights where labels are read: linear resampling commutes with per-class factors)."""
+    if transform is None:
+        return np.asarray(class_volumes, dtype=np.float32)
+    return np.stack(list(_channels_on_input_grid(class_volumes, transform, reference)))
+
+
+def probabilities_to_input_grid(class_volumes: np.ndarray, transform, reference) -> np.ndarray:
+    """Resample (C, Z, Y, X) per-class scores from the model grid onto ``reference``'s grid; returns argmax labels.
+
+    Scores are resampled linearly before the argmax so boundaries are smooth on anisotropic scanner grids; one
+    channel at a time, so memory stays at two volumes of the scan's size whatever the number of classes.
+    """
+    if transform is None:
+        return np.argmax(class_volumes, axis=0).astype(np.uint8)
+    best = None
+    best_label = None
+    for label, resampled in enumerate(_channels_on_input_grid(class_volumes, transform, reference)):
         if best is None:
             best, best_label = resampled, np.zeros(resampled.shape, dtype=np.uint8)
         else:

@@ -80,6 +80,16 @@ def prepare_scan(image, patch_size: tuple[int, int, int]) -> PreparedScan:
     return PreparedScan(image, transform, volume, grid, grid.extract(volume))
 
 
+def background_outside_analysis(scores: np.ndarray) -> np.ndarray:
+    """A copy of (C, Z, Y, X) model-grid scores with background outside the analysis region, where no answer is
+    trusted (what ``finish_labelmap`` labels, and what the decision weights are fitted on)."""
+    from .model_space import analysis_mask
+
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    scores[:, ~analysis_mask()] = _BACKGROUND[:, None]
+    return scores
+
+
 def finish_labelmap(prepared: PreparedScan, scores: np.ndarray, decision_weights=None):
     """(C, Z, Y, X) class scores on the model grid → labelmap on the user's grid.
 
@@ -89,10 +99,8 @@ def finish_labelmap(prepared: PreparedScan, scores: np.ndarray, decision_weights
     import SimpleITK as sitk
 
     from .geometry import probabilities_to_input_grid
-    from .model_space import analysis_mask
 
-    scores = np.array(scores, dtype=np.float32, copy=True)
-    scores[:, ~analysis_mask()] = _BACKGROUND[:, None]
+    scores = background_outside_analysis(scores)
     if decision_weights is not None:
         scores *= np.asarray(decision_weights, dtype=np.float32).reshape(-1, 1, 1, 1)
     labels = probabilities_to_input_grid(scores, prepared.transform, prepared.image)
