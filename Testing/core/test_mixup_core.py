@@ -591,3 +591,32 @@ def test_finish_labelmap_applies_decision_weights_inside_the_brain_only():
     assert (plain == 0).all()
     weighted = sitk.GetArrayFromImage(finish_labelmap(prepared, scores, [1.0, 1.5, 1.0, 1.0]))
     assert (weighted[mask] == 1).all() and (weighted[~mask] == 0).all()
+
+
+def test_decision_weights_fitted_on_the_scan_grid_label_it_as_the_labelmap_does():
+    """Calibration fits factors on scores resampled to the scan's grid; scaling them there must give exactly the
+    labels that finish_labelmap writes (linear resampling commutes with per-class factors)."""
+    from medprivacy.data.template import load_template
+    from medprivacy.mixup.geometry import scores_to_input_grid
+    from medprivacy.mixup.pipeline import background_outside_analysis, finish_labelmap, prepare_scan
+
+    template = load_template().image
+    scan = sitk.Image([96, 110, 80], sitk.sitkFloat32)  # a coarser, anisotropic grid over the same head
+    scan.SetSpacing((2.0, 2.0, 2.4))
+    scan.SetOrigin(template.GetOrigin())
+    scan.SetDirection(template.GetDirection())
+    shift = sitk.TranslationTransform(3, (3.0, -2.0, 4.0))  # model grid → scan, as registration returns
+    prepared = prepare_scan(template, (48, 48, 48))
+    prepared.image, prepared.transform = scan, shift
+    rng = np.random.default_rng(3)
+    coarse_shape = tuple(-(-n // 16) for n in prepared.volume.shape)
+    coarse = rng.uniform(0.1, 1.0, size=(NUM_CLASSES,) + coarse_shape).astype(np.float32)
+    scores = np.stack([sitk.GetArrayFromImage(sitk.Expand(sitk.GetImageFromArray(c), (16, 16, 16))) for c in coarse])
+    scores = scores[:, : prepared.volume.shape[0], : prepared.volume.shape[1], : prepared.volume.shape[2]]
+    factors = np.array([1.0, 0.65, 1.4, 0.8], np.float32)
+    on_scan = scores_to_input_grid(background_outside_analysis(scores), shift, scan)
+    assert on_scan.shape == (NUM_CLASSES,) + sitk.GetArrayFromImage(scan).shape
+    labels = sitk.GetArrayFromImage(finish_labelmap(prepared, scores, factors))
+    fitted = np.argmax(on_scan * factors.reshape(-1, 1, 1, 1), axis=0)
+    assert (labels == fitted).mean() > 0.999  # ties aside
+    assert len(np.unique(labels)) == NUM_CLASSES
