@@ -36,8 +36,9 @@ def naive_unmix(mixed_probs: np.ndarray, reference_onehot: np.ndarray, lam: np.n
 
 
 #: Exponent of λ in a copy's weight (``copy_weights``), chosen on validation subjects (calibration seeds 800100 and
-#: 800101, k = 16, standard level, decision weights as shipped): mean Dice ratio to the baseline 0.927 with λ², 0.933
-#: with λ⁴, 0.936 with λ⁶, 0.936 with λ⁸.
+#: 800101 on scanner grids, k = 16, standard level, the decision weights of that time): mean Dice ratio to the
+#: baseline 0.927 with λ² and the former σ 0.25 centre weights; with σ 0.35, 0.929 with λ², 0.934 with λ⁴, 0.936
+#: with λ⁶ and 0.936 with λ⁸ (a tie: the milder was kept).
 COPY_WEIGHT_POWER = 6
 
 
