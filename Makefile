@@ -45,7 +45,8 @@ bench-obfuscation: env
 # schedule, where the shipped run was cut short, and ends by fitting the decision weights, about 13 min); the fifth
 # (about 25 min) teaches them the uploads of the private levels (secret offsets, 48 orientations, filled background,
 # secret deformation), the first quarter of a 2000-iteration schedule, then the decision weights are fitted again at
-# the default level and the attacker's separator for the audit is trained (about 25 min on one core);
+# the default level (32 copies, eight validation subjects, about 23 min on two cores) and the attacker's separator
+# for the audit is trained (about 25 min on one core);
 # then the MedLocker classifiers and lesion segmenter (about two hours on one core, 70 min of it EfficientNet-B0),
 # then the ObfuscationPrivacy VAE (about 16 min on one core, 9 of them rendering the public frames) and the threat-(a)
 # attackers for the default key parameters (evaluation only, role attack: never in the client; U-Nets of widths

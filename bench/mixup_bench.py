@@ -1,7 +1,8 @@
 """Mixup-Privacy speed, traffic, memory and leakage figures on a 256³ 1 mm brain volume with a loopback server.
 
 Prints (and writes to --out as JSON):
-- plain (baseline endpoint) vs private k=1, k=8 and k=16 (the default) wall time, end to end and server part only;
+- plain (baseline endpoint) vs private k=1, k=8 and the default level's k wall time, end to end and server part
+  only;
 - overhead ratio private k=1 ÷ plain (target ≤ 1.5) and k=8 ÷ k=1 (target ≤ 8);
 - bytes up/down per uploaded voxel per TTA copy;
 - peak client memory per mode (each mode runs in its own process; target ≤ 3 GB) and server peak;
@@ -140,8 +141,11 @@ def main() -> int:
         return 0
 
     from medprivacy.mixup.bank import generate_bank
+    from medprivacy.mixup.privacy import privacy_settings
     from medprivacy.server.local import start_local_server
 
+    default_k = privacy_settings().tta
+    default_mode = f"private k={default_k}"
     work = Path(tempfile.mkdtemp(prefix="mixup-bench-"))
     volume = work / "brain_256.nii.gz"
     make_volume(volume)
@@ -151,7 +155,7 @@ def main() -> int:
     process, url = server.process, server.url
     results: dict = {"volume": "256x256x256, 1 mm, oblique, held-out synthetic brain from the MNI152 T1"}
     try:
-        for mode in ("plain", "private k=1", "private k=8", "private k=16"):
+        for mode in ("plain", "private k=1", "private k=8", default_mode):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode.split()[-1], url, str(volume), str(key_dir)],
                 capture_output=True,
@@ -174,16 +178,16 @@ def main() -> int:
 
     results["leakage_upload_vs_its_patient_patch_r"] = leakage(str(key_dir), str(volume))
 
-    private1, private8, private16, plain = (
+    private1, private8, private_default, plain = (
         results["private k=1"],
         results["private k=8"],
-        results["private k=16"],
+        results[default_mode],
         results["plain"],
     )
     voxels_per_patch = int(np.prod(patch_size))
     results["overhead_private_k1_over_plain"] = private1["seconds"] / plain["seconds"]
     results["k8_over_k1"] = private8["seconds"] / private1["seconds"]
-    results["k16_over_k1"] = private16["seconds"] / private1["seconds"]
+    results[f"k{default_k}_over_k1"] = private_default["seconds"] / private1["seconds"]
     results["bytes_up_per_voxel_per_copy"] = private8["bytes_sent"] / (private8["patches_sent"] * voxels_per_patch)
     results["bytes_down_per_voxel_per_copy"] = private8["bytes_received"] / (
         private8["patches_sent"] * voxels_per_patch
@@ -197,13 +201,13 @@ def main() -> int:
         f"private k=8 / k=1: {results['k8_over_k1']:.2f} end to end, "
         f"{only['mixed k=8'] / only['mixed k=1']:.2f} server part only (target ≤ 8)"
     )
-    print(f"private k=16 (the default) / k=1: {results['k16_over_k1']:.2f} end to end")
+    print(f"private k={default_k} (the default) / k=1: {results[f'k{default_k}_over_k1']:.2f} end to end")
     print(
         f"bytes per uploaded voxel per TTA copy: {results['bytes_up_per_voxel_per_copy']:.3f} up, "
         f"{results['bytes_down_per_voxel_per_copy']:.3f} down"
     )
     print(
-        f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private16)):.0f} MB "
+        f"peak memory: client {max(r['peak_rss_mb'] for r in (plain, private1, private8, private_default)):.0f} MB "
         f"(target ≤ 3072), server {results['server_peak_rss_mb']:.0f} MB"
     )
     leak = results["leakage_upload_vs_its_patient_patch_r"]

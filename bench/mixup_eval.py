@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=6, help="held-out synthetic subjects (default 6)")
-    parser.add_argument("--tta", type=int, default=16, help="TTA copies (default 16, as medprivacy mixup segment)")
+    parser.add_argument(
+        "--tta", type=int, default=None, help="TTA copies (default: the default level's, as medprivacy mixup segment)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mixup_eval.json")
     args = parser.parse_args()
 
@@ -44,11 +46,11 @@ def main() -> int:
             url,
             "--key-dir",
             str(work / "key"),
-            "--tta",
-            str(args.tta),
             "--out",
             str(args.out),
         ]
+        if args.tta is not None:
+            command += ["--tta", str(args.tta)]
         print("$ medprivacy " + " ".join(command[3:]), flush=True)
         return subprocess.run(command).returncode
     finally:

@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "calibrate", help="fit the per-class decision weights of trained models on validation subjects"
     )
     calibrate.add_argument("--models", type=Path, default=None, help="models folder (default: Resources/Models)")
-    calibrate.add_argument("--subjects", type=int, default=4, help="validation subjects (default 4)")
+    calibrate.add_argument("--subjects", type=int, default=None, help="validation subjects (default 8)")
     calibrate.add_argument(
         "--tta",
         type=int,
@@ -249,7 +249,12 @@ def _add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
         "README, 'What a curious server can recover', measures each)",
     )
     parser.add_argument(
-        "--tta", type=int, default=None, help="mixed copies per patch, averaged (default: the level's, 16)"
+        "--tta",
+        type=int,
+        default=None,
+        help="mixed copies per patch, averaged (default: the level's: "
+        + ", ".join(f"{name} {settings.tta}" for name, settings in LEVELS.items())
+        + ")",
     )
 
 

@@ -139,7 +139,7 @@ def run_train(args) -> int:
 
 def run_calibrate(args) -> int:
     from ..nets import DEFAULT_MODELS_DIR, resolve_device
-    from .calibrate import calibrate
+    from .calibrate import DEFAULT_SUBJECTS, calibrate
 
     if args.threads:
         import torch
@@ -147,7 +147,7 @@ def run_calibrate(args) -> int:
         torch.set_num_threads(args.threads)
     record = calibrate(
         args.models or DEFAULT_MODELS_DIR,
-        subjects=args.subjects,
+        subjects=DEFAULT_SUBJECTS if args.subjects is None else args.subjects,
         tta=args.tta,
         device=resolve_device(args.device),
         progress=_print_progress,

@@ -17,11 +17,6 @@ import numpy as np
 #: the single-channel separation problem hard, while λ ≥ 0.35 keeps eq. 4's division well conditioned.
 DEFAULT_LAMBDA_RANGE = (0.35, 0.65)
 
-#: TTA copies per patch: one per patch-grid shift (model_space.TTA_GRID_SHIFTS). On validation subjects, mean Dice
-#: of Learned+TTA was 0.827 with 8 copies and 0.842 with 16 (the paper finds 10–15 copies best); 32 copies added
-#: only 0.005 more for twice the upload and server time.
-DEFAULT_TTA = 16
-
 
 def mix(target: np.ndarray, reference: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """x_mix = λ·x + (1 − λ)·r with one λ per patch (eq. 2); arrays are (N, ...) with λ of shape (N,)."""
