@@ -62,9 +62,10 @@ PAPER = PrivacySettings(
     scan_warp=0.0,
     decoy_fraction=0.0,
 )
-#: 32 copies: on six held-out subjects on their scanner grids the private path kept 0.955 of the baseline's mean Dice
-#: with 32 and 0.945 with 16, for twice the uploads (about 174 MB against 87 MB per scan). The audit at 32 copies
-#: (bench/results/mixup_audit_k32.json, mixup_audit_reid_k32.json) gives the same verdicts as at 16.
+#: 32 copies: on six held-out subjects on their scanner grids the private path kept 0.959 of the baseline's mean Dice
+#: with 32 (decision weights fitted at 32; 0.950–0.955 with other fits and keys) and 0.945 with 16, for twice the
+#: uploads (about 174 MB against 87 MB per scan). The audit at 32 copies (bench/results/mixup_audit_k32.json,
+#: mixup_audit_reid_k32.json) gives the same verdicts as at 16.
 STANDARD = PrivacySettings(
     level="standard",
     tta=32,
